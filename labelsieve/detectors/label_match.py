@@ -1,0 +1,78 @@
+"""``label_match``: CLIP zero-shot classification; is the given label what CLIP sees?
+
+p_clean is the zero-shot softmax probability of the given label, ``softmax(s · cos(img, text_c))``
+with s = the model's logit scale; flagged when it is below ``threshold`` (0.5: the given label is
+more likely wrong than right under the zero-shot classifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from labelsieve.detectors import register_detector
+from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector, given_label_prob, softmax
+from labelsieve.errors import check_param
+
+SINGLE_TEMPLATE = ("a photo of a {}.",)
+# open_clip's SIMPLE_IMAGENET_TEMPLATES (CLIP's 7 "best" ImageNet templates).
+ENSEMBLE_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(templates, str):
+        if templates == "single":
+            return SINGLE_TEMPLATE
+        if templates == "ensemble":
+            return ENSEMBLE_TEMPLATES
+        return (templates,)
+    return tuple(templates)
+
+
+def zero_shot_logits(ctx: DetectionContext, templates: Sequence[str]) -> np.ndarray:
+    """Scaled cosine logits (n, C) between image features and per-class text embeddings."""
+    ctx.encoder.require_text("Zero-shot classification")
+    text = ctx.encoder.class_text_embeddings(ctx.classnames, templates)
+    return ctx.encoder.logit_scale * (ctx.features() @ text.T)
+
+
+@register_detector
+class LabelMatchDetector(Detector):
+    """CLIP zero-shot label match.
+
+    Parameters
+    ----------
+    templates : {"single", "ensemble"} or str or list of str, default="single"
+        ``"single"`` = "a photo of a {}."; ``"ensemble"`` = CLIP's 7 ImageNet templates averaged; a
+        string with ``{}`` or a list of them.
+    threshold : float, default=0.5
+    """
+
+    name = "label_match"
+    summary = "CLIP zero-shot: p_clean = zero-shot probability of the given label"
+    needs_text = True
+
+    def __init__(self, *, templates: str | Sequence[str] = "single", threshold: float = 0.5) -> None:
+        t = resolve_templates(templates)
+        check_param(type(self).__name__, "templates", templates, all("{}" in s for s in t),
+                    "'single', 'ensemble' or template strings containing '{}'")
+        check_param(type(self).__name__, "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
+        self.templates = templates if isinstance(templates, str) else list(templates)
+        self.threshold = threshold
+
+    def detect(self, ctx: DetectionContext) -> DetectionResult:
+        probs = softmax(zero_shot_logits(ctx, resolve_templates(self.templates)))
+        return DetectionResult(
+            p_clean=given_label_prob(probs, ctx.labels), probs=probs, threshold=self.threshold,
+            rule=f"p_clean = CLIP zero-shot softmax probability of the given label (templates: {self.templates}); "
+                 f"flagged if p_clean < {self.threshold}.",
+        )

@@ -1,0 +1,1 @@
+"""Model loading: encoders (open_clip, timm), prompt learners, PEFT, classifier backbones."""

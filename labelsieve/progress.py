@@ -1,0 +1,61 @@
+"""One progress bar for all long work: rich, with count, rate (items/s) and ETA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second."""
+
+    def __init__(self, unit: str = "img") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(
+    total: int | None, desc: str, *, enabled: bool = True, unit: str = "img"
+) -> Iterator[Callable[..., None]]:
+    """Context manager yielding ``advance(n=1, **fields)``; a no-op when ``enabled`` is False."""
+    if not enabled:
+        yield lambda n=1, **_: None
+        return
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
+    with Progress(*columns, console=console, transient=False) as prog:
+        task = prog.add_task(desc, total=total, info="")
+
+        def advance(n: int = 1, **fields: object) -> None:
+            info = " ".join(f"{k}={v}" for k, v in fields.items())
+            prog.update(task, advance=n, **({"info": info} if fields else {}))
+
+        yield advance

@@ -1,0 +1,56 @@
+"""Shared fixtures: real images from ../shared/data, real weights from ../shared/models, offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from labelsieve import testing
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared():
+    try:
+        return testing.shared_dir()
+    except FileNotFoundError:
+        pytest.skip("../shared not present")
+
+
+@pytest.fixture(scope="session")
+def mini_clip_dir(shared):
+    return shared / "models" / "mini-clip"
+
+
+@pytest.fixture(scope="session")
+def lite0_file(shared):
+    return shared / "models" / "tf_efficientnet_lite0.safetensors"
+
+
+@pytest.fixture(scope="session")
+def imagenette_small(shared):
+    """(root, csv): 40 Imagenette train images per class (400), seeded."""
+    return testing.extract_subset("imagenette", per_class=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cifar_small(shared):
+    """(root, csv): 60 CIFAR-10 train images per class (600), seeded."""
+    return testing.extract_subset("cifar10", per_class=60, seed=0)
+
+
+@pytest.fixture(scope="session")
+def eurosat_small(shared):
+    """(root, csv): 20 EuroSAT images per class (200), seeded."""
+    return testing.extract_subset("eurosat", per_class=20, seed=0)
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(0)

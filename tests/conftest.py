@@ -54,3 +54,39 @@ def eurosat_small(shared):
 @pytest.fixture()
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """One feature store for the whole test session."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+@pytest.fixture(scope="session")
+def mini_clip(mini_clip_dir):
+    from labelsieve.models.encoders import create_encoder
+
+    return create_encoder(str(mini_clip_dir), pretrained=None, device="cpu")
+
+
+def _features(root, csv, encoder, cache):
+    from labelsieve.data import load_images
+    from labelsieve.features import extract_features
+
+    images = load_images(root, csv)
+    feats = extract_features(images, encoder, cache_dir=cache, progress=False, num_workers=2)
+    x = np.asarray(feats.vectors, dtype=np.float32)
+    return images, x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def imagenette_feats(imagenette_small, mini_clip, feature_cache):
+    """(LabeledImages, normalised mini-CLIP features) of the 400 Imagenette images."""
+    return _features(*imagenette_small, mini_clip, feature_cache)
+
+
+@pytest.fixture(scope="session")
+def cifar_feats(cifar_small, mini_clip, feature_cache):
+    """(LabeledImages, normalised mini-CLIP features) of the 600 CIFAR-10 images."""
+    return _features(*cifar_small, mini_clip, feature_cache)
+

@@ -1,0 +1,236 @@
+"""Command line: a thin layer over :mod:`labelsieve.api` (``main(argv)`` is callable from tests).
+
+    labelsieve audit ROOT [LABELS.csv] [--method NAME] [--model NAME_OR_PATH] [--pretrained TAG_OR_PATH] -o OUT
+    labelsieve apply OUT/audit.csv -o labels.clean.csv
+    labelsieve train --clean OUT/audit.csv --images ROOT --backbone NAME -o MODEL_DIR
+    labelsieve predict MODEL_DIR IMAGES -o OUT_DIR
+    labelsieve noise LABELS.csv --kind symmetric --rate 0.2 -o noisy.csv
+    labelsieve evaluate OUT/audit.csv --truth noisy.csv
+    labelsieve demo
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from labelsieve import __version__
+from labelsieve.errors import LabelsieveError
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they can be (numbers, true/false, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--param")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip().replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip().replace("-", "_")] = v
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="labelsieve")
+def cli() -> None:
+    """Find wrong labels in image classification datasets."""
+
+
+@cli.command()
+@click.argument("root", type=click.Path(path_type=Path))
+@click.argument("labels", required=False, type=click.Path(path_type=Path))
+@click.option("--method", "-m", default="deft", show_default=True,
+              help="Detector name, or a comma-separated list for an ensemble (see `labelsieve detectors`).")
+@click.option("--model", default="ViT-B-16", show_default=True,
+              help="open_clip architecture, local open_clip model folder, or timm model name.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip pretrained tag or a local weight file ('none' for timm random init).")
+@click.option("--out", "-o", "out_dir", default="audit", show_default=True, type=click.Path(path_type=Path))
+@click.option("--classnames", type=click.Path(path_type=Path), help="CSV 'label,text': what the model reads.")
+@click.option("--path-column", default="path", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="Detector parameter (repeatable).")
+@click.option("--peft", help="deft: image-tower tuning (auto, vpt_deep, vpt_shallow, lora, adaptformer, bitfit, "
+                             "none, feature_adapter).")
+@click.option("--epochs", type=int, help="Detector training epochs (deft, turn, codivide).")
+@click.option("--consistency", is_flag=True, help="deft: real-world-noise variant (given label must also be top).")
+@click.option("--frozen", is_flag=True, help="codivide: train prompts only, on cached image features.")
+@click.option("--no-finetune", is_flag=True, help="turn: linear probe and one selection only.")
+@click.option("--threshold", type=float, help="Override the decision threshold on p_clean.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default ~/.cache/labelsieve).")
+@click.option("--batch-size", default=64, show_default=True, help="Feature-extraction batch size.")
+@click.option("--workers", type=int, help="Image-decoding worker processes.")
+@click.option("--no-html", is_flag=True, help="Do not write audit.html.")
+@click.option("--no-progress", is_flag=True)
+def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: str, out_dir: Path,
+          classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
+          epochs: int | None, consistency: bool, frozen: bool, no_finetune: bool, threshold: float | None,
+          seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
+          no_html: bool, no_progress: bool) -> None:
+    """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
+    from labelsieve.api import audit as run_audit
+
+    p = _parse_params(params)
+    shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen or None,
+                 "finetune": False if no_finetune else None}
+    p.update({k: v for k, v in shortcuts.items() if v is not None})
+    run_audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
+              classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
+              seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
+              html=not no_html, progress=not no_progress)
+
+
+@cli.command("detectors")
+def detectors_cmd() -> None:
+    """List the registered detectors."""
+    from labelsieve.detectors import get_detector_class, list_detectors
+
+    for name in list_detectors():
+        click.echo(f"{name:20s} {get_detector_class(name).summary}")
+
+
+@cli.command()
+@click.argument("audit_csv", type=click.Path(path_type=Path))
+@click.option("--out", "-o", "out_csv", required=True, type=click.Path(path_type=Path))
+@click.option("--drop-unreviewed", is_flag=True, help="Drop flagged rows with an empty review.")
+@click.option("--accept-suggestions", is_flag=True, help="Relabel flagged rows with an empty review to the suggestion.")
+def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool) -> None:
+    """Turn a reviewed audit.csv into corrected labels (path,label)."""
+    from labelsieve.review import apply_review
+
+    counts = apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
+                          accept_suggestions=accept_suggestions)
+    click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out_csv}")
+
+
+@cli.command()
+@click.option("--clean", "audit_csv", required=True, type=click.Path(path_type=Path), help="audit.csv to train from.")
+@click.option("--images", "images_root", required=True, type=click.Path(path_type=Path), help="Image root.")
+@click.option("--backbone", default="convnext_tiny", show_default=True, help="timm name (or alias), or 'clip'.")
+@click.option("--pretrained", help="Local weight file or timm tag ('none' = random init).")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--val", "val_csv", type=click.Path(path_type=Path), help="Validation CSV (path,label).")
+@click.option("--val-fraction", default=0.1, show_default=True)
+@click.option("--balanced", is_flag=True, help="Class-balanced sampling.")
+@click.option("--image-size", type=int)
+@click.option("--clip-model", help="With --backbone clip: the open_clip model (name or folder).")
+@click.option("--clip-pretrained", help="With --backbone clip: its weights.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device")
+@click.option("--workers", type=int)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path))
+def train(audit_csv: Path, images_root: Path, backbone: str, pretrained: str | None, epochs: int | None,
+          batch_size: int | None, lr: float | None, val_csv: Path | None, val_fraction: float, balanced: bool,
+          image_size: int | None, clip_model: str | None, clip_pretrained: str | None, seed: int,
+          device: str | None, workers: int | None, out_dir: Path) -> None:
+    """Fine-tune a classifier on the images an audit kept, and export it."""
+    from labelsieve.train import train_from_audit
+
+    rep = train_from_audit(audit_csv, images_root=images_root, backbone=backbone, out_dir=out_dir,
+                           pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, val_csv=val_csv,
+                           val_fraction=val_fraction, balanced=balanced, seed=seed, device=device,
+                           image_size=image_size, num_workers=workers, clip_model=clip_model,
+                           clip_pretrained=clip_pretrained)
+    click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: best val acc {rep.best_val_acc:.4f}, "
+               f"last {rep.last_val_acc:.4f} -> {out_dir}")
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), help="Image root when IMAGES is a CSV (default: its folder).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--device")
+def predict(model_dir: Path, images: Path, root: Path | None, out_dir: Path, batch_size: int,
+            device: str | None) -> None:
+    """Predict labels for IMAGES (a folder, or a CSV with a path column) with a trained model."""
+    from labelsieve.train import predict as run_predict
+
+    if images.suffix.lower() in (".csv", ".tsv", ".txt") and images.is_file():
+        path = run_predict(model_dir, root or images.parent, labels_csv=images, out_dir=out_dir,
+                           batch_size=batch_size, device=device)
+    else:
+        path = run_predict(model_dir, images, out_dir=out_dir, batch_size=batch_size, device=device)
+    click.echo(f"predictions: {path}")
+
+
+@cli.command()
+@click.argument("labels_csv", type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), help="Image root (default: the CSV's folder).")
+@click.option("--kind", type=click.Choice(["symmetric", "pair", "instance"]), default="symmetric", show_default=True)
+@click.option("--rate", type=float, required=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--mapping", help="pair noise: 'a:b,c:d' or a CSV from,to (default: class i -> i+1).")
+@click.option("--out", "-o", "out_csv", required=True, type=click.Path(path_type=Path))
+def noise(labels_csv: Path, root: Path | None, kind: str, rate: float, seed: int, mapping: str | None,
+          out_csv: Path) -> None:
+    """Write a copy of LABELS_CSV with synthetic label noise (original label kept in true_label)."""
+    from labelsieve.data import load_images
+    from labelsieve.noise import make_noisy_labels, parse_mapping, write_noisy_csv
+
+    images = load_images(root or labels_csv.parent, labels_csv)
+    new = make_noisy_labels(images, kind=kind, rate=rate, seed=seed,
+                            mapping=parse_mapping(mapping) if mapping else None)
+    write_noisy_csv(images, new, out_csv)
+    click.echo(f"{int((new != images.labels).sum())} of {len(images)} labels changed ({kind}) -> {out_csv}")
+
+
+@cli.command()
+@click.argument("audit_csv", type=click.Path(path_type=Path))
+@click.option("--truth", required=True, type=click.Path(path_type=Path), help="CSV with path and true_label.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(audit_csv: Path, truth: Path, as_json: bool) -> None:
+    """Score an audit against known true labels."""
+    from labelsieve.evaluate import evaluate_audit, format_metrics
+
+    m = evaluate_audit(audit_csv, truth)
+    click.echo(json.dumps(m, indent=2) if as_json else format_metrics(m))
+
+
+@cli.command()
+@click.option("--out", "-o", "out_dir", default="labelsieve-demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--method", "-m", default=None, help="Detector (default: the demo's recommended one).")
+@click.option("--no-progress", is_flag=True)
+def demo(out_dir: Path, method: str | None, no_progress: bool) -> None:
+    """Audit the bundled EuroSAT sample offline with the bundled mini CLIP."""
+    from labelsieve.demo import run_demo
+
+    run_demo(out_dir, method=method, progress=not no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 for a problem the user can fix)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="labelsieve", standalone_mode=False)
+    except LabelsieveError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished work is kept in the cache; run the same command again to resume.",
+                   err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,7 +189,7 @@ def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> 
         tokenizer = open_clip.get_tokenizer(spec)
     except Exception as exc:
         hint = ""
-        if os.environ.get("HF_HUB_OFFLINE") or "connect" in str(exc).lower() or "offline" in str(exc).lower():
+        if any(w in str(exc).lower() for w in ("download", "connect", "offline", "hub")):
             hint = (" The weights could not be fetched (offline?). Download them once where the network "
                     "is reachable and pass the file with --pretrained PATH, or use a local open_clip model "
                     "folder with --model DIR.")

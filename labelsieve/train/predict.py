@@ -1,0 +1,267 @@
+"""Load an exported classifier and label new images with it (``labelsieve predict``).
+
+:func:`load_classifier` rebuilds the architecture named in ``model.json`` with random weights (no
+download) and loads ``model.safetensors``. :func:`predict` runs it over a folder (every image file,
+recursively) or a CSV of paths, with exactly the preprocessing used for validation during training
+(shorter side to ``resize_size``, bicubic, centre crop ``image_size``, normalise), and writes
+``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage, _sniff_delimiter
+from labelsieve.errors import DataError, ModelError, check_param
+from labelsieve.imagecache import decode_resized, eval_transform
+from labelsieve.progress import console
+from labelsieve.train.engine import Trainer, make_loader, resolve_device
+
+__all__ = ["load_classifier", "predict"]
+
+_MAX_LISTED = 5
+
+
+def load_classifier(model_dir: str | os.PathLike[str], *,
+                    device: str | torch.device | None = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild an exported classifier.
+
+    Parameters
+    ----------
+    model_dir : path
+        Folder with ``model.json`` and ``model.safetensors`` (as written by ``labelsieve train``).
+    device : str or torch.device, optional
+        Where to put the model (default CPU; ``None``: CUDA if available).
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode.
+    meta : dict
+        The contents of ``model.json``.
+
+    Raises
+    ------
+    ModelError
+        If the folder is not an exported classifier, or the weights do not fit the architecture.
+    """
+    from safetensors.torch import load_model
+
+    from labelsieve.models.backbones import create_classifier
+
+    d = Path(model_dir).expanduser()
+    meta_path, weights = d / "model.json", d / "model.safetensors"
+    if not meta_path.is_file() or not weights.is_file():
+        raise ModelError(f"{d} is not an exported labelsieve model (it needs model.json and model.safetensors). "
+                         "Give the folder written by 'labelsieve train -o DIR'.")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        arch, n_classes = meta["architecture"], int(meta["num_classes"])
+        size = int(meta["preprocessing"]["image_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{meta_path}: not a labelsieve model description ({exc}). Re-export the model with "
+                         "'labelsieve train'.") from exc
+    model, _ = create_classifier(arch, num_classes=n_classes, pretrained="none", clip_model=meta.get("clip_model"),
+                                 clip_pretrained="none", image_size=size, clip_config=meta.get("clip_config"))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{weights}: cannot load the weights into {arch} ({exc}). The file may be damaged; "
+                         "re-export the model.") from exc
+    if missing or unexpected:
+        raise ModelError(f"{weights}: the weights do not fit {arch} (missing {sorted(missing)[:_MAX_LISTED]}, "
+                         f"unexpected {sorted(unexpected)[:_MAX_LISTED]}). Check that model.json and "
+                         "model.safetensors come from the same export.")
+    model.eval()
+    return model.to(resolve_device(device)), meta
+
+
+class _PredictDataset(torch.utils.data.Dataset):
+    """``(x, label, index, ok)`` of image files, decoded like the validation images in training."""
+
+    def __init__(self, files: Sequence[Path], labels: np.ndarray, *, resize_size: int, transform: Any) -> None:
+        self.files, self.labels = list(files), labels
+        self.resize_size, self.transform = resize_size, transform
+        self.index = np.arange(len(self.files), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, bool]:
+        try:
+            arr = decode_resized(self.files[i], self.resize_size, mode="crop")
+            ok = True
+        except UnreadableImage:
+            arr, ok = np.zeros((self.resize_size, self.resize_size, 3), dtype=np.uint8), False
+        x = self.transform(torch.from_numpy(arr).permute(2, 0, 1))
+        return x, int(self.labels[i]), i, ok
+
+
+def _list_folder(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return out
+
+
+def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[str], list[str] | None]:
+    if not csv_path.is_file():
+        raise DataError(f"Image list not found: {csv_path}. Give a CSV with a '{path_column}' column.")
+    text = csv_path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise DataError(f"{csv_path}: the CSV is empty. It needs a header row with a '{path_column}' column.")
+    reader = csv.reader(io.StringIO(text), delimiter=_sniff_delimiter(text[:8192]))
+    header = [h.strip() for h in next(reader)]
+    if path_column not in header:
+        raise DataError(f"{csv_path}: no column {path_column!r} in the header {header}. Name the path column with "
+                        "--path-column.")
+    ip = header.index(path_column)
+    il = header.index(label_column) if label_column in header else None
+    paths: list[str] = []
+    labels: list[str] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= ip or not row[ip].strip():
+            raise DataError(f"{csv_path}, line {line_no}: the '{path_column}' field is empty. Give the image path "
+                            "or delete the row.")
+        paths.append(row[ip].strip())
+        labels.append(row[il].strip() if il is not None and len(row) > il else "")
+    if not paths:
+        raise DataError(f"{csv_path}: the CSV has a header but no rows. Add one row per image.")
+    return paths, (labels if il is not None else None)
+
+
+def predict(
+    model_dir: str | os.PathLike[str],
+    images_root: str | os.PathLike[str],
+    *,
+    labels_csv: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str],
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+) -> Path:
+    """Predict the class of every image and write ``out_dir/predictions.csv``.
+
+    Parameters
+    ----------
+    model_dir : path
+        Exported classifier (see :func:`load_classifier`).
+    images_root : path
+        A folder: without ``labels_csv`` every image file under it (recursively) is predicted; with
+        it, the CSV's paths are relative to this folder. A CSV file here is read as ``labels_csv``
+        with paths relative to the CSV's folder.
+    labels_csv : path, optional
+        CSV with a ``path_column`` (and optionally a ``label_column``, copied to the output as
+        ``label`` with a ``correct`` column).
+    out_dir : path
+        Created if needed; ``predictions.csv`` is replaced atomically.
+    batch_size : int
+    device : str or torch.device, optional
+        ``None``: CUDA if available.
+    progress : bool
+    num_workers : int, optional
+        Decoding workers (default ``min(8, cpu_count - 1)``).
+    path_column, label_column : str
+        Column names in ``labels_csv``.
+
+    Returns
+    -------
+    Path
+        ``out_dir/predictions.csv`` with columns ``path``, ``predicted_label``, ``probability``
+        (softmax of the predicted class), ``error`` (why an image could not be read; its prediction
+        and probability are empty), plus ``label`` and ``correct`` when the CSV has labels. Rows
+        are in input order.
+
+    Raises
+    ------
+    DataError
+        Missing folder/CSV, missing image files, or no images found.
+    ModelError
+        If the model cannot be loaded.
+    """
+    import pandas as pd
+
+    check_param("predict", "batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an int >= 1")
+    root = Path(images_root).expanduser()
+    csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
+    if csv_path is None and root.is_file() and root.suffix.lower() in (".csv", ".tsv", ".txt"):
+        csv_path, root = root, root.parent
+    if not root.is_dir():
+        raise DataError(f"Image folder not found: {root}. Give the folder of the images to predict.")
+    root = root.resolve()
+    given: list[str] | None = None
+    if csv_path is None:
+        paths = _list_folder(root)
+        if not paths:
+            raise DataError(f"{root}: no image files found ({', '.join(IMAGE_EXTENSIONS)}). Give the folder of "
+                            "the images to predict.")
+    else:
+        paths, given = _read_paths_csv(csv_path, path_column, label_column)
+        missing = [p for p in paths if not (root / p).is_file()]
+        if missing:
+            shown = ", ".join(missing[:_MAX_LISTED]) + (" …" if len(missing) > _MAX_LISTED else "")
+            raise DataError(f"{csv_path}: {len(missing)} image file(s) not found under {root} ({shown}). Fix the "
+                            "paths or give the folder they are relative to.")
+    model, meta = load_classifier(model_dir, device=device)
+    pre = meta["preprocessing"]
+    classes = list(meta["classes"])
+    size = int(pre["image_size"])
+    resize = int(pre.get("resize_size", size))
+    tf = eval_transform(size, mean=pre["mean"], std=pre["std"], interpolation=pre.get("interpolation", "bicubic"))
+    files = [root / p for p in paths]
+    ds = _PredictDataset(files, np.full(len(files), -1, dtype=np.int64), resize_size=resize, transform=tf)
+    workers = num_workers if num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    loader = make_loader(ds, batch_size=batch_size, num_workers=workers)
+    trainer = Trainer(model, device=device, progress=progress, desc="classifier")
+    logits, ok = trainer.predict(loader)
+    probs = torch.softmax(torch.from_numpy(logits), dim=1).numpy() if len(logits) else logits
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    errors = [""] * len(files)
+    for i in np.nonzero(~ok)[0]:
+        try:
+            decode_resized(files[i], resize, mode="crop")
+            errors[i] = "could not be decoded"
+        except UnreadableImage as exc:
+            errors[i] = str(exc)
+    table = pd.DataFrame({
+        "path": paths,
+        "predicted_label": [classes[int(p)] if k else "" for p, k in zip(pred, ok, strict=True)],
+        "probability": [round(float(probs[i, pred[i]]), 6) if ok[i] else None for i in range(len(paths))],
+        "error": errors,
+    })
+    if given is not None:
+        table["label"] = given
+        table["correct"] = [("" if not k else str(g == p)) for g, p, k in
+                            zip(given, table["predicted_label"], ok, strict=True)]
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "predictions.csv"
+    tmp = out / f"predictions.csv.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if progress:
+        n_bad = int((~ok).sum())
+        console.print(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "") + ")")
+    return target

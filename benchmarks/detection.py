@@ -1,0 +1,203 @@
+"""Detection benchmark: every detector on the same cached features, real and synthetic noise.
+
+Datasets (from ../shared/data):
+
+* ``cifar10n-aggre`` / ``cifar10n-worst``: the first 10,000 CIFAR-10 train images with the CIFAR-10N
+  human label sets (truth: the clean labels);
+* ``imagenette-sym20`` / ``-sym40`` / ``-pair30`` / ``-inst30``: the 2,500 Imagenette train images
+  with synthetic symmetric, pair and instance-dependent noise (labelsieve.noise, seed 0).
+
+Models: the mini CLIP (every detector) and EfficientNet-Lite0 ImageNet features (the detectors that
+need no text). Each result row records F1/precision/recall of the flag (noisy = positive), AUROC
+and AUPRC of 1 − p_clean, the DEFT paper's clean-selection precision/recall, detector seconds,
+and the process's peak RSS so far. Feature extraction is timed cold (empty cache) and warm.
+
+    python benchmarks/detection.py --out benchmarks/results            # everything (about an hour on 2 CPU cores)
+    python benchmarks/detection.py --datasets imagenette-sym40 --detectors knn,deft
+
+Results are appended to ``OUT/detection.jsonl`` as they finish (a rerun skips finished rows) and
+rendered to ``OUT/detection.md``, which docs/benchmarks.md quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from labelsieve import testing  # noqa: E402
+from labelsieve.data import load_images  # noqa: E402
+from labelsieve.detectors import create_detector  # noqa: E402
+from labelsieve.detectors.base import DetectionContext  # noqa: E402
+from labelsieve.evaluate import detection_metrics  # noqa: E402
+from labelsieve.features import extract_features  # noqa: E402
+from labelsieve.models.encoders import create_encoder  # noqa: E402
+from labelsieve.noise import make_noisy_labels  # noqa: E402
+from labelsieve.runtime import peak_memory_mb, seed_everything  # noqa: E402
+
+DATASETS = ["cifar10n-aggre", "cifar10n-worst", "imagenette-sym20", "imagenette-sym40", "imagenette-pair30",
+            "imagenette-inst30"]
+# (row name, registry name, params, needs text)
+DETECTORS = [
+    ("label_match", "label_match", {}, True),
+    ("knn", "knn", {}, False),
+    ("confident_learning", "confident_learning", {}, False),
+    ("small_loss", "small_loss", {}, False),
+    ("gmm", "gmm", {}, False),
+    ("turn (no fine-tune)", "turn", {"finetune": False}, False),
+    ("deft frozen (paper recipe)", "deft", {"peft": "none"}, True),
+    ("deft frozen + feature adapter", "deft", {"peft": "feature_adapter"}, True),
+    ("codivide frozen", "codivide", {"frozen": True}, True),
+    ("ensemble (deft+knn+CL)", "ensemble", {}, True),
+]
+
+
+def load_dataset(name: str) -> tuple:
+    """(images with given labels, true label indices)."""
+    if name.startswith("cifar10n"):
+        root, csv = testing.extract_subset("cifar10", 10_000, first=True)
+        images = load_images(root, csv)
+        kind = {"aggre": "aggre_label", "worst": "worse_label"}[name.split("-")[1]]
+        n10 = testing.cifar10n_labels(kind)
+        index = {c: i for i, c in enumerate(images.classes)}
+        given = np.array([index[n10[p][1]] for p in images.paths])
+        true = np.array([index[n10[p][0]] for p in images.paths])
+        assert (true == images.labels).all()
+        images.labels = given
+        return images, true
+    root, csv = testing.extract_subset("imagenette")
+    images = load_images(root, csv)
+    spec = name.split("-")[1]
+    kind = {"sym": "symmetric", "pair": "pair", "inst": "instance"}[spec.rstrip("0123456789")]
+    rate = int(spec.lstrip("symparint")) / 100
+    true = images.labels.copy()
+    images.labels = make_noisy_labels(images, kind=kind, rate=rate, seed=0)
+    return images, true
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--detectors", default=",".join(d[0] for d in DETECTORS),
+                    help="comma-separated row names (or registry names)")
+    ap.add_argument("--models", default="mini-clip,lite0")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--cache", default=".cache/bench-features")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "detection.jsonl"
+    done = set()
+    if jsonl.exists():
+        for line in jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["dataset"], r["model"], r["detector"]))
+    wanted = set(args.detectors.split(","))
+    dets = [d for d in DETECTORS if d[0] in wanted or d[1] in wanted]
+    shared = testing.shared_dir() / "models"
+    models = {"mini-clip": (str(shared / "mini-clip"), None),
+              "lite0": ("tf_efficientnet_lite0", str(shared / "tf_efficientnet_lite0.safetensors"))}
+    host = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+            "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    for mname in args.models.split(","):
+        enc = create_encoder(models[mname][0], pretrained=models[mname][1])
+        for dname in args.datasets.split(","):
+            images, true = load_dataset(dname)
+            key_cache = Path(args.cache) / mname / dname.split("-")[0]
+            timing_row = (dname.split("-")[0], mname, "feature extraction")
+            if timing_row not in done:
+                shutil.rmtree(key_cache, ignore_errors=True)
+                t = time.perf_counter()
+                extract_features(images, enc, cache_dir=key_cache, progress=False)
+                cold = time.perf_counter() - t
+                t = time.perf_counter()
+                extract_features(images, enc, cache_dir=key_cache, progress=False)
+                warm = time.perf_counter() - t
+                rec = {"dataset": timing_row[0], "model": mname, "detector": "feature extraction", "n": len(images),
+                       "cold_seconds": cold, "warm_seconds": warm, "images_per_second_cold": len(images) / cold,
+                       "peak_rss_mb": peak_memory_mb(), "host": host}
+                _append(jsonl, rec)
+                done.add(timing_row)
+                print(f"{mname} {timing_row[0]}: extraction cold {cold:.1f}s warm {warm:.2f}s", flush=True)
+            feats = extract_features(images, enc, cache_dir=key_cache, progress=False)
+            x = np.asarray(feats.vectors, dtype=np.float32)
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            noisy = images.labels != true
+            for row, reg, params, needs_text in dets:
+                if (dname, mname, row) in done or (needs_text and not enc.has_text):
+                    continue
+                ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=images,
+                                       encoder=enc, features_fn=lambda x=x: x, device=enc.device, seed=args.seed,
+                                       cache_dir=Path(args.cache) / "work", progress=False)
+                seed_everything(args.seed)
+                t = time.perf_counter()
+                try:
+                    res = create_detector(reg, **params).detect(ctx)
+                except Exception as exc:  # a failing detector is a finding, not a crash of the benchmark
+                    print(f"{dname} {mname} {row}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                secs = time.perf_counter() - t
+                m = detection_metrics(noisy, res.p_clean, res.is_noisy)
+                rec = {"dataset": dname, "model": mname, "detector": row, "registry": reg, "params": params,
+                       "n": len(images), "noise_rate": float(noisy.mean()), "seconds": secs,
+                       "peak_rss_mb": peak_memory_mb(), "host": host, **m,
+                       "suggestion_accuracy_on_flagged_noisy": _sugg(res, noisy, true)}
+                _append(jsonl, rec)
+                print(f"{dname:18s} {mname:9s} {row:30s} F1 {m['f1']:.3f} AUROC {m['auroc']:.3f} "
+                      f"AUPRC {m['auprc']:.3f} {secs:.1f}s", flush=True)
+    render(jsonl, out / "detection.md")
+    return 0
+
+
+def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
+    hit = res.is_noisy & noisy
+    return float((res.suggested[hit] == true[hit]).mean()) if hit.any() else None
+
+
+def _append(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def render(jsonl: Path, md: Path) -> None:
+    """Markdown tables from the JSONL results."""
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    det = [r for r in rows if r["detector"] != "feature extraction"]
+    ext = [r for r in rows if r["detector"] == "feature extraction"]
+    f = lambda v: "–" if v is None else f"{v:.3f}"
+    lines = [f"Host: {rows[0]['host']}" if rows else "", ""]
+    for ds in dict.fromkeys(r["dataset"] for r in det):
+        sub = [r for r in det if r["dataset"] == ds]
+        lines += [f"### {ds} (n = {sub[0]['n']}, true noise {sub[0]['noise_rate']:.1%})", "",
+                  "| model | detector | F1 | precision | recall | AUROC | AUPRC | clean P | clean R | seconds "
+                  "| peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sub:
+            lines.append(f"| {r['model']} | {r['detector']} | {f(r['f1'])} | {f(r['precision'])} | {f(r['recall'])} | "
+                         f"{f(r['auroc'])} | {f(r['auprc'])} | {f(r['clean_precision'])} | {f(r['clean_recall'])} | "
+                         f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append("")
+    if ext:
+        lines += ["### Feature extraction", "", "| images | model | n | cold s | img/s cold | warm-cache s |",
+                  "|---|---|---|---|---|---|"]
+        for r in ext:
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['n']} | {r['cold_seconds']:.1f} | "
+                         f"{r['images_per_second_cold']:.1f} | {r['warm_seconds']:.2f} |")
+    md.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

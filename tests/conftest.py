@@ -12,7 +12,8 @@ import torch
 
 from labelsieve import testing
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on 2 cores with DataLoader workers beside it, more threads oversubscribe the CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

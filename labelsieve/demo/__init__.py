@@ -16,7 +16,7 @@ from labelsieve.progress import console
 DEMO_DIR = Path(__file__).resolve().parent
 DATA_DIR = DEMO_DIR / "data"
 MODEL_DIR = DEMO_DIR / "mini-clip"
-DEMO_METHOD = "deft"
+DEMO_METHOD = "confident_learning"
 
 
 def run_demo(out_dir: str | Path = "labelsieve-demo", *, method: str | None = None, progress: bool = True,

@@ -16,14 +16,6 @@ from labelsieve.detectors.deft import DeftModel, _State, complementary_labels, d
 from labelsieve.errors import ModelError, ParameterError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def noisy_cifar(cifar_feats):
     images, x = cifar_feats

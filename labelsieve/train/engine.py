@@ -44,6 +44,7 @@ from torch import nn
 
 from labelsieve.errors import ParameterError, check_param
 from labelsieve.progress import console, progress_bar
+from labelsieve.runtime import resolve_device, seed_everything
 
 __all__ = [
     "Trainer",
@@ -61,60 +62,6 @@ CHECKPOINT_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The torch device to run on.
-
-    Parameters
-    ----------
-    device : str or torch.device, optional
-        ``None`` or ``"auto"``: CUDA if available, else CPU. Otherwise any torch device string
-        (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
-
-    Returns
-    -------
-    torch.device
-
-    Raises
-    ------
-    ParameterError
-        For an unknown device string, or a CUDA/MPS device this machine does not have.
-    """
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ParameterError(f"The 'device' parameter must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. "
-                             f"Got {device!r} instead.") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ParameterError(f"Device {str(device)!r} was requested but CUDA is not available on this "
-                                 "machine. Pass --device cpu (or auto).")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ParameterError(f"Device {str(device)!r} does not exist: this machine has "
-                                 f"{torch.cuda.device_count()} CUDA device(s).")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ParameterError("Device 'mps' was requested but is not available. Pass --device cpu (or auto).")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device).
-
-    Parameters
-    ----------
-    seed : int
-        A non-negative integer.
-    """
-    check_param("seed_everything", "seed", seed, isinstance(seed, (int, np.integer)) and seed >= 0,
-                "a non-negative int")
-    random.seed(int(seed))
-    np.random.seed(int(seed) % (2**32))
-    torch.manual_seed(int(seed))
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(int(seed))
 
 
 def make_optimizer(

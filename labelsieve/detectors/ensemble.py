@@ -1,0 +1,221 @@
+"""``ensemble``: several detectors on the same images, one combined ``p_clean``.
+
+Every member runs on the same :class:`~labelsieve.detectors.base.DetectionContext` (so the image
+features are extracted or read once and shared) with the global RNGs re-seeded from ``ctx.seed``
+before each member, so a member's result does not depend on its position in the list.
+
+Combination rules (``combine``):
+
+``"mean_logit"`` (default)
+    ``z_m = logit(p_m) − logit(t_m)`` for member m with score ``p_m`` (clipped to
+    ``[clip, 1 − clip]``, default 1e-4) and threshold ``t_m``, so that ``z_m < 0`` exactly when the
+    member's score is below its own threshold; ``p_clean = σ(Σ w_m z_m / Σ w_m)`` (equal weights by
+    default) and a sample is flagged iff ``p_clean < 0.5``. With all thresholds at 0.5 this is the
+    plain mean of logits: a confident member outweighs several unsure ones, and a sample is flagged
+    when the members' evidence is net against its label. A member whose decision is not a threshold
+    on its score (confident learning's prune-by-noise-rate) contributes its score against its
+    nominal threshold, not its set decision.
+
+``"stack"``
+    A stacked logistic calibration fitted **without ground truth**: a logistic regression from the
+    members' ``z_m`` to their majority decision, fitted on the rows where all members agree, then
+    applied to every row; ``p_clean`` is its probability of "clean". It learns how much each
+    member's score is worth and where the boundary lies from the unanimous rows, and uses that on
+    the contested ones. It is self-training, not calibration against true labels: it inherits any
+    error the members share (a wrong label all members accept stays accepted), and its intercept
+    reflects the clean/noisy mix of the unanimous rows. When the unanimous rows hold fewer than two
+    samples of either decision it falls back to ``mean_logit`` and says so in ``info``.
+
+``probs`` is the (weighted) mean of the members' class probabilities. The audit table gets, per
+member, ``p_clean_<member>`` and ``is_noisy_<member>`` (a repeated member name gets ``_2``, ``_3``
+…), and ``agreement``: the fraction of members flagging the sample.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from labelsieve.detectors import create_detector, get_detector_class, register_detector
+from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
+from labelsieve.errors import ParameterError, check_param
+
+__all__ = ["DEFAULT_MEMBERS", "EnsembleDetector", "combine_logits"]
+
+#: Members used when none are given.
+DEFAULT_MEMBERS = ("deft", "knn", "confident_learning")
+COMBINE_RULES = ("mean_logit", "stack")
+
+
+def _logit(p: np.ndarray, clip: float) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), clip, 1.0 - clip)
+    return np.log(q) - np.log1p(-q)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+
+
+def combine_logits(p_clean: np.ndarray, thresholds: Sequence[float], *, weights: Sequence[float] | None = None,
+                   clip: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """The ``mean_logit`` rule.
+
+    Parameters
+    ----------
+    p_clean : ndarray of shape (n, M)
+        Member scores.
+    thresholds : sequence of M floats
+        Member thresholds.
+    weights : sequence of M positive floats, optional
+        Equal when omitted.
+    clip : float
+        Scores and thresholds are clipped to ``[clip, 1 - clip]`` before the logit.
+
+    Returns
+    -------
+    p : ndarray of shape (n,)
+        ``σ(Σ w_m z_m / Σ w_m)``.
+    z : ndarray of shape (n, M)
+        The centred member logits ``logit(p_m) - logit(t_m)``.
+    """
+    P = np.asarray(p_clean, dtype=np.float64)
+    z = _logit(P, clip) - _logit(np.asarray(thresholds, dtype=np.float64), clip)[None, :]
+    w = np.ones(P.shape[1]) if weights is None else np.asarray(weights, dtype=np.float64)
+    return _sigmoid(z @ w / w.sum()), z
+
+
+def _normalise_members(members: Sequence[Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    own = "EnsembleDetector"
+    raw = list(DEFAULT_MEMBERS) if members is None else members
+    check_param(own, "members", members, isinstance(raw, (list, tuple)) and len(raw) >= 1,
+                "a non-empty list of detector names or (name, params) pairs")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for m in raw:
+        if isinstance(m, str):
+            name, params = m, {}
+        elif isinstance(m, (list, tuple)) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], dict):
+            name, params = m[0], dict(m[1])
+        else:
+            raise ParameterError(f"The 'members' parameter of {own} must be a list of detector names or "
+                                 f"(name, params) pairs. Got the member {m!r} instead.")
+        check_param(own, "members", name, name != "ensemble", "detectors other than 'ensemble' (no nesting)")
+        get_detector_class(name)  # unknown names raise with the list of known ones
+        out.append((name, params))
+    return out
+
+
+def _column_names(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}_{seen[n]}")
+    return out
+
+
+@register_detector
+class EnsembleDetector(Detector):
+    """Several detectors combined into one calibrated ``p_clean``.
+
+    Parameters
+    ----------
+    members : list of str or (str, dict), default=None
+        Detector names, or ``(name, params)`` pairs; None: ``["deft", "knn", "confident_learning"]``.
+        ``create_detector("deft,knn")`` builds an ensemble of those.
+    combine : {"mean_logit", "stack"}, default="mean_logit"
+        See the module docstring.
+    weights : list of float, optional
+        One positive weight per member for ``mean_logit`` and for the mean of ``probs``.
+    clip : float, default=1e-4
+        Member scores are clipped to ``[clip, 1 - clip]`` before the logit.
+    """
+
+    name = "ensemble"
+    summary = "several detectors, p_clean = sigmoid of the mean of their threshold-centred logits (or stacked)"
+
+    def __init__(self, *, members: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+                 combine: str = "mean_logit", weights: Sequence[float] | None = None, clip: float = 1e-4) -> None:
+        own = type(self).__name__
+        pairs = _normalise_members(members)
+        check_param(own, "combine", combine, combine in COMBINE_RULES, f"one of {', '.join(map(repr, COMBINE_RULES))}")
+        check_param(own, "weights", weights, weights is None or (
+            isinstance(weights, (list, tuple)) and len(weights) == len(pairs)
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                    for w in weights)), f"None or a list of {len(pairs)} positive floats (one per member)")
+        check_param(own, "clip", clip, isinstance(clip, float) and 0.0 < clip < 0.5, "a float in (0, 0.5)")
+        self._members = [create_detector(name, **params) for name, params in pairs]
+        self.members = [[name, det.get_params()] for (name, _), det in zip(pairs, self._members, strict=True)]
+        self.combine = combine
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.clip = clip
+
+    @property
+    def needs_text(self) -> bool:  # type: ignore[override]
+        """True when any member needs a text tower."""
+        return any(m.needs_text for m in self._members)
+
+    def detect(self, ctx: DetectionContext) -> DetectionResult:
+        from labelsieve.train.engine import seed_everything
+
+        names = _column_names([name for name, _ in self.members])
+        results: list[DetectionResult] = []
+        member_info: list[dict[str, Any]] = []
+        for col, det in zip(names, self._members, strict=True):
+            seed_everything(ctx.seed)
+            t = time.perf_counter()
+            r = det.detect(ctx)
+            results.append(r)
+            member_info.append({"member": col, "method": det.name, "params": det.get_params(), "rule": r.rule,
+                                "threshold": r.threshold, "n_flagged": int(r.is_noisy.sum()),
+                                "seconds": time.perf_counter() - t, "info": r.info})
+        P = np.stack([r.p_clean for r in results], axis=1)
+        flags = np.stack([r.is_noisy for r in results], axis=1)
+        thresholds = [r.threshold for r in results]
+        w = np.ones(len(results)) if self.weights is None else np.asarray(self.weights)
+        p_mean, z = combine_logits(P, thresholds, weights=w, clip=self.clip)
+        info: dict[str, Any] = {"combine": self.combine, "weights": w.tolist(), "clip": self.clip,
+                                "members": member_info}
+        p_clean, rule = p_mean, ("p_clean = sigmoid of the " + ("weighted " if self.weights else "")
+                                 + "mean over members (" + ", ".join(names) + ") of logit(p_clean_m) - "
+                                 "logit(threshold_m); flagged if p_clean < 0.5.")
+        if self.combine == "stack":
+            stacked, stack_info = self._stack(z, flags, ctx.seed)
+            info["stack"] = stack_info
+            if stacked is not None:
+                p_clean = stacked
+                rule = ("p_clean = a logistic regression from the members' (" + ", ".join(names) + ") threshold-"
+                        "centred logits to their majority decision, fitted on the rows where all members agree "
+                        "(no ground truth), applied to every row; flagged if p_clean < 0.5.")
+            else:
+                rule += f" (stacking fell back to the mean: {stack_info['fallback']})"
+        probs = np.tensordot(w / w.sum(), np.stack([r.probs for r in results]), axes=1)
+        probs /= probs.sum(axis=1, keepdims=True)
+        columns: dict[str, np.ndarray] = {}
+        for j, col in enumerate(names):
+            columns[f"p_clean_{col}"] = P[:, j]
+            columns[f"is_noisy_{col}"] = flags[:, j]
+        columns["agreement"] = flags.mean(axis=1)
+        info["n_unanimous"] = int((flags.all(axis=1) | (~flags).all(axis=1)).sum())
+        return DetectionResult(p_clean=p_clean, probs=probs, threshold=0.5, rule=rule, info=info, columns=columns)
+
+    @staticmethod
+    def _stack(z: np.ndarray, flags: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Logistic regression fitted on the unanimous rows; None (and the reason) when it cannot be."""
+        from sklearn.linear_model import LogisticRegression
+
+        agree = flags.all(axis=1) | (~flags).all(axis=1)
+        clean = ~flags[agree, 0]
+        n_clean, n_noisy = int(clean.sum()), int((~clean).sum())
+        info: dict[str, Any] = {"n_fit": int(agree.sum()), "n_fit_clean": n_clean, "n_fit_noisy": n_noisy}
+        if n_clean < 2 or n_noisy < 2:
+            info["fallback"] = (f"the unanimous rows hold {n_clean} clean and {n_noisy} noisy decision(s); "
+                                "a logistic fit needs at least 2 of each")
+            return None, info
+        lr = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
+        lr.fit(z[agree], clean.astype(np.int64))
+        info.update(coef=lr.coef_.ravel().tolist(), intercept=float(lr.intercept_[0]))
+        return lr.predict_proba(z)[:, 1], info

@@ -133,6 +133,7 @@ class GMMDetector(Detector):
             image_tower,
             prepare_finetune,
         )
+        from labelsieve.train.engine import seed_everything
 
         labels = np.asarray(ctx.labels, dtype=np.int64)
         probe = fit_linear_probe(ctx.features(), labels, ctx.n_classes, loss="ce", epochs=self.probe_epochs,
@@ -147,6 +148,7 @@ class GMMDetector(Detector):
                                    weight_decay=self.weight_decay, epochs=self.finetune_epochs, device=ctx.device,
                                    amp=self.amp, progress=ctx.progress, desc="gmm warm-up")
         everyone = np.arange(len(labels))
+        seed_everything(ctx.seed)  # building the image cache may have advanced the global RNG
         history = trainer.fit(lambda epoch: setup.train_loader(everyone, seed=ctx.seed * 100_003 + epoch),
                               epochs=self.finetune_epochs)
         losses, logits, n_bad = evaluate_losses(trainer, setup)

@@ -19,17 +19,6 @@ from labelsieve.detectors import create_detector, list_detectors
 from labelsieve.detectors.codivide import CoDivideDetector, codivide_loss, strong_feature_view
 from labelsieve.errors import ModelError, ParameterError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other processes
-    and small kernels get ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the loss and the feature-space strong view
 

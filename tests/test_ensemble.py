@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from helpers import inject_symmetric, make_context, scores
 
 from labelsieve.audit_table import build_table
@@ -15,14 +14,6 @@ from labelsieve.detectors.ensemble import DEFAULT_MEMBERS, EnsembleDetector, com
 from labelsieve.errors import ParameterError
 
 MEMBERS = ["knn", "confident_learning", "gmm"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -38,16 +38,6 @@ LAYERS, WIDTH = 2, 64
 MINI_SIZE, N_MINI = 96, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other processes
-    and small convolutions get ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_clip(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return open_clip.CLIP(

@@ -23,16 +23,6 @@ N_IMAGES = 64
 N_MINI = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against other processes
-    and small convolutions get ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_clip(seed: int = 0, *, vision_layers: int = 2, text_layers: int = 2, custom_text: bool = False,
               **vision: object) -> nn.Module:
     """A tiny randomly initialised open_clip CLIP with a ViT image tower (64 px, patch 16)."""

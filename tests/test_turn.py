@@ -29,15 +29,6 @@ from labelsieve.detectors.turn import (
 from labelsieve.errors import ParameterError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: two OpenMP threads on a shared 2-core machine make small convolutions crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def noisy_imagenette(imagenette_feats):
     images, x = imagenette_feats

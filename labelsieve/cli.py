@@ -124,6 +124,11 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @click.option("--val", "val_csv", type=click.Path(path_type=Path), help="Validation CSV (path,label).")
 @click.option("--val-fraction", default=0.1, show_default=True)
 @click.option("--balanced", is_flag=True, help="Class-balanced sampling.")
+@click.option("--freeze-bn", is_flag=True, help="Keep BatchNorm statistics at their pretrained values.")
+@click.option("--keep-flagged", is_flag=True,
+              help="Train on flagged rows nobody reviewed too, with their given label (default: drop them).")
+@click.option("--accept-suggestions", is_flag=True,
+              help="Train on flagged rows nobody reviewed with their suggested label (default: drop them).")
 @click.option("--image-size", type=int)
 @click.option("--clip-model", help="With --backbone clip: the open_clip model (name or folder).")
 @click.option("--clip-pretrained", help="With --backbone clip: its weights.")
@@ -133,18 +138,28 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path))
 def train(audit_csv: Path, images_root: Path, backbone: str, pretrained: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, val_csv: Path | None, val_fraction: float, balanced: bool,
-          image_size: int | None, clip_model: str | None, clip_pretrained: str | None, seed: int,
-          device: str | None, workers: int | None, out_dir: Path) -> None:
-    """Fine-tune a classifier on the images an audit kept, and export it."""
+          freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, image_size: int | None, clip_model: str | None,
+          clip_pretrained: str | None, seed: int, device: str | None, workers: int | None, out_dir: Path) -> None:
+    """Fine-tune a classifier on the images an audit kept, and export it.
+
+    Rows a reviewer decided on follow the review column; flagged rows nobody reviewed are dropped
+    unless --keep-flagged or --accept-suggestions says otherwise.
+    """
     from labelsieve.train import train_from_audit
+
+    if keep_flagged and accept_suggestions:
+        raise click.UsageError("Give --keep-flagged or --accept-suggestions, not both.")
 
     rep = train_from_audit(audit_csv, images_root=images_root, backbone=backbone, out_dir=out_dir,
                            pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, val_csv=val_csv,
                            val_fraction=val_fraction, balanced=balanced, seed=seed, device=device,
                            image_size=image_size, num_workers=workers, clip_model=clip_model,
-                           clip_pretrained=clip_pretrained)
-    click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: best val acc {rep.best_val_acc:.4f}, "
-               f"last {rep.last_val_acc:.4f} -> {out_dir}")
+                           clip_pretrained=clip_pretrained, freeze_bn=freeze_bn,
+                           drop_unreviewed_flagged=not (keep_flagged or accept_suggestions),
+                           accept_suggestions=accept_suggestions)
+    acc = ("no validation set" if rep.best_val_acc is None or rep.last_val_acc is None
+           else f"best val acc {rep.best_val_acc:.4f}, last {rep.last_val_acc:.4f}")
+    click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: {acc} -> {out_dir}")
 
 
 @cli.command()

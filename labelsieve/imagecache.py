@@ -330,8 +330,11 @@ class DecodedImageCache:
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
         num_workers = min(num_workers, max(0, (len(todo) + batch_size - 1) // batch_size))
+        # its own generator: worker base seeds would otherwise be drawn from the global torch RNG, so
+        # whether the cache was warm would change the random draws of whatever trains next
         loader = torch.utils.data.DataLoader(_ResizeDataset(files, todo, size, mode), batch_size=batch_size,
-                                             num_workers=num_workers, shuffle=False)
+                                             num_workers=num_workers, shuffle=False,
+                                             generator=torch.Generator().manual_seed(0))
         pending: list[np.ndarray] = []
         n_pending = 0
         decoded = 0

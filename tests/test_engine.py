@@ -25,6 +25,7 @@ from labelsieve.imagecache import (
 from labelsieve.train.engine import (
     Trainer,
     cosine_schedule,
+    freeze_batchnorm,
     make_loader,
     make_optimizer,
     resolve_device,
@@ -130,6 +131,17 @@ def test_cache_resumes_after_interruption(nette, cache40, tmp_path):
     assert np.array_equal(resumed.array, cache40.array[np.arange(0, 400, 5)])
 
 
+def test_building_the_cache_leaves_the_global_rng_alone(nette, tmp_path):
+    """Decoding must not draw from the global torch RNG, or a warm and a cold cache would give different
+    training runs for the same seed."""
+    sub = nette.subset(np.arange(0, 400, 20))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    DecodedImageCache.from_images(sub, size=24, cache_dir=tmp_path, num_workers=0, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_cache_parallel_workers_and_bad_files(nette, tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()
@@ -204,6 +216,25 @@ def test_engine_learns_real_images(nette, cache40, lite0_file):
     ev = trainer.evaluate(val_loader)
     assert ev["logits"].shape == (100, 10) and ev["losses"].shape == (100,) and np.isfinite(ev["losses"]).all()
     assert ev["acc"] == pytest.approx(hist[-1]["val_acc"])
+
+
+def test_freeze_bn_keeps_running_statistics_and_trains_affine_weights(nette, cache40):
+    ds = CachedImageDataset(cache40, np.arange(0, 400, 8), nette.labels, train_transform(24, mean=MEAN, std=STD))
+    runs = {}
+    for freeze in (False, True):
+        seed_everything(0)
+        model = tiny_cnn()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = make_optimizer(model, name="sgd", lr=0.05, weight_decay=0.0)
+        trainer = Trainer(model, optimizer=opt, device="cpu", progress=False, freeze_bn=freeze)
+        trainer.fit(lambda e, ds=ds: make_loader(ds, batch_size=25, shuffle=True, seed=e), epochs=1)
+        after = model.state_dict()
+        runs[freeze] = {k: not torch.equal(before[k], after[k]) for k in before}
+    assert runs[False]["1.running_mean"] and runs[False]["1.num_batches_tracked"]
+    assert not runs[True]["1.running_mean"] and not runs[True]["4.running_var"]
+    assert not runs[True]["1.num_batches_tracked"]
+    assert runs[True]["1.weight"] and runs[True]["0.weight"]  # BN affine and conv weights still train
+    assert freeze_batchnorm(tiny_cnn().train()) == 2
 
 
 def _resume_run(cache40, labels, ckpt, *, stop_at: int | None, key: str = "k"):

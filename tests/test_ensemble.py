@@ -61,8 +61,9 @@ def test_ensemble_beats_its_weakest_member_on_cifar(cifar_ctx, member_scores, co
 
 def test_mean_logit_rule_and_determinism(cifar_ctx):
     _, ctx, _ = cifar_ctx
-    a = create_detector("ensemble", members=["knn", ["knn", {"k": 5}], "small_loss"], weights=[1, 1, 2]).detect(ctx)
-    b = create_detector("ensemble", members=["knn", ["knn", {"k": 5}], "small_loss"], weights=[1, 1, 2]).detect(ctx)
+    kw = {"members": ["knn", ["knn", {"k": 5}], "small_loss"], "weights": [1, 1, 2], "combine": "mean_logit"}
+    a = create_detector("ensemble", **kw).detect(ctx)
+    b = create_detector("ensemble", **kw).detect(ctx)
     np.testing.assert_array_equal(a.p_clean, b.p_clean)
     assert {"p_clean_knn", "p_clean_knn_2", "p_clean_small_loss"} <= set(a.columns)
     P = np.stack([a.columns["p_clean_knn"], a.columns["p_clean_knn_2"], a.columns["p_clean_small_loss"]], 1)
@@ -87,7 +88,9 @@ def test_members_are_built_and_validated():
     ens = create_detector("deft,knn")
     assert isinstance(ens, EnsembleDetector) and [m[0] for m in ens.members] == ["deft", "knn"]
     assert ens.needs_text and not create_detector("ensemble", members=["knn", "turn"]).needs_text
-    assert [m[0] for m in create_detector("ensemble").members] == list(DEFAULT_MEMBERS)
+    default = create_detector("ensemble")
+    assert [m[0] for m in default.members] == list(DEFAULT_MEMBERS) == ["deft", "gmm", "confident_learning"]
+    assert default.combine == "stack"
     json.dumps(create_detector("ensemble").get_params())
     with pytest.raises(ParameterError, match="Unknown detector 'nope'"):
         create_detector("knn,nope")

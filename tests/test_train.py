@@ -31,15 +31,6 @@ AUDIT_COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label"
                  "review"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def nette(imagenette_small):
     root, csv_path = imagenette_small
@@ -70,7 +61,8 @@ def write_audit(nette, path, *, per_class: int = 30) -> dict[str, int]:
                  p_clean=0.1, issue="label", review=review.format(true=true.upper()))
     rows[1].update(issue="unreadable")
     pd.DataFrame(rows, columns=AUDIT_COLUMNS).to_csv(path, index=False)
-    return {"rows": len(rows), "kept": len(rows) - 4 - 1}
+    # kept: all but 4 dropped, 1 unreadable and the 3 flagged rows nobody reviewed (train drops them)
+    return {"rows": len(rows), "kept": len(rows) - 4 - 1 - 3}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +83,7 @@ def test_train_from_audit_reports_and_exports(trained, lite0_file):
     assert isinstance(report, TrainReport)
     print("train report:", report.best_val_acc, report.last_val_acc, f"{report.images_per_s:.1f} img/s",
           f"{report.seconds:.1f}s")
-    assert report.n_train + report.n_val == counts["kept"] == 295
+    assert report.n_train + report.n_val == counts["kept"] == 292
     assert 28 <= report.n_val <= 32 and report.epochs == 3 and len(report.history) == 3
     assert report.best_val_acc is not None and report.best_val_acc == max(h["val_acc"] for h in report.history)
     assert report.last_val_acc == report.history[-1]["val_acc"] and report.exported == "best"
@@ -190,6 +182,26 @@ def test_balanced_sampling_without_validation(nette, lite0_file, tmp_path):
     assert rep.n_val == 0 and rep.best_val_acc is None and rep.last_val_acc is None and rep.exported == "last"
     assert rep.out_dir is None and rep.history[0]["n"] == len(sub) == 66
     assert len(drawn) == 66 and drawn.count(0) < 20  # unbalanced, class 0 would be 30 of 66
+
+
+def test_cli_train_drops_unreviewed_flagged_rows_and_predict_reads_the_model(nette, lite0_file, tmp_path,
+                                                                              capsys):
+    from labelsieve.cli import main
+
+    write_audit(nette, tmp_path / "audit.csv", per_class=6)  # 60 rows: 4 dropped, 1 unreadable, 3 unreviewed
+    base = ["train", "--clean", str(tmp_path / "audit.csv"), "--images", str(nette.root), "--backbone", "lite0",
+            "--pretrained", str(lite0_file), "--epochs", "1", "--image-size", "32", "--val-fraction", "0",
+            "--workers", "0"]
+    assert main([*base, "-o", str(tmp_path / "m")]) == 0
+    assert "no validation set" in capsys.readouterr().out  # --val-fraction 0 reports no accuracy, not a crash
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["training"]["n_train"] == 60 - 8
+    assert main([*base, "--keep-flagged", "-o", str(tmp_path / "k")]) == 0
+    assert json.loads((tmp_path / "k" / "model.json").read_text())["training"]["n_train"] == 60 - 5
+    assert main([*base, "--keep-flagged", "--accept-suggestions", "-o", str(tmp_path / "x")]) == 2
+    assert main(["predict", str(tmp_path / "m"), str(nette.root / "train"), "-o", str(tmp_path / "p")]) == 0
+    pred = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert list(pred.columns[:3]) == ["path", "predicted_label", "probability"] and len(pred) > 0
+    assert set(pred["predicted_label"]) <= set(nette.classes) and pred["probability"].between(0, 1).all()
 
 
 def test_stratified_split():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import inspect
 from typing import Any
 
 from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
@@ -68,8 +69,25 @@ def create_detector(name: str, **params: Any) -> Detector:
     """Build a detector by name. A comma-separated list builds an ensemble of those detectors."""
     if "," in name:
         members = [n.strip() for n in name.split(",") if n.strip()]
-        return get_detector_class("ensemble")(members=members, **params)
-    return get_detector_class(name)(**params)
+        cls = get_detector_class("ensemble")
+        _check_params(cls, "ensemble", params)
+        return cls(members=members, **params)
+    cls = get_detector_class(name)
+    _check_params(cls, name, params)
+    return cls(**params)
+
+
+def _check_params(cls: type[Detector], name: str, params: dict[str, Any]) -> None:
+    """Unknown parameter names raise a ParameterError that lists the detector's parameters."""
+    sig = inspect.signature(cls.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    known = [p for p in sig.parameters if p != "self"]
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ParameterError(f"The {name!r} detector has no parameter {', '.join(map(repr, unknown))}. Its "
+                             f"parameters are: {', '.join(known) or 'none'}. Leave out the option or choose a "
+                             "detector that takes it ('labelsieve detectors' lists them).")
 
 
 def list_detectors(pattern: str = "*") -> list[str]:

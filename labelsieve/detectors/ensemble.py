@@ -6,7 +6,7 @@ before each member, so a member's result does not depend on its position in the 
 
 Combination rules (``combine``):
 
-``"mean_logit"`` (default)
+``"mean_logit"``
     ``z_m = logit(p_m) − logit(t_m)`` for member m with score ``p_m`` (clipped to
     ``[clip, 1 − clip]``, default 1e-4) and threshold ``t_m``, so that ``z_m < 0`` exactly when the
     member's score is below its own threshold; ``p_clean = σ(Σ w_m z_m / Σ w_m)`` (equal weights by
@@ -16,7 +16,7 @@ Combination rules (``combine``):
     on its score (confident learning's prune-by-noise-rate) contributes its score against its
     nominal threshold, not its set decision.
 
-``"stack"``
+``"stack"`` (default)
     A stacked logistic calibration fitted **without ground truth**: a logistic regression from the
     members' ``z_m`` to their majority decision, fitted on the rows where all members agree, then
     applied to every row; ``p_clean`` is its probability of "clean". It learns how much each
@@ -47,7 +47,9 @@ from labelsieve.errors import ParameterError, check_param
 __all__ = ["DEFAULT_MEMBERS", "EnsembleDetector", "combine_logits"]
 
 #: Members used when none are given.
-DEFAULT_MEMBERS = ("deft", "knn", "confident_learning")
+#: Measured on 600 CIFAR-10 images with 30 % symmetric noise (mini CLIP): deft + knn + CL with the mean
+#: rule gave F1 .589 (DEFT alone .733), deft + gmm + CL stacked .798 / AUROC .931 (docs/benchmarks.md).
+DEFAULT_MEMBERS = ("deft", "gmm", "confident_learning")
 COMBINE_RULES = ("mean_logit", "stack")
 
 
@@ -124,9 +126,9 @@ class EnsembleDetector(Detector):
     Parameters
     ----------
     members : list of str or (str, dict), default=None
-        Detector names, or ``(name, params)`` pairs; None: ``["deft", "knn", "confident_learning"]``.
+        Detector names, or ``(name, params)`` pairs; None: ``["deft", "gmm", "confident_learning"]``.
         ``create_detector("deft,knn")`` builds an ensemble of those.
-    combine : {"mean_logit", "stack"}, default="mean_logit"
+    combine : {"mean_logit", "stack"}, default="stack"
         See the module docstring.
     weights : list of float, optional
         One positive weight per member for ``mean_logit`` and for the mean of ``probs``.
@@ -135,10 +137,10 @@ class EnsembleDetector(Detector):
     """
 
     name = "ensemble"
-    summary = "several detectors, p_clean = sigmoid of the mean of their threshold-centred logits (or stacked)"
+    summary = "several detectors, p_clean = stacked logistic calibration of their logits (or their mean)"
 
     def __init__(self, *, members: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-                 combine: str = "mean_logit", weights: Sequence[float] | None = None, clip: float = 1e-4) -> None:
+                 combine: str = "stack", weights: Sequence[float] | None = None, clip: float = 1e-4) -> None:
         own = type(self).__name__
         pairs = _normalise_members(members)
         check_param(own, "combine", combine, combine in COMBINE_RULES, f"one of {', '.join(map(repr, COMBINE_RULES))}")

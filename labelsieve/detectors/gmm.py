@@ -148,7 +148,7 @@ class GMMDetector(Detector):
                                    weight_decay=self.weight_decay, epochs=self.finetune_epochs, device=ctx.device,
                                    amp=self.amp, progress=ctx.progress, desc="gmm warm-up")
         everyone = np.arange(len(labels))
-        seed_everything(ctx.seed)  # building the image cache may have advanced the global RNG
+        seed_everything(ctx.seed)  # the run depends on ctx.seed only, not on what ran before it
         history = trainer.fit(lambda epoch: setup.train_loader(everyone, seed=ctx.seed * 100_003 + epoch),
                               epochs=self.finetune_epochs)
         losses, logits, n_bad = evaluate_losses(trainer, setup)

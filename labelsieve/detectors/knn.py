@@ -2,7 +2,18 @@
 
 p_clean is the share of a sample's k nearest neighbours (itself excluded) that carry its given
 label, with add-one smoothing over classes: ``(votes_y + 1/C) / (k + 1)``, similarity-weighted if
-``weighted``. Flagged below ``threshold`` (0.5: fewer than half the neighbours agree).
+``weighted``.
+
+The flag (``decision``):
+
+``"plurality"`` (default)
+    flagged when another class has strictly more neighbour votes than the given label: the k-NN
+    filter of Bahri et al. (ICML 2020, "Deep k-NN for noisy labels"). A clean sample whose
+    neighbours are mixed but lean its way stays kept, which matters with many classes or weak
+    features, where few classes reach half the neighbours.
+``"threshold"``
+    flagged when ``p_clean < threshold`` (0.5: fewer than half the neighbours agree). Stricter: on
+    10,000 CIFAR-10N images with mini-CLIP features it flagged 42 % of the clean images.
 """
 
 from __future__ import annotations
@@ -63,17 +74,24 @@ class KNNDetector(Detector):
     weighted : bool, default=False
         Weight votes by cosine similarity.
     threshold : float, default=0.5
+        Used by ``decision="threshold"``, and the cut-off the audit records for p_clean.
+    decision : {"plurality", "threshold"}, default="plurality"
+        See the module docstring.
     """
 
     name = "knn"
     summary = "k-NN vote on image features: p_clean = smoothed share of neighbours with the given label"
 
-    def __init__(self, *, k: int = 10, weighted: bool = False, threshold: float = 0.5) -> None:
-        check_param(type(self).__name__, "k", k, isinstance(k, int) and k >= 1, "an int >= 1")
-        check_param(type(self).__name__, "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
+    def __init__(self, *, k: int = 10, weighted: bool = False, threshold: float = 0.5,
+                 decision: str = "plurality") -> None:
+        own = type(self).__name__
+        check_param(own, "k", k, isinstance(k, int) and k >= 1, "an int >= 1")
+        check_param(own, "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
+        check_param(own, "decision", decision, decision in ("plurality", "threshold"), "'plurality' or 'threshold'")
         self.k = k
         self.weighted = weighted
         self.threshold = threshold
+        self.decision = decision
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         x = ctx.features()
@@ -87,10 +105,19 @@ class KNNDetector(Detector):
         total = w.sum(axis=1, keepdims=True)
         probs = (votes + total / (k * C)) / (total + total / k)
         probs /= probs.sum(axis=1, keepdims=True)
+        p_clean = given_label_prob(probs, ctx.labels)
+        flags = None
+        if self.decision == "plurality":
+            own = votes[np.arange(n), ctx.labels]
+            votes[np.arange(n), ctx.labels] = -np.inf
+            flags = votes.max(axis=1) > own + 1e-12
+            how = "flagged if another class has more neighbour votes than the given label (k-NN plurality)."
+        else:
+            how = f"flagged if p_clean < {self.threshold}."
         return DetectionResult(
-            p_clean=given_label_prob(probs, ctx.labels), probs=probs, threshold=self.threshold,
+            p_clean=p_clean, probs=probs, threshold=self.threshold, flags=flags,
             rule=f"p_clean = share of the {k} nearest neighbours (cosine, image features, self excluded"
                  f"{', similarity-weighted' if self.weighted else ''}) with the given label, add-one smoothed; "
-                 f"flagged if p_clean < {self.threshold}.",
-            info={"k": k},
+                 + how,
+            info={"k": k, "decision": self.decision},
         )

@@ -253,7 +253,8 @@ def per_class_gmm_posterior(
     tol: float = 1e-2,
     seed: int = 0,
     monotone: bool = True,
-) -> np.ndarray:
+    return_rules: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict[str, list[int]]]:
     """TURN's per-class split: one 2-component GMM on the losses of each given class.
 
     A class with fewer than ``min_samples`` samples is too small for its own mixture: its samples
@@ -272,10 +273,15 @@ def per_class_gmm_posterior(
         Smallest class size fitted on its own.
     max_iter, reg_covar, tol, seed, monotone
         Passed to :func:`fit_gmm_split`.
+    return_rules : bool, default False
+        Also return which rule produced each class's posterior.
 
     Returns
     -------
-    ndarray of shape (n,), float64 in [0, 1]
+    posterior : ndarray of shape (n,), float64 in [0, 1]
+    rules : dict of str to list of int
+        Only with ``return_rules``: classes per rule of :func:`fit_gmm_split` (``gmm``, ``constant``,
+        ``collapsed``, ``too_few``), and ``pooled:<rule>`` for the classes scored by the all-sample fit.
     """
     arr = _float_vector("per_class_gmm_posterior", "losses", losses)
     lab = _labels("per_class_gmm_posterior", labels, arr.size, n_classes)
@@ -285,16 +291,20 @@ def per_class_gmm_posterior(
     _check_gmm_kw("per_class_gmm_posterior", max_iter, reg_covar, tol, seed)
     kw = {"max_iter": max_iter, "reg_covar": reg_covar, "tol": tol, "seed": seed, "monotone": monotone}
     out = np.ones(arr.size, dtype=np.float64)
+    rules: dict[str, list[int]] = {}
     counts = np.bincount(lab, minlength=n_classes)
     small = (counts > 0) & (counts < min_samples)
     if small.any():
-        global_post = fit_gmm_split(arr, **kw).posterior
+        pooled = fit_gmm_split(arr, **kw)
         m = small[lab]
-        out[m] = global_post[m]
+        out[m] = pooled.posterior[m]
+        rules.setdefault(f"pooled:{pooled.rule}", []).extend(int(c) for c in np.flatnonzero(small))
     for c in np.flatnonzero(counts >= min_samples):
         m = lab == c
-        out[m] = fit_gmm_split(arr[m], **kw).posterior
-    return out
+        split = fit_gmm_split(arr[m], **kw)
+        out[m] = split.posterior
+        rules.setdefault(split.rule, []).append(int(c))
+    return (out, rules) if return_rules else out
 
 
 # --------------------------------------------------------------------------- small loss, balancing

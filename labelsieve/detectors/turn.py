@@ -68,7 +68,7 @@ from torch import nn
 from labelsieve.detectors import register_detector
 from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector, softmax
 from labelsieve.detectors.linear_probe import LinearProbe, fit_linear_probe
-from labelsieve.detectors.selection import MIN_GMM_SAMPLES, class_balanced_subsample, fit_gmm_split
+from labelsieve.detectors.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
 from labelsieve.errors import check_param
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -136,11 +136,11 @@ class TowerClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> TowerClassifier:
         """Set training mode, leaving BatchNorm layers in evaluation mode when ``freeze_bn``."""
+        from labelsieve.train.engine import freeze_batchnorm
+
         super().train(mode)
         if mode and self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batchnorm(self)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,40 +162,12 @@ def per_class_split(
     *,
     min_samples: int = 8,
     seed: int = 0,
-    max_iter: int = 10,
-    reg_covar: float = 5e-4,
 ) -> tuple[np.ndarray, dict[str, list[int]]]:
-    """TURN's per-class GMM split, also saying which rule produced each class's posterior.
-
-    The posterior is exactly :func:`~labelsieve.detectors.selection.per_class_gmm_posterior` (the same
-    calls to :func:`~labelsieve.detectors.selection.fit_gmm_split`: a class with fewer than
-    ``min_samples`` samples takes its posterior from one GMM over all losses).
-
-    Returns
-    -------
-    posterior : ndarray of shape (n,), float64 in [0, 1]
-    rules : dict of str to list of int
-        Classes per rule: ``gmm``, ``constant``, ``collapsed``, ``too_few`` (a class's own fit with
-        fewer than 4 samples), and ``pooled:<rule>`` for classes scored by the all-sample fit.
-    """
-    arr = np.asarray(losses, dtype=np.float64)
-    lab = np.asarray(labels, dtype=np.int64)
-    post = np.ones(arr.size, dtype=np.float64)
-    rules: dict[str, list[int]] = {}
-    counts = np.bincount(lab, minlength=n_classes)
-    kw = {"seed": seed, "max_iter": max_iter, "reg_covar": reg_covar}
-    small = (counts > 0) & (counts < min_samples)
-    if small.any():
-        pooled = fit_gmm_split(arr, **kw)
-        m = small[lab]
-        post[m] = pooled.posterior[m]
-        rules.setdefault(f"pooled:{pooled.rule}", []).extend(int(c) for c in np.flatnonzero(small))
-    for c in np.flatnonzero(counts >= min_samples):
-        m = lab == c
-        split = fit_gmm_split(arr[m], **kw)
-        post[m] = split.posterior
-        rules.setdefault(split.rule, []).append(int(c))
-    return post, rules
+    """TURN's per-class GMM split and the rule behind each class's posterior: exactly
+    :func:`~labelsieve.detectors.selection.per_class_gmm_posterior` with ``return_rules=True`` (a
+    class with fewer than ``min_samples`` samples takes its posterior from one GMM over all losses)."""
+    return per_class_gmm_posterior(losses, labels, n_classes, min_samples=min_samples, seed=seed,
+                                   return_rules=True)  # type: ignore[return-value]
 
 
 @dataclass
@@ -523,8 +495,8 @@ class TurnDetector(Detector):
             record.update(current["rec"])
 
         t = time.perf_counter()
-        # the augmentations draw from the global torch RNG (num_workers=0), which building the image
-        # cache may have advanced: reseed so the run depends on ctx.seed only
+        # the augmentations draw from the global torch RNG (num_workers=0): reseed so the run depends on
+        # ctx.seed only, not on what ran before it in this process
         seed_everything(ctx.seed)
         history = trainer.fit(loader, epochs=self.fft_epochs, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
         t_eval = time.perf_counter()

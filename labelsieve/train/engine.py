@@ -49,6 +49,7 @@ from labelsieve.runtime import resolve_device, seed_everything
 __all__ = [
     "Trainer",
     "cosine_schedule",
+    "freeze_batchnorm",
     "make_loader",
     "make_optimizer",
     "resolve_device",
@@ -233,6 +234,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the trainer
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Put every BatchNorm layer of ``model`` in evaluation mode (call after ``model.train()``).
+
+    Returns the number of layers frozen. Their running statistics stay as they are; their affine
+    parameters keep ``requires_grad`` and still train.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n
+
+
 class Trainer:
     """Train, evaluate and predict with one model; the engine every training method shares.
 
@@ -267,6 +282,11 @@ class Trainer:
         Name shown on progress bars and log lines.
     scheduler_interval : {"step", "epoch"}
         When to call ``scheduler.step()``.
+    freeze_bn : bool, default=False
+        Keep every BatchNorm layer in evaluation mode during training epochs (see
+        :func:`freeze_batchnorm`): the pretrained running statistics are used and not updated, which
+        keeps a pretrained CNN stable when batches are small or class-skewed. Its affine weights still
+        train.
 
     Attributes
     ----------
@@ -300,6 +320,7 @@ class Trainer:
         progress: bool = True,
         desc: str = "train",
         scheduler_interval: str = "step",
+        freeze_bn: bool = False,
     ) -> None:
         owner = "Trainer"
         check_param(owner, "model", model, isinstance(model, nn.Module), "a torch.nn.Module")
@@ -311,6 +332,7 @@ class Trainer:
         check_param(owner, "scheduler_interval", scheduler_interval, scheduler_interval in ("step", "epoch"),
                     "'step' or 'epoch'")
         check_param(owner, "loss_fn", loss_fn, loss_fn is None or callable(loss_fn), "None or a callable")
+        check_param(owner, "freeze_bn", freeze_bn, isinstance(freeze_bn, bool), "True or False")
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             # Pretrained weights and Adam's second moments hold denormal floats, which make CPU
@@ -328,6 +350,7 @@ class Trainer:
         self.progress = progress
         self.desc = desc
         self.scheduler_interval = scheduler_interval
+        self.freeze_bn = freeze_bn
         self.amp_dtype = self._resolve_amp(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.history: list[dict[str, Any]] = []
@@ -431,6 +454,8 @@ class Trainer:
         if self.optimizer is None:
             raise ParameterError("Trainer.train_epoch needs an optimizer; this Trainer was made without one.")
         self.model.train()
+        if self.freeze_bn:
+            freeze_batchnorm(self.model)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.train()
         total_loss, correct, seen, skipped = 0.0, 0, 0, 0

@@ -1,9 +1,9 @@
 """Fine-tune a classifier on the images an audit kept (``labelsieve train``), and export it.
 
 :func:`train_from_audit` reads a reviewed ``audit.csv``, keeps the rows the review rule keeps
-(:func:`labelsieve.review.kept_rows`: non-flagged rows and reviewed decisions; ``drop`` and
-unreadable rows removed), and calls :func:`train_on_labels`, which benchmarks also use directly to
-train on all noisy labels or on the true labels for comparison.
+(:func:`labelsieve.review.kept_rows`: non-flagged rows and reviewed decisions; ``drop``, unreadable
+and — by default — flagged rows nobody reviewed removed), and calls :func:`train_on_labels`, which
+benchmarks also use directly to train on all noisy labels or on the true labels for comparison.
 
 Training follows DEFT's adaptation phase: full fine-tuning of the whole backbone with a new linear
 head, the backbone's optimiser settings (:data:`labelsieve.models.backbones.TRAIN_DEFAULTS`), a
@@ -210,6 +210,7 @@ def train_on_labels(
     val_fraction: float = 0.1,
     test_images: LabeledImages | None = None,
     balanced: bool = False,
+    freeze_bn: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     amp: str = "auto",
@@ -252,6 +253,9 @@ def train_on_labels(
     balanced : bool
         Draw training batches class-balanced (``WeightedRandomSampler``, weights ``1 / class count``,
         with replacement, one epoch = as many draws as training images).
+    freeze_bn : bool
+        Keep BatchNorm running statistics at their pretrained values while training (see
+        :class:`~labelsieve.train.engine.Trainer`); no effect on backbones without BatchNorm.
     seed : int
         Seeds the split, the initialisation of the head, the batch order and the augmentations.
     device : str or torch.device, optional
@@ -318,6 +322,7 @@ def train_on_labels(
         "schedule": "cosine (per step)",
         "defaults_source": defaults["source"],
         "balanced": bool(balanced),
+        "freeze_bn": bool(freeze_bn),
         "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
         "seed": seed,
     }
@@ -388,7 +393,7 @@ def train_on_labels(
                          momentum=cfg["momentum"])
     sched = cosine_schedule(opt, epochs=cfg["epochs"], steps_per_epoch=steps, warmup_epochs=warmup_epochs)
     trainer = Trainer(model, optimizer=opt, scheduler=sched, device=device, amp=amp, progress=progress,
-                      desc=f"train {backbone}")
+                      desc=f"train {backbone}", freeze_bn=bool(freeze_bn))
     cfg["device"] = str(trainer.device)
     cfg["amp"] = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
 
@@ -465,6 +470,7 @@ def train_from_audit(
     val_csv: str | os.PathLike[str] | None = None,
     val_fraction: float = 0.1,
     balanced: bool = False,
+    freeze_bn: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
     image_size: int | None = None,
@@ -472,7 +478,7 @@ def train_from_audit(
     progress: bool = True,
     clip_model: str | None = None,
     clip_pretrained: str | None = None,
-    drop_unreviewed_flagged: bool = False,
+    drop_unreviewed_flagged: bool = True,
     accept_suggestions: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     amp: str = "auto",
@@ -504,6 +510,8 @@ def train_from_audit(
     val_fraction : float in [0, 1)
     balanced : bool
         Class-balanced batches.
+    freeze_bn : bool
+        Keep BatchNorm running statistics fixed (see :func:`train_on_labels`).
     seed : int
     device : str or torch.device, optional
     image_size : int, optional
@@ -512,8 +520,11 @@ def train_from_audit(
     clip_model, clip_pretrained : str, optional
         For ``backbone="clip"``.
     drop_unreviewed_flagged, accept_suggestions : bool
-        What to do with flagged rows nobody reviewed (see :func:`labelsieve.review.kept_rows`);
-        by default they keep their given label.
+        What to do with flagged rows nobody reviewed (see :func:`labelsieve.review.kept_rows`). By
+        default they are dropped: training uses the rows the audit kept, which is the detector's
+        decision wherever no reviewer overrode it. ``drop_unreviewed_flagged=False`` keeps them
+        with their given label; ``accept_suggestions=True`` (with it False) relabels them to the
+        suggestion.
     cache_dir : path, optional
         Decoded-image cache location.
     amp : {"auto", "bf16", "fp16", "off"}
@@ -568,8 +579,8 @@ def train_from_audit(
         val_images = load_images(root, val_csv, classes=class_list, allow_single_class=True)
     return train_on_labels(images, backbone=backbone, out_dir=out_dir, pretrained=pretrained, epochs=epochs,
                            batch_size=batch_size, lr=lr, val_images=val_images, val_fraction=val_fraction,
-                           balanced=balanced, seed=seed, device=device, amp=amp, image_size=image_size,
-                           num_workers=num_workers, cache_dir=cache_dir, progress=progress, clip_model=clip_model,
-                           clip_pretrained=clip_pretrained, source=str(audit_path.resolve()),
+                           balanced=balanced, freeze_bn=freeze_bn, seed=seed, device=device, amp=amp,
+                           image_size=image_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress,
+                           clip_model=clip_model, clip_pretrained=clip_pretrained, source=str(audit_path.resolve()),
                            weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
                            crop_scale=crop_scale, resume=resume)

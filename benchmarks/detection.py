@@ -22,9 +22,7 @@ rendered to ``OUT/detection.md``, which docs/benchmarks.md quotes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -34,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
 
 from labelsieve import testing  # noqa: E402
 from labelsieve.data import load_images  # noqa: E402
@@ -58,7 +57,7 @@ DETECTORS = [
     ("deft frozen (paper recipe)", "deft", {"peft": "none"}, True),
     ("deft frozen + feature adapter", "deft", {"peft": "feature_adapter"}, True),
     ("codivide frozen", "codivide", {"frozen": True}, True),
-    ("ensemble (deft+gmm+CL, stacked)", "ensemble", {}, True),
+    ("ensemble (deft+gmm+CL stacked)", "ensemble", {}, True),
 ]
 # Opt-in rows (named in --detectors): DEFT with LoRA on the image tower trains through every image each
 # epoch, about 0.05 s per image-epoch at 128 px on this 2-core CPU, so it runs on Imagenette only.
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mini-clip,lite0")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cache", default=".cache/bench-features")
-    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
                     help="empty the feature cache first so extraction is timed cold (--no-cold resumes it)")
@@ -107,18 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "detection.jsonl"
-    done = set()
-    if jsonl.exists():
-        for line in jsonl.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["dataset"], r["model"], r["detector"]))
+    done = {(r["dataset"], r["model"], r["detector"]) for r in read_jsonl(jsonl)}
     wanted = set(args.detectors.split(","))
     dets = [d for d in DETECTORS if d[0] in wanted or d[1] in wanted] + [d for d in EXTRA_DETECTORS if d[0] in wanted]
     shared = testing.shared_dir() / "models"
     models = {"mini-clip": (str(shared / "mini-clip"), None),
               "lite0": ("tf_efficientnet_lite0", str(shared / "tf_efficientnet_lite0.safetensors"))}
-    host = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-            "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    host = host_info(args.threads)
     for mname in args.models.split(","):
         enc = create_encoder(models[mname][0], pretrained=models[mname][1])
         for dname in args.datasets.split(","):
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                        "cold_seconds": cold, "cold_is_complete": bool(args.cold),
                        "warm_seconds": warm, "images_per_second_cold": len(images) / cold,
                        "peak_rss_mb": peak_memory_mb(), "host": host}
-                _append(jsonl, rec)
+                append_jsonl(jsonl, rec)
                 done.add(timing_row)
                 print(f"{mname} {timing_row[0]}: extraction cold {cold:.1f}s warm {warm:.2f}s", flush=True)
             feats = extract_features(images, enc, cache_dir=key_cache, progress=False)
@@ -163,12 +157,22 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"dataset": dname, "model": mname, "detector": row, "registry": reg, "params": params,
                        "n": len(images), "noise_rate": float(noisy.mean()), "seconds": secs,
                        "peak_rss_mb": peak_memory_mb(), "host": host, **m,
-                       "suggestion_accuracy_on_flagged_noisy": _sugg(res, noisy, true)}
-                _append(jsonl, rec)
+                       "suggestion_accuracy_on_flagged_noisy": _sugg(res, noisy, true),
+                       **_epoch_speed(res)}
+                append_jsonl(jsonl, rec)
                 print(f"{dname:18s} {mname:9s} {row:30s} F1 {m['f1']:.3f} AUROC {m['auroc']:.3f} "
                       f"AUPRC {m['auprc']:.3f} {secs:.1f}s", flush=True)
     render(jsonl, out / "detection.md")
     return 0
+
+
+def _epoch_speed(res) -> dict:
+    """Mean seconds per training epoch and images per second, for detectors that train in epochs."""
+    hist = [h for h in (res.info or {}).get("history", []) if isinstance(h, dict) and "seconds" in h]
+    if not hist:
+        return {}
+    return {"epochs": len(hist), "epoch_seconds": float(np.mean([h["seconds"] for h in hist])),
+            "images_per_s": float(np.mean([h.get("images_per_s", 0.0) for h in hist]))}
 
 
 def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
@@ -176,20 +180,32 @@ def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
     return float((res.suggested[hit] == true[hit]).mean()) if hit.any() else None
 
 
-def _append(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
 def render(jsonl: Path, md: Path) -> None:
     """Markdown tables from the JSONL results."""
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows = read_jsonl(jsonl)
     det = [r for r in rows if r["detector"] != "feature extraction"]
     ext = [r for r in rows if r["detector"] == "feature extraction"]
     f = lambda v: "–" if v is None else f"{v:.3f}"
     lines = [f"Host: {rows[0]['host']}" if rows else "", ""]
-    for ds in dict.fromkeys(r["dataset"] for r in det):
-        sub = [r for r in det if r["dataset"] == ds]
+    order = {name: i for i, (name, *_) in enumerate(DETECTORS + EXTRA_DETECTORS)}
+    model_order = {"mini-clip": 0, "lite0": 1}
+    datasets = sorted(dict.fromkeys(r["dataset"] for r in det), key=lambda d: DATASETS.index(d) if d in DATASETS
+                      else len(DATASETS))
+    best = ["### Best detector per dataset and model", "",
+            "| dataset | model | best F1 | best AUROC | DEFT frozen F1 / AUROC |", "|---|---|---|---|---|"]
+    for ds in datasets:
+        for model in sorted({r["model"] for r in det if r["dataset"] == ds}, key=lambda m: model_order.get(m, 9)):
+            sub = [r for r in det if r["dataset"] == ds and r["model"] == model]
+            bf = max(sub, key=lambda r: r["f1"])
+            ba = max(sub, key=lambda r: r["auroc"])
+            deft = [r for r in sub if r["detector"] == "deft frozen (paper recipe)"]
+            d = f"{deft[0]['f1']:.3f} / {deft[0]['auroc']:.3f}" if deft else "–"
+            best.append(f"| {ds} | {model} | {bf['detector']} {bf['f1']:.3f} | {ba['detector']} {ba['auroc']:.3f} "
+                        f"| {d} |")
+    lines += best + [""]
+    for ds in datasets:
+        sub = sorted((r for r in det if r["dataset"] == ds),
+                     key=lambda r: (model_order.get(r["model"], 9), order.get(r["detector"], 99)))
         lines += [f"### {ds} (n = {sub[0]['n']}, true noise {sub[0]['noise_rate']:.1%})", "",
                   "| model | detector | F1 | precision | recall | AUROC | AUPRC | clean P | clean R | seconds "
                   "| peak RSS MB |",
@@ -198,6 +214,14 @@ def render(jsonl: Path, md: Path) -> None:
             lines.append(f"| {r['model']} | {r['detector']} | {f(r['f1'])} | {f(r['precision'])} | {f(r['recall'])} | "
                          f"{f(r['auroc'])} | {f(r['auprc'])} | {f(r['clean_precision'])} | {f(r['clean_recall'])} | "
                          f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append("")
+    speed = [r for r in det if r.get("epoch_seconds") is not None]
+    if speed:
+        lines += ["### Training speed of the detectors that train in epochs", "",
+                  "| dataset | model | detector | epochs | s / epoch | images / s |", "|---|---|---|---|---|---|"]
+        for r in speed:
+            lines.append(f"| {r['dataset']} | {r['model']} | {r['detector']} | {r['epochs']} | "
+                         f"{r['epoch_seconds']:.1f} | {r['images_per_s']:.0f} |")
         lines.append("")
     if ext:
         lines += ["### Feature extraction", "", "| images | model | n | cold s | img/s cold | warm-cache s |",

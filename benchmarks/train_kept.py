@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from common import append_jsonl, default_threads, host_info, prepare_run, read_jsonl  # noqa: E402
 
 import labelsieve  # noqa: E402
 from labelsieve import testing  # noqa: E402
@@ -56,18 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    jsonl = out / "train_kept.jsonl"
-    done = {json.loads(line)["run"] for line in jsonl.read_text().splitlines()} if jsonl.exists() else set()
+    out, work, jsonl, done = prepare_run(args.out, args.work, args.threads, "train_kept.jsonl")
     shared = testing.shared_dir() / "models"
     lite0 = str(shared / "tf_efficientnet_lite0.safetensors")
-    host = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-            "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    host = host_info(args.threads)
 
     root, csv_path = testing.extract_subset("cifar10", 10_000, first=True)
     images = load_images(root, csv_path)
@@ -114,15 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                "images_per_s": rep.images_per_s, "total_seconds": time.perf_counter() - t,
                "config": {k: v for k, v in rep.config.items() if isinstance(v, (int, float, str, bool, type(None)))},
                "host": host, **extra}
-        with open(jsonl, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(jsonl, rec)
         print(f"{run:14s} n_train {rep.n_train:5d} test acc {acc:.4f} ({rec['total_seconds']:.0f} s)", flush=True)
     render(jsonl, out / "train_kept.md")
     return 0
 
 
 def render(jsonl: Path, md: Path) -> None:
-    rows = {r["run"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    rows = {r["run"]: r for r in read_jsonl(jsonl)}
     lines = ["| training labels | images trained on | noise in them | test accuracy | train s | img/s |",
              "|---|---|---|---|---|---|"]
     for run in RUNS:

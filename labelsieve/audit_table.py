@@ -146,6 +146,7 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "noise_rate_expected_per_class": {c: float(per_class_expected.get(c, 0.0)) for c in images.classes},
         "classes": list(images.classes),
         "classnames": list(images.classnames),
+        "warnings": [str(w) for w in (result.info or {}).get("warnings", [])],
         "class_counts": {c: int(v) for c, v in zip(images.classes, np.bincount(images.labels,
                                                                                minlength=images.n_classes),
                                                     strict=True)},

@@ -63,6 +63,7 @@ def test_audit_cli_end_to_end(noisy_copy, tmp_path, mini_clip_dir, feature_cache
         assert key in summary, key
     assert summary["n_unreadable"] == 1 and summary["n_flagged"] == len(flagged) - 1
     assert summary["input"]["input_hash"] and summary["model"]["kind"] == "open_clip"
+    assert summary["warnings"] == []  # the mini CLIP knows Imagenette's classes: no text-side warning
     assert (out / "audit.html").stat().st_size > 10_000
     capsys.readouterr()
     assert main(["evaluate", str(out / "audit.csv"), "--truth", str(truth), "--json"]) == 0

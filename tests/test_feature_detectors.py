@@ -50,6 +50,7 @@ def test_label_match_ensemble_templates(noisy_imagenette, mini_clip):
     images, x, noisy, truth = noisy_imagenette
     res = create_detector("label_match", templates="ensemble").detect(make_context(images, x, mini_clip, noisy))
     assert scores(res, truth)[1] > 0.95
+    assert res.info["zero_shot_agreement"] > 0.6 and res.info["warnings"] == []
     with pytest.raises(ParameterError, match="'templates' parameter"):
         create_detector("label_match", templates="no placeholder")
 
@@ -93,9 +94,14 @@ def test_cifar_noise_detection_bounds(cifar_feats, mini_clip):
     noisy = inject_symmetric(images.labels, images.n_classes, 0.3, seed=2)
     truth = noisy != images.labels
     ctx = make_context(images, x, mini_clip, noisy)
-    auc = {n: scores(create_detector(n).detect(ctx), truth)[1] for n in ("label_match", "knn", "confident_learning")}
+    res = {n: create_detector(n).detect(ctx) for n in ("label_match", "knn", "confident_learning")}
+    auc = {n: scores(r, truth)[1] for n, r in res.items()}
     assert auc["knn"] > 0.8 and auc["confident_learning"] > 0.8, auc
     assert auc["label_match"] > 0.65, auc
+    # zero-shot top-1 agrees with few given labels here (53 % accuracy x 70 % clean): the text-guided
+    # detector says so, and points to the image-feature ones
+    info = res["label_match"].info
+    assert 0.2 < info["zero_shot_agreement"] < 0.5 and "image-feature detector" in info["warnings"][0]
 
 
 def test_confident_learning_matches_cleanlab(cifar_feats):

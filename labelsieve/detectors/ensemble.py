@@ -180,7 +180,9 @@ class EnsembleDetector(Detector):
         w = np.ones(len(results)) if self.weights is None else np.asarray(self.weights)
         p_mean, z = combine_logits(P, thresholds, weights=w, clip=self.clip)
         info: dict[str, Any] = {"combine": self.combine, "weights": w.tolist(), "clip": self.clip,
-                                "members": member_info}
+                                "members": member_info,
+                                "warnings": [f"{col}: {msg}" for col, r in zip(names, results, strict=True)
+                                             for msg in (r.info or {}).get("warnings", [])]}
         p_clean, rule = p_mean, ("p_clean = sigmoid of the " + ("weighted " if self.weights else "")
                                  + "mean over members (" + ", ".join(names) + ") of logit(p_clean_m) - "
                                  "logit(threshold_m); flagged if p_clean < 0.5.")

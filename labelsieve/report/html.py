@@ -160,7 +160,7 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
     if "n_duplicates" in summary:
         stats.append(_stat("duplicates", _fmt_num(summary.get("n_duplicates"))))
     stats.append(_stat("classes", _fmt_num(len(summary.get("classes") or []) or None)))
-    notes = []
+    notes = [f"Warning: {w}" for w in summary.get("warnings") or []]
     if summary.get("decision_rule"):
         notes.append(f"Decision rule: {summary['decision_rule']}")
     timings = summary.get("timings") or {}

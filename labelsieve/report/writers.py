@@ -90,5 +90,7 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
     for c, r in per:
         ct.add_row(c, f"{r:.1%}", str(summary["class_counts"].get(c, "")))
     console.print(ct)
+    for w in summary.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/bold yellow] {w}")
     for name, path in files.items():
         console.print(f"[bold]{name}[/bold]: {path}")

@@ -22,6 +22,7 @@ rendered to ``OUT/detection.md``, which docs/benchmarks.md quotes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -62,8 +63,11 @@ DETECTORS = [
 # Opt-in rows (named in --detectors): DEFT with LoRA on the image tower trains through every image each
 # epoch, about 0.05 s per image-epoch at 128 px on this 2-core CPU, so it runs on Imagenette only.
 EXTRA_DETECTORS = [
-    ("deft lora (128 px, 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True),
+    ("deft lora (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True),
 ]
+
+# --detectors is a comma-separated list of these names, so they hold no comma
+assert not any("," in d[0] for d in DETECTORS + EXTRA_DETECTORS)
 
 
 def load_dataset(name: str) -> tuple:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "detection.jsonl"
-    done = {(r["dataset"], r["model"], r["detector"]) for r in read_jsonl(jsonl)}
+    done = {(r["dataset"], r["model"], r["detector"], r.get("seed", 0)) for r in read_jsonl(jsonl)}
     wanted = set(args.detectors.split(","))
     dets = [d for d in DETECTORS if d[0] in wanted or d[1] in wanted] + [d for d in EXTRA_DETECTORS if d[0] in wanted]
     shared = testing.shared_dir() / "models"
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for dname in args.datasets.split(","):
             images, true = load_dataset(dname)
             key_cache = Path(args.cache) / mname / dname.split("-")[0]
-            timing_row = (dname.split("-")[0], mname, "feature extraction")
+            timing_row = (dname.split("-")[0], mname, "feature extraction", 0)
             if timing_row not in done:
                 if args.cold:
                     shutil.rmtree(key_cache, ignore_errors=True)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
             noisy = images.labels != true
             for row, reg, params, needs_text in dets:
-                if (dname, mname, row) in done or (needs_text and not enc.has_text):
+                if (dname, mname, row, args.seed) in done or (needs_text and not enc.has_text):
                     continue
                 ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=images,
                                        encoder=enc, features_fn=lambda x=x: x, device=enc.device, seed=args.seed,
@@ -154,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 secs = time.perf_counter() - t
                 m = detection_metrics(noisy, res.p_clean, res.is_noisy)
-                rec = {"dataset": dname, "model": mname, "detector": row, "registry": reg, "params": params,
+                rec = {"dataset": dname, "model": mname, "detector": row, "seed": args.seed, "registry": reg,
+                       "params": params,
                        "n": len(images), "noise_rate": float(noisy.mean()), "seconds": secs,
                        "peak_rss_mb": peak_memory_mb(), "host": host, **m,
                        "suggestion_accuracy_on_flagged_noisy": _sugg(res, noisy, true),
@@ -164,6 +169,26 @@ def main(argv: list[str] | None = None) -> int:
                       f"AUPRC {m['auprc']:.3f} {secs:.1f}s", flush=True)
     render(jsonl, out / "detection.md")
     return 0
+
+
+def _mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (dataset, model, detector): float fields averaged over its seeds, with
+    ``n_seeds`` and the standard deviation of F1 and AUROC across them."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["model"], r["detector"]), []).append(r)
+    out = []
+    for grp in groups.values():
+        m = dict(grp[-1])
+        for k, v in grp[-1].items():
+            if isinstance(v, float):
+                vals = [g[k] for g in grp if isinstance(g.get(k), (int, float))]
+                m[k] = float(np.mean(vals))
+        m["n_seeds"] = len(grp)
+        m["f1_sd"] = float(np.std([g["f1"] for g in grp]))
+        m["auroc_sd"] = float(np.std([g["auroc"] for g in grp]))
+        out.append(m)
+    return out
 
 
 def _epoch_speed(res) -> dict:
@@ -183,10 +208,12 @@ def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
 def render(jsonl: Path, md: Path) -> None:
     """Markdown tables from the JSONL results."""
     rows = read_jsonl(jsonl)
-    det = [r for r in rows if r["detector"] != "feature extraction"]
+    det = _mean_over_seeds([r for r in rows if r["detector"] != "feature extraction"])
     ext = [r for r in rows if r["detector"] == "feature extraction"]
     f = lambda v: "–" if v is None else f"{v:.3f}"
-    lines = [f"Host: {rows[0]['host']}" if rows else "", ""]
+    f1 = lambda r: f"{r['f1']:.3f}" + (f" ± {r['f1_sd']:.3f}" if r["n_seeds"] > 1 else "")
+    hosts = list({json.dumps(r["host"], sort_keys=True): r["host"] for r in rows}.values())
+    lines = [f"Host{'s' if len(hosts) > 1 else ''}: " + "; ".join(map(str, hosts)), ""]
     order = {name: i for i, (name, *_) in enumerate(DETECTORS + EXTRA_DETECTORS)}
     model_order = {"mini-clip": 0, "lite0": 1}
     datasets = sorted(dict.fromkeys(r["dataset"] for r in det), key=lambda d: DATASETS.index(d) if d in DATASETS
@@ -203,15 +230,27 @@ def render(jsonl: Path, md: Path) -> None:
             best.append(f"| {ds} | {model} | {bf['detector']} {bf['f1']:.3f} | {ba['detector']} {ba['auroc']:.3f} "
                         f"| {d} |")
     lines += best + [""]
+    lines += ["### Mean over the datasets each model ran on", "",
+              "| model | detector | datasets | mean F1 | mean AUROC | mean AUPRC | mean seconds |",
+              "|---|---|---|---|---|---|---|"]
+    for model in sorted({r["model"] for r in det}, key=lambda m: model_order.get(m, 9)):
+        names = sorted({r["detector"] for r in det if r["model"] == model}, key=lambda d: order.get(d, 99))
+        for name in names:
+            sub = [r for r in det if r["model"] == model and r["detector"] == name]
+            lines.append(f"| {model} | {name} | {len(sub)} | {np.mean([r['f1'] for r in sub]):.3f} | "
+                         f"{np.mean([r['auroc'] for r in sub]):.3f} | {np.mean([r['auprc'] for r in sub]):.3f} | "
+                         f"{np.mean([r['seconds'] for r in sub]):.1f} |")
+    lines.append("")
     for ds in datasets:
         sub = sorted((r for r in det if r["dataset"] == ds),
                      key=lambda r: (model_order.get(r["model"], 9), order.get(r["detector"], 99)))
         lines += [f"### {ds} (n = {sub[0]['n']}, true noise {sub[0]['noise_rate']:.1%})", "",
-                  "| model | detector | F1 | precision | recall | AUROC | AUPRC | clean P | clean R | seconds "
+                  "| model | detector | seeds | F1 | precision | recall | AUROC | AUPRC | clean P | clean R | seconds "
                   "| peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
-            lines.append(f"| {r['model']} | {r['detector']} | {f(r['f1'])} | {f(r['precision'])} | {f(r['recall'])} | "
+            lines.append(f"| {r['model']} | {r['detector']} | {r['n_seeds']} | {f1(r)} | {f(r['precision'])} | "
+                         f"{f(r['recall'])} | "
                          f"{f(r['auroc'])} | {f(r['auprc'])} | {f(r['clean_precision'])} | {f(r['clean_recall'])} | "
                          f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
         lines.append("")

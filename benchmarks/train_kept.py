@@ -120,7 +120,9 @@ def render(jsonl: Path, md: Path) -> None:
         if run not in rows:
             continue
         r = rows[run]
-        noise = {"true labels": "0 %", "all noisy": "41.0 %"}.get(run) or f"{r['noise_in_kept']:.1%}"
+        all_noise = next((x["noise_in_all"] for x in rows.values() if "noise_in_all" in x), None)
+        noise = {"true labels": 0.0, "all noisy": all_noise}.get(run, r.get("noise_in_kept"))
+        noise = "–" if noise is None else f"{noise:.1%}"
         lines.append(f"| {run} | {r['n_train']} | {noise} | {r['test_acc']:.4f} | {r['train_seconds']:.0f} | "
                      f"{r['images_per_s']:.0f} |")
     if rows:

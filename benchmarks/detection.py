@@ -196,8 +196,9 @@ def _epoch_speed(res) -> dict:
     hist = [h for h in (res.info or {}).get("history", []) if isinstance(h, dict) and "seconds" in h]
     if not hist:
         return {}
+    ips = [h["images_per_s"] for h in hist if h.get("images_per_s")]
     return {"epochs": len(hist), "epoch_seconds": float(np.mean([h["seconds"] for h in hist])),
-            "images_per_s": float(np.mean([h.get("images_per_s", 0.0) for h in hist]))}
+            "images_per_s": float(np.mean(ips)) if ips else None}
 
 
 def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
@@ -230,6 +231,18 @@ def render(jsonl: Path, md: Path) -> None:
             best.append(f"| {ds} | {model} | {bf['detector']} {bf['f1']:.3f} | {ba['detector']} {ba['auroc']:.3f} "
                         f"| {d} |")
     lines += best + [""]
+    for model in sorted({r["model"] for r in det}, key=lambda m: model_order.get(m, 9)):
+        dsets = [d for d in datasets if any(r["dataset"] == d and r["model"] == model for r in det)]
+        lines += [f"### F1 / AUROC by dataset, {model} features (mean over seeds where several ran)", "",
+                  "| detector | " + " | ".join(dsets) + " |", "|---|" + "---|" * len(dsets)]
+        names = sorted({r["detector"] for r in det if r["model"] == model}, key=lambda d: order.get(d, 99))
+        for name in names:
+            cells = []
+            for d in dsets:
+                hit = [r for r in det if r["dataset"] == d and r["model"] == model and r["detector"] == name]
+                cells.append(f"{hit[0]['f1']:.3f} / {hit[0]['auroc']:.3f}" if hit else "–")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["### Mean over the datasets each model ran on", "",
               "| model | detector | datasets | mean F1 | mean AUROC | mean AUPRC | mean seconds |",
               "|---|---|---|---|---|---|---|"]
@@ -259,8 +272,9 @@ def render(jsonl: Path, md: Path) -> None:
         lines += ["### Training speed of the detectors that train in epochs", "",
                   "| dataset | model | detector | epochs | s / epoch | images / s |", "|---|---|---|---|---|---|"]
         for r in speed:
+            ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "–"
             lines.append(f"| {r['dataset']} | {r['model']} | {r['detector']} | {r['epochs']} | "
-                         f"{r['epoch_seconds']:.1f} | {r['images_per_s']:.0f} |")
+                         f"{r['epoch_seconds']:.1f} | {ips} |")
         lines.append("")
     if ext:
         lines += ["### Feature extraction", "", "| images | model | n | cold s | img/s cold | warm-cache s |",

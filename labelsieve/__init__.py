@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import labelsieve
-    audit = labelsieve.audit("images/", "labels.csv", method="deft", out_dir="audit/")
+    audit = labelsieve.audit("images/", "labels.csv", out_dir="audit/")   # co-divide, the default
 
 Heavy libraries (torch, open_clip, timm, faiss) are imported lazily.
 """

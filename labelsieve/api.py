@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from labelsieve import __version__
+from labelsieve import __version__, detectors
 from labelsieve.audit_table import DEFAULT_OUTLIER_PROB, Audit, build_table, summarise
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.detectors import create_detector
@@ -26,7 +26,7 @@ from labelsieve.models.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, Encode
 from labelsieve.report.writers import print_summary, write_csv, write_json
 from labelsieve.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 
-DEFAULT_METHOD = "deft"
+DEFAULT_METHOD = detectors.DEFAULT_METHOD
 
 
 def run_detector(
@@ -125,7 +125,7 @@ def audit(
         Image folder (an ImageFolder tree when ``labels_csv`` is None).
     labels_csv : path, optional
         ``path,label`` CSV (column names: ``path_column``, ``label_column``).
-    method : str, default="deft"
+    method : str, default="codivide"
         A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
     model, pretrained : str
         open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name.

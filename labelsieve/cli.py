@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from labelsieve import __version__
+from labelsieve.detectors import DEFAULT_METHOD
 from labelsieve.errors import LabelsieveError
 
 
@@ -47,7 +48,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("root", type=click.Path(path_type=Path))
 @click.argument("labels", required=False, type=click.Path(path_type=Path))
-@click.option("--method", "-m", default="deft", show_default=True,
+@click.option("--method", "-m", default=DEFAULT_METHOD, show_default=True,
               help="Detector name, or a comma-separated list for an ensemble (see `labelsieve detectors`).")
 @click.option("--model", default="ViT-B-16", show_default=True,
               help="open_clip architecture, local open_clip model folder, or timm model name.")
@@ -62,7 +63,9 @@ def cli() -> None:
                              "none, feature_adapter).")
 @click.option("--epochs", type=int, help="Detector training epochs (deft, turn, codivide).")
 @click.option("--consistency", is_flag=True, help="deft: real-world-noise variant (given label must also be top).")
-@click.option("--frozen", is_flag=True, help="codivide: train prompts only, on cached image features.")
+@click.option("--frozen/--no-frozen", default=None,
+              help="codivide: text-side prompts on cached image features (the default), or --no-frozen for "
+                   "image-level MaPLe prompts through a ViT image tower (AVL-Prompter's path; slow without a GPU).")
 @click.option("--no-finetune", is_flag=True, help="turn: linear probe and one selection only.")
 @click.option("--threshold", type=float, help="Override the decision threshold on p_clean.")
 @click.option("--seed", default=0, show_default=True)
@@ -74,14 +77,14 @@ def cli() -> None:
 @click.option("--no-progress", is_flag=True)
 def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: str, out_dir: Path,
           classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
-          epochs: int | None, consistency: bool, frozen: bool, no_finetune: bool, threshold: float | None,
+          epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, no_progress: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
     from labelsieve.api import audit as run_audit
 
     p = _parse_params(params)
-    shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen or None,
+    shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
                  "finetune": False if no_finetune else None}
     p.update({k: v for k, v in shortcuts.items() if v is not None})
     run_audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,

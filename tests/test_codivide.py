@@ -128,6 +128,8 @@ def test_frozen_path_finds_40pc_noise_on_cifar(noisy_cifar, mini_clip, cifar_res
     info = res.info
     assert info["path"] == "text_only_features" and info["tower"] == "TimmModel"
     assert info["depth"] == 4 and info["n_ctx"] == 2  # depth 9 clamped to the mini CLIP's 4 text layers
+    # 52.8 % zero-shot x 60 % clean labels: the prompted-text classifier warns that its text side is weak
+    assert 0.2 < info["zero_shot_agreement"] < 0.5 and len(info["warnings"]) == 1
     hist = info["history"]
     assert [h["phase"] for h in hist] == ["warmup"] + ["codivide"] * 9
     for h in hist[1:]:
@@ -164,6 +166,7 @@ def test_frozen_path_imagenette_and_determinism(imagenette_feats, mini_clip):
     f1, auroc = scores(a, truth)
     assert auroc > 0.97 and f1 > 0.9, (auroc, f1)
     assert _clean_precision(a, truth) > 0.95
+    assert a.info["zero_shot_agreement"] > 0.5 and a.info["warnings"] == []
     b = create_detector("codivide", frozen=True, epochs=3).detect(ctx)
     np.testing.assert_array_equal(a.p_clean, b.p_clean)
     np.testing.assert_array_equal(a.probs, b.probs)
@@ -193,7 +196,7 @@ def test_cnn_tower_needs_frozen(imagenette_feats, mini_clip):
     ctx = make_context(images, x, mini_clip)
     with pytest.raises(ModelError, match="--frozen"):
         create_detector("codivide", frozen=False).detect(ctx)
-    assert create_detector("codivide").resolve_path(ctx) == "text_only_features"  # auto on a CNN
+    assert create_detector("codivide", frozen="auto").resolve_path(ctx) == "text_only_features"  # auto on a CNN
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,8 +226,10 @@ def test_image_level_maple_runs_end_to_end_and_trains_both_networks(imagenette_s
     enc = tiny_vit_encoder()
     ctx = make_context(sub, None, enc, noisy)
     ctx.cache_dir = tmp_path
-    det = create_detector("codivide", epochs=2, warmup_epochs=1, batch_size=16, lr=0.05, num_workers=0)
+    det = create_detector("codivide", frozen="auto", epochs=2, warmup_epochs=1, batch_size=16, lr=0.05,
+                          num_workers=0)
     assert det.resolve_path(ctx) == "maple_images"  # auto on a ViT
+    assert create_detector("codivide").resolve_path(ctx) == "text_only_features"  # the default: cached features
     res = det.detect(ctx)
     assert res.p_clean.shape == (64,) and res.probs.shape == (64, sub.n_classes)
     assert np.all(np.isfinite(res.p_clean)) and np.all(np.isfinite(res.probs))

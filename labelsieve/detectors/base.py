@@ -128,8 +128,19 @@ class DetectionContext:
 
     def features(self) -> np.ndarray:
         """L2-normalised image features, float32, shape (n, d); extracted or read from the cache once."""
+        feats = self.optional_features()
+        if feats is None:
+            raise ValueError("This DetectionContext has no image features (its features_fn returned None).")
+        return feats
+
+    def optional_features(self) -> np.ndarray | None:
+        """:meth:`features`, or None when ``features_fn`` gives none (a context built for image-level
+        training only)."""
         if self._features is None:
-            feats = np.asarray(self.features_fn(), dtype=np.float32)
+            raw = self.features_fn()
+            if raw is None:
+                return None
+            feats = np.asarray(raw, dtype=np.float32)
             norms = np.linalg.norm(feats, axis=1, keepdims=True)
             self._features = feats / np.maximum(norms, 1e-12)
         return self._features

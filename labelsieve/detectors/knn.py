@@ -13,7 +13,8 @@ The flag (``decision``):
     features, where few classes reach half the neighbours.
 ``"threshold"``
     flagged when ``p_clean < threshold`` (0.5: fewer than half the neighbours agree). Stricter: on
-    10,000 CIFAR-10N images with mini-CLIP features it flagged 42 % of the clean images.
+    10,000 CIFAR-10N images with mini-CLIP features it flagged 42 % (aggre labels) and 62 % (worst
+    labels) of the clean images.
 """
 
 from __future__ import annotations

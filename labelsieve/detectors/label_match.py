@@ -70,6 +70,18 @@ def text_side_warnings(logits: np.ndarray, labels: np.ndarray) -> tuple[float, l
     return agreement, warnings
 
 
+def zero_shot_check(ctx: DetectionContext) -> dict:
+    """``{"zero_shot_agreement", "warnings"}`` for a text-guided detector's ``info`` (see
+    :func:`text_side_warnings`), from the cached image features and "a photo of a {}." prompts; empty
+    when the context has no cached features."""
+    feats = ctx.optional_features()
+    if feats is None:
+        return {}
+    text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
+    agreement, warnings = text_side_warnings(feats @ text.T, ctx.labels)
+    return {"zero_shot_agreement": agreement, "warnings": warnings}
+
+
 @register_detector
 class LabelMatchDetector(Detector):
     """CLIP zero-shot label match.

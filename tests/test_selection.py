@@ -92,9 +92,9 @@ def test_gmm_single_outlier_and_collapse_stay_finite():
     np.testing.assert_allclose(p2, np.r_[np.ones(50), np.zeros(50)], atol=1e-6)
 
 
-def test_per_class_gmm_on_real_cifar10n_labels():
+def test_per_class_gmm_on_real_cifar10n_labels(shared):
     """Class-dependent loss scales (some classes are harder): per-class GMM beats one global GMM."""
-    rows = testing.read_csv_rows(testing.shared_dir() / "data" / "cifar10" / "cifar10n.csv")[:5000]
+    rows = testing.read_csv_rows(shared / "data" / "cifar10" / "cifar10n.csv")[:5000]
     classes = sorted({r["clean_label"] for r in rows})
     labels = np.array([classes.index(r["worse_label"]) for r in rows])
     noisy = np.array([r["worse_label"] != r["clean_label"] for r in rows])

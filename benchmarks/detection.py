@@ -64,6 +64,11 @@ DETECTORS = [
 # epoch, about 0.05 s per image-epoch at 128 px on this 2-core CPU, so it runs on Imagenette only.
 EXTRA_DETECTORS = [
     ("deft lora (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True),
+    # candidate ensemble members: the measured-best text-guided detector with the best image-feature ones
+    ("ensemble (codivide+turn+knn stacked)", "ensemble",
+     {"members": ["codivide", ["turn", {"finetune": False}], "knn"]}, True),
+    ("ensemble (codivide+turn+knn mean)", "ensemble",
+     {"members": ["codivide", ["turn", {"finetune": False}], "knn"], "combine": "mean_logit"}, True),
 ]
 
 # --detectors is a comma-separated list of these names, so they hold no comma

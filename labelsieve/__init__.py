@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     import labelsieve
-    audit = labelsieve.audit("images/", "labels.csv", out_dir="audit/")   # co-divide, the default
+    audit = labelsieve.audit("images/", "labels.csv", out_dir="audit/")   # the default ensemble
 
 Heavy libraries (torch, open_clip, timm, faiss) are imported lazily.
 """

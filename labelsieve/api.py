@@ -125,7 +125,7 @@ def audit(
         Image folder (an ImageFolder tree when ``labels_csv`` is None).
     labels_csv : path, optional
         ``path,label`` CSV (column names: ``path_column``, ``label_column``).
-    method : str, default="codivide"
+    method : str, default="ensemble"
         A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
     model, pretrained : str
         open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name.

@@ -89,8 +89,9 @@ def test_members_are_built_and_validated():
     assert isinstance(ens, EnsembleDetector) and [m[0] for m in ens.members] == ["deft", "knn"]
     assert ens.needs_text and not create_detector("ensemble", members=["knn", "turn"]).needs_text
     default = create_detector("ensemble")
-    assert [m[0] for m in default.members] == list(DEFAULT_MEMBERS) == ["deft", "gmm", "confident_learning"]
-    assert default.combine == "stack"
+    assert [m[0] for m in default.members] == ["codivide", "turn", "knn"]
+    assert default.members[1][1]["finetune"] is False and len(DEFAULT_MEMBERS) == 3
+    assert default.combine == "stack" and default.needs_text
     json.dumps(create_detector("ensemble").get_params())
     with pytest.raises(ParameterError, match="Unknown detector 'nope'"):
         create_detector("knn,nope")
@@ -104,3 +105,20 @@ def test_members_are_built_and_validated():
         create_detector("ensemble", combine="vote")
     with pytest.raises(ParameterError, match="'members'"):
         create_detector("ensemble", members=[42])
+
+
+def test_default_ensemble_beats_each_member_on_cifar(cifar_ctx):
+    """The default (codivide + TURN's probe + kNN, stacked) on 600 CIFAR images with 30 % noise: better F1
+    than every member and AUROC within 0.01 of the best member. Measured: F1 .821 / AUROC .938; codivide
+    .784 / .933, turn .786 / .914, knn .664 / .886."""
+    _, ctx, truth = cifar_ctx
+    res = create_detector("ensemble").detect(ctx)
+    f1, auroc = scores(res, truth)
+    members = {m["member"]: m for m in res.info["members"]}
+    assert set(members) == {"codivide", "turn", "knn"}
+    member = {name: scores(type(res)(p_clean=res.columns[f"p_clean_{name}"], probs=res.probs, threshold=0.5,
+                                     rule="", flags=res.columns[f"is_noisy_{name}"]), truth) for name in members}
+    print("default ensemble", f1, auroc, member)
+    assert f1 > max(s[0] for s in member.values()), (f1, member)
+    assert auroc > max(s[1] for s in member.values()) - 0.01, (auroc, member)
+    assert any("codivide" in w for w in res.info["warnings"])  # its text-side warning is passed on

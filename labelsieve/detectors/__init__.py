@@ -27,8 +27,9 @@ __all__ = [
 ]
 
 #: What ``labelsieve audit`` runs without ``--method``: the detector the benchmark measured best (highest
-#: mean F1 and AUROC over six noisy datasets x three seeds with the mini CLIP; docs/benchmarks.md).
-DEFAULT_METHOD = "codivide"
+#: mean F1 and AUROC over six noisy datasets with the mini CLIP; docs/benchmarks.md): the ensemble of
+#: co-divide, TURN's probe (no fine-tuning) and kNN, stacked.
+DEFAULT_METHOD = "ensemble"
 
 # name -> module that defines (and registers) it; filled as modules land.
 _MODULES: dict[str, str] = {

@@ -42,9 +42,10 @@ The image side (``frozen``):
   about ``feature_noise`` added, then re-normalised. This adaptation is labelsieve's, not the paper's.
 * ``"auto"`` — ``False`` on ViT towers, ``True`` on others; audit.json records which.
 
-``True`` is the default because it is the configuration the benchmark measured best (docs/benchmarks.md:
-the highest mean F1 and AUROC over six noisy datasets and three seeds with the mini CLIP) and it runs
-on cached features, on any machine; ``frozen=False`` (CLI ``--no-frozen``) is AVL-Prompter's image-level
+``True`` is the default because it is the configuration the benchmark measured best among single
+detectors (docs/benchmarks.md: the highest mean F1 and AUROC over six noisy datasets and three seeds
+with the mini CLIP; it is also the main member of the default ensemble) and it runs on cached
+features, on any machine; ``frozen=False`` (CLI ``--no-frozen``) is AVL-Prompter's image-level
 path.
 """
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -296,7 +297,7 @@ class DeftDetector(Detector):
             train_ds = CachedImageDataset(cache, labels=ctx.labels, transform=train_transform(size, **norm))
             eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
             workers = self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
-        scale, agreement, warnings = self._scale(ctx)
+        scale, text_info = self._scale(ctx)
         model = DeftModel(learner, image_module, scale).to(device)
         groups = [{"params": [p for p in learner.parameters() if p.requires_grad]}]
         image_params = [p for p in image_module.parameters() if p.requires_grad]
@@ -336,21 +337,21 @@ class DeftDetector(Detector):
         return DetectionResult(
             p_clean=p_clean, probs=probs, threshold=0.5, flags=~clean if self.consistency else None, rule=rule,
             info={"peft": peft, "peft_requested": self.peft, **peft_info, "history": history,
-                  "logit_scale": model.scale, "zero_shot_agreement": agreement, "warnings": warnings},
+                  "logit_scale": model.scale, **text_info},
         )
 
-    def _scale(self, ctx: DetectionContext) -> tuple[float, float, list[str]]:
-        """(logit scale, zero-shot agreement with the given labels, warnings)."""
-        from labelsieve.detectors.label_match import SINGLE_TEMPLATE, text_side_warnings
+    def _scale(self, ctx: DetectionContext) -> tuple[float, dict[str, Any]]:
+        """(logit scale, :func:`~labelsieve.detectors.label_match.text_side_info` of the zero-shot classifier)."""
+        from labelsieve.detectors.label_match import SINGLE_TEMPLATE, text_side_info
 
         text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
-        cos = ctx.features() @ text.T
-        agreement, warnings = text_side_warnings(cos, ctx.labels)
+        cos = ctx.features() @ text.T  # unscaled: the calibration fits the scale to these
+        text_info = text_side_info(cos, ctx.labels)
         if self.logit_scale == "model":
-            return ctx.encoder.logit_scale, agreement, warnings
+            return ctx.encoder.logit_scale, text_info
         if self.logit_scale == "calibrated":
-            return calibrated_scale(cos, ctx.labels, max_scale=ctx.encoder.logit_scale), agreement, warnings
-        return float(self.logit_scale), agreement, warnings
+            return calibrated_scale(cos, ctx.labels, max_scale=ctx.encoder.logit_scale), text_info
+        return float(self.logit_scale), text_info
 
     def _clean(self, trainer, loader, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Evaluation pass over all samples: (clean mask, p_clean of the given label, class probs)."""

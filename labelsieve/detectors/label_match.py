@@ -8,6 +8,7 @@ more likely wrong than right under the zero-shot classifier).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,14 +47,15 @@ def zero_shot_logits(ctx: DetectionContext, templates: Sequence[str]) -> np.ndar
 
 
 #: Below this zero-shot agreement with the given labels, text-guided detectors warn (see
-#: :func:`text_side_warnings`). Measured with the mini CLIP: Imagenette with 20-40 % noise 0.59-0.79
+#: :func:`text_side_info`). Measured with the mini CLIP: Imagenette with 20-40 % noise 0.59-0.79
 #: (DEFT best there), CIFAR-10N aggre 0.49 and worst 0.38, the EuroSAT demo 0.16 (image-feature
 #: detectors best).
 LOW_AGREEMENT = 0.5
 
 
-def text_side_warnings(logits: np.ndarray, labels: np.ndarray) -> tuple[float, list[str]]:
-    """Zero-shot top-1 agreement with the given labels, and a warning when it is low.
+def text_side_info(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``{"zero_shot_agreement", "warnings"}`` for a text-guided detector's ``info``: the zero-shot top-1
+    agreement with the given labels, and a warning when it is low.
 
     Low agreement means that much of the labelling is wrong, or that the model's text side does not
     know these classes (a weak CLIP, or class names it cannot read) — and a text-guided detector
@@ -67,19 +69,15 @@ def text_side_warnings(logits: np.ndarray, labels: np.ndarray) -> tuple[float, l
             "of the labelling is wrong, or the model's text side does not know these class names; this detector "
             "relies on it. Check the class names (--classnames), use a stronger CLIP, or compare with an "
             "image-feature detector (--method turn, gmm or confident_learning) or the ensemble.")
-    return agreement, warnings
-
-
-def zero_shot_check(ctx: DetectionContext) -> dict:
-    """``{"zero_shot_agreement", "warnings"}`` for a text-guided detector's ``info`` (see
-    :func:`text_side_warnings`), from the cached image features and "a photo of a {}." prompts; empty
-    when the context has no cached features."""
-    feats = ctx.optional_features()
-    if feats is None:
-        return {}
-    text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
-    agreement, warnings = text_side_warnings(feats @ text.T, ctx.labels)
     return {"zero_shot_agreement": agreement, "warnings": warnings}
+
+
+def zero_shot_check(ctx: DetectionContext) -> dict[str, Any]:
+    """:func:`text_side_info` of the "a photo of a {}." zero-shot classifier on the cached image
+    features; empty when the context has no cached features."""
+    if ctx.optional_features() is None:
+        return {}
+    return text_side_info(zero_shot_logits(ctx, SINGLE_TEMPLATE), ctx.labels)
 
 
 @register_detector
@@ -109,10 +107,9 @@ class LabelMatchDetector(Detector):
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         logits = zero_shot_logits(ctx, resolve_templates(self.templates))
         probs = softmax(logits)
-        agreement, warnings = text_side_warnings(logits, ctx.labels)
         return DetectionResult(
             p_clean=given_label_prob(probs, ctx.labels), probs=probs, threshold=self.threshold,
             rule=f"p_clean = CLIP zero-shot softmax probability of the given label (templates: {self.templates}); "
                  f"flagged if p_clean < {self.threshold}.",
-            info={"zero_shot_agreement": agreement, "warnings": warnings},
+            info=text_side_info(logits, ctx.labels),
         )

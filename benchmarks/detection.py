@@ -5,7 +5,7 @@ Datasets (from ../shared/data):
 * ``cifar10n-aggre`` / ``cifar10n-worst``: the first 10,000 CIFAR-10 train images with the CIFAR-10N
   human label sets (truth: the clean labels);
 * ``imagenette-sym20`` / ``-sym40`` / ``-pair30`` / ``-inst30``: the 2,500 Imagenette train images
-  with synthetic symmetric, pair and instance-dependent noise (labelsieve.noise, seed 0).
+  with synthetic symmetric, pair and instance-dependent noise (labelsieve.data.noise, seed 0).
 
 Models: the mini CLIP (every detector) and EfficientNet-Lite0 ImageNet features (the detectors that
 need no text). Each result row records F1/precision/recall of the flag (noisy = positive), AUROC
@@ -36,14 +36,14 @@ import torch  # noqa: E402
 from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
 
 from labelsieve import testing  # noqa: E402
+from labelsieve.audit.evaluate import detection_metrics  # noqa: E402
+from labelsieve.core.runtime import peak_memory_mb, seed_everything  # noqa: E402
 from labelsieve.data import load_images  # noqa: E402
+from labelsieve.data.noise import make_noisy_labels  # noqa: E402
 from labelsieve.detectors import create_detector  # noqa: E402
-from labelsieve.detectors.base import DetectionContext  # noqa: E402
-from labelsieve.evaluate import detection_metrics  # noqa: E402
+from labelsieve.detectors.common.base import DetectionContext  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
-from labelsieve.noise import make_noisy_labels  # noqa: E402
-from labelsieve.runtime import peak_memory_mb, seed_everything  # noqa: E402
 
 DATASETS = ["cifar10n-aggre", "cifar10n-worst", "imagenette-sym20", "imagenette-sym40", "imagenette-pair30",
             "imagenette-inst30"]

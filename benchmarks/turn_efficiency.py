@@ -27,14 +27,14 @@ import numpy as np  # noqa: E402
 from common import append_jsonl, default_threads, host_info, prepare_run, read_jsonl  # noqa: E402
 
 from labelsieve import testing  # noqa: E402
+from labelsieve.audit.evaluate import detection_metrics  # noqa: E402
+from labelsieve.core.runtime import peak_memory_mb, seed_everything  # noqa: E402
 from labelsieve.data import load_images  # noqa: E402
+from labelsieve.data.noise import make_noisy_labels  # noqa: E402
 from labelsieve.detectors import create_detector  # noqa: E402
-from labelsieve.detectors.base import DetectionContext  # noqa: E402
-from labelsieve.evaluate import detection_metrics  # noqa: E402
+from labelsieve.detectors.common.base import DetectionContext  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
-from labelsieve.noise import make_noisy_labels  # noqa: E402
-from labelsieve.runtime import peak_memory_mb, seed_everything  # noqa: E402
 from labelsieve.train import train_on_labels  # noqa: E402
 
 

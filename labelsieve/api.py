@@ -15,18 +15,27 @@ from typing import Any
 
 import numpy as np
 
-from labelsieve import __version__, detectors
-from labelsieve.audit_table import DEFAULT_OUTLIER_PROB, Audit, build_table, summarise
+from labelsieve import __version__
+from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.audit.html import write_html
+from labelsieve.audit.review import apply_review
+from labelsieve.audit.table import Audit, build_table, summarise
+from labelsieve.audit.writers import print_summary, write_csv, write_json
+from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
+from labelsieve.core.errors import check_param
+from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
-from labelsieve.detectors import create_detector
-from labelsieve.detectors.base import DetectionContext
-from labelsieve.errors import check_param
-from labelsieve.features import default_cache_dir, extract_features
-from labelsieve.models.encoders import DEFAULT_MODEL, DEFAULT_PRETRAINED, Encoder, create_encoder
-from labelsieve.report.writers import print_summary, write_csv, write_json
-from labelsieve.runtime import peak_memory_mb, resolve_device, seed_everything, versions
+from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
+from labelsieve.detectors import DetectionContext, create_detector, get_detector_class, list_detectors
+from labelsieve.features import extract_features
+from labelsieve.models.encoders import Encoder, create_encoder
+from labelsieve.train import predict, train_from_audit
 
-DEFAULT_METHOD = detectors.DEFAULT_METHOD
+#: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
+#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``describe_detectors``
+#: (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "format_metrics", "predict",
+           "run_detector", "train_from_audit"]
 
 
 def run_detector(
@@ -100,7 +109,7 @@ def audit(
     *,
     method: str = DEFAULT_METHOD,
     model: str = DEFAULT_MODEL,
-    pretrained: str | None = DEFAULT_PRETRAINED,
+    pretrained: str | None = None,
     out_dir: str | os.PathLike[str] | None = "audit",
     params: dict[str, Any] | None = None,
     classnames: str | os.PathLike[str] | dict[str, str] | None = None,
@@ -128,7 +137,8 @@ def audit(
     method : str, default="ensemble"
         A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
     model, pretrained : str
-        open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name.
+        open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name
+        (:mod:`labelsieve.models.loader`; ``pretrained=None`` is the model's default weights).
     out_dir : path or None
         Where to write the files; None writes nothing.
     params : dict, optional
@@ -168,8 +178,6 @@ def audit(
         t = time.perf_counter()
         files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
         if html:
-            from labelsieve.report.html import write_html
-
             files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
                                              out_path=out / "audit.html")
         result.summary["timings"]["write"] = time.perf_counter() - t
@@ -180,3 +188,21 @@ def audit(
         print_summary(result.summary, result.files)
     return result
 
+
+
+def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str], *, kind: str = "symmetric",
+              rate: float, seed: int = 0, root: str | os.PathLike[str] | None = None,
+              mapping: str | None = None) -> tuple[int, int]:
+    """Write a copy of ``labels_csv`` with synthetic label noise (``labelsieve noise``); the original label is
+    kept in ``true_label``. Returns (labels changed, rows)."""
+    src = Path(labels_csv)
+    images = load_images(root or src.parent, src)
+    pairs = parse_mapping(mapping) if mapping else None
+    new = make_noisy_labels(images, kind=kind, rate=rate, seed=seed, mapping=pairs)
+    write_noisy_csv(images, new, out_csv)
+    return int((new != images.labels).sum()), len(images)
+
+
+def describe_detectors() -> dict[str, str]:
+    """Registered detector names and their one-line summaries (``labelsieve detectors``)."""
+    return {name: get_detector_class(name).summary for name in list_detectors()}

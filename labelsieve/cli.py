@@ -2,11 +2,15 @@
 
     labelsieve audit ROOT [LABELS.csv] [--method NAME] [--model NAME_OR_PATH] [--pretrained TAG_OR_PATH] -o OUT
     labelsieve apply OUT/audit.csv -o labels.clean.csv
-    labelsieve train --clean OUT/audit.csv --images ROOT --backbone NAME -o MODEL_DIR
+    labelsieve train --clean OUT/audit.csv --backbone NAME [-o MODEL_DIR]
     labelsieve predict MODEL_DIR IMAGES -o OUT_DIR
     labelsieve noise LABELS.csv --kind symmetric --rate 0.2 -o noisy.csv
     labelsieve evaluate OUT/audit.csv --truth noisy.csv
     labelsieve demo
+
+Every command imports :mod:`labelsieve.api` (and with it torch, open_clip and timm) only when it runs,
+through :func:`_api`: that import takes several seconds, and ``labelsieve --help`` or a typo in an
+option should not wait for it (docs/architecture.md gives the measured times).
 """
 
 from __future__ import annotations
@@ -21,8 +25,15 @@ from typing import Any
 import click
 
 from labelsieve import __version__
-from labelsieve.detectors import DEFAULT_METHOD
-from labelsieve.errors import LabelsieveError
+from labelsieve.core.defaults import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_METHOD, DEFAULT_MODEL
+from labelsieve.core.errors import LabelsieveError
+
+
+def _api() -> Any:
+    """:mod:`labelsieve.api`, imported on first use (see the module docstring)."""
+    import labelsieve.api
+
+    return labelsieve.api
 
 
 def _parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -50,10 +61,11 @@ def cli() -> None:
 @click.argument("labels", required=False, type=click.Path(path_type=Path))
 @click.option("--method", "-m", default=DEFAULT_METHOD, show_default=True,
               help="Detector name, or a comma-separated list for an ensemble (see `labelsieve detectors`).")
-@click.option("--model", default="ViT-B-16", show_default=True,
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="open_clip architecture, local open_clip model folder, or timm model name.")
-@click.option("--pretrained", default="openai", show_default=True,
-              help="open_clip pretrained tag or a local weight file ('none' for timm random init).")
+@click.option("--pretrained", default=None,
+              help="Weights: a tag (open_clip 'openai', timm 'a1_in1k') or a local file; default the model's own "
+                   "default weights (openai for ViT-B-16); 'none' for random initialisation.")
 @click.option("--out", "-o", "out_dir", default="audit", show_default=True, type=click.Path(path_type=Path))
 @click.option("--classnames", type=click.Path(path_type=Path), help="CSV 'label,text': what the model reads.")
 @click.option("--path-column", default="path", show_default=True)
@@ -71,7 +83,7 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", help="cpu, cuda, cuda:1 … (default: CUDA if available).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default ~/.cache/labelsieve).")
-@click.option("--batch-size", default=64, show_default=True, help="Feature-extraction batch size.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Feature-extraction batch size.")
 @click.option("--workers", type=int, help="Image-decoding worker processes.")
 @click.option("--no-html", is_flag=True, help="Do not write audit.html.")
 @click.option("--no-progress", is_flag=True)
@@ -81,13 +93,11 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, no_progress: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
-    from labelsieve.api import audit as run_audit
-
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
                  "finetune": False if no_finetune else None}
     p.update({k: v for k, v in shortcuts.items() if v is not None})
-    run_audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
+    _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
               html=not no_html, progress=not no_progress)
@@ -96,10 +106,8 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
 @cli.command("detectors")
 def detectors_cmd() -> None:
     """List the registered detectors."""
-    from labelsieve.detectors import get_detector_class, list_detectors
-
-    for name in list_detectors():
-        click.echo(f"{name:20s} {get_detector_class(name).summary}")
+    for name, summary in _api().describe_detectors().items():
+        click.echo(f"{name:20s} {summary}")
 
 
 @cli.command()
@@ -109,18 +117,20 @@ def detectors_cmd() -> None:
 @click.option("--accept-suggestions", is_flag=True, help="Relabel flagged rows with an empty review to the suggestion.")
 def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool) -> None:
     """Turn a reviewed audit.csv into corrected labels (path,label)."""
-    from labelsieve.review import apply_review
-
-    counts = apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
+    counts = _api().apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
                           accept_suggestions=accept_suggestions)
     click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out_csv}")
 
 
 @cli.command()
 @click.option("--clean", "audit_csv", required=True, type=click.Path(path_type=Path), help="audit.csv to train from.")
-@click.option("--images", "images_root", required=True, type=click.Path(path_type=Path), help="Image root.")
-@click.option("--backbone", default="convnext_tiny", show_default=True, help="timm name (or alias), or 'clip'.")
-@click.option("--pretrained", help="Local weight file or timm tag ('none' = random init).")
+@click.option("--images", "images_root", type=click.Path(path_type=Path),
+              help="Image root (default: the one recorded in the audit.json beside the audit).")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
+              help="timm name or alias, an open_clip model or folder (its image tower), or 'clip' for the audit's "
+                   "CLIP model.")
+@click.option("--pretrained", help="Weights: a local file, a tag, or 'none' for random init (default: the backbone's "
+                                   "default weights).")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
@@ -133,31 +143,25 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @click.option("--accept-suggestions", is_flag=True,
               help="Train on flagged rows nobody reviewed with their suggested label (default: drop them).")
 @click.option("--image-size", type=int)
-@click.option("--clip-model", help="With --backbone clip: the open_clip model (name or folder).")
-@click.option("--clip-pretrained", help="With --backbone clip: its weights.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device")
 @click.option("--workers", type=int)
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path))
-def train(audit_csv: Path, images_root: Path, backbone: str, pretrained: str | None, epochs: int | None,
+@click.option("--out", "-o", "out_dir", default="model", show_default=True, type=click.Path(path_type=Path))
+def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, val_csv: Path | None, val_fraction: float, balanced: bool,
-          freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, image_size: int | None, clip_model: str | None,
-          clip_pretrained: str | None, seed: int, device: str | None, workers: int | None, out_dir: Path) -> None:
+          freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, image_size: int | None, seed: int,
+          device: str | None, workers: int | None, out_dir: Path) -> None:
     """Fine-tune a classifier on the images an audit kept, and export it.
 
     Rows a reviewer decided on follow the review column; flagged rows nobody reviewed are dropped
     unless --keep-flagged or --accept-suggestions says otherwise.
     """
-    from labelsieve.train import train_from_audit
-
     if keep_flagged and accept_suggestions:
         raise click.UsageError("Give --keep-flagged or --accept-suggestions, not both.")
-
-    rep = train_from_audit(audit_csv, images_root=images_root, backbone=backbone, out_dir=out_dir,
+    rep = _api().train_from_audit(audit_csv, images_root=images_root, backbone=backbone, out_dir=out_dir,
                            pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, val_csv=val_csv,
                            val_fraction=val_fraction, balanced=balanced, seed=seed, device=device,
-                           image_size=image_size, num_workers=workers, clip_model=clip_model,
-                           clip_pretrained=clip_pretrained, freeze_bn=freeze_bn,
+                           image_size=image_size, num_workers=workers, freeze_bn=freeze_bn,
                            drop_unreviewed_flagged=not (keep_flagged or accept_suggestions),
                            accept_suggestions=accept_suggestions)
     acc = ("no validation set" if rep.best_val_acc is None or rep.last_val_acc is None
@@ -170,18 +174,20 @@ def train(audit_csv: Path, images_root: Path, backbone: str, pretrained: str | N
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option("--root", type=click.Path(path_type=Path), help="Image root when IMAGES is a CSV (default: its folder).")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(path_type=Path))
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option("--path-column", default="path", show_default=True, help="IMAGES as a CSV: its path column.")
+@click.option("--label-column", default="label", show_default=True,
+              help="IMAGES as a CSV: a label column to score against, if present.")
 @click.option("--device")
-def predict(model_dir: Path, images: Path, root: Path | None, out_dir: Path, batch_size: int,
-            device: str | None) -> None:
+def predict(model_dir: Path, images: Path, root: Path | None, out_dir: Path, batch_size: int, path_column: str,
+            label_column: str, device: str | None) -> None:
     """Predict labels for IMAGES (a folder, or a CSV with a path column) with a trained model."""
-    from labelsieve.train import predict as run_predict
-
+    kw = {"out_dir": out_dir, "batch_size": batch_size, "device": device, "path_column": path_column,
+          "label_column": label_column}
     if images.suffix.lower() in (".csv", ".tsv", ".txt") and images.is_file():
-        path = run_predict(model_dir, root or images.parent, labels_csv=images, out_dir=out_dir,
-                           batch_size=batch_size, device=device)
+        path = _api().predict(model_dir, root or images.parent, labels_csv=images, **kw)
     else:
-        path = run_predict(model_dir, images, out_dir=out_dir, batch_size=batch_size, device=device)
+        path = _api().predict(model_dir, images, **kw)
     click.echo(f"predictions: {path}")
 
 
@@ -196,14 +202,8 @@ def predict(model_dir: Path, images: Path, root: Path | None, out_dir: Path, bat
 def noise(labels_csv: Path, root: Path | None, kind: str, rate: float, seed: int, mapping: str | None,
           out_csv: Path) -> None:
     """Write a copy of LABELS_CSV with synthetic label noise (original label kept in true_label)."""
-    from labelsieve.data import load_images
-    from labelsieve.noise import make_noisy_labels, parse_mapping, write_noisy_csv
-
-    images = load_images(root or labels_csv.parent, labels_csv)
-    new = make_noisy_labels(images, kind=kind, rate=rate, seed=seed,
-                            mapping=parse_mapping(mapping) if mapping else None)
-    write_noisy_csv(images, new, out_csv)
-    click.echo(f"{int((new != images.labels).sum())} of {len(images)} labels changed ({kind}) -> {out_csv}")
+    changed, n = _api().add_noise(labels_csv, out_csv, kind=kind, rate=rate, seed=seed, root=root, mapping=mapping)
+    click.echo(f"{changed} of {n} labels changed ({kind}) -> {out_csv}")
 
 
 @cli.command()
@@ -212,10 +212,8 @@ def noise(labels_csv: Path, root: Path | None, kind: str, rate: float, seed: int
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(audit_csv: Path, truth: Path, as_json: bool) -> None:
     """Score an audit against known true labels."""
-    from labelsieve.evaluate import evaluate_audit, format_metrics
-
-    m = evaluate_audit(audit_csv, truth)
-    click.echo(json.dumps(m, indent=2) if as_json else format_metrics(m))
+    m = _api().evaluate_audit(audit_csv, truth)
+    click.echo(json.dumps(m, indent=2) if as_json else _api().format_metrics(m))
 
 
 @cli.command()
@@ -224,7 +222,7 @@ def evaluate(audit_csv: Path, truth: Path, as_json: bool) -> None:
 @click.option("--no-progress", is_flag=True)
 def demo(out_dir: Path, method: str | None, no_progress: bool) -> None:
     """Audit the bundled EuroSAT sample offline with the bundled mini CLIP."""
-    from labelsieve.demo import run_demo
+    from labelsieve.demo import run_demo  # imports the API: see _api
 
     run_demo(out_dir, method=method, progress=not no_progress)
 

@@ -111,7 +111,3 @@ def cifar10n_labels(kind: str = "aggre_label") -> dict[str, tuple[str, str]]:
 
 def mini_clip_dir() -> Path:
     return shared_dir() / "models" / "mini-clip"
-
-
-def efficientnet_lite0_file() -> Path:
-    return shared_dir() / "models" / "tf_efficientnet_lite0.safetensors"

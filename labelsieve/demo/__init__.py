@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from labelsieve.progress import console
+from labelsieve.api import audit
+from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.core.progress import console
 
 DEMO_DIR = Path(__file__).resolve().parent
 DATA_DIR = DEMO_DIR / "data"
@@ -22,9 +24,6 @@ DEMO_METHOD = "confident_learning"
 def run_demo(out_dir: str | Path = "labelsieve-demo", *, method: str | None = None, progress: bool = True,
              cache_dir: str | Path | None = None):
     """Run the demo audit and score it against the known true labels; returns the Audit."""
-    from labelsieve.api import audit
-    from labelsieve.evaluate import evaluate_audit, format_metrics
-
     out = Path(out_dir)
     a = audit(DATA_DIR, DATA_DIR / "labels.csv", method=method or DEMO_METHOD, model=str(MODEL_DIR),
               pretrained=None, out_dir=out, classnames=DATA_DIR / "classnames.csv", progress=progress,

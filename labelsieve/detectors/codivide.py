@@ -31,10 +31,10 @@ Training (SGD lr 0.002, momentum 0.9, wd 5e-4, batch 32, cosine schedule, 10 epo
 The image side (``frozen``):
 
 * ``False`` — image-level MaPLe: the coupled vision prompts run through the ViT image tower on images
-  decoded once into a uint8 cache (:mod:`labelsieve.imagecache`); weak view = random resized crop + flip,
+  decoded once into a uint8 cache (:mod:`labelsieve.data.imagecache`); weak view = random resized crop + flip,
   strong view = the same + RandAugment. Only the prompts and coupling layers are trained ("prompts
   only"); the CLIP weights stay frozen (AVL-Prompter also fine-tunes the encoders; labelsieve does not).
-  Needs an open_clip ViT image tower; any other raises :class:`~labelsieve.errors.ModelError`.
+  Needs an open_clip ViT image tower; any other raises :class:`~labelsieve.core.errors.ModelError`.
 * ``True`` (default; CLI ``--frozen``) — text-side MaPLe prompts (``text_only``) on cached image features of
   the frozen tower: works with any tower (the mini CLIP's CNN) and is the fast path. There are no
   image views here, so labelsieve adapts FixMatch to feature space: the weak view is the cached feature
@@ -52,7 +52,6 @@ path.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,15 +61,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
-from labelsieve.errors import ModelError, check_param
+from labelsieve.core.defaults import default_num_workers
+from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.core.errors import ModelError, check_param
+from labelsieve.core.optim import cosine_schedule, make_optimizer
+from labelsieve.core.runtime import check_amp
+from labelsieve.data.imagecache import CachedImageDataset, CachedTwoViewDataset, DecodedImageCache
+from labelsieve.data.transforms import eval_transform, strong_transform, train_transform
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.selection import fit_gmm_split
+from labelsieve.detectors.common.text_side import zero_shot_check
+from labelsieve.detectors.registry import register_detector
+from labelsieve.models.peft import is_vit_tower
+from labelsieve.models.prompts import MaPLePrompts
 
 __all__ = ["CoDivideDetector", "CoDivideNet", "codivide_loss", "strong_feature_view"]
 
 PATH_IMAGES = "maple_images"
 PATH_FEATURES = "text_only_features"
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 class CoDivideNet(nn.Module):
@@ -267,7 +275,7 @@ class CoDivideDetector(Detector):
     feature_noise : float, default 0.3
         Frozen path: norm of the Gaussian noise of the feature-space strong view.
     amp : {"auto", "bf16", "fp16", "off"}, default "auto"
-        Mixed precision on CUDA (see :class:`~labelsieve.train.engine.Trainer`).
+        Mixed precision on CUDA (see :class:`~labelsieve.core.engine.Trainer`).
     num_workers : int or None, default None
         Image path: DataLoader workers (default ``min(4, cpu_count)``).
 
@@ -318,7 +326,7 @@ class CoDivideDetector(Detector):
                     _is_number(feature_dropout) and 0 <= feature_dropout < 1, "a float in [0, 1)")
         check_param(own, "feature_noise", feature_noise, _is_number(feature_noise) and feature_noise >= 0,
                     "a float >= 0")
-        check_param(own, "amp", amp, amp in AMP_CHOICES, f"one of {', '.join(AMP_CHOICES)}")
+        check_amp(own, amp)
         check_param(own, "num_workers", num_workers, num_workers is None or (is_int(num_workers) and num_workers >= 0),
                     "None or an int >= 0")
         self.frozen = frozen
@@ -351,8 +359,6 @@ class CoDivideDetector(Detector):
         ModelError
             For ``frozen=False`` on an image tower that is not an open_clip ViT.
         """
-        from labelsieve.models.peft import is_vit_tower
-
         vit = is_vit_tower(ctx.encoder.model)
         if self.frozen is True or (self.frozen == "auto" and not vit):
             return PATH_FEATURES
@@ -379,8 +385,6 @@ class CoDivideDetector(Detector):
         -------
         list of two CoDivideNet
         """
-        from labelsieve.models.prompts import MaPLePrompts
-
         nets = []
         for k in range(2):
             with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
@@ -403,8 +407,6 @@ class CoDivideDetector(Detector):
             for p, flag in zip(model.parameters(), grad_flags, strict=True):
                 p.requires_grad_(flag)
         # the classifier is prompted text: say so when the zero-shot side disagrees with most labels
-        from labelsieve.detectors.label_match import zero_shot_check
-
         result.info.update(zero_shot_check(ctx))
         return result
 
@@ -417,16 +419,7 @@ class CoDivideDetector(Detector):
             feats = torch.as_tensor(ctx.features())
             ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(n), torch.ones(n, dtype=torch.bool))
             return ds, ds, ds, 0
-        from labelsieve.imagecache import (
-            CachedImageDataset,
-            CachedTwoViewDataset,
-            DecodedImageCache,
-            eval_transform,
-            strong_transform,
-            train_transform,
-        )
-
-        workers = self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
+        workers = self.num_workers if self.num_workers is not None else default_num_workers(4)
         size = ctx.encoder.image_size
         cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress,
                                               num_workers=workers)
@@ -439,9 +432,6 @@ class CoDivideDetector(Detector):
 
     def _evaluate(self, trainer: Any, loader: Any, labels: np.ndarray, seed: int) -> dict[str, Any]:
         """Evaluation pass + GMM split: clean posterior, softmax, losses, the GMM's rule and components."""
-        from labelsieve.detectors.base import softmax
-        from labelsieve.detectors.selection import fit_gmm_split
-
         ev = trainer.evaluate(loader, targets=labels)
         ok = ev["ok"]
         posterior = np.zeros(len(labels), dtype=np.float64)
@@ -453,8 +443,6 @@ class CoDivideDetector(Detector):
                 "rule": split.rule, "means": split.means, "weights": split.weights}
 
     def _detect(self, ctx: DetectionContext, path: str) -> DetectionResult:
-        from labelsieve.train.engine import Trainer, cosine_schedule, make_loader, make_optimizer
-
         t_start = time.perf_counter()
         device = ctx.device
         n = len(ctx.labels)

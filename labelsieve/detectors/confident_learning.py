@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector, given_label_prob
-from labelsieve.detectors.linear_probe import out_of_fold_probs
-from labelsieve.errors import check_param
+from labelsieve.core.errors import check_param
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, given_label_prob
+from labelsieve.detectors.common.linear_probe import out_of_fold_probs
+from labelsieve.detectors.registry import register_detector
 
 _EPS = 1e-6
 

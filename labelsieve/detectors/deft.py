@@ -36,7 +36,6 @@ The image side (``peft``):
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
-from labelsieve.detectors.losses import dual_prompt_nll
-from labelsieve.errors import check_param
+from labelsieve.core.defaults import default_num_workers
+from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.core.errors import check_param
+from labelsieve.core.optim import cosine_schedule, make_optimizer
+from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
+from labelsieve.data.transforms import eval_transform, train_transform
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.common.losses import dual_prompt_nll
+from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
+from labelsieve.detectors.registry import register_detector
+from labelsieve.models.peft import apply_peft, resolve_peft, set_peft_train_mode
+from labelsieve.models.prompts import DualPromptLearner
 
 PEFT_CHOICES = ("auto", "none", "feature_adapter", "vpt_deep", "vpt_shallow", "lora", "adaptformer", "bitfit")
 FEATURE_PATHS = ("none", "feature_adapter")
@@ -92,8 +99,6 @@ class DeftModel(nn.Module):
         in eval mode."""
         super().train(mode)
         if isinstance(self.image_module, _Encoded):
-            from labelsieve.models.peft import set_peft_train_mode
-
             set_peft_train_mode(self.image_module.clip_model, mode)
         return self
 
@@ -250,8 +255,6 @@ class DeftDetector(Detector):
     def _resolve_peft(self, ctx: DetectionContext) -> str:
         if self.peft in FEATURE_PATHS:
             return self.peft
-        from labelsieve.models.peft import resolve_peft
-
         return resolve_peft(ctx.encoder.model, self.peft)
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
@@ -260,9 +263,6 @@ class DeftDetector(Detector):
             return self._detect(ctx)
 
     def _detect(self, ctx: DetectionContext) -> DetectionResult:
-        from labelsieve.models.prompts import DualPromptLearner
-        from labelsieve.train.engine import Trainer, cosine_schedule, make_loader, make_optimizer
-
         ctx.encoder.require_text("DEFT")
         peft = self._resolve_peft(ctx)
         device = ctx.device
@@ -284,9 +284,6 @@ class DeftDetector(Detector):
             train_ds = eval_ds = dataset
             workers = 0
         else:
-            from labelsieve.imagecache import CachedImageDataset, DecodedImageCache, eval_transform, train_transform
-            from labelsieve.models.peft import apply_peft
-
             info = apply_peft(clip_model, peft)
             peft_info = {"n_trainable": info.n_trainable, "n_total": info.n_total, "note": info.note}
             image_module = _Encoded(clip_model)
@@ -296,7 +293,7 @@ class DeftDetector(Detector):
             norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
             train_ds = CachedImageDataset(cache, labels=ctx.labels, transform=train_transform(size, **norm))
             eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
-            workers = self.num_workers if self.num_workers is not None else min(4, os.cpu_count() or 1)
+            workers = self.num_workers if self.num_workers is not None else default_num_workers(4)
         scale, text_info = self._scale(ctx)
         model = DeftModel(learner, image_module, scale).to(device)
         groups = [{"params": [p for p in learner.parameters() if p.requires_grad]}]
@@ -342,8 +339,6 @@ class DeftDetector(Detector):
 
     def _scale(self, ctx: DetectionContext) -> tuple[float, dict[str, Any]]:
         """(logit scale, :func:`~labelsieve.detectors.label_match.text_side_info` of the zero-shot classifier)."""
-        from labelsieve.detectors.label_match import SINGLE_TEMPLATE, text_side_info
-
         text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
         cos = ctx.features() @ text.T  # unscaled: the calibration fits the scale to these
         text_info = text_side_info(cos, ctx.labels)

@@ -1,6 +1,6 @@
 """``ensemble``: several detectors on the same images, one combined ``p_clean``.
 
-Every member runs on the same :class:`~labelsieve.detectors.base.DetectionContext` (so the image
+Every member runs on the same :class:`~labelsieve.detectors.common.base.DetectionContext` (so the image
 features are extracted or read once and shared) with the global RNGs re-seeded from ``ctx.seed``
 before each member, so a member's result does not depend on its position in the list.
 
@@ -39,10 +39,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
-from labelsieve.detectors import create_detector, get_detector_class, register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
-from labelsieve.errors import ParameterError, check_param
+from labelsieve.core.errors import ParameterError, check_param
+from labelsieve.core.runtime import seed_everything
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.registry import create_detector, get_detector_class, register_detector
 
 __all__ = ["DEFAULT_MEMBERS", "EnsembleDetector", "combine_logits"]
 
@@ -163,8 +165,6 @@ class EnsembleDetector(Detector):
         return any(m.needs_text for m in self._members)
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        from labelsieve.train.engine import seed_everything
-
         names = _column_names([name for name, _ in self.members])
         results: list[DetectionResult] = []
         member_info: list[dict[str, Any]] = []
@@ -211,8 +211,6 @@ class EnsembleDetector(Detector):
     @staticmethod
     def _stack(z: np.ndarray, flags: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
         """Logistic regression fitted on the unanimous rows; None (and the reason) when it cannot be."""
-        from sklearn.linear_model import LogisticRegression
-
         agree = flags.all(axis=1) | (~flags).all(axis=1)
         clean = ~flags[agree, 0]
         n_clean, n_noisy = int(clean.sum()), int((~clean).sum())

@@ -3,7 +3,7 @@
 Per-sample cross-entropy of the given label, min-max normalised, one 2-component 1-D Gaussian
 mixture (``max_iter=10, reg_covar=5e-4, tol=1e-2``, as DivideMix); ``p_clean`` is the posterior of
 the low-mean component and a sample is flagged iff ``p_clean < 0.5`` (DivideMix's ``p_threshold``).
-See :func:`~labelsieve.detectors.selection.fit_gmm_split` for the degenerate-input rules and for
+See :func:`~labelsieve.detectors.common.selection.fit_gmm_split` for the degenerate-input rules and for
 the monotone tails (on by default; ``monotone=False`` is DivideMix's raw posterior).
 
 Where the losses come from (``source``):
@@ -20,30 +20,23 @@ Where the losses come from (``source``):
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 
 import numpy as np
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector, softmax
-from labelsieve.detectors.linear_probe import fit_linear_probe
-from labelsieve.detectors.selection import fit_gmm_split, per_class_gmm_posterior
-from labelsieve.detectors.small_loss import oof_probe_losses
-from labelsieve.errors import check_param
+from labelsieve.core.errors import check_param
+from labelsieve.core.runtime import seed_everything
+from labelsieve.detectors.common import tower
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.linear_probe import fit_linear_probe, oof_probe_losses
+from labelsieve.detectors.common.selection import fit_gmm_split, per_class_gmm_posterior
+from labelsieve.detectors.common.tower import check_finetune_params, is_pos_float, is_pos_int
+from labelsieve.detectors.registry import register_detector
 
 __all__ = ["GMMDetector"]
 
 SOURCES = ("probe", "finetune")
-
-
-def _pos_int(v: object, lo: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _pos_float(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @register_detector
@@ -84,28 +77,15 @@ class GMMDetector(Detector):
                  freeze_bn: bool = True, amp: str = "auto", num_workers: int | None = None) -> None:
         own = type(self).__name__
         check_param(own, "source", source, source in SOURCES, f"one of {', '.join(map(repr, SOURCES))}")
-        check_param(own, "folds", folds, _pos_int(folds, 2), "an int >= 2")
-        check_param(own, "probe_epochs", probe_epochs, _pos_int(probe_epochs), "an int >= 1")
-        check_param(own, "finetune_epochs", finetune_epochs, _pos_int(finetune_epochs), "an int >= 1")
+        check_param(own, "folds", folds, is_pos_int(folds, 2), "an int >= 2")
+        check_param(own, "probe_epochs", probe_epochs, is_pos_int(probe_epochs), "an int >= 1")
+        check_param(own, "finetune_epochs", finetune_epochs, is_pos_int(finetune_epochs), "an int >= 1")
         check_param(own, "per_class", per_class, isinstance(per_class, bool), "True or False")
-        check_param(own, "max_iter", max_iter, _pos_int(max_iter), "an int >= 1")
-        check_param(own, "reg_covar", reg_covar, _pos_float(reg_covar), "a float > 0")
+        check_param(own, "max_iter", max_iter, is_pos_int(max_iter), "an int >= 1")
+        check_param(own, "reg_covar", reg_covar, is_pos_float(reg_covar), "a float > 0")
         check_param(own, "monotone", monotone, isinstance(monotone, bool), "True or False")
         check_param(own, "threshold", threshold, isinstance(threshold, (int, float)) and 0.0 < threshold < 1.0,
                     "a float in (0, 1)")
-        for pname, v in (("lr", lr), ("head_lr", head_lr)):
-            check_param(own, pname, v, _pos_float(v), "a float > 0")
-        check_param(own, "momentum", momentum, isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0,
-                    "a float in [0, 1)")
-        check_param(own, "weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0,
-                    "a float >= 0")
-        check_param(own, "batch_size", batch_size, _pos_int(batch_size, 2), "an int >= 2")
-        check_param(own, "image_size", image_size, image_size is None or _pos_int(image_size, 16),
-                    "None or an int >= 16")
-        check_param(own, "freeze_bn", freeze_bn, isinstance(freeze_bn, bool), "True or False")
-        check_param(own, "amp", amp, amp in ("auto", "bf16", "fp16", "off"), "one of 'auto', 'bf16', 'fp16', 'off'")
-        check_param(own, "num_workers", num_workers, num_workers is None or _pos_int(num_workers, 0),
-                    "None or an int >= 0")
         self.source = source
         self.folds = folds
         self.probe_epochs = probe_epochs
@@ -115,51 +95,36 @@ class GMMDetector(Detector):
         self.reg_covar = float(reg_covar)
         self.monotone = monotone
         self.threshold = float(threshold)
-        self.lr = float(lr)
-        self.head_lr = float(head_lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.freeze_bn = freeze_bn
-        self.amp = amp
-        self.num_workers = num_workers
+        vars(self).update(check_finetune_params(own, lr=lr, head_lr=head_lr, momentum=momentum,
+                                                weight_decay=weight_decay, batch_size=batch_size,
+                                                image_size=image_size, freeze_bn=freeze_bn, amp=amp,
+                                                num_workers=num_workers))
 
     def _finetuned_losses(self, ctx: DetectionContext, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        from labelsieve.detectors.turn import (
-            TowerClassifier,
-            evaluate_losses,
-            finetune_trainer,
-            image_tower,
-            prepare_finetune,
-        )
-        from labelsieve.train.engine import seed_everything
-
         labels = np.asarray(ctx.labels, dtype=np.int64)
         probe = fit_linear_probe(ctx.features(), labels, ctx.n_classes, loss="ce", epochs=self.probe_epochs,
                                  seed=ctx.seed, device=ctx.device)
         t = time.perf_counter()
-        setup = prepare_finetune(ctx, image_size=self.image_size, batch_size=self.batch_size,
+        setup = tower.prepare_finetune(ctx, image_size=self.image_size, batch_size=self.batch_size,
                                  num_workers=self.num_workers)
         info["image_cache"] = {"size": setup.image_size, "n_decoded": setup.cache.n_decoded,
                                "seconds": time.perf_counter() - t}
-        model = TowerClassifier.from_probe(copy.deepcopy(image_tower(ctx.encoder)), probe, freeze_bn=self.freeze_bn)
-        trainer = finetune_trainer(model, lr=self.lr, head_lr=self.head_lr, momentum=self.momentum,
-                                   weight_decay=self.weight_decay, epochs=self.finetune_epochs, device=ctx.device,
-                                   amp=self.amp, progress=ctx.progress, desc="gmm warm-up")
+        net = copy.deepcopy(tower.image_tower(ctx.encoder))
+        model = tower.TowerClassifier.from_probe(net, probe, freeze_bn=self.freeze_bn)
+        trainer = tower.finetune_trainer(model, lr=self.lr, head_lr=self.head_lr, momentum=self.momentum,
+                                         weight_decay=self.weight_decay, epochs=self.finetune_epochs, device=ctx.device,
+                                         amp=self.amp, progress=ctx.progress, desc="gmm warm-up")
         everyone = np.arange(len(labels))
         seed_everything(ctx.seed)  # the run depends on ctx.seed only, not on what ran before it
         history = trainer.fit(lambda epoch: setup.train_loader(everyone, seed=ctx.seed * 100_003 + epoch),
                               epochs=self.finetune_epochs)
-        losses, logits, n_bad = evaluate_losses(trainer, setup)
+        losses, logits, n_bad = tower.evaluate_losses(trainer, setup)
         info["history"] = [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))} for r in history]
         info["n_unreadable"] = n_bad
         del trainer, model
         return losses, softmax(logits, axis=1)
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        from labelsieve.train.engine import seed_everything
-
         seed_everything(ctx.seed)
         t0 = time.perf_counter()
         labels = np.asarray(ctx.labels, dtype=np.int64)

@@ -5,7 +5,7 @@ features (stratified K-fold, each sample scored by a probe that never saw it, ``
 Within each given class the ``keep_rate`` fraction with the smallest loss is kept as clean and the
 rest is flagged. ``keep_rate`` is ``1 - noise_rate``; the noise rate is given, or estimated as the
 mean noisy-component posterior of a 2-component GMM on the losses
-(:func:`~labelsieve.detectors.selection.fit_gmm_split`).
+(:func:`~labelsieve.detectors.common.selection.fit_gmm_split`).
 
 Why out-of-fold and short: a linear probe on unit-norm CLIP features has enough capacity to fit
 the wrong labels of the samples it trains on (C · d weights for n samples), and then their loss
@@ -27,37 +27,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector
-from labelsieve.detectors.linear_probe import out_of_fold_probs
-from labelsieve.detectors.selection import estimate_noise_rate_from_posterior, fit_gmm_split, small_loss_select
-from labelsieve.errors import check_param
+from labelsieve.core.errors import check_param
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.common.linear_probe import oof_probe_losses
+from labelsieve.detectors.common.selection import estimate_noise_rate_from_posterior, fit_gmm_split, small_loss_select
+from labelsieve.detectors.registry import register_detector
 
-__all__ = ["SmallLossDetector", "oof_probe_losses", "rank_score"]
-
-
-def oof_probe_losses(ctx: DetectionContext, *, folds: int, epochs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold linear-probe cross-entropy of the given labels and the class probabilities.
-
-    Parameters
-    ----------
-    ctx : DetectionContext
-        Its cached features, labels, seed and device are used.
-    folds : int
-        Stratified folds (reduced to the smallest class size when a class has fewer, at least 2).
-    epochs : int
-        Probe epochs per fold.
-
-    Returns
-    -------
-    losses : ndarray of shape (n,), float64, finite
-    probs : ndarray of shape (n, C), float64
-    """
-    labels = np.asarray(ctx.labels, dtype=np.int64)
-    probs = out_of_fold_probs(ctx.features(), labels, ctx.n_classes, folds=folds, seed=ctx.seed, epochs=epochs,
-                              device=ctx.device)
-    p_given = probs[np.arange(len(labels)), labels]
-    return -np.log(np.clip(p_given, 1e-12, 1.0)), probs
+__all__ = ["SmallLossDetector", "rank_score"]
 
 
 def rank_score(losses: np.ndarray, keep: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:

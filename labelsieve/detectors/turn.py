@@ -8,12 +8,12 @@ Two steps:
    while the labels are still noisy.
 2. **Full fine-tuning** for ``fft_epochs`` epochs. At the start of every epoch: per-sample
    cross-entropy of the current model on *all* samples → one 2-component GMM per given class
-   (:func:`~labelsieve.detectors.selection.fit_gmm_split`) → clean iff P(low-loss component) > ``tau``
+   (:func:`~labelsieve.detectors.common.selection.fit_gmm_split`) → clean iff P(low-loss component) > ``tau``
    (0.6) → a uniform class-balanced subsample of the clean set down to the smallest class's clean
-   count (:func:`~labelsieve.detectors.selection.class_balanced_subsample`) → one epoch of training of
+   count (:func:`~labelsieve.detectors.common.selection.class_balanced_subsample`) → one epoch of training of
    the whole image tower and the linear head (initialised from step 1) on that subsample, through
-   the shared :class:`~labelsieve.train.engine.Trainer`, on decoded images
-   (:class:`~labelsieve.imagecache.DecodedImageCache`) with random-resized-crop + flip augmentation.
+   the shared :class:`~labelsieve.core.engine.Trainer`, on decoded images
+   (:class:`~labelsieve.data.imagecache.DecodedImageCache`) with random-resized-crop + flip augmentation.
 
 Output: ``p_clean`` is the per-class GMM posterior of the final model's cross-entropy (one more
 evaluation pass after the last epoch), flagged iff ``p_clean < tau``; ``probs`` is the final model's
@@ -53,242 +53,41 @@ Choices that are labelsieve's, not the paper's (recorded in audit.json):
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from labelsieve.detectors import register_detector
-from labelsieve.detectors.base import DetectionContext, DetectionResult, Detector, softmax
-from labelsieve.detectors.linear_probe import LinearProbe, fit_linear_probe
-from labelsieve.detectors.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
-from labelsieve.errors import check_param
+from labelsieve.core.engine import Trainer
+from labelsieve.core.errors import check_param
+from labelsieve.core.io import to_jsonable
+from labelsieve.core.runtime import seed_everything
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.linear_probe import LinearProbe, fit_linear_probe
+from labelsieve.detectors.common.losses import gce_loss
+from labelsieve.detectors.common.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
+from labelsieve.detectors.common.tower import (
+    TowerClassifier,
+    ce_losses,
+    check_finetune_params,
+    evaluate_losses,
+    finetune_trainer,
+    image_tower,
+    is_pos_float,
+    is_pos_int,
+    n_params,
+    prepare_finetune,
+)
+from labelsieve.detectors.registry import register_detector
 
-if TYPE_CHECKING:  # pragma: no cover
-    from labelsieve.imagecache import DecodedImageCache
-    from labelsieve.models.encoders import Encoder
-    from labelsieve.train.engine import Trainer
-
-__all__ = [
-    "FineTuneSetup",
-    "TowerClassifier",
-    "TurnDetector",
-    "ce_losses",
-    "evaluate_losses",
-    "finetune_trainer",
-    "image_tower",
-    "per_class_split",
-    "prepare_finetune",
-]
+__all__ = ["TurnDetector"]
 
 
 # --------------------------------------------------------------------------- shared pieces
 
 
-def image_tower(encoder: Encoder) -> nn.Module:
-    """The image tower of ``encoder``: images (B, 3, H, W) -> embeddings (B, D), not normalised.
-
-    ``encoder.model.visual`` for open_clip models (what ``encode_image`` calls), the timm model itself
-    (built with ``num_classes=0``) for timm encoders.
-    """
-    return encoder.model.visual if encoder.kind == "open_clip" else encoder.model
-
-
-class TowerClassifier(nn.Module):
-    """An image tower and a linear head on its L2-normalised output: images -> logits.
-
-    Parameters
-    ----------
-    tower : nn.Module
-        Images (B, 3, H, W) -> embeddings (B, D).
-    weight : Tensor of shape (C, D)
-    bias : Tensor of shape (C,)
-        Initial head; :meth:`from_probe` sets them so that the model equals a
-        :class:`~labelsieve.detectors.linear_probe.LinearProbe` on the tower's normalised embeddings.
-    freeze_bn : bool, default=True
-        Keep every BatchNorm layer in evaluation mode during training: its running statistics are
-        used and not updated, its affine weights still train. Small fine-tuning batches otherwise
-        replace the pre-trained statistics with noisy batch ones (on the mini CLIP's EfficientNet
-        tower at batch 16 this took the accuracy from 0.65 to 0.50 in one epoch; frozen, to 0.72).
-    """
-
-    def __init__(self, tower: nn.Module, weight: torch.Tensor, bias: torch.Tensor, *,
-                 freeze_bn: bool = True) -> None:
-        super().__init__()
-        self.tower = tower
-        self.freeze_bn = freeze_bn
-        self.head = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.head.weight.copy_(weight)
-            self.head.bias.copy_(bias)
-
-    @classmethod
-    def from_probe(cls, tower: nn.Module, probe: LinearProbe, *, freeze_bn: bool = True) -> TowerClassifier:
-        """``head(z) = probe.scale * z @ W.T + b``, the probe's logits on normalised embeddings ``z``."""
-        return cls(tower, probe.scale * probe.weight.float(), probe.bias.float(), freeze_bn=freeze_bn)
-
-    def train(self, mode: bool = True) -> TowerClassifier:
-        """Set training mode, leaving BatchNorm layers in evaluation mode when ``freeze_bn``."""
-        from labelsieve.train.engine import freeze_batchnorm
-
-        super().train(mode)
-        if mode and self.freeze_bn:
-            freeze_batchnorm(self)
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.normalize(self.tower(x).float(), dim=-1))
-
-
-def ce_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-sample cross-entropy ``-log softmax(logits)[i, labels[i]]`` (float64, finite)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return lse - z[np.arange(len(labels)), np.asarray(labels)]
-
-
-def per_class_split(
-    losses: np.ndarray,
-    labels: np.ndarray,
-    n_classes: int,
-    *,
-    min_samples: int = 8,
-    seed: int = 0,
-) -> tuple[np.ndarray, dict[str, list[int]]]:
-    """TURN's per-class GMM split and the rule behind each class's posterior: exactly
-    :func:`~labelsieve.detectors.selection.per_class_gmm_posterior` with ``return_rules=True`` (a
-    class with fewer than ``min_samples`` samples takes its posterior from one GMM over all losses)."""
-    return per_class_gmm_posterior(losses, labels, n_classes, min_samples=min_samples, seed=seed,
-                                   return_rules=True)  # type: ignore[return-value]
-
-
-@dataclass
-class FineTuneSetup:
-    """Decoded images and loaders for full fine-tuning of an image tower.
-
-    Attributes
-    ----------
-    cache : DecodedImageCache
-        The images decoded once at ``image_size``.
-    labels : ndarray of shape (n,)
-    image_size : int
-    batch_size : int
-    num_workers : int
-    train_transform : callable
-        Random resized crop + horizontal flip + the model's normalisation.
-    eval_loader : DataLoader
-        Every sample once, centre crop, in order.
-    """
-
-    cache: DecodedImageCache
-    labels: np.ndarray
-    image_size: int
-    batch_size: int
-    num_workers: int
-    train_transform: Callable[[torch.Tensor], torch.Tensor]
-    eval_loader: torch.utils.data.DataLoader
-
-    def train_loader(self, index: np.ndarray, *, seed: int) -> torch.utils.data.DataLoader:
-        """A shuffled loader over the samples ``index`` (augmented), its order drawn from ``seed``.
-
-        The last batch is dropped only when it would hold a single image (BatchNorm cannot train on
-        one sample).
-        """
-        from labelsieve.imagecache import CachedImageDataset
-        from labelsieve.train.engine import make_loader
-
-        ds = CachedImageDataset(self.cache, index=index, labels=self.labels, transform=self.train_transform)
-        drop_last = len(index) > self.batch_size and len(index) % self.batch_size == 1
-        return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=seed, num_workers=self.num_workers,
-                           drop_last=drop_last)
-
-
-def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_size: int,
-                     num_workers: int | None) -> FineTuneSetup:
-    """Decode ``ctx.images`` once (or reopen the cache) and build the loaders for fine-tuning.
-
-    Parameters
-    ----------
-    ctx : DetectionContext
-    image_size : int or None
-        Training/evaluation side in pixels; None: the encoder's input size. The cache is decoded at
-        this size (shorter side resized, centre square), matching the encoder's own preprocessing.
-    batch_size : int
-    num_workers : int or None
-        DataLoader workers; None: 0 on CPU (the transforms are cheap next to the model), else
-        ``min(8, cpu_count)``.
-    """
-    from labelsieve.imagecache import CachedImageDataset, DecodedImageCache, eval_transform, train_transform
-    from labelsieve.train.engine import make_loader
-
-    enc = ctx.encoder
-    size = int(image_size or enc.image_size)
-    workers = num_workers if num_workers is not None else (0 if ctx.device.type == "cpu"
-                                                           else min(8, os.cpu_count() or 1))
-    cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress,
-                                          num_workers=workers)
-    labels = np.asarray(ctx.labels, dtype=np.int64)
-    eval_ds = CachedImageDataset(cache, labels=labels, transform=eval_transform(size, mean=enc.mean, std=enc.std))
-    eval_loader = make_loader(eval_ds, batch_size=max(128, 2 * batch_size), num_workers=workers)
-    return FineTuneSetup(cache=cache, labels=labels, image_size=size, batch_size=batch_size, num_workers=workers,
-                         train_transform=train_transform(size, mean=enc.mean, std=enc.std), eval_loader=eval_loader)
-
-
-def finetune_trainer(model: TowerClassifier, *, lr: float, head_lr: float, momentum: float, weight_decay: float,
-                     epochs: int, device: torch.device, amp: str, progress: bool, desc: str) -> Trainer:
-    """A :class:`~labelsieve.train.engine.Trainer` for full fine-tuning of ``model``.
-
-    SGD over two parameter groups (tower at ``lr``, head at ``head_lr``), cosine decay over
-    ``epochs`` stepped once per epoch (the number of steps per epoch may change between epochs).
-    Every tower parameter is made trainable (the encoder may have frozen them).
-    """
-    from labelsieve.train.engine import Trainer, cosine_schedule, make_optimizer
-
-    for p in model.parameters():
-        p.requires_grad_(True)
-    groups = [{"params": list(model.tower.parameters()), "lr": lr},
-              {"params": list(model.head.parameters()), "lr": head_lr}]
-    opt = make_optimizer(groups, name="sgd", lr=lr, weight_decay=weight_decay, momentum=momentum)
-    sched = cosine_schedule(opt, epochs=epochs, steps_per_epoch=1)
-    return Trainer(model, optimizer=opt, scheduler=sched, scheduler_interval="epoch", device=device, amp=amp,
-                   progress=progress, desc=desc)
-
-
-def evaluate_losses(trainer: Trainer, setup: FineTuneSetup) -> tuple[np.ndarray, np.ndarray, int]:
-    """One evaluation pass: (CE losses (n,), logits (n, C), number of unreadable images).
-
-    Unreadable images (never expected here: the context holds readable images only) get the
-    largest loss and uniform logits, so they are never selected as clean and never produce NaN.
-    """
-    ev = trainer.evaluate(setup.eval_loader, targets=setup.labels)
-    losses = np.asarray(ev["losses"], dtype=np.float64)
-    bad = ~np.isfinite(losses)
-    if bad.any():
-        losses[bad] = float(np.max(losses[~bad])) if (~bad).any() else 0.0
-    return losses, np.asarray(ev["logits"], dtype=np.float64), int(bad.sum())
-
-
-def _n_params(module: nn.Module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
-
-
 # --------------------------------------------------------------------------- the detector
-
-
-def _is_pos_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _is_pos_float(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 @register_detector
@@ -309,7 +108,7 @@ class TurnDetector(Detector):
     q : float, default=0.7
         GCE exponent of the probe.
     lp_lr : float, default=1e-3
-        Probe learning rate (AdamW, cosine; see :func:`~labelsieve.detectors.linear_probe.fit_linear_probe`).
+        Probe learning rate (AdamW, cosine; see :func:`~labelsieve.detectors.common.linear_probe.fit_linear_probe`).
     lr : float, default=1e-3
         SGD learning rate of the image tower.
     head_lr : float, default=1e-2
@@ -325,7 +124,7 @@ class TurnDetector(Detector):
     gmm_min_samples : int, default=8
         Smallest class fitted with its own GMM; smaller classes use one GMM over all samples.
     amp : {"auto", "bf16", "fp16", "off"}, default="auto"
-        Mixed precision on CUDA (see :class:`~labelsieve.train.engine.Trainer`).
+        Mixed precision on CUDA (see :class:`~labelsieve.core.engine.Trainer`).
     num_workers : int or None, default=None
         Image-loading workers (None: 0 on CPU, up to 8 on GPU).
     epochs : int or None, default=None
@@ -344,49 +143,32 @@ class TurnDetector(Detector):
                  amp: str = "auto", num_workers: int | None = None, epochs: int | None = None) -> None:
         own = type(self).__name__
         check_param(own, "finetune", finetune, isinstance(finetune, bool), "True or False")
-        check_param(own, "lp_epochs", lp_epochs, _is_pos_int(lp_epochs), "an int >= 1")
-        check_param(own, "epochs", epochs, epochs is None or _is_pos_int(epochs), "None or an int >= 1")
+        check_param(own, "lp_epochs", lp_epochs, is_pos_int(lp_epochs), "an int >= 1")
+        check_param(own, "epochs", epochs, epochs is None or is_pos_int(epochs), "None or an int >= 1")
         fft_epochs = epochs if epochs is not None else fft_epochs
-        check_param(own, "fft_epochs", fft_epochs, _is_pos_int(fft_epochs), "an int >= 1")
+        check_param(own, "fft_epochs", fft_epochs, is_pos_int(fft_epochs), "an int >= 1")
         check_param(own, "tau", tau, isinstance(tau, (int, float)) and 0.0 < tau < 1.0, "a float in (0, 1)")
         check_param(own, "q", q, isinstance(q, (int, float)) and 0.0 < q <= 1.0, "a float in (0, 1]")
-        for pname, v in (("lp_lr", lp_lr), ("lr", lr), ("head_lr", head_lr)):
-            check_param(own, pname, v, _is_pos_float(v), "a float > 0")
-        check_param(own, "momentum", momentum, isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0,
-                    "a float in [0, 1)")
-        check_param(own, "weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0,
-                    "a float >= 0")
-        check_param(own, "batch_size", batch_size, _is_pos_int(batch_size) and batch_size >= 2, "an int >= 2")
-        check_param(own, "image_size", image_size, image_size is None or (_is_pos_int(image_size) and image_size >= 16),
-                    "None or an int >= 16")
-        check_param(own, "freeze_bn", freeze_bn, isinstance(freeze_bn, bool), "True or False")
+        check_param(own, "lp_lr", lp_lr, is_pos_float(lp_lr), "a float > 0")
         check_param(own, "gmm_min_samples", gmm_min_samples,
-                    _is_pos_int(gmm_min_samples) and gmm_min_samples >= MIN_GMM_SAMPLES, f"an int >= {MIN_GMM_SAMPLES}")
-        check_param(own, "amp", amp, amp in ("auto", "bf16", "fp16", "off"), "one of 'auto', 'bf16', 'fp16', 'off'")
-        check_param(own, "num_workers", num_workers, num_workers is None or (isinstance(num_workers, int)
-                                                                             and num_workers >= 0),
-                    "None or an int >= 0")
+                    is_pos_int(gmm_min_samples) and gmm_min_samples >= MIN_GMM_SAMPLES, f"an int >= {MIN_GMM_SAMPLES}")
         self.finetune = finetune
         self.lp_epochs = lp_epochs
         self.fft_epochs = fft_epochs
         self.tau = float(tau)
         self.q = float(q)
         self.lp_lr = float(lp_lr)
-        self.lr = float(lr)
-        self.head_lr = float(head_lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.freeze_bn = freeze_bn
         self.gmm_min_samples = gmm_min_samples
-        self.amp = amp
-        self.num_workers = num_workers
+        vars(self).update(check_finetune_params(own, lr=lr, head_lr=head_lr, momentum=momentum,
+                                                weight_decay=weight_decay, batch_size=batch_size,
+                                                image_size=image_size, freeze_bn=freeze_bn, amp=amp,
+                                                num_workers=num_workers))
 
     # ------------------------------------------------------------------------------------------
     def _split(self, losses: np.ndarray, labels: np.ndarray, n_classes: int,
                seed: int) -> tuple[np.ndarray, dict[str, list[int]]]:
-        return per_class_split(losses, labels, n_classes, min_samples=self.gmm_min_samples, seed=seed)
+        return per_class_gmm_posterior(losses, labels, n_classes, min_samples=self.gmm_min_samples, seed=seed,
+                                       return_rules=True)  # type: ignore[return-value]
 
     def _select(self, losses: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
@@ -424,8 +206,6 @@ class TurnDetector(Detector):
                 f"cross-entropy of {model}; flagged if p_clean < tau = {self.tau} (TURN's clean-selection rule).")
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        from labelsieve.train.engine import seed_everything
-
         t_start = time.perf_counter()
         seed_everything(ctx.seed)
         labels = np.asarray(ctx.labels, dtype=np.int64)
@@ -450,8 +230,6 @@ class TurnDetector(Detector):
 
     def _finetune(self, ctx: DetectionContext, probe: LinearProbe, first_losses: np.ndarray,
                   info: dict[str, Any], t_start: float) -> DetectionResult:
-        from labelsieve.train.engine import seed_everything
-
         labels = np.asarray(ctx.labels, dtype=np.int64)
         C = ctx.n_classes
         t = time.perf_counter()
@@ -465,7 +243,7 @@ class TurnDetector(Detector):
                                    weight_decay=self.weight_decay, epochs=self.fft_epochs, device=ctx.device,
                                    amp=self.amp, progress=ctx.progress, desc="turn")
         info["model"] = {"tower": "open_clip visual" if ctx.encoder.kind == "open_clip" else "timm",
-                         "n_trainable": _n_params(model), "amp": str(trainer.amp_dtype or "float32"),
+                         "n_trainable": n_params(model), "amp": str(trainer.amp_dtype or "float32"),
                          "freeze_bn": self.freeze_bn,
                          "optimizer": {"name": "sgd", "lr_tower": self.lr, "lr_head": self.head_lr,
                                        "momentum": self.momentum, "weight_decay": self.weight_decay,
@@ -504,7 +282,7 @@ class TurnDetector(Detector):
         n_unreadable = max(n_unreadable, n_bad)
         eval_seconds = time.perf_counter() - t_eval
         post, rules = self._split(losses, labels, C, ctx.seed)
-        info["history"] = [{k: _jsonable(v) for k, v in r.items()} for r in history]
+        info["history"] = [{k: to_jsonable(v) for k, v in r.items()} for r in history]
         info["final"] = {**self._summary(post, rules, labels, C), "eval_seconds": eval_seconds,
                          "n_unreadable": n_unreadable}
         info["fft_seconds"] = time.perf_counter() - t
@@ -516,18 +294,4 @@ class TurnDetector(Detector):
 
 
 def _gce(logits: torch.Tensor, targets: torch.Tensor, q: float) -> torch.Tensor:
-    from labelsieve.detectors.losses import gce_loss
-
     return gce_loss(logits, targets, q=q, reduction="none")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v

@@ -1,49 +1,28 @@
-"""Image (and text) encoders built by name: open_clip vision-language models and timm backbones.
+"""Image (and text) encoders for audits: an open_clip vision-language model or a timm backbone.
 
-``create_encoder(model, pretrained=...)`` is the one way in:
-
-* a local open_clip model folder (``open_clip_config.json`` + weights), e.g. ``../shared/models/mini-clip``;
-* an open_clip architecture name (``ViT-B-16``) with a ``pretrained`` tag (``openai``, downloaded by
-  open_clip as usual) or a local weight file;
-* ``hf-hub:org/repo`` for open_clip hub models;
-* a timm model name (optionally ``timm:NAME``) with an optional local weight file — image features
-  only, so text-based detectors refuse it.
+``create_encoder(model, pretrained=...)`` is the one way in; names and ``pretrained`` mean what
+:mod:`labelsieve.models.loader` says (a local open_clip folder such as ``../shared/models/mini-clip``,
+``ViT-B-16`` with its default ``openai`` weights or a local weight file, ``hf-hub:org/repo``, or a timm
+model — image features only, so text-based detectors refuse it).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
+import timm
 import torch
 
-from labelsieve.errors import ModelError
-from labelsieve.runtime import resolve_device
-
-DEFAULT_MODEL = "ViT-B-16"
-DEFAULT_PRETRAINED = "openai"
-
-
-def file_identity(path: str | os.PathLike[str]) -> str:
-    """A cheap, content-sensitive identity of a (possibly large) weight file: size + hash of its first
-    and last MiB."""
-    p = Path(path)
-    st = p.stat()
-    h = hashlib.blake2b(digest_size=12)
-    h.update(str(st.st_size).encode())
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 20))
-        if st.st_size > (2 << 20):
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read(1 << 20))
-    return h.hexdigest()
+from labelsieve.core.defaults import DEFAULT_MODEL
+from labelsieve.core.errors import ModelError
+from labelsieve.core.runtime import resolve_device
+from labelsieve.models.loader import ModelSpec, create_timm, load_open_clip, parse_model, weights_identity
 
 
 @dataclass
@@ -71,6 +50,8 @@ class Encoder:
     identity : dict
         What determines the embeddings (architecture, weights identity, preprocessing); its hash is
         the feature-cache key.
+    spec : ModelSpec
+        The parsed name it was loaded from.
     """
 
     kind: str
@@ -85,6 +66,7 @@ class Encoder:
     embed_dim: int
     device: torch.device
     identity: dict[str, Any] = field(default_factory=dict)
+    spec: ModelSpec | None = None
 
     @property
     def has_text(self) -> bool:
@@ -105,7 +87,8 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         """What audit.json records about the model."""
         return {"kind": self.kind, "name": self.name, "pretrained": self.pretrained,
-                "embed_dim": self.embed_dim, "image_size": self.image_size, "cache_key": self.key}
+                "embed_dim": self.embed_dim, "image_size": self.image_size, "cache_key": self.key,
+                "spec": self.spec.to_dict() if self.spec is not None else None}
 
     def require_text(self, who: str) -> None:
         if not self.has_text:
@@ -146,130 +129,44 @@ class Encoder:
         return torch.stack(rows).cpu().numpy().astype(np.float32)
 
 
-def _transform_signature(preprocess: Any) -> str:
-    return repr(preprocess)
-
-
-def _is_local_open_clip_dir(p: Path) -> bool:
-    return p.is_dir() and (p / "open_clip_config.json").is_file()
-
-
-def _load_open_clip(name: str, pretrained: str | None, device: torch.device) -> Encoder:
-    import open_clip
-
-    local = Path(name).expanduser()
-    identity: dict[str, Any] = {"kind": "open_clip"}
-    if _is_local_open_clip_dir(local):
-        local = local.resolve()
-        spec = "local-dir:" + str(local)
-        weights = sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-        identity.update(arch=(local / "open_clip_config.json").read_text(),
-                        weights=[file_identity(w) for w in weights])
-        kwargs: dict[str, Any] = {}
-        if pretrained:
-            raise ModelError(f"--pretrained cannot be combined with the model folder {local}: the folder "
-                             "holds its own weights.")
-    else:
-        spec = name
-        kwargs = {}
-        if pretrained:
-            pp = Path(pretrained).expanduser()
-            if pp.is_file():
-                kwargs["pretrained"] = str(pp.resolve())
-                identity["weights"] = file_identity(pp)
-            elif pp.suffix in (".safetensors", ".bin", ".pt", ".pth") or os.sep in pretrained:
-                raise ModelError(f"Weight file not found: {pretrained}. Give an existing file, or a pretrained "
-                                 f"tag such as 'openai' (see open_clip.list_pretrained()).")
-            else:
-                kwargs["pretrained"] = pretrained
-                identity["weights"] = pretrained
-        identity["arch"] = name
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec, device=device, **kwargs)
-        tokenizer = open_clip.get_tokenizer(spec)
-    except Exception as exc:
-        hint = ""
-        if any(w in str(exc).lower() for w in ("download", "connect", "offline", "hub")):
-            hint = (" The weights could not be fetched (offline?). Download them once where the network "
-                    "is reachable and pass the file with --pretrained PATH, or use a local open_clip model "
-                    "folder with --model DIR.")
-        raise ModelError(f"Cannot load open_clip model {name!r} (pretrained={pretrained!r}): {exc}.{hint}") from exc
-    model.eval()
+def _open_clip_encoder(spec: ModelSpec, device: torch.device) -> Encoder:
+    model, preprocess, tokenizer = load_open_clip(spec, device)
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = tuple(cfg.get("mean", getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
     size = getattr(model.visual, "image_size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    embed_dim = int(model.text_projection.shape[-1] if hasattr(model, "text_projection")
-                    and model.text_projection is not None and hasattr(model.text_projection, "shape")
+    proj = getattr(model, "text_projection", None)
+    embed_dim = int(proj.shape[-1] if proj is not None and hasattr(proj, "shape")
                     else model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
-    identity["preprocess"] = _transform_signature(preprocess)
-    return Encoder(kind="open_clip", name=name, pretrained=pretrained, model=model, preprocess=preprocess,
-                   tokenizer=tokenizer, mean=mean, std=std, image_size=size, embed_dim=embed_dim,
-                   device=device, identity=identity)
+    folder = spec.local_dir
+    identity = {"kind": "open_clip", "weights": weights_identity(spec), "preprocess": repr(preprocess),
+                "arch": (folder / "open_clip_config.json").read_text() if folder is not None else spec.arch}
+    return Encoder(kind="open_clip", name=spec.name, pretrained=spec.tag or spec.file, model=model,
+                   preprocess=preprocess, tokenizer=tokenizer, mean=mean, std=std, image_size=size,
+                   embed_dim=embed_dim, device=device, identity=identity, spec=spec)
 
 
-def _load_timm(name: str, pretrained: str | None, device: torch.device) -> Encoder:
-    import timm
-
-    identity: dict[str, Any] = {"kind": "timm", "arch": name}
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if pretrained and pretrained.lower() != "none":
-        pp = Path(pretrained).expanduser()
-        if pp.is_file():
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pp.resolve())})
-            identity["weights"] = file_identity(pp)
-        else:
-            if pp.suffix in (".safetensors", ".bin", ".pt", ".pth") or os.sep in pretrained:
-                raise ModelError(f"Weight file not found: {pretrained}. Give an existing weight file for {name}.")
-            name = f"{name}.{pretrained}" if "." not in name else name
-            kwargs["pretrained"] = True
-            identity["weights"] = pretrained
-    elif pretrained is None:
-        kwargs["pretrained"] = True
-        identity["weights"] = "timm-default"
-    try:
-        model = timm.create_model(name, **kwargs)
-    except Exception as exc:
-        raise ModelError(f"Cannot load timm model {name!r}: {exc}. Pass a local weight file with "
-                         "--pretrained PATH when offline.") from exc
+def _timm_encoder(spec: ModelSpec, device: torch.device) -> Encoder:
+    model = create_timm(spec, num_classes=0)
     model.eval().to(device)
     cfg = timm.data.resolve_model_data_config(model)
     preprocess = timm.data.create_transform(**cfg, is_training=False)
-    identity["preprocess"] = _transform_signature(preprocess)
-    size = cfg["input_size"][-1]
-    return Encoder(kind="timm", name=name, pretrained=pretrained, model=model, preprocess=preprocess,
-                   tokenizer=None, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), image_size=int(size),
-                   embed_dim=int(model.num_features), device=device, identity=identity)
+    identity = {"kind": "timm", "arch": spec.timm_name, "weights": weights_identity(spec),
+                "preprocess": repr(preprocess)}
+    return Encoder(kind="timm", name=spec.timm_name, pretrained=spec.tag or spec.file, model=model,
+                   preprocess=preprocess, tokenizer=None, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                   image_size=int(cfg["input_size"][-1]), embed_dim=int(model.num_features), device=device,
+                   identity=identity, spec=spec)
 
 
 def create_encoder(
-    model: str = DEFAULT_MODEL,
+    model: str | ModelSpec = DEFAULT_MODEL,
     *,
-    pretrained: str | None = DEFAULT_PRETRAINED,
+    pretrained: str | None = None,
     device: str | torch.device | None = None,
 ) -> Encoder:
-    """Load an encoder by name or path (see the module docstring)."""
+    """Load an encoder by name or path (see :mod:`labelsieve.models.loader` for names and ``pretrained``)."""
     dev = resolve_device(device)
-    p = Path(model).expanduser()
-    if p.exists():
-        if _is_local_open_clip_dir(p):
-            return _load_open_clip(str(p), None if pretrained == DEFAULT_PRETRAINED else pretrained, dev)
-        raise ModelError(f"{p} is not an open_clip model folder (no open_clip_config.json). Give a model name "
-                         "with --model and the weight file with --pretrained PATH.")
-    if model.startswith("timm:"):
-        return _load_timm(model[5:], None if pretrained == DEFAULT_PRETRAINED else pretrained, dev)
-    if model.startswith(("hf-hub:", "local-dir:")):
-        return _load_open_clip(model, pretrained, dev)
-    import open_clip
-
-    clip_names = open_clip.list_models()
-    if model in clip_names:
-        return _load_open_clip(model, pretrained, dev)
-    import timm
-
-    if timm.is_model(model) or timm.is_model(model.split(".")[0]):
-        return _load_timm(model, None if pretrained == DEFAULT_PRETRAINED else pretrained, dev)
-    close = difflib.get_close_matches(model, clip_names + timm.list_models(), n=5, cutoff=0.6)
-    raise ModelError(f"Unknown model {model!r}: not a local model folder, an open_clip architecture or a timm "
-                     f"model.{' Did you mean: ' + ', '.join(close) + '?' if close else ''}")
+    spec = model if isinstance(model, ModelSpec) else parse_model(model, pretrained)
+    return _open_clip_encoder(spec, dev) if spec.family == "open_clip" else _timm_encoder(spec, dev)

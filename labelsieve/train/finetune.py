@@ -1,14 +1,14 @@
 """Fine-tune a classifier on the images an audit kept (``labelsieve train``), and export it.
 
 :func:`train_from_audit` reads a reviewed ``audit.csv``, keeps the rows the review rule keeps
-(:func:`labelsieve.review.kept_rows`: non-flagged rows and reviewed decisions; ``drop``, unreadable
+(:func:`labelsieve.audit.review.kept_rows`: non-flagged rows and reviewed decisions; ``drop``, unreadable
 and — by default — flagged rows nobody reviewed removed), and calls :func:`train_on_labels`, which
 benchmarks also use directly to train on all noisy labels or on the true labels for comparison.
 
 Training follows DEFT's adaptation phase: full fine-tuning of the whole backbone with a new linear
-head, the backbone's optimiser settings (:data:`labelsieve.models.backbones.TRAIN_DEFAULTS`), a
+head, the backbone's optimiser settings (:data:`labelsieve.models.classifiers.TRAIN_DEFAULTS`), a
 cosine schedule, random resized crop + horizontal flip, cross-entropy. Images are decoded once into
-a :class:`~labelsieve.imagecache.DecodedImageCache` at ``floor(image_size / crop_pct)`` pixels;
+a :class:`~labelsieve.data.imagecache.DecodedImageCache` at ``floor(image_size / crop_pct)`` pixels;
 training crops come from it, evaluation is its centre ``image_size`` crop (timm's evaluation
 transform). A stratified ``val_fraction`` of the kept rows (or a separate ``val_csv``) is held out;
 the export holds the weights of the epoch with the best validation accuracy (the last epoch when
@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +35,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from labelsieve import __version__
+from labelsieve.audit.review import kept_rows
+from labelsieve.audit.schema import read_audit
+from labelsieve.core.defaults import default_num_workers
+from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.core.errors import DataError, ModelError, check_param
+from labelsieve.core.optim import cosine_schedule, make_optimizer
+from labelsieve.core.progress import console
+from labelsieve.core.runtime import seed_everything
 from labelsieve.data import LabeledImages, default_classname, load_images
-from labelsieve.errors import DataError, check_param
-from labelsieve.imagecache import CachedImageDataset, DecodedImageCache, eval_transform, train_transform
-from labelsieve.progress import console
-from labelsieve.train.engine import Trainer, cosine_schedule, make_loader, make_optimizer, seed_everything
+from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
+from labelsieve.data.transforms import eval_transform, train_transform
+from labelsieve.models.classifiers import DataConfig, create_classifier, train_defaults
+from labelsieve.models.loader import ModelSpec, parse_model
+from labelsieve.train.export import MODEL_FORMAT, MODEL_FORMAT_VERSION, export_classifier
 
-__all__ = ["MODEL_FORMAT", "TrainReport", "export_classifier", "stratified_split", "train_from_audit",
-           "train_on_labels"]
+__all__ = ["TrainReport", "resolve_backbone", "stratified_split", "train_from_audit", "train_on_labels"]
 
-MODEL_FORMAT = "labelsieve-classifier"
-MODEL_FORMAT_VERSION = 1
 _MAX_LISTED = 5
 
 
@@ -67,7 +73,7 @@ class TrainReport:
     out_dir : Path or None
         Where the model was exported (None when not exported).
     history : list of dict
-        Per-epoch records of :meth:`labelsieve.train.engine.Trainer.fit`.
+        Per-epoch records of :meth:`labelsieve.core.engine.Trainer.fit`.
     best_epoch : int or None
         0-based epoch of ``best_val_acc``.
     exported : str
@@ -139,65 +145,136 @@ def _config_key(cfg: dict[str, Any], paths: list[str], labels: np.ndarray) -> st
     return h.hexdigest()
 
 
-def export_classifier(model: torch.nn.Module, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` (each by atomic replace).
-
-    Parameters
-    ----------
-    model : nn.Module
-    out_dir : path
-    meta : dict
-        JSON-serialisable description (see :func:`train_on_labels` for the fields).
-
-    Returns
-    -------
-    Path
-        The folder.
-    """
-    from safetensors.torch import save_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp_w = out / f"model.safetensors.{tag}.tmp"
-    tmp_j = out / f"model.json.{tag}.tmp"
-    try:
-        cpu_model = model.to("cpu")
-        save_model(cpu_model, str(tmp_w), metadata={"format": MODEL_FORMAT})
-        tmp_j.write_text(json.dumps(meta, indent=2, default=_json_default), encoding="utf-8")
-        os.replace(tmp_w, out / "model.safetensors")
-        os.replace(tmp_j, out / "model.json")
-    finally:
-        for t in (tmp_w, tmp_j):
-            if t.exists():
-                t.unlink()
-    return out
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def _clip_config(clip_model: str | None) -> dict[str, Any] | None:
+def _clip_config(spec: ModelSpec) -> dict[str, Any] | None:
     """The ``open_clip_config.json`` of a local CLIP folder (kept in model.json so predict can rebuild it)."""
-    if not clip_model:
-        return None
-    f = Path(clip_model).expanduser() / "open_clip_config.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    folder = spec.local_dir
+    f = folder / "open_clip_config.json" if folder is not None else None
+    return json.loads(f.read_text()) if f is not None and f.is_file() else None
+
+
+def resolve_backbone(backbone: str | ModelSpec, pretrained: str | None = None, *,
+                     audit_model: dict[str, Any] | None = None) -> ModelSpec:
+    """The backbone to train: a parsed model name, or for ``"clip"`` the CLIP model the audit used.
+
+    Raises
+    ------
+    ModelError
+        For ``"clip"`` without an audit that names its CLIP model, or an unknown name.
+    """
+    if isinstance(backbone, ModelSpec):
+        return backbone
+    if str(backbone).strip().lower() == "clip":
+        spec = (audit_model or {}).get("spec")
+        if not spec or spec.get("family") != "open_clip":
+            raise ModelError("Backbone 'clip' means the CLIP model of the audit, and this audit does not name one "
+                             "(audit.json missing, or the audit used an image-only model). Name the CLIP model "
+                             "instead: --backbone ViT-B-16, or --backbone PATH for a local open_clip folder.")
+        return ModelSpec(**spec) if pretrained is None else parse_model(spec["name"], pretrained)
+    return parse_model(backbone, pretrained)
+
+
+def _training_config(spec: ModelSpec, *, optimizer: str | None, lr: float | None, weight_decay: float | None,
+                     batch_size: int | None, epochs: int | None, warmup_epochs: float, balanced: bool,
+                     freeze_bn: bool, crop_scale: tuple[float, float], seed: int) -> dict[str, Any]:
+    """The resolved optimiser settings: the backbone's defaults (:func:`train_defaults`), overridden."""
+    defaults = train_defaults(spec)
+    return {
+        "optimizer": (optimizer or defaults["optimizer"]).lower(),
+        "lr": float(lr if lr is not None else defaults["lr"]),
+        "weight_decay": float(weight_decay if weight_decay is not None else defaults["weight_decay"]),
+        "momentum": float(defaults["momentum"]),
+        "batch_size": int(batch_size or defaults["batch_size"]),
+        "epochs": int(epochs or defaults["epochs"]),
+        "warmup_epochs": warmup_epochs,
+        "schedule": "cosine (per step)",
+        "defaults_source": defaults["source"],
+        "balanced": bool(balanced),
+        "freeze_bn": bool(freeze_bn),
+        "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
+        "seed": seed,
+    }
+
+
+@dataclass
+class _Data:
+    """Decoded images and loaders of one training run."""
+
+    files: list[str]
+    labels: np.ndarray
+    n_train: int
+    n_val: int
+    loader_for: Any
+    eval_loader: Any
+    rows_test: np.ndarray
+
+
+def _prepare_data(parts: list[LabeledImages | None], data: DataConfig, cfg: dict[str, Any], *, seed: int,
+                  n_classes: int, workers: int, cache_dir: Any, progress: bool) -> _Data:
+    """Decode train, validation and test images once at ``data.resize_size`` and build their loaders."""
+    train_set, val_set, test_set = parts
+    assert train_set is not None
+    present = [p for p in parts if p is not None]
+    files = [str(p.abspath(i)) for p in present for i in range(len(p))]
+    labels = np.concatenate([p.labels for p in present]).astype(np.int64)
+    cache = DecodedImageCache.open(files, size=data.resize_size, mode="crop", cache_dir=cache_dir,
+                                   num_workers=workers, progress=progress)
+    n_tr, n_val = len(train_set), len(val_set) if val_set is not None else 0
+    rows_tr = np.arange(n_tr)
+    kw = {"mean": data.mean, "std": data.std, "interpolation": data.interpolation}
+    crop = (cfg["crop_scale"][0], cfg["crop_scale"][1])
+    train_ds = CachedImageDataset(cache, rows_tr, labels, train_transform(data.image_size, scale=crop, **kw))
+    ev_tf = eval_transform(data.image_size, **kw)
+    bs = cfg["batch_size"]
+    tr_labels = labels[rows_tr]
+    counts = np.bincount(tr_labels, minlength=n_classes)
+
+    def eval_loader(rows: np.ndarray) -> torch.utils.data.DataLoader:
+        return make_loader(CachedImageDataset(cache, rows, labels, ev_tf), batch_size=bs, num_workers=workers)
+
+    def loader_for(epoch: int) -> torch.utils.data.DataLoader:
+        epoch_seed = seed * 100_003 + epoch
+        sampler = None
+        if cfg["balanced"]:
+            g = torch.Generator()
+            g.manual_seed(epoch_seed)
+            w = torch.as_tensor(1.0 / counts[tr_labels], dtype=torch.double)
+            sampler = torch.utils.data.WeightedRandomSampler(w, num_samples=n_tr, replacement=True, generator=g)
+        # A last batch of one image would break BatchNorm in train mode: drop only that one.
+        return make_loader(train_ds, batch_size=bs, shuffle=True, seed=epoch_seed, num_workers=workers,
+                           sampler=sampler, drop_last=n_tr > 1 and n_tr % bs == 1)
+
+    return _Data(files=files, labels=labels, n_train=n_tr, n_val=n_val, loader_for=loader_for,
+                 eval_loader=eval_loader, rows_test=np.arange(n_tr + n_val, len(files)))
+
+
+def _check_train_args(images: LabeledImages, val_images: LabeledImages | None, *, epochs: int | None,
+                      batch_size: int | None, lr: float | None, val_fraction: float, seed: int,
+                      num_workers: int | None, crop_scale: tuple[float, float]) -> None:
+    owner = "train_on_labels"
+    check_param(owner, "images", type(images).__name__, isinstance(images, LabeledImages), "a LabeledImages")
+    check_param(owner, "epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs >= 1),
+                "None or an int >= 1")
+    check_param(owner, "batch_size", batch_size,
+                batch_size is None or (isinstance(batch_size, int) and batch_size >= 1), "None or an int >= 1")
+    check_param(owner, "lr", lr, lr is None or (isinstance(lr, (int, float)) and lr > 0), "None or a float > 0")
+    check_param(owner, "val_fraction", val_fraction,
+                isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1, "a float in [0, 1)")
+    check_param(owner, "seed", seed, isinstance(seed, int) and seed >= 0, "a non-negative int")
+    check_param(owner, "num_workers", num_workers, num_workers is None or (isinstance(num_workers, int)
+                                                                          and num_workers >= 0), "None or an int >= 0")
+    check_param(owner, "crop_scale", crop_scale, isinstance(crop_scale, (tuple, list)) and len(crop_scale) == 2
+                and 0 < crop_scale[0] <= crop_scale[1] <= 1, "a pair 0 < min <= max <= 1")
+    if len(images) == 0:
+        raise DataError(f"{images.source}: no images to train on. Keep at least one row per class.")
+    if val_images is not None and list(val_images.classes) != list(images.classes):
+        raise DataError(f"{val_images.source}: the validation set's class list differs from the training set's. "
+                        "Load it with classes=<training classes>.")
 
 
 def train_on_labels(
     images: LabeledImages,
     *,
-    backbone: str,
+    backbone: str | ModelSpec,
     out_dir: str | os.PathLike[str] | None = None,
     pretrained: str | None = None,
     epochs: int | None = None,
@@ -219,8 +296,6 @@ def train_on_labels(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    clip_model: str | None = None,
-    clip_pretrained: str | None = None,
     clip_zero_shot_head: bool = True,
     resume: bool = True,
     source: str | None = None,
@@ -231,16 +306,17 @@ def train_on_labels(
     ----------
     images : LabeledImages
         Training images and labels; ``images.classes`` is the classifier's class list.
-    backbone : str
-        timm model name or alias, or ``"clip"`` (see :func:`labelsieve.models.backbones.create_classifier`).
+    backbone : str or ModelSpec
+        Any model name :func:`labelsieve.models.loader.parse_model` understands (a timm name or alias,
+        an open_clip model or local folder for its image tower), or a parsed spec.
     out_dir : path, optional
         Export folder (``model.safetensors``, ``model.json``) and checkpoint location; None trains
         without exporting or checkpointing.
     pretrained : str, optional
-        Weights for a timm backbone: a weight file, a timm tag, ``"none"`` (random init); ``None``
-        means timm's default pretrained weights (downloaded; offline, pass a file).
+        The backbone's weights (:mod:`labelsieve.models.loader`): ``None`` its default weights
+        (downloaded; offline, pass a file), a file, a tag, or ``"none"`` for random initialisation.
     epochs, batch_size, lr, weight_decay, optimizer : optional
-        Override the backbone's defaults (:func:`labelsieve.models.backbones.train_defaults`).
+        Override the backbone's defaults (:func:`labelsieve.models.classifiers.train_defaults`).
     warmup_epochs : float
         Linear warm-up before the cosine decay.
     val_images : LabeledImages, optional
@@ -255,13 +331,13 @@ def train_on_labels(
         with replacement, one epoch = as many draws as training images).
     freeze_bn : bool
         Keep BatchNorm running statistics at their pretrained values while training (see
-        :class:`~labelsieve.train.engine.Trainer`); no effect on backbones without BatchNorm.
+        :class:`~labelsieve.core.engine.Trainer`); no effect on backbones without BatchNorm.
     seed : int
         Seeds the split, the initialisation of the head, the batch order and the augmentations.
     device : str or torch.device, optional
         ``None``: CUDA if available.
     amp : {"auto", "bf16", "fp16", "off"}
-        Mixed precision on CUDA (see :class:`~labelsieve.train.engine.Trainer`).
+        Mixed precision on CUDA (see :class:`~labelsieve.core.engine.Trainer`).
     image_size : int, optional
         Training/evaluation size (default: the backbone's).
     crop_scale : tuple of float
@@ -272,10 +348,8 @@ def train_on_labels(
         Where the decoded-image cache lives (default :func:`labelsieve.features.default_cache_dir`).
     progress : bool
         Progress bars and per-epoch log lines.
-    clip_model, clip_pretrained : str, optional
-        For ``backbone="clip"``: the CLIP model and its weights.
     clip_zero_shot_head : bool
-        For ``backbone="clip"``: initialise the head from the class names' text embeddings.
+        CLIP towers: initialise the head from the class names' text embeddings.
     resume : bool
         Resume from ``out_dir/checkpoint.pt`` when it holds a run with the same settings and data.
     source : str, optional
@@ -285,169 +359,56 @@ def train_on_labels(
     -------
     TrainReport
     """
-    from labelsieve import __version__
-    from labelsieve.models.backbones import create_classifier, resolve_backbone, train_defaults
-
-    owner = "train_on_labels"
-    check_param(owner, "images", type(images).__name__, isinstance(images, LabeledImages), "a LabeledImages")
-    check_param(owner, "epochs", epochs, epochs is None or (isinstance(epochs, int) and epochs >= 1),
-                "None or an int >= 1")
-    check_param(owner, "batch_size", batch_size,
-                batch_size is None or (isinstance(batch_size, int) and batch_size >= 1), "None or an int >= 1")
-    check_param(owner, "lr", lr, lr is None or (isinstance(lr, (int, float)) and lr > 0), "None or a float > 0")
-    check_param(owner, "val_fraction", val_fraction,
-                isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1, "a float in [0, 1)")
-    check_param(owner, "seed", seed, isinstance(seed, int) and seed >= 0, "a non-negative int")
-    check_param(owner, "num_workers", num_workers, num_workers is None or (isinstance(num_workers, int)
-                                                                          and num_workers >= 0), "None or an int >= 0")
-    check_param(owner, "crop_scale", crop_scale, isinstance(crop_scale, (tuple, list)) and len(crop_scale) == 2
-                and 0 < crop_scale[0] <= crop_scale[1] <= 1, "a pair 0 < min <= max <= 1")
-    if len(images) == 0:
-        raise DataError(f"{images.source}: no images to train on. Keep at least one row per class.")
-    if val_images is not None and list(val_images.classes) != list(images.classes):
-        raise DataError(f"{val_images.source}: the validation set's class list differs from the training set's. "
-                        "Load it with classes=<training classes>.")
+    _check_train_args(images, val_images, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                      seed=seed, num_workers=num_workers, crop_scale=crop_scale)
     t0 = time.perf_counter()
     seed_everything(seed)
-    full_name = resolve_backbone(backbone)
-    defaults = train_defaults(backbone)
-    cfg = {
-        "optimizer": (optimizer or defaults["optimizer"]).lower(),
-        "lr": float(lr if lr is not None else defaults["lr"]),
-        "weight_decay": float(weight_decay if weight_decay is not None else defaults["weight_decay"]),
-        "momentum": float(defaults["momentum"]),
-        "batch_size": int(batch_size or defaults["batch_size"]),
-        "epochs": int(epochs or defaults["epochs"]),
-        "warmup_epochs": warmup_epochs,
-        "schedule": "cosine (per step)",
-        "defaults_source": defaults["source"],
-        "balanced": bool(balanced),
-        "freeze_bn": bool(freeze_bn),
-        "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
-        "seed": seed,
-    }
-    pre_arg: str | None = None
-    if full_name == "clip":
-        weights = clip_pretrained or "(encoder default)"
-    else:
-        pre_arg = "default" if pretrained is None else str(pretrained)
-        weights = pre_arg
-        if Path(pre_arg).expanduser().is_file():
-            weights = str(Path(pre_arg).expanduser().resolve())
-
-    # -- split --------------------------------------------------------------------------------------
+    spec = resolve_backbone(backbone, pretrained)
+    cfg = _training_config(spec, optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                           epochs=epochs, warmup_epochs=warmup_epochs, balanced=balanced, freeze_bn=freeze_bn,
+                           crop_scale=crop_scale, seed=seed)
+    weights = spec.file or spec.tag or spec.weights
     if val_images is None:
         tr_idx, va_idx = stratified_split(images.labels, float(val_fraction), seed=seed)
-        train_set = images.subset(tr_idx)
-        val_set = images.subset(va_idx) if len(va_idx) else None
+        train_set, val_set = images.subset(tr_idx), (images.subset(va_idx) if len(va_idx) else None)
     else:
         train_set, val_set = images, val_images
-    n_val = len(val_set) if val_set is not None else 0
-
-    # -- model --------------------------------------------------------------------------------------
-    model, data = create_classifier(
-        full_name, num_classes=images.n_classes, pretrained=pre_arg, clip_model=clip_model,
-        clip_pretrained=clip_pretrained, classnames=images.classnames if clip_zero_shot_head else None,
-        image_size=image_size)
-    cfg["image_size"] = data.image_size
-    cfg["resize_size"] = data.resize_size
-
-    # -- decoded images, once ---------------------------------------------------------------------------
-    parts = [p for p in (train_set, val_set, test_images) if p is not None]
-    files = [str(p.abspath(i)) for p in parts for i in range(len(p))]
-    all_labels = np.concatenate([p.labels for p in parts]).astype(np.int64)
-    workers = num_workers if num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-    cache = DecodedImageCache.open(files, size=data.resize_size, mode="crop", cache_dir=cache_dir,
-                                   num_workers=workers, progress=progress)
-    n_tr = len(train_set)
-    rows_tr = np.arange(n_tr)
-    rows_va = np.arange(n_tr, n_tr + n_val)
-    rows_te = np.arange(n_tr + n_val, len(files))
-    kw = {"mean": data.mean, "std": data.std, "interpolation": data.interpolation}
-    train_ds = CachedImageDataset(cache, rows_tr, all_labels,
-                                  train_transform(data.image_size, scale=tuple(crop_scale), **kw))  # type: ignore[arg-type]
-    ev_tf = eval_transform(data.image_size, **kw)
-    bs = cfg["batch_size"]
-
-    def eval_loader(rows: np.ndarray) -> torch.utils.data.DataLoader:
-        return make_loader(CachedImageDataset(cache, rows, all_labels, ev_tf), batch_size=bs, num_workers=workers)
-
-    val_loader = eval_loader(rows_va) if n_val else None
-    tr_labels = all_labels[rows_tr]
-    counts = np.bincount(tr_labels, minlength=images.n_classes)
-
-    def loader_for(epoch: int) -> torch.utils.data.DataLoader:
-        epoch_seed = seed * 100_003 + epoch
-        sampler = None
-        if balanced:
-            g = torch.Generator()
-            g.manual_seed(epoch_seed)
-            w = torch.as_tensor(1.0 / counts[tr_labels], dtype=torch.double)
-            sampler = torch.utils.data.WeightedRandomSampler(w, num_samples=n_tr, replacement=True, generator=g)
-        # A last batch of one image would break BatchNorm in train mode: drop only that one.
-        return make_loader(train_ds, batch_size=bs, shuffle=True, seed=epoch_seed, num_workers=workers,
-                           sampler=sampler, drop_last=n_tr > 1 and n_tr % bs == 1)
-
-    steps = len(loader_for(0))
+    model, data = create_classifier(spec, num_classes=images.n_classes,
+                                    classnames=images.classnames if clip_zero_shot_head else None,
+                                    image_size=image_size)
+    cfg.update(image_size=data.image_size, resize_size=data.resize_size)
+    workers = num_workers if num_workers is not None else default_num_workers(reserve=1)
+    d = _prepare_data([train_set, val_set, test_images], data, cfg, seed=seed, n_classes=images.n_classes,
+                      workers=workers, cache_dir=cache_dir, progress=progress)
     opt = make_optimizer(model, name=cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                          momentum=cfg["momentum"])
-    sched = cosine_schedule(opt, epochs=cfg["epochs"], steps_per_epoch=steps, warmup_epochs=warmup_epochs)
+    sched = cosine_schedule(opt, epochs=cfg["epochs"], steps_per_epoch=len(d.loader_for(0)),
+                            warmup_epochs=warmup_epochs)
     trainer = Trainer(model, optimizer=opt, scheduler=sched, device=device, amp=amp, progress=progress,
-                      desc=f"train {backbone}", freeze_bn=bool(freeze_bn))
+                      desc=f"train {spec.name}", freeze_bn=bool(freeze_bn))
     cfg["device"] = str(trainer.device)
     cfg["amp"] = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
-
     ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
-    key = _config_key({**cfg, "backbone": full_name, "weights": weights, "clip_model": clip_model,
-                       "classes": images.classes}, files, all_labels)
+    key = _config_key({**cfg, "backbone": spec.to_dict(), "classes": images.classes}, d.files, d.labels)
     if ckpt is not None and not resume and ckpt.exists():
         ckpt.unlink()
-    history = trainer.fit(loader_for, epochs=cfg["epochs"], val_loader=val_loader, checkpoint_path=ckpt,
-                          checkpoint_key=key)
+    history = trainer.fit(d.loader_for, epochs=cfg["epochs"],
+                          val_loader=d.eval_loader(np.arange(d.n_train, d.n_train + d.n_val)) if d.n_val else None,
+                          checkpoint_path=ckpt, checkpoint_key=key)
     last_val = history[-1].get("val_acc") if history else None
     exported = "best" if trainer.restore_best() else "last"
-    test_acc = None
-    if test_images is not None and len(rows_te):
-        test_acc = trainer.evaluate(eval_loader(rows_te))["acc"]
+    test_acc = trainer.evaluate(d.eval_loader(d.rows_test))["acc"] if len(d.rows_test) else None
     ips = float(np.mean([h["images_per_s"] for h in history])) if history else 0.0
     seconds = time.perf_counter() - t0
-    report = TrainReport(best_val_acc=trainer.best_val_acc, last_val_acc=last_val, epochs=cfg["epochs"], n_train=n_tr,
-                         n_val=n_val, seconds=seconds, out_dir=Path(out_dir) if out_dir is not None else None,
-                         history=history, best_epoch=trainer.best_epoch, exported=exported, test_acc=test_acc,
-                         images_per_s=ips, config=cfg)
+    report = TrainReport(best_val_acc=trainer.best_val_acc, last_val_acc=last_val, epochs=cfg["epochs"],
+                         n_train=d.n_train, n_val=d.n_val, seconds=seconds,
+                         out_dir=Path(out_dir) if out_dir is not None else None, history=history,
+                         best_epoch=trainer.best_epoch, exported=exported, test_acc=test_acc, images_per_s=ips,
+                         config=cfg)
     if out_dir is not None:
-        meta = {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "labelsieve_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "backbone": backbone,
-            "architecture": full_name,
-            "pretrained": weights,
-            "clip_model": str(Path(clip_model).expanduser().resolve()) if clip_model
-            and Path(clip_model).expanduser().exists() else clip_model,
-            "clip_pretrained": clip_pretrained,
-            "clip_config": _clip_config(clip_model) if full_name == "clip" else None,
-            "num_classes": images.n_classes,
-            "classes": list(images.classes),
-            "classnames": list(images.classnames),
-            "preprocessing": {**data.to_dict(), "resize_mode": "shorter side + centre crop"},
-            "training": {
-                **cfg,
-                "n_train": n_tr,
-                "n_val": n_val,
-                "best_val_acc": report.best_val_acc,
-                "last_val_acc": report.last_val_acc,
-                "best_epoch": report.best_epoch,
-                "exported_weights": exported,
-                "test_acc": test_acc,
-                "seconds": round(seconds, 3),
-                "images_per_s": round(ips, 2),
-                "labels_source": source or images.source,
-                "val_source": val_images.source if val_images is not None else f"stratified {val_fraction:g} split",
-                "history": history,
-            },
-        }
+        meta = _model_meta(spec, weights, images, data, cfg, report, source=source,
+                           val_source=val_images.source if val_images is not None
+                           else f"stratified {val_fraction:g} split")
         export_classifier(trainer.model, out_dir, meta)
         if ckpt is not None and ckpt.exists():
             ckpt.unlink()
@@ -457,11 +418,45 @@ def train_on_labels(
     return report
 
 
+def _model_meta(spec: ModelSpec, weights: str, images: LabeledImages, data: DataConfig, cfg: dict[str, Any],
+                report: TrainReport, *, source: str | None, val_source: str) -> dict[str, Any]:
+    """What model.json records about an export."""
+    return {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "labelsieve_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone": spec.name,
+        "spec": spec.to_dict(),
+        "pretrained": weights,
+        "clip_config": _clip_config(spec) if spec.family == "open_clip" else None,
+        "num_classes": images.n_classes,
+        "classes": list(images.classes),
+        "classnames": list(images.classnames),
+        "preprocessing": {**data.to_dict(), "resize_mode": "shorter side + centre crop"},
+        "training": {
+            **cfg,
+            "n_train": report.n_train,
+            "n_val": report.n_val,
+            "best_val_acc": report.best_val_acc,
+            "last_val_acc": report.last_val_acc,
+            "best_epoch": report.best_epoch,
+            "exported_weights": report.exported,
+            "test_acc": report.test_acc,
+            "seconds": round(report.seconds, 3),
+            "images_per_s": round(report.images_per_s, 2),
+            "labels_source": source or images.source,
+            "val_source": val_source,
+            "history": report.history,
+        },
+    }
+
+
 def train_from_audit(
     audit_csv: str | os.PathLike[str],
     *,
-    images_root: str | os.PathLike[str],
-    backbone: str,
+    images_root: str | os.PathLike[str] | None = None,
+    backbone: str | ModelSpec,
     out_dir: str | os.PathLike[str],
     pretrained: str | None = None,
     epochs: int | None = None,
@@ -476,8 +471,6 @@ def train_from_audit(
     image_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = True,
-    clip_model: str | None = None,
-    clip_pretrained: str | None = None,
     drop_unreviewed_flagged: bool = True,
     accept_suggestions: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -494,14 +487,16 @@ def train_from_audit(
     ----------
     audit_csv : path
         ``audit.csv`` from ``labelsieve audit``, possibly with a filled ``review`` column.
-    images_root : path
-        The folder the audit's paths are relative to.
-    backbone : str
-        timm model name or alias, or ``"clip"``.
+    images_root : path, optional
+        The folder the audit's paths are relative to; default the image root recorded in the
+        ``audit.json`` beside ``audit_csv``.
+    backbone : str or ModelSpec
+        Any model name (see :func:`train_on_labels`); ``"clip"`` is the CLIP model the audit used
+        (from ``audit.json``).
     out_dir : path
         Export folder (``model.safetensors``, ``model.json``).
     pretrained : str, optional
-        timm weights: a file, a tag, ``"none"``; ``None`` = timm's default (downloaded).
+        The backbone's weights (see :func:`train_on_labels`).
     epochs, batch_size, lr : optional
         Override the backbone's defaults.
     val_csv : path, optional
@@ -517,10 +512,8 @@ def train_from_audit(
     image_size : int, optional
     num_workers : int, optional
     progress : bool
-    clip_model, clip_pretrained : str, optional
-        For ``backbone="clip"``.
     drop_unreviewed_flagged, accept_suggestions : bool
-        What to do with flagged rows nobody reviewed (see :func:`labelsieve.review.kept_rows`). By
+        What to do with flagged rows nobody reviewed (see :func:`labelsieve.audit.review.kept_rows`). By
         default they are dropped: training uses the rows the audit kept, which is the detector's
         decision wherever no reviewer overrode it. ``drop_unreviewed_flagged=False`` keeps them
         with their given label; ``accept_suggestions=True`` (with it False) relabels them to the
@@ -547,14 +540,11 @@ def train_from_audit(
         Unreadable audit, unknown review values, no rows kept, or image files missing under
         ``images_root``.
     """
-    from labelsieve.review import kept_rows, read_audit
-
     audit_path = Path(audit_csv)
-    root = Path(images_root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"Image folder not found: {root}. Give the folder the paths in {audit_path} are relative to.")
-    root = root.resolve()
     table = read_audit(audit_path)
+    record = audit_record(audit_path)
+    root = audit_image_root(audit_path, images_root, record)
+    spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
     kept = kept_rows(table, drop_unreviewed_flagged=drop_unreviewed_flagged,
                      accept_suggestions=accept_suggestions, source=str(audit_path))
     if len(kept) == 0:
@@ -577,10 +567,48 @@ def train_from_audit(
     val_images = None
     if val_csv is not None:
         val_images = load_images(root, val_csv, classes=class_list, allow_single_class=True)
-    return train_on_labels(images, backbone=backbone, out_dir=out_dir, pretrained=pretrained, epochs=epochs,
+    return train_on_labels(images, backbone=spec, out_dir=out_dir, epochs=epochs,
                            batch_size=batch_size, lr=lr, val_images=val_images, val_fraction=val_fraction,
                            balanced=balanced, freeze_bn=freeze_bn, seed=seed, device=device, amp=amp,
                            image_size=image_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress,
-                           clip_model=clip_model, clip_pretrained=clip_pretrained, source=str(audit_path.resolve()),
+                           source=str(audit_path.resolve()),
                            weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
                            crop_scale=crop_scale, resume=resume)
+
+
+def audit_record(audit_csv: Path) -> dict[str, Any]:
+    """The ``audit.json`` written beside ``audit_csv`` by the same audit ({} when there is none)."""
+    f = audit_csv.with_name("audit.json")
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{f}: cannot read the audit's record ({exc}). Restore it from the audit's output folder, "
+                        "or pass --images.") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def audit_image_root(audit_csv: Path, images_root: str | os.PathLike[str] | None, record: dict[str, Any]) -> Path:
+    """The folder an audit's paths are relative to: ``images_root`` when given, else the audit's recorded root.
+
+    Raises
+    ------
+    DataError
+        When neither is usable, with what to do.
+    """
+    if images_root is not None:
+        root = Path(images_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"Image folder not found: {root}. Give the folder the paths in {audit_csv} are relative "
+                            "to.")
+        return root.resolve()
+    recorded = (record.get("input") or {}).get("root")
+    if not recorded:
+        raise DataError(f"{audit_csv}: no audit.json beside it records the image folder. Pass --images with the "
+                        "folder the audit's paths are relative to.")
+    root = Path(recorded)
+    if not root.is_dir():
+        raise DataError(f"{audit_csv}: the audit was made on images in {root}, which no longer exists (moved or "
+                        "unmounted?). Pass --images with the folder's new location.")
+    return root

@@ -1,89 +1,37 @@
-"""Load an exported classifier and label new images with it (``labelsieve predict``).
+"""Label new images with an exported classifier (``labelsieve predict``).
 
-:func:`load_classifier` rebuilds the architecture named in ``model.json`` with random weights (no
-download) and loads ``model.safetensors``. :func:`predict` runs it over a folder (every image file,
-recursively) or a CSV of paths, with exactly the preprocessing used for validation during training
-(shorter side to ``resize_size``, bicubic, centre crop ``image_size``, normalise), and writes
-``predictions.csv``.
+:func:`predict` loads the model (:func:`labelsieve.train.export.load_classifier`) and runs it over a
+folder (every image file, recursively) or a CSV of paths, with exactly the preprocessing used for
+validation during training (shorter side to ``resize_size``, bicubic, centre crop ``image_size``,
+normalise), and writes ``predictions.csv``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage, _sniff_delimiter
-from labelsieve.errors import DataError, ModelError, check_param
-from labelsieve.imagecache import decode_resized, eval_transform
-from labelsieve.progress import console
-from labelsieve.train.engine import Trainer, make_loader, resolve_device
+from labelsieve.core.defaults import default_num_workers
+from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.core.errors import DataError, check_param
+from labelsieve.core.io import atomic_open, sniff_delimiter
+from labelsieve.core.progress import console
+from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage
+from labelsieve.data.imagecache import decode_resized
+from labelsieve.data.transforms import eval_transform
+from labelsieve.train.export import load_classifier
 
-__all__ = ["load_classifier", "predict"]
+__all__ = ["predict"]
 
 _MAX_LISTED = 5
-
-
-def load_classifier(model_dir: str | os.PathLike[str], *,
-                    device: str | torch.device | None = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild an exported classifier.
-
-    Parameters
-    ----------
-    model_dir : path
-        Folder with ``model.json`` and ``model.safetensors`` (as written by ``labelsieve train``).
-    device : str or torch.device, optional
-        Where to put the model (default CPU; ``None``: CUDA if available).
-
-    Returns
-    -------
-    model : nn.Module
-        In eval mode.
-    meta : dict
-        The contents of ``model.json``.
-
-    Raises
-    ------
-    ModelError
-        If the folder is not an exported classifier, or the weights do not fit the architecture.
-    """
-    from safetensors.torch import load_model
-
-    from labelsieve.models.backbones import create_classifier
-
-    d = Path(model_dir).expanduser()
-    meta_path, weights = d / "model.json", d / "model.safetensors"
-    if not meta_path.is_file() or not weights.is_file():
-        raise ModelError(f"{d} is not an exported labelsieve model (it needs model.json and model.safetensors). "
-                         "Give the folder written by 'labelsieve train -o DIR'.")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        arch, n_classes = meta["architecture"], int(meta["num_classes"])
-        size = int(meta["preprocessing"]["image_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{meta_path}: not a labelsieve model description ({exc}). Re-export the model with "
-                         "'labelsieve train'.") from exc
-    model, _ = create_classifier(arch, num_classes=n_classes, pretrained="none", clip_model=meta.get("clip_model"),
-                                 clip_pretrained="none", image_size=size, clip_config=meta.get("clip_config"))
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
-    except Exception as exc:
-        raise ModelError(f"{weights}: cannot load the weights into {arch} ({exc}). The file may be damaged; "
-                         "re-export the model.") from exc
-    if missing or unexpected:
-        raise ModelError(f"{weights}: the weights do not fit {arch} (missing {sorted(missing)[:_MAX_LISTED]}, "
-                         f"unexpected {sorted(unexpected)[:_MAX_LISTED]}). Check that model.json and "
-                         "model.safetensors come from the same export.")
-    model.eval()
-    return model.to(resolve_device(device)), meta
 
 
 class _PredictDataset(torch.utils.data.Dataset):
@@ -123,7 +71,7 @@ def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tupl
     text = csv_path.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise DataError(f"{csv_path}: the CSV is empty. It needs a header row with a '{path_column}' column.")
-    reader = csv.reader(io.StringIO(text), delimiter=_sniff_delimiter(text[:8192]))
+    reader = csv.reader(io.StringIO(text), delimiter=sniff_delimiter(text[:8192]))
     header = [h.strip() for h in next(reader)]
     if path_column not in header:
         raise DataError(f"{csv_path}: no column {path_column!r} in the header {header}. Name the path column with "
@@ -197,8 +145,6 @@ def predict(
     ModelError
         If the model cannot be loaded.
     """
-    import pandas as pd
-
     check_param("predict", "batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an int >= 1")
     root = Path(images_root).expanduser()
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
@@ -228,7 +174,7 @@ def predict(
     tf = eval_transform(size, mean=pre["mean"], std=pre["std"], interpolation=pre.get("interpolation", "bicubic"))
     files = [root / p for p in paths]
     ds = _PredictDataset(files, np.full(len(files), -1, dtype=np.int64), resize_size=resize, transform=tf)
-    workers = num_workers if num_workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+    workers = num_workers if num_workers is not None else default_num_workers(reserve=1)
     loader = make_loader(ds, batch_size=batch_size, num_workers=workers)
     trainer = Trainer(model, device=device, progress=progress, desc="classifier")
     logits, ok = trainer.predict(loader)
@@ -251,16 +197,9 @@ def predict(
         table["label"] = given
         table["correct"] = [("" if not k else str(g == p)) for g, p, k in
                             zip(given, table["predicted_label"], ok, strict=True)]
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "predictions.csv"
-    tmp = out / f"predictions.csv.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    target = Path(out_dir).expanduser() / "predictions.csv"
+    with atomic_open(target) as f:
+        table.to_csv(f, index=False, lineterminator="\n")
     if progress:
         n_bad = int((~ok).sum())
         console.print(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "") + ")")

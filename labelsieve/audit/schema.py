@@ -1,0 +1,138 @@
+"""The audit table's format: its columns, and the one reader of an ``audit.csv`` (as labelsieve wrote it,
+or as a spreadsheet saved it back) that ``apply``, ``train --clean`` and ``evaluate`` all use."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from labelsieve.core.errors import DataError
+from labelsieve.core.io import sniff_delimiter
+
+__all__ = ["COLUMNS", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "flagged_mask", "line_word", "read_audit"]
+
+#: The audit's columns, in order (DESIGN.md §1); detectors may add their own after them.
+COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label", "suggested_prob", "issue", "rank",
+           "review"]
+#: Columns the review rule needs, and those it reads when present.
+REVIEW_REQUIRED = ("path", "given_label", "is_noisy")
+REVIEW_OPTIONAL = ("suggested_label", "issue", "review", "index", "row")
+_TRUE = frozenset({"true", "1", "yes", "y", "t", "1.0"})
+_FALSE = frozenset({"false", "0", "no", "n", "f", "0.0", ""})
+_TRUE_SPELLINGS = [True, *_TRUE, *(v.upper() for v in _TRUE), *(v.title() for v in _TRUE)]
+_FALSE_SPELLINGS = [False, *_FALSE, *(v.upper() for v in _FALSE), *(v.title() for v in _FALSE)]
+_MAX_LISTED = 5
+
+
+def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = REVIEW_REQUIRED,
+               optional: Sequence[str] = REVIEW_OPTIONAL) -> pd.DataFrame:
+    """Read an audit CSV, as written by labelsieve and possibly edited in a spreadsheet.
+
+    Parameters
+    ----------
+    audit_csv : path
+        The audit file. UTF-8 with or without BOM; ``,``, ``;`` or tab separated.
+    required, optional : sequence of str
+        Columns that must be present, and columns read when present (default: what the review rule
+        uses, :data:`REVIEW_REQUIRED` and :data:`REVIEW_OPTIONAL`).
+
+    Returns
+    -------
+    DataFrame
+        The ``required`` columns and those of ``optional`` that are present, all as strings with empty
+        cells as ``""`` (so labels such as ``NA`` stay text). The index is the 1-based CSV line
+        number of each row (header = line 1), named ``line``; blank lines are skipped.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, not UTF-8, empty, or lacks a required column.
+    """
+    p = Path(audit_csv)
+    if not p.is_file():
+        raise DataError(f"Audit file not found: {p}. Give the audit.csv written by 'labelsieve audit'.")
+    try:
+        with open(p, encoding="utf-8-sig") as f:
+            sample = f.read(8192)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not UTF-8 text ({exc}). Save the reviewed audit as UTF-8 CSV "
+                        "and try again.") from exc
+    if not sample.strip():
+        raise DataError(f"{p}: the file is empty. Give the audit.csv written by 'labelsieve audit'.")
+    wanted = set(required) | set(optional)
+    try:
+        df = pd.read_csv(
+            p,
+            sep=sniff_delimiter(sample),
+            encoding="utf-8-sig",
+            dtype=str,
+            keep_default_na=False,
+            skip_blank_lines=False,
+            usecols=lambda c: str(c).strip() in wanted,
+        )
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise DataError(f"{p}: cannot parse the CSV ({exc}). Check the quoting and delimiters.") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{p}: no column {', '.join(repr(m) for m in missing)}. An audit needs the columns "
+                        f"{', '.join(required)} (as written by 'labelsieve audit'); check the header row.")
+    df = df.fillna("")
+    df.index = pd.RangeIndex(2, len(df) + 2, name="line")
+    blank = np.ones(len(df), dtype=bool)
+    for c in df.columns:
+        blank &= (df[c].to_numpy(dtype=object) == "")
+    if blank.any():
+        df = df.loc[~blank]
+    return df
+
+
+def flagged_mask(table: pd.DataFrame, *, where: str = "audit table") -> np.ndarray:
+    """The ``is_noisy`` column as a boolean array, whatever a spreadsheet made of it.
+
+    Parameters
+    ----------
+    table : DataFrame
+        Audit table with an ``is_noisy`` column (bool, 0/1, or text such as ``True``/``FALSE``/``1``;
+        an empty cell reads as False).
+    where : str, default "audit table"
+        Name of the source, for error messages.
+
+    Returns
+    -------
+    ndarray of shape (n,), bool
+
+    Raises
+    ------
+    DataError
+        If a value is not recognisable as true or false.
+    """
+    col = table["is_noisy"]
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return col.fillna(False).to_numpy(dtype=bool)
+    if pd.api.types.is_numeric_dtype(col.dtype):
+        return col.fillna(0).to_numpy() != 0
+    values = col.to_numpy(dtype=object, na_value="")
+    # Fast path: exact spellings are matched by hashing; only the rest is trimmed and lower-cased.
+    is_true = pd.Series(values, dtype=object).isin(_TRUE_SPELLINGS).to_numpy(copy=True)
+    is_false = pd.Series(values, dtype=object).isin(_FALSE_SPELLINGS).to_numpy(copy=True)
+    rest = np.flatnonzero(~(is_true | is_false))
+    if len(rest):
+        norm = [str(v).strip().lower() for v in values[rest]]
+        is_true[rest] = [v in _TRUE for v in norm]
+        is_false[rest] = [v in _FALSE for v in norm]
+    bad = ~(is_true | is_false)
+    if bad.any():
+        pos = np.flatnonzero(bad)[:_MAX_LISTED]
+        shown = "; ".join(f"{line_word(table)} {table.index[i]}: {col.iloc[i]!r}" for i in pos)
+        raise DataError(f"{where}: {int(bad.sum())} row(s) have an 'is_noisy' value that is neither true nor "
+                        f"false ({shown}). Write True or False.")
+    return is_true
+
+
+def line_word(table: pd.DataFrame) -> str:
+    return "line" if table.index.name == "line" else "row"

@@ -1,0 +1,3 @@
+"""The bottom layer: errors, defaults, run environment, file I/O, progress and the training engine.
+
+Nothing here imports another labelsieve layer."""

@@ -1,0 +1,44 @@
+"""Defaults in one place: what labelsieve does when a user does not say.
+
+The CLI, the Python API and the modules below them read these names; none of them writes a default
+of its own. docs/architecture.md explains how each was chosen (the detector and its settings by
+measurement, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: The model an audit loads without ``--model``: CLIP ViT-B/16 through open_clip.
+DEFAULT_MODEL = "ViT-B-16"
+#: open_clip weight tags used when a known architecture is given without ``--pretrained``; other
+#: architectures take the first tag open_clip lists for them.
+DEFAULT_PRETRAINED_TAGS = {"ViT-B-16": "openai", "ViT-B-32": "openai", "ViT-L-14": "openai", "RN50": "openai"}
+
+#: What ``labelsieve audit`` runs without ``--method``: the detector the benchmark measured best
+#: (docs/benchmarks.md): the ensemble of co-divide, TURN's probe and kNN, stacked.
+DEFAULT_METHOD = "ensemble"
+
+#: Flagged rows whose best class has a lower probability are marked ``outlier`` (no class fits).
+DEFAULT_OUTLIER_PROB = 0.4
+
+#: Feature-extraction batch size.
+DEFAULT_BATCH_SIZE = 64
+
+#: The classifier ``labelsieve train`` fine-tunes without ``--backbone``.
+DEFAULT_BACKBONE = "convnext_tiny"
+
+#: Mixed-precision choices of every trainer (see :func:`labelsieve.core.runtime.autocast_dtype`).
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+
+def default_cache_dir() -> Path:
+    """Feature store and other caches: ``$LABELSIEVE_CACHE`` or ``~/.cache/labelsieve``."""
+    env = os.environ.get("LABELSIEVE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "labelsieve"
+
+
+def default_num_workers(cap: int = 8, *, reserve: int = 0) -> int:
+    """Worker processes for image decoding: the machine's cores less ``reserve``, at most ``cap``."""
+    return min(cap, max(0, (os.cpu_count() or 1) - reserve))

@@ -1,0 +1,147 @@
+"""File I/O every layer shares: atomic writes, the one JSON sanitiser, CSV delimiter sniffing.
+
+Every file labelsieve writes — audit.csv/json/html, labels.clean.csv, feature chunks, checkpoints,
+exported models — goes through :func:`atomic_path` (or :func:`atomic_open` built on it): the content
+goes to a temporary file in the destination folder, which replaces the destination only once it is
+complete and flushed to disk, so an interrupted or failing write never leaves a partial file behind
+and never damages the file it was replacing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = ["atomic_open", "atomic_path", "atomic_save_npy", "atomic_write_text", "sniff_delimiter", "to_jsonable",
+           "write_json"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path that replaces ``path`` when the block completes.
+
+    Parameters
+    ----------
+    path : path
+        Destination file. Its folder is created if missing; an existing file is replaced.
+
+    Yields
+    ------
+    Path
+        ``.<name>.<random>.tmp`` in the destination folder, for writers that need a file name
+        (``np.lib.format.open_memmap``, ``safetensors``). The caller writes it completely; it is
+        fsynced and renamed over ``path`` when the block exits without an exception, and removed
+        (``path`` left as it was) when the block raises.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        yield tmp
+        if tmp.exists():
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "w", *, encoding: str = "utf-8", newline: str | None = ""
+) -> Iterator[IO[Any]]:
+    """Open a file for writing that appears at ``path`` only if the block completes.
+
+    Parameters
+    ----------
+    path : path
+        Destination file (see :func:`atomic_path`).
+    mode : {"w", "wb"}, default "w"
+        Text or binary.
+    encoding : str, default "utf-8"
+        Text encoding (text mode only).
+    newline : str or None, default ""
+        Passed to :func:`open` in text mode (``""`` writes line endings untranslated, as the
+        :mod:`csv` module wants).
+
+    Yields
+    ------
+    file object
+        A handle on the temporary file; it is closed, fsynced and renamed over ``path`` when the
+        block exits normally.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes new files: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp:
+        # os.open with mode 0o666 honours the umask (tempfile.mkstemp would make the result owner-only).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if mode == "wb":
+            with os.fdopen(fd, "wb") as fb:
+                yield fb
+        else:
+            with os.fdopen(fd, "w", encoding=encoding, newline=newline) as ft:
+                yield ft
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_open(path, newline=None) as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """``np.save`` to ``path`` atomically; returns the path."""
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
+    return Path(path)
+
+
+def to_jsonable(o: Any) -> Any:
+    """``o`` with numpy scalars and arrays, paths and tuples turned into JSON types; NaN and ±inf
+    become ``None`` so the output is valid JSON (the one sanitiser every JSON writer uses)."""
+    if isinstance(o, dict):
+        return {str(k): to_jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return to_jsonable(o.tolist())
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        f = float(o)
+        return None if math.isnan(f) or math.isinf(f) else f
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    return o
+
+
+def write_json(data: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` as indented UTF-8 JSON atomically (through :func:`to_jsonable`); returns the path."""
+    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def sniff_delimiter(sample: str) -> str:
+    """The delimiter of a CSV sample: ``,``, ``;`` or tab (spreadsheets in many locales write ``;``)."""
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=",;\t").delimiter
+    except csv.Error:
+        first = sample.splitlines()[0] if sample else ""
+        counts = {d: first.count(d) for d in (",", ";", "\t")}
+        return max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","

@@ -1,0 +1,218 @@
+"""Reading a labelled image collection: an ImageFolder tree or a root plus a labels CSV.
+
+Everything a user can get wrong is checked up front by :func:`load_images`, which raises one
+:class:`~labelsieve.core.errors.DataError` naming the file or row and saying what to do. Images that
+exist but cannot be decoded are *not* errors: they are found while features are extracted and
+reported in the audit as ``issue=unreadable``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from labelsieve.core.errors import DataError
+from labelsieve.core.io import sniff_delimiter
+from labelsieve.data.decode import IMAGE_EXTENSIONS
+from labelsieve.data.images import LabeledImages
+
+_MAX_LISTED = 5
+
+
+def read_labels_csv(
+    csv_path: str | os.PathLike[str], *, path_column: str = "path", label_column: str = "label"
+) -> tuple[list[str], list[str], list[int]]:
+    """Read ``path,label`` rows from a CSV (``,``/``;``/tab, UTF-8 with or without BOM).
+
+    Returns paths, raw labels and the 1-based line number of each row.
+    """
+    p = Path(csv_path)
+    if not p.is_file():
+        raise DataError(f"Labels file not found: {p}. Give the path to a CSV with columns "
+                        f"'{path_column}' and '{label_column}'.")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not UTF-8 text ({exc}). Save the CSV as UTF-8 and try again.") from exc
+    if not text.strip():
+        raise DataError(f"{p}: the CSV is empty. It needs a header row '{path_column},{label_column}' "
+                        "and one row per image.")
+    delimiter = sniff_delimiter(text[:8192])
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in (path_column, label_column) if c not in header]
+    if missing:
+        raise DataError(
+            f"{p}: no column {', '.join(repr(m) for m in missing)} in the header {header}. "
+            "Name the columns with --path-column/--label-column."
+        )
+    ip, il = header.index(path_column), header.index(label_column)
+    paths: list[str] = []
+    labels: list[str] = []
+    lines: list[int] = []
+    blanks: list[int] = []
+    for line_no, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il):
+            raise DataError(f"{p}, line {line_no}: expected {len(header)} fields, got {len(row)} "
+                            f"({row!r}). Check the delimiter and quoting of that row.")
+        path, label = row[ip].strip(), row[il].strip()
+        if not path:
+            raise DataError(f"{p}, line {line_no}: the '{path_column}' field is empty. "
+                            "Give the image path or delete the row.")
+        if not label:
+            blanks.append(line_no)
+            continue
+        paths.append(path)
+        labels.append(label)
+        lines.append(line_no)
+    if blanks:
+        shown = ", ".join(map(str, blanks[:_MAX_LISTED])) + (" …" if len(blanks) > _MAX_LISTED else "")
+        raise DataError(f"{p}: {len(blanks)} row(s) have an empty '{label_column}' (line {shown}). "
+                        "Fill in the label or delete those rows.")
+    if not paths:
+        raise DataError(f"{p}: the CSV has a header but no rows. Add one row per image.")
+    return paths, labels, lines
+
+
+def read_image_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """Read an ImageFolder tree ``root/<class>/<image>``; returns paths, labels and all class folders."""
+    class_dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders. Either give a labels CSV after the image folder, "
+                        "or arrange images as ROOT/<class>/<image>.")
+    paths: list[str] = []
+    labels: list[str] = []
+    for c in class_dirs:
+        for dirpath, dirnames, filenames in os.walk(root / c):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in sorted(filenames):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
+                    paths.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+                    labels.append(c)
+    return paths, labels, class_dirs
+
+
+def read_classnames(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a ``label,text`` CSV (or ``label<TAB>text``) mapping raw labels to the text a model reads."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"Class-names file not found: {p}. Give a CSV with rows 'label,text'.")
+    text = p.read_text(encoding="utf-8-sig")
+    reader = csv.reader(io.StringIO(text), delimiter=sniff_delimiter(text[:4096]))
+    out: dict[str, str] = {}
+    for line_no, row in enumerate(reader, start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) < 2 or not row[1].strip():
+            raise DataError(f"{p}, line {line_no}: expected 'label,text', got {row!r}.")
+        key, val = row[0].strip(), row[1].strip()
+        if line_no == 1 and key.lower() in ("label", "class", "raw") and val.lower() in ("text", "name", "classname"):
+            continue  # header
+        out[key] = val
+    if not out:
+        raise DataError(f"{p}: no 'label,text' rows found.")
+    return out
+
+
+def default_classname(raw: str) -> str:
+    """Readable text for a raw label: underscores and dashes become spaces."""
+    return raw.replace("_", " ").replace("-", " ").strip()
+
+
+def load_images(
+    root: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str] | None = None,
+    *,
+    path_column: str = "path",
+    label_column: str = "label",
+    classnames: str | os.PathLike[str] | dict[str, str] | None = None,
+    classes: Sequence[str] | None = None,
+    allow_single_class: bool = False,
+) -> LabeledImages:
+    """Read and validate a labelled image collection.
+
+    Parameters
+    ----------
+    root : path
+        Image root. Without ``labels_csv`` it must be an ImageFolder tree (``root/<class>/*``).
+    labels_csv : path, optional
+        CSV with a path column (relative to ``root``) and a label column.
+    path_column, label_column : str
+        Column names in the CSV.
+    classnames : path or dict, optional
+        Maps raw labels to the text the model reads; labels it does not name read as themselves
+        (underscores as spaces). Every class it names must have images.
+    classes : sequence of str, optional
+        The full class list (e.g. from a trained model); labels outside it are an error.
+    allow_single_class : bool
+        Detectors need at least two classes; ``predict`` does not.
+    """
+    root_p = Path(root).expanduser()
+    if not root_p.is_dir():
+        raise DataError(f"Image folder not found: {root_p}. Give the folder the image paths are relative to.")
+    root_p = root_p.resolve()
+    empty_dirs: list[str] = []
+    if labels_csv is None:
+        paths, raw, class_dirs = read_image_folder(root_p)
+        present = set(raw)
+        empty_dirs = [c for c in class_dirs if c not in present]
+        source = str(root_p)
+        lines = list(range(1, len(paths) + 1))
+    else:
+        paths, raw, lines = read_labels_csv(labels_csv, path_column=path_column, label_column=label_column)
+        source = str(Path(labels_csv).resolve())
+
+    where = source if labels_csv is not None else "the image folder"
+    # Paths: inside the root and existing.
+    outside, missing = [], []
+    for path, line in zip(paths, lines, strict=True):
+        full = (root_p / path).resolve()
+        if not full.is_relative_to(root_p):
+            outside.append((line, path))
+        elif not full.is_file():
+            missing.append((line, path))
+    if outside:
+        shown = "; ".join(f"line {ln}: {pth}" for ln, pth in outside[:_MAX_LISTED])
+        raise DataError(f"{where}: {len(outside)} path(s) point outside the image folder {root_p} ({shown}). "
+                        "Make paths relative to the image folder, or pass a higher folder as ROOT.")
+    if missing:
+        shown = "; ".join(f"line {ln}: {pth}" for ln, pth in missing[:_MAX_LISTED])
+        raise DataError(f"{where}: {len(missing)} image file(s) not found under {root_p} ({shown}"
+                        f"{' …' if len(missing) > _MAX_LISTED else ''}). Fix the paths or remove those rows.")
+    if empty_dirs:
+        raise DataError(f"{root_p}: class folder(s) with no images: {', '.join(empty_dirs[:_MAX_LISTED])}. "
+                        "Add images or remove the empty folder(s).")
+
+    names_map: dict[str, str] = {}
+    if classnames is not None:
+        names_map = dict(classnames) if isinstance(classnames, dict) else read_classnames(classnames)
+
+    if classes is not None:
+        class_list = list(classes)
+        unknown = sorted(set(raw) - set(class_list))
+        if unknown:
+            raise DataError(f"{where}: label(s) {unknown[:_MAX_LISTED]} are not among the model's classes "
+                            f"{class_list[:10]}{' …' if len(class_list) > 10 else ''}.")
+    else:
+        class_list = sorted(set(raw))
+        no_images = sorted(set(names_map) - set(class_list))
+        if no_images:
+            raise DataError(
+                f"Class(es) {no_images[:_MAX_LISTED]} are named in the class-names file but have no images in "
+                f"{where}. Remove them from the class-names file, or add labelled images for them."
+            )
+    if len(class_list) < 2 and not allow_single_class:
+        raise DataError(f"{where}: every image has the label {class_list[0]!r}. Finding wrong labels needs at "
+                        "least two classes; check the label column.")
+    index = {c: i for i, c in enumerate(class_list)}
+    labels = np.array([index[r] for r in raw], dtype=np.int64)
+    text = [names_map.get(c, default_classname(c)) for c in class_list]
+    return LabeledImages(root=root_p, paths=paths, labels=labels, classes=class_list, classnames=text,
+                         source=source, rows=np.asarray(lines, dtype=np.int64))

@@ -1,0 +1,192 @@
+"""The one protocol every detector follows, and the one result type they all return.
+
+A detector is built by name (:func:`labelsieve.detectors.create_detector`), stores its keyword
+parameters in ``__init__`` (validated there, scikit-learn style), and does its work in
+:meth:`Detector.detect`, which takes a :class:`DetectionContext` and returns a
+:class:`DetectionResult`. Detectors see only the readable images; the audit maps results back to
+the input rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from labelsieve.data import LabeledImages
+from labelsieve.models.encoders import Encoder
+
+
+@dataclass
+class DetectionResult:
+    """What a detector says about each sample.
+
+    Attributes
+    ----------
+    p_clean : ndarray of shape (n,), float64 in [0, 1]
+        Probability that the given label is right.
+    probs : ndarray of shape (n, n_classes), float64, rows sum to 1
+        Class probabilities; ``argmax`` is the suggested label, ``max`` its probability.
+    threshold : float
+        The decision: a sample is flagged noisy iff ``p_clean < threshold``.
+    rule : str
+        One sentence saying how ``p_clean`` is computed and why the threshold is what it is; it is
+        written to audit.json.
+    info : dict
+        Anything else worth recording in audit.json (resolved parameters, per-epoch losses, which PEFT
+        was used, …). Must be JSON-serialisable.
+    columns : dict of str to ndarray of shape (n,)
+        Extra per-sample columns for audit.csv (for example each member's p_clean in an ensemble).
+    flags : ndarray of shape (n,), bool, optional
+        For detectors whose published decision is not a threshold on a score (confident learning's
+        prune-by-noise-rate): the decision itself. ``rule`` must say so. Default: ``p_clean < threshold``.
+    """
+
+    p_clean: np.ndarray
+    probs: np.ndarray
+    threshold: float = 0.5
+    rule: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    flags: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.p_clean = np.asarray(self.p_clean, dtype=np.float64).reshape(-1)
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        if self.probs.ndim != 2 or self.probs.shape[0] != self.p_clean.shape[0]:
+            raise ValueError(
+                f"probs must have shape (n, n_classes) with n = {self.p_clean.shape[0]}; "
+                f"got {self.probs.shape}"
+            )
+        if not np.all(np.isfinite(self.p_clean)) or not np.all(np.isfinite(self.probs)):
+            raise ValueError("a detector produced NaN or infinite scores")
+        self.p_clean = np.clip(self.p_clean, 0.0, 1.0)
+
+    @property
+    def is_noisy(self) -> np.ndarray:
+        """Boolean array of shape (n,): the flag, ``p_clean < threshold`` unless ``flags`` is given."""
+        if self.flags is not None:
+            return np.asarray(self.flags, dtype=bool)
+        return self.p_clean < self.threshold
+
+    @property
+    def suggested(self) -> np.ndarray:
+        """Int array of shape (n,): the most likely class."""
+        return self.probs.argmax(axis=1)
+
+    @property
+    def suggested_prob(self) -> np.ndarray:
+        """Float array of shape (n,): the probability of the most likely class."""
+        return self.probs.max(axis=1)
+
+
+@dataclass
+class DetectionContext:
+    """Everything a detector may use, computed lazily so that cheap detectors stay cheap.
+
+    Parameters
+    ----------
+    labels : ndarray of shape (n,), int64
+        Given labels of the readable images, as class indices.
+    classnames : list of str
+        The text the model reads for each class index.
+    images : LabeledImages
+        The readable images (same order as ``labels``), for detectors that train the image tower.
+    encoder : Encoder
+        The loaded model (``encoder.has_text`` says whether it can encode text).
+    features_fn : callable returning ndarray of shape (n, d)
+        Produces L2-normalised image features of the readable images from the feature store. Called
+        at most once; see :meth:`features`.
+    device : torch.device
+    seed : int
+    cache_dir : path-like
+        Where detectors may cache their own intermediate artefacts (decoded-image caches, …).
+    progress : bool
+        Whether to show progress bars.
+    """
+
+    labels: np.ndarray
+    classnames: list[str]
+    images: LabeledImages
+    encoder: Encoder
+    features_fn: Callable[[], np.ndarray]
+    device: torch.device
+    seed: int = 0
+    cache_dir: Any = None
+    progress: bool = True
+    _features: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def features(self) -> np.ndarray:
+        """L2-normalised image features, float32, shape (n, d); extracted or read from the cache once."""
+        feats = self.optional_features()
+        if feats is None:
+            raise ValueError("This DetectionContext has no image features (its features_fn returned None).")
+        return feats
+
+    def optional_features(self) -> np.ndarray | None:
+        """:meth:`features`, or None when ``features_fn`` gives none (a context built for image-level
+        training only)."""
+        if self._features is None:
+            raw = self.features_fn()
+            if raw is None:
+                return None
+            feats = np.asarray(raw, dtype=np.float32)
+            norms = np.linalg.norm(feats, axis=1, keepdims=True)
+            self._features = feats / np.maximum(norms, 1e-12)
+        return self._features
+
+
+class Detector(ABC):
+    """Base class of every detector.
+
+    Subclasses set ``name`` (the registry key), ``summary`` (one line for ``list_detectors``),
+    ``needs_text`` (True when the encoder must have a text tower), and implement :meth:`detect`.
+    ``__init__`` takes keyword-only parameters, validates them with
+    :func:`labelsieve.core.errors.check_param` and stores them; learned state ends in ``_``.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_text: ClassVar[bool] = False
+
+    @abstractmethod
+    def detect(self, ctx: DetectionContext) -> DetectionResult:
+        """Score every sample of ``ctx``; see :class:`DetectionResult`."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The detector's parameters as given to ``__init__`` (JSON-serialisable)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and not k.endswith("_")}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def given_label_prob(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``probs[i, labels[i]]`` for every i."""
+    return np.asarray(probs)[np.arange(len(labels)), np.asarray(labels)]
+
+
+def noise_rate_per_class(is_noisy: np.ndarray, labels: np.ndarray, n_classes: int) -> Mapping[int, float]:
+    """Fraction flagged among the samples given each label (NaN-free: 0.0 for a class with none)."""
+    out: dict[int, float] = {}
+    for c in range(n_classes):
+        m = labels == c
+        out[c] = float(is_noisy[m].mean()) if m.any() else 0.0
+    return out

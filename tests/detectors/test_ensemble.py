@@ -1,0 +1,124 @@
+"""ensemble: members on one context, mean-logit and stacked combination, per-member audit columns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import inject_symmetric, make_context, scores
+
+from labelsieve.audit.table import build_table
+from labelsieve.core.errors import ParameterError
+from labelsieve.detectors import create_detector
+from labelsieve.detectors.ensemble import DEFAULT_MEMBERS, EnsembleDetector, combine_logits
+
+MEMBERS = ["knn", "confident_learning", "gmm"]
+
+
+@pytest.fixture(scope="module")
+def cifar_ctx(cifar_feats, mini_clip):
+    images, x = cifar_feats
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.3, seed=2)
+    return images, make_context(images, x, mini_clip, noisy), noisy != images.labels
+
+
+@pytest.fixture(scope="module")
+def member_scores(cifar_ctx):
+    _, ctx, truth = cifar_ctx
+    return {m: scores(create_detector(m).detect(ctx), truth) for m in MEMBERS}
+
+
+@pytest.mark.parametrize("combine", ["mean_logit", "stack"])
+def test_ensemble_beats_its_weakest_member_on_cifar(cifar_ctx, member_scores, combine):
+    """Measured (F1, AUROC): knn .50/.89, confident_learning .67/.88, gmm .78/.93;
+    mean_logit .71/.93, stack .77/.93."""
+    images, ctx, truth = cifar_ctx
+    res = create_detector("ensemble", members=MEMBERS, combine=combine).detect(ctx)
+    f1, auroc = scores(res, truth)
+    worst_f1 = min(s[0] for s in member_scores.values())
+    worst_auc = min(s[1] for s in member_scores.values())
+    mean_f1 = np.mean([s[0] for s in member_scores.values()])
+    assert f1 >= worst_f1 and auroc >= worst_auc, (f1, auroc, member_scores)
+    assert auroc > 0.9 and f1 >= mean_f1 - 0.02, (f1, auroc, member_scores)
+    n = len(images)
+    assert res.probs.shape == (n, 10) and np.allclose(res.probs.sum(1), 1.0)
+    for m in MEMBERS:
+        assert res.columns[f"p_clean_{m}"].shape == (n,) and res.columns[f"is_noisy_{m}"].dtype == bool
+    flags = np.stack([res.columns[f"is_noisy_{m}"] for m in MEMBERS], axis=1)
+    np.testing.assert_allclose(res.columns["agreement"], flags.mean(1))
+    # unanimous rows keep the unanimous decision
+    assert (res.is_noisy[flags.all(1)]).mean() > 0.95 and (~res.is_noisy[(~flags).all(1)]).mean() > 0.95
+    info = json.loads(json.dumps(res.info))
+    assert [m["method"] for m in info["members"]] == MEMBERS and all(m["rule"] for m in info["members"])
+    if combine == "stack":
+        assert "coef" in info["stack"] and info["stack"]["n_fit"] == info["n_unanimous"]
+        assert "logistic regression" in res.rule
+    # the columns reach the audit table
+    table = build_table(images, np.ones(n, dtype=bool), res)
+    assert {"p_clean_knn", "is_noisy_gmm", "agreement"} <= set(table.columns)
+
+
+def test_mean_logit_rule_and_determinism(cifar_ctx):
+    _, ctx, _ = cifar_ctx
+    kw = {"members": ["knn", ["knn", {"k": 5}], "small_loss"], "weights": [1, 1, 2], "combine": "mean_logit"}
+    a = create_detector("ensemble", **kw).detect(ctx)
+    b = create_detector("ensemble", **kw).detect(ctx)
+    np.testing.assert_array_equal(a.p_clean, b.p_clean)
+    assert {"p_clean_knn", "p_clean_knn_2", "p_clean_small_loss"} <= set(a.columns)
+    P = np.stack([a.columns["p_clean_knn"], a.columns["p_clean_knn_2"], a.columns["p_clean_small_loss"]], 1)
+    p, _ = combine_logits(P, [0.5, 0.5, 0.5], weights=[1, 1, 2])
+    np.testing.assert_allclose(a.p_clean, p)
+    z = np.log(P.clip(1e-4, 1 - 1e-4) / (1 - P.clip(1e-4, 1 - 1e-4)))
+    np.testing.assert_allclose(a.p_clean, 1 / (1 + np.exp(-(z @ [1, 1, 2]) / 4)))
+    # a member's threshold is its own decision boundary: z = 0 there
+    p, z = combine_logits(np.array([[0.6, 0.5]]), [0.6, 0.5])
+    np.testing.assert_allclose(z, 0.0, atol=1e-12)
+    np.testing.assert_allclose(p, 0.5)
+
+
+def test_stack_falls_back_when_the_unanimous_rows_hold_one_decision():
+    z = np.array([[1.0, 2.0], [0.5, 1.0], [-1.0, 2.0], [3.0, 1.0]])
+    flags = np.array([[False, False], [False, False], [True, False], [False, False]])
+    p, info = EnsembleDetector._stack(z, flags, seed=0)
+    assert p is None and "fallback" in info and info["n_fit_noisy"] == 0
+
+
+def test_members_are_built_and_validated():
+    ens = create_detector("deft,knn")
+    assert isinstance(ens, EnsembleDetector) and [m[0] for m in ens.members] == ["deft", "knn"]
+    assert ens.needs_text and not create_detector("ensemble", members=["knn", "turn"]).needs_text
+    default = create_detector("ensemble")
+    assert [m[0] for m in default.members] == ["codivide", "turn", "knn"]
+    assert default.members[1][1]["finetune"] is False and len(DEFAULT_MEMBERS) == 3
+    assert default.combine == "stack" and default.needs_text
+    json.dumps(create_detector("ensemble").get_params())
+    with pytest.raises(ParameterError, match="Unknown detector 'nope'"):
+        create_detector("knn,nope")
+    with pytest.raises(ParameterError, match="no nesting"):
+        create_detector("ensemble", members=["knn", "ensemble"])
+    with pytest.raises(ParameterError, match="'k' parameter of KNNDetector"):
+        create_detector("ensemble", members=[["knn", {"k": 0}]])
+    with pytest.raises(ParameterError, match="'weights' parameter of EnsembleDetector"):
+        create_detector("ensemble", members=["knn", "gmm"], weights=[1.0])
+    with pytest.raises(ParameterError, match="'combine'"):
+        create_detector("ensemble", combine="vote")
+    with pytest.raises(ParameterError, match="'members'"):
+        create_detector("ensemble", members=[42])
+
+
+def test_default_ensemble_beats_each_member_on_cifar(cifar_ctx):
+    """The default (codivide + TURN's probe + kNN, stacked) on 600 CIFAR images with 30 % noise: better F1
+    than every member and AUROC within 0.01 of the best member. Measured: F1 .821 / AUROC .938; codivide
+    .784 / .933, turn .786 / .914, knn .664 / .886."""
+    _, ctx, truth = cifar_ctx
+    res = create_detector("ensemble").detect(ctx)
+    f1, auroc = scores(res, truth)
+    members = {m["member"]: m for m in res.info["members"]}
+    assert set(members) == {"codivide", "turn", "knn"}
+    member = {name: scores(type(res)(p_clean=res.columns[f"p_clean_{name}"], probs=res.probs, threshold=0.5,
+                                     rule="", flags=res.columns[f"is_noisy_{name}"]), truth) for name in members}
+    print("default ensemble", f1, auroc, member)
+    assert f1 > max(s[0] for s in member.values()), (f1, member)
+    assert auroc > max(s[1] for s in member.values()) - 0.01, (auroc, member)
+    assert any("codivide" in w for w in res.info["warnings"])  # its text-side warning is passed on

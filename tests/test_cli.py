@@ -1,0 +1,87 @@
+"""`labelsieve audit` end to end through the CLI: files, columns, JSON fields, unreadable rows, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labelsieve.audit.schema import COLUMNS
+from labelsieve.cli import main
+
+
+@pytest.fixture()
+def noisy_copy(tmp_path, imagenette_small):
+    """80 Imagenette images (8 per class) in a fresh folder, 10 labels flipped, 1 zero-byte file, 1 duplicate."""
+    src_root, src_csv = imagenette_small
+    df = pd.read_csv(src_csv).groupby("label").head(8).reset_index(drop=True)
+    root = tmp_path / "imgs"
+    for p in df["path"]:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_root / p, root / p)
+    classes = sorted(df["label"].unique())
+    rng = np.random.default_rng(0)
+    flip = rng.choice(len(df), size=10, replace=False)
+    df["true_label"] = df["label"]
+    for i in flip:
+        df.loc[i, "label"] = classes[(classes.index(df.loc[i, "label"]) + 3) % len(classes)]
+    broken = df.loc[[j for j in range(len(df)) if j not in flip][0], "path"]
+    (root / broken).write_bytes(b"")
+    dup_src = df.loc[1, "path"]
+    shutil.copy(root / dup_src, root / "train/dup.jpg")
+    df = pd.concat([df, pd.DataFrame([{"path": "train/dup.jpg", "label": df.loc[1, "label"],
+                                       "true_label": df.loc[1, "true_label"]}])], ignore_index=True)
+    df[["path", "label"]].to_csv(tmp_path / "labels.csv", index=False)
+    df.to_csv(tmp_path / "truth.csv", index=False)
+    return root, tmp_path / "labels.csv", tmp_path / "truth.csv", broken
+
+
+def test_audit_cli_end_to_end(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys):
+    root, labels, truth, broken = noisy_copy
+    out = tmp_path / "out"
+    rc = main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir),
+               "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress"])
+    assert rc == 0
+    table = pd.read_csv(out / "audit.csv", keep_default_na=False)
+    assert list(table.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(table) == 81 and table["rank"].tolist() == list(range(1, 82))
+    assert table.loc[0, "path"] == broken and table.loc[0, "issue"] == "unreadable"
+    dup = table[table["path"] == "train/dup.jpg"].iloc[0]
+    assert dup["duplicate_of"] and dup["issue"] in ("duplicate", "label", "outlier")
+    flagged = table[table["is_noisy"].astype(str) == "True"]
+    readable = table[table["issue"] != "unreadable"]
+    p = pd.to_numeric(readable["p_clean"])
+    assert p.between(0, 1).all()
+    # worst first among readable rows: flagged rows come before the rest, each sorted by p_clean
+    assert list(readable["is_noisy"].astype(str)) == sorted(readable["is_noisy"].astype(str), reverse=True)
+    summary = json.loads((out / "audit.json").read_text())
+    for key in ("method", "model", "parameters", "seed", "timings", "noise_rate", "noise_rate_per_class",
+                "threshold", "n_flagged", "version", "input", "decision_rule", "versions"):
+        assert key in summary, key
+    assert summary["n_unreadable"] == 1 and summary["n_flagged"] == len(flagged) - 1
+    assert summary["input"]["input_hash"] and summary["model"]["kind"] == "open_clip"
+    assert summary["warnings"] == []  # the mini CLIP knows Imagenette's classes: no text-side warning
+    assert (out / "audit.html").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "audit.csv"), "--truth", str(truth), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["recall"] >= 0.8 and m["auroc"] >= 0.9  # Imagenette is easy for the mini CLIP
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys, mini_clip_dir):
+    (tmp_path / "a").mkdir()
+    rc = main(["audit", str(tmp_path / "a"), str(tmp_path / "missing.csv"), "--model", str(mini_clip_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Labels file not found" in err and "Traceback" not in err
+    rc = main(["audit", str(tmp_path / "a"), "--method", "nope", "--model", str(mini_clip_dir)])
+    assert rc == 2
+
+
+def test_detectors_command_lists_registry(capsys):
+    assert main(["detectors"]) == 0
+    out = capsys.readouterr().out
+    for name in ("deft", "knn", "label_match", "confident_learning"):
+        assert name in out

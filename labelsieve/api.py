@@ -18,11 +18,13 @@ import numpy as np
 from labelsieve import __version__
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
 from labelsieve.audit.html import write_html
-from labelsieve.audit.review import apply_review
+from labelsieve.audit.review import apply_review, check_audit_output, keep_reviewed_copy
+from labelsieve.audit.schema import paths_hash
 from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json
 from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
 from labelsieve.core.errors import check_param
+from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
@@ -95,6 +97,7 @@ def run_detector(
         "n_extracted": feats.n_extracted,
         "images_hash": hashlib.blake2b(b"".join(feats.digests), digest_size=16).hexdigest(),
         "unreadable": {images.paths[i]: e for i, e in sorted(feats.errors.items())},
+        "cache_warnings": list(feats.warnings),
         "timings": timings,
         "images_per_second": {k: (len(images) / v if v > 0 else None) for k, v in timings.items()},
         "peak_memory_mb": peak_memory_mb(encoder.device),
@@ -125,6 +128,7 @@ def audit(
     html: bool = True,
     progress: bool = True,
     quiet: bool = False,
+    force: bool = False,
 ) -> Audit:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -154,7 +158,19 @@ def audit(
         ``cpu``, ``cuda``, ``cuda:1`` … (default: CUDA if available).
     cache_dir : path, optional
         Feature store and other caches (default ``$LABELSIEVE_CACHE`` or ``~/.cache/labelsieve``).
+    force : bool, default False
+        Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
+        it). Without it such an audit is refused before any work starts.
+
+    Raises
+    ------
+    OutputError
+        Before any work: ``out_dir`` or ``cache_dir`` cannot be written, or ``out_dir/audit.csv`` holds
+        review decisions and ``force`` is False.
     """
+    if out_dir is not None:
+        check_audit_output(out_dir, force=force)
+    check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     t0 = time.perf_counter()
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
                          classnames=classnames)
@@ -170,12 +186,13 @@ def audit(
         "version": __version__,
         "versions": versions(),
         "input": {"root": str(images.root), "labels": images.source, "input_hash": images.content_hash(),
-                  "images_hash": result.summary.pop("images_hash")},
+                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     if out_dir is not None:
         out = Path(out_dir)
         t = time.perf_counter()
+        keep_reviewed_copy(out / "audit.csv")  # reviews typed while this audit ran, or replaced with force
         files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
         if html:
             files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
@@ -196,6 +213,7 @@ def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str
     """Write a copy of ``labels_csv`` with synthetic label noise (``labelsieve noise``); the original label is
     kept in ``true_label``. Returns (labels changed, rows)."""
     src = Path(labels_csv)
+    check_output_file(out_csv, what="the noisy labels file (-o)")
     images = load_images(root or src.parent, src)
     pairs = parse_mapping(mapping) if mapping else None
     new = make_noisy_labels(images, kind=kind, rate=rate, seed=seed, mapping=pairs)

@@ -87,11 +87,13 @@ def cli() -> None:
 @click.option("--workers", type=int, help="Image-decoding worker processes.")
 @click.option("--no-html", is_flag=True, help="Do not write audit.html.")
 @click.option("--no-progress", is_flag=True)
+@click.option("--force", is_flag=True,
+              help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
 def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: str, out_dir: Path,
           classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
-          no_html: bool, no_progress: bool) -> None:
+          no_html: bool, no_progress: bool, force: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
@@ -100,7 +102,7 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
-              html=not no_html, progress=not no_progress)
+              html=not no_html, progress=not no_progress, force=force)
 
 
 @cli.command("detectors")

@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from labelsieve.audit.schema import flagged_mask, read_audit
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import sniff_delimiter
+from labelsieve.core.io import restore_frame, sniff_delimiter
 
 __all__ = ["detection_metrics", "evaluate_audit", "format_metrics"]
 
@@ -111,6 +111,7 @@ def _read_truth(path: Path, label_column: str) -> pd.DataFrame:
     df = pd.read_csv(path, sep=sniff_delimiter(text[:8192]), dtype=str, keep_default_na=False,
                      encoding="utf-8-sig")
     df.columns = [str(c).strip() for c in df.columns]
+    restore_frame(df)
     missing = [c for c in ("path", label_column) if c not in df.columns]
     if missing:
         raise DataError(f"{path}: no column {', '.join(repr(m) for m in missing)} in the header {list(df.columns)}; "

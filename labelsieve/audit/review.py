@@ -14,27 +14,49 @@ empty                     not flagged: keep with ``given_label``; flagged (``is_
                           or take the suggestion (``accept_suggestions``)
 ========================  =====================================================================
 
-Rows whose ``issue`` is ``unreadable`` are always removed: their image cannot be decoded. Review
-values are trimmed and case-insensitive (``" Relabel: forest "`` works when ``forest`` matches a
-class case-insensitively and unambiguously). :func:`kept_rows` holds the one rule; :func:`apply_review`
-reads the CSV, applies it and writes ``path,label`` atomically, and the trainer calls
-:func:`kept_rows` so that training and ``labelsieve apply`` can never disagree.
+Rows whose ``issue`` is ``unreadable`` are always removed: their image cannot be decoded (a ``keep`` or
+``relabel`` written on one is reported, not silently counted as a drop). Review values are trimmed and
+case-insensitive (``" Relabel: forest "`` works when ``forest`` matches a class case-insensitively and
+unambiguously). :func:`kept_rows` holds the one rule; :func:`apply_review` reads the CSV, applies it and
+writes ``path,label`` atomically, and the trainer calls :func:`kept_rows` so that training and
+``labelsieve apply`` can never disagree.
+
+The reviewer's decisions are protected on every path: a sheet that lists one image twice is refused;
+rows deleted from the sheet, or added to it, are reported (:func:`sheet_vs_record` compares the sheet
+with the ``audit.json`` written beside it); ``apply`` refuses to write over its input or over any file
+that holds review decisions, and checks that it can write its output before it reads anything.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from labelsieve.audit.schema import REVIEW_REQUIRED, flagged_mask, line_word, read_audit
-from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open
+from labelsieve.audit.schema import (
+    REVIEW_REQUIRED,
+    audit_record,
+    count_reviews,
+    flagged_mask,
+    line_word,
+    paths_hash,
+    read_audit,
+)
+from labelsieve.core.errors import DataError, OutputError, check_param
+from labelsieve.core.io import atomic_open, neutralise_frame
+from labelsieve.core.paths import check_output_dir, check_output_file, listed
+from labelsieve.core.progress import warn
+from labelsieve.data.sources import read_image_folder, read_labels_csv
 
-__all__ = ["ALLOWED_REVIEWS", "apply_review", "flagged_mask", "kept_rows", "read_audit"]
+__all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
+           "keep_reviewed_copy", "kept_rows", "read_audit", "sheet_vs_record"]
 
 #: The review values a reviewer may write (plus an empty cell), as shown in error messages.
 ALLOWED_REVIEWS = "keep, relabel, relabel:<class>, drop (or leave the cell empty)"
@@ -52,6 +74,7 @@ class _Decisions:
     relabelled: int
     dropped: int
     unreviewed_flagged: int
+    notes: list[str] = field(default_factory=list)
 
 
 def _text(table: pd.DataFrame, column: str, *, strip: bool = False) -> np.ndarray:
@@ -144,6 +167,7 @@ def _decide(
     lines = audit.index
 
     path = _text(audit, "path")
+    _refuse_repeated_paths(path, lines, where, line_name)
     given = _text(audit, "given_label")
     suggested = _text(audit, "suggested_label")
     flagged = flagged_mask(audit, where=where)
@@ -195,6 +219,13 @@ def _decide(
         take_sugg = take_sugg | (unreviewed & (suggested != ""))
     label[take_sugg] = suggested[take_sugg]
 
+    notes = []
+    overridden = np.flatnonzero(unreadable & (is_keep | is_relabel | is_relabel_to))
+    if len(overridden):
+        shown = listed([f"{line_name} {lines[i]}: {raw[i]!r}" for i in overridden])
+        notes.append(f"{where}: {len(overridden)} row(s) marked keep or relabel are unreadable images "
+                     f"(issue=unreadable), and were dropped: their files cannot be decoded ({shown}). Replace the "
+                     "files and audit again to keep them.")
     drop = unreadable | is_drop
     if drop_unreviewed_flagged:
         drop = drop | unreviewed
@@ -220,7 +251,145 @@ def _decide(
         relabelled=int(changed.sum()),
         dropped=int(drop.sum()),
         unreviewed_flagged=int(unreviewed.sum()),
+        notes=notes,
     )
+
+
+def _refuse_repeated_paths(path: np.ndarray, lines: Any, where: str, line_name: str) -> None:
+    """A sheet listing one image twice (a pasted row) has two decisions for it: refuse, naming the lines."""
+    norm = pd.Series([os.path.normpath(p) if p else p for p in path], dtype=object)
+    dup = norm.duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return
+    groups: dict[str, list[str]] = {}
+    for i in np.flatnonzero(dup):
+        groups.setdefault(norm.iloc[i], []).append(str(lines[i]))
+    shown = listed([f"{p} on {line_name}s {', '.join(ls)}" for p, ls in groups.items()])
+    raise DataError(f"{where}: {len(groups)} image(s) are listed more than once ({shown}). Each image needs one "
+                    "row and one decision: delete the extra rows.")
+
+
+def sheet_vs_record(audit: pd.DataFrame, record: dict[str, Any], *, where: str) -> tuple[int, list[str]]:
+    """Compare a sheet's rows with the audit that wrote them (its ``audit.json`` record).
+
+    Rows deleted from a sheet would silently vanish from the labels, and rows added to it would appear
+    from nowhere; this finds both. With the audit's ``input.paths_hash`` and its input still readable
+    (the labels CSV or image folder recorded in ``input``), the rows are named; otherwise counted.
+
+    Parameters
+    ----------
+    audit : DataFrame
+        The sheet (as :func:`read_audit` returns it).
+    record : dict
+        The audit's record (:func:`labelsieve.audit.schema.audit_record`); ``{}`` checks nothing.
+    where : str
+        The sheet's name, for messages.
+
+    Returns
+    -------
+    missing : int
+        Rows of the audit the sheet no longer has (0 when unknown).
+    notes : list of str
+        One message per finding (deleted rows, added rows, edited paths), empty when the sheet matches.
+    """
+    n_audit = record.get("n_images")
+    if not isinstance(n_audit, int):
+        return 0, []
+    inp = record.get("input") or {}
+    sheet_paths = _text(audit, "path").tolist()
+    n_sheet = len(sheet_paths)
+    recorded_hash = inp.get("paths_hash")
+    if n_sheet == n_audit and (recorded_hash is None or recorded_hash == paths_hash(sheet_paths)):
+        return 0, []
+    original = _recorded_paths(inp, recorded_hash)
+    notes: list[str] = []
+    if original is not None:
+        sheet_set, orig_set = set(sheet_paths), set(original)
+        deleted = [p for p in original if p not in sheet_set]
+        added = [p for p in sheet_paths if p not in orig_set]
+        if deleted:
+            notes.append(f"{where}: {len(deleted)} row(s) of the audit were deleted from the sheet and are left out "
+                         f"like dropped rows ({listed(deleted)}). Restore them from the audit, or write 'drop' "
+                         "in their review cell to drop them on purpose.")
+        if added:
+            notes.append(f"{where}: {len(added)} row(s) name images the audit did not have ({listed(added)}); they "
+                         "are used as written. Check for edited paths.")
+        return len(deleted), notes
+    if n_sheet < n_audit:
+        notes.append(f"{where}: the sheet has {n_sheet} rows but the audit wrote {n_audit} (audit.json): "
+                     f"{n_audit - n_sheet} row(s) were deleted and are left out like dropped rows. Restore them "
+                     "from the audit, or write 'drop' in their review cell to drop them on purpose.")
+        return n_audit - n_sheet, notes
+    notes.append(f"{where}: the sheet's rows differ from the {n_audit} the audit wrote (audit.json): "
+                 f"{n_sheet} rows, with other paths. Check for added, deleted or edited rows.")
+    return 0, notes
+
+
+def _recorded_paths(inp: dict[str, Any], recorded_hash: str | None) -> list[str] | None:
+    """The audit's input paths, re-read from its labels CSV or image folder if they still hash the same."""
+    if not recorded_hash:
+        return None
+    try:
+        labels, root = Path(str(inp.get("labels", ""))), Path(str(inp.get("root", "")))
+        if labels.is_file():
+            paths = read_labels_csv(labels)[0]
+        elif root.is_dir() and labels == root:
+            paths = read_image_folder(root)[0]
+        else:
+            return None
+    except DataError:
+        return None
+    return paths if paths_hash(paths) == recorded_hash else None
+
+
+def keep_reviewed_copy(audit_csv: str | os.PathLike[str]) -> Path | None:
+    """Before an ``audit.csv`` holding review decisions is replaced: copy it to
+    ``audit.reviewed-<YYYYmmdd-HHMMSS>.csv`` beside it, say so, and return the copy (None when the file
+    does not exist or holds no decision)."""
+    src = Path(audit_csv)
+    if not src.is_file() or count_reviews(src) == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = src.with_name(f"{src.stem}.reviewed-{stamp}{src.suffix}")
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = src.with_name(f"{src.stem}.reviewed-{stamp}-{k}{src.suffix}")
+    with atomic_open(dest, "wb") as f, open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
+    warn(f"{src} held review decisions; it was copied to {dest} before being replaced")
+    return dest
+
+
+def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
+    """Before an audit starts: its folder must be writable, and an ``audit.csv`` there holding review
+    decisions is replaced only with ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
+    out = check_output_dir(out_dir, what="the audit folder (-o)")
+    target = out / "audit.csv"
+    if target.is_file() and not force:
+        n = count_reviews(target)
+        if n != 0:
+            what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
+            raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another folder "
+                              "with -o, or pass --force (force=True) to replace it: a copy is kept as "
+                              "audit.reviewed-<date>-<time>.csv beside it.")
+    return out
+
+
+def check_apply_output(audit_csv: Path, out_csv: Path) -> None:
+    """Refuse, before any work, an ``apply`` output that is its input, holds review decisions, or cannot be
+    written."""
+    out = Path(out_csv).expanduser()
+    if out.exists() and Path(audit_csv).exists() and os.path.samefile(out, audit_csv):
+        raise OutputError(f"Refusing to write the labels over the reviewed audit they come from ({audit_csv}): that "
+                          "would erase the review. Give another output file, e.g. -o labels.clean.csv.")
+    if out.is_file():
+        n = count_reviews(out)
+        if n != 0:
+            what = f"{n} review decision(s)" if n else "content that is not a labels CSV"
+            raise OutputError(f"Refusing to replace {out}: it holds {what}. Give another output file, or move it "
+                              "away first.")
+    check_output_file(out, what="the labels file (-o)")
 
 
 def kept_rows(
@@ -263,13 +432,16 @@ def kept_rows(
     ------
     DataError
         For an unknown review value, a ``relabel:<class>`` naming no known class, ``relabel`` on a row
-        without a suggestion, an unreadable ``is_noisy`` value or a missing required column; the
-        message names the line (or row) and the allowed values.
+        without a suggestion, an unreadable ``is_noisy`` value, a missing required column, or an image
+        listed on more than one row; the message names the line (or row) and the allowed values.
     ParameterError
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
-    return _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
-                   accept_suggestions=accept_suggestions, where=source, owner="kept_rows").rows
+    dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
+                  accept_suggestions=accept_suggestions, where=source, owner="kept_rows")
+    for note in dec.notes:
+        warn(note)
+    return dec.rows
 
 
 def apply_review(
@@ -288,7 +460,8 @@ def apply_review(
         The reviewed audit (see :func:`read_audit` for the formats accepted).
     out_csv : Path
         Where to write ``path,label`` for the kept rows (atomically: on any error the file is not
-        created, and an existing one is left unchanged).
+        created, and an existing one is left unchanged). Cells a spreadsheet would read as a formula get a
+        leading ``'`` (:func:`labelsieve.core.io.neutralise_cell`); labelsieve's readers remove it.
     classes : list of str, optional
         Classes ``relabel:<class>`` may name. Default: every given and suggested label in the audit.
     drop_unreviewed_flagged : bool, default False
@@ -302,19 +475,29 @@ def apply_review(
         ``kept`` (rows written with their given label), ``relabelled`` (rows written with a different
         label), ``dropped`` (rows removed: ``drop``, unreadable, and unreviewed flagged rows if
         ``drop_unreviewed_flagged``) and ``unreviewed_flagged`` (readable flagged rows with an empty
-        review, whatever was done with them). ``kept + relabelled + dropped`` is the number of rows.
+        review, whatever was done with them). ``kept + relabelled + dropped`` is the number of rows of
+        the sheet. ``missing``: rows the audit wrote (its ``audit.json``) that were deleted from the sheet,
+        and so are not in ``out_csv`` either. Warnings (deleted or added rows, ``keep`` on an unreadable
+        image) are printed on stderr.
 
     Raises
     ------
     DataError
         As :func:`kept_rows`, with the CSV line number, and for an unreadable audit file.
+    OutputError
+        Before reading anything: ``out_csv`` is ``audit_csv``, holds review decisions, or cannot be
+        written.
     ParameterError
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
+    check_apply_output(Path(audit_csv), Path(out_csv))
     audit = read_audit(audit_csv)
     dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
                   accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
+    missing, notes = sheet_vs_record(audit, audit_record(audit_csv), where=str(audit_csv))
     with atomic_open(out_csv) as f:
-        dec.rows.to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator="\n")
+    for note in [*dec.notes, *notes]:
+        warn(note)
     return {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
-            "unreviewed_flagged": dec.unreviewed_flagged}
+            "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}

@@ -1,19 +1,25 @@
 """The audit table's format: its columns, and the one reader of an ``audit.csv`` (as labelsieve wrote it,
-or as a spreadsheet saved it back) that ``apply``, ``train --clean`` and ``evaluate`` all use."""
+or as a spreadsheet saved it back) that ``apply``, ``train --clean`` and ``evaluate`` all use, with the
+record (``audit.json``) written beside it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from labelsieve.core.errors import DataError
-from labelsieve.core.io import sniff_delimiter
+from labelsieve.core.io import is_spreadsheet_error, restore_frame, sniff_delimiter
+from labelsieve.core.paths import listed
 
-__all__ = ["COLUMNS", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "flagged_mask", "line_word", "read_audit"]
+__all__ = ["COLUMNS", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "audit_record", "count_reviews", "flagged_mask",
+           "line_word", "paths_hash", "read_audit"]
 
 #: The audit's columns, in order (DESIGN.md §1); detectors may add their own after them.
 COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label", "suggested_prob", "issue", "rank",
@@ -38,19 +44,23 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
         The audit file. UTF-8 with or without BOM; ``,``, ``;`` or tab separated.
     required, optional : sequence of str
         Columns that must be present, and columns read when present (default: what the review rule
-        uses, :data:`REVIEW_REQUIRED` and :data:`REVIEW_OPTIONAL`).
+        uses, :data:`REVIEW_REQUIRED` and :data:`REVIEW_OPTIONAL`). Header names match whatever their
+        case and surrounding spaces (a spreadsheet that made ``review`` into ``Review`` is read the same).
 
     Returns
     -------
     DataFrame
         The ``required`` columns and those of ``optional`` that are present, all as strings with empty
-        cells as ``""`` (so labels such as ``NA`` stay text). The index is the 1-based CSV line
-        number of each row (header = line 1), named ``line``; blank lines are skipped.
+        cells as ``""`` (so labels such as ``NA`` stay text), and the leading ``'`` that labelsieve adds
+        against formula injection removed (:func:`labelsieve.core.io.restore_cell`). The index is the
+        1-based CSV line number of each row (header = line 1), named ``line``; blank lines are skipped.
 
     Raises
     ------
     DataError
-        If the file is missing, not UTF-8, empty, or lacks a required column.
+        If the file is missing, not UTF-8, empty, lacks a required column, has two columns of the same
+        name (``review`` and ``Review``), or holds a spreadsheet error value (``#NAME?``, ``#REF!``,
+        ``#VALUE!`` …) in a column it reads (lines named).
     """
     p = Path(audit_csv)
     if not p.is_file():
@@ -63,7 +73,7 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
                         "and try again.") from exc
     if not sample.strip():
         raise DataError(f"{p}: the file is empty. Give the audit.csv written by 'labelsieve audit'.")
-    wanted = set(required) | set(optional)
+    wanted = {c.lower() for c in (*required, *optional)}
     try:
         df = pd.read_csv(
             p,
@@ -72,12 +82,18 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
             dtype=str,
             keep_default_na=False,
             skip_blank_lines=False,
-            usecols=lambda c: str(c).strip() in wanted,
+            usecols=lambda c: str(c).strip().lower() in wanted,
         )
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"{p}: cannot parse the CSV ({exc}). Check the quoting and delimiters.") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
+    header = [str(c).strip() for c in df.columns]
+    names = [h.lower() for h in header]
+    twice = sorted({h for h, n in zip(header, names, strict=True) if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{p}: the columns {twice} differ only in case or spaces; which one holds the data is "
+                        "ambiguous. Delete or rename all but one of them.")
+    df.columns = names
+    missing = [c for c in required if c.lower() not in df.columns]
     if missing:
         raise DataError(f"{p}: no column {', '.join(repr(m) for m in missing)}. An audit needs the columns "
                         f"{', '.join(required)} (as written by 'labelsieve audit'); check the header row.")
@@ -88,7 +104,55 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
         blank &= (df[c].to_numpy(dtype=object) == "")
     if blank.any():
         df = df.loc[~blank]
+    restore_frame(df)
+    errors: list[str] = []
+    for c in df.columns:
+        values = df[c].to_numpy(dtype=object)
+        cand = np.flatnonzero(np.isin(df[c].str[:1].to_numpy(dtype=object), ["#", "E", "e", " "]))
+        errors.extend(f"line {df.index[i]}, column {c!r}: {values[i]!r}" for i in cand
+                      if is_spreadsheet_error(values[i]))
+    if errors:
+        raise DataError(f"{p}: {len(errors)} cell(s) hold a spreadsheet error instead of a value ({listed(errors)}). "
+                        "A formula failed in the spreadsheet that saved this file: type the value (a review "
+                        "decision, a label) again, or restore it from the original audit.")
     return df
+
+
+def count_reviews(audit_csv: str | os.PathLike[str]) -> int | None:
+    """How many rows of an existing audit file hold a review decision (a non-empty ``review`` cell).
+
+    Returns 0 for a file without a ``review`` column or without decisions, and None for a file that
+    cannot be read as a CSV (which may hold decisions nobody can count: callers treat it as reviewed).
+    """
+    try:
+        table = read_audit(audit_csv, required=(), optional=("review",))
+    except DataError:
+        return None
+    if "review" not in table.columns:
+        return 0
+    return int((table["review"].str.strip() != "").sum())
+
+
+def paths_hash(paths: Iterable[str]) -> str:
+    """A hash of a set of paths, independent of their order (recorded in audit.json, so ``apply`` can tell
+    whether the rows of a sheet are the rows the audit wrote)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(set(paths)):
+        h.update(p.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def audit_record(audit_csv: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``audit.json`` written beside ``audit_csv`` by the same audit ({} when there is none)."""
+    f = Path(audit_csv).with_name("audit.json")
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{f}: cannot read the audit's record ({exc}). Restore it from the audit's output folder, "
+                        "or move it away.") from exc
+    return data if isinstance(data, dict) else {}
 
 
 def flagged_mask(table: pd.DataFrame, *, where: str = "audit table") -> np.ndarray:

@@ -9,31 +9,35 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from labelsieve.core.io import atomic_open, write_json
-from labelsieve.core.progress import console
+from labelsieve.core.io import atomic_open, neutralise_frame, write_json
+from labelsieve.core.progress import console, escape, warn
 
 __all__ = ["print_summary", "write_csv", "write_json"]
 
 
 def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a table as UTF-8 CSV atomically. Floats keep 6 significant digits."""
+    """Write a table as UTF-8 CSV atomically. Floats keep 6 significant digits; text a spreadsheet would
+    read as a formula gets a leading ``'`` (:func:`labelsieve.core.io.neutralise_cell`)."""
     with atomic_open(path) as f:
-        table.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+        neutralise_frame(table).to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
     return Path(path)
 
 
 def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int = 10) -> None:
-    """A short rich summary: counts, noise estimate, the noisiest classes, where the files are."""
-    t = Table(title=f"labelsieve audit — {summary.get('method')} on {summary.get('n_images')} images",
+    """A short rich summary: counts, noise estimate, the noisiest classes, where the files are.
+
+    Names from the user's data (classes, paths, model) are escaped: they are shown, never read as markup.
+    """
+    t = Table(title=escape(f"labelsieve audit — {summary.get('method')} on {summary.get('n_images')} images"),
               show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("model", str(summary.get("model", {}).get("name")))
+    t.add_row("model", escape(str(summary.get("model", {}).get("name"))))
     t.add_row("flagged", f"{summary['n_flagged']} ({summary['noise_rate']:.1%} of readable images)")
     t.add_row("expected noise", f"{summary['noise_rate_expected']:.1%} (mean of 1 − p_clean)")
     t.add_row("unreadable", str(summary["n_unreadable"]))
     t.add_row("duplicates", str(summary["n_duplicates"]))
-    t.add_row("rule", summary["decision_rule"])
+    t.add_row("rule", escape(summary["decision_rule"]))
     timings = summary.get("timings", {})
     if timings:
         t.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
@@ -44,9 +48,9 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
     ct.add_column("flagged", justify="right")
     ct.add_column("images", justify="right")
     for c, r in per:
-        ct.add_row(c, f"{r:.1%}", str(summary["class_counts"].get(c, "")))
+        ct.add_row(escape(c), f"{r:.1%}", str(summary["class_counts"].get(c, "")))
     console.print(ct)
     for w in summary.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/bold yellow] {w}")
+        warn(w)
     for name, path in files.items():
-        console.print(f"[bold]{name}[/bold]: {path}")
+        console.print(f"[bold]{escape(name)}[/bold]: {escape(str(path))}")

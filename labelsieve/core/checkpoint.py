@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from labelsieve.core.io import atomic_open
-from labelsieve.core.progress import console
+from labelsieve.core.progress import console, escape
 
 if TYPE_CHECKING:  # pragma: no cover
     from labelsieve.core.engine import Trainer
@@ -68,12 +68,13 @@ def load_checkpoint(trainer: Trainer, path: Path, key: str | None) -> int:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         if trainer.progress:
-            console.print(f"[yellow]{trainer.desc}: cannot read checkpoint {path} ({exc}); starting over[/yellow]")
+            console.print(f"[yellow]{escape(f'{trainer.desc}: cannot read checkpoint {path} ({exc})')}; starting "
+                          "over[/yellow]")
         return 0
     if obj.get("format") != CHECKPOINT_FORMAT or obj.get("key") != key:
         if trainer.progress:
-            console.print(f"[yellow]{trainer.desc}: checkpoint {path} is from a different run; starting over"
-                          "[/yellow]")
+            console.print(f"[yellow]{escape(f'{trainer.desc}: checkpoint {path}')} is from a different run; "
+                          "starting over[/yellow]")
         return 0
     trainer.model.load_state_dict(obj["model"])
     if trainer.optimizer is not None and obj["optimizer"] is not None:
@@ -90,5 +91,5 @@ def load_checkpoint(trainer: Trainer, path: Path, key: str | None) -> int:
     trainer.global_step = int(obj["global_step"])
     _set_rng_state(obj["rng"])
     if trainer.progress:
-        console.print(f"{trainer.desc}: resumed from {path} after epoch {obj['epoch']}")
+        console.print(escape(f"{trainer.desc}: resumed from {path} after epoch {obj['epoch']}"))
     return int(obj["epoch"])

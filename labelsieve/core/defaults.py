@@ -26,6 +26,10 @@ DEFAULT_OUTLIER_PROB = 0.4
 #: Feature-extraction batch size.
 DEFAULT_BATCH_SIZE = 64
 
+#: The feature store commits extracted vectors at least this often (seconds) and every 2,048 images, so
+#: an interrupted or killed extraction loses at most about this much work (plus one batch).
+DEFAULT_COMMIT_SECONDS = 20.0
+
 #: The classifier ``labelsieve train`` fine-tunes without ``--backbone``.
 DEFAULT_BACKBONE = "convnext_tiny"
 

@@ -41,7 +41,7 @@ from torch import nn
 from labelsieve.core.checkpoint import load_checkpoint, save_checkpoint
 from labelsieve.core.errors import ParameterError, check_param
 from labelsieve.core.inference import in_dataset_order, infer, loss_and_accuracy
-from labelsieve.core.progress import console, progress_bar
+from labelsieve.core.progress import console, escape, progress_bar
 from labelsieve.core.runtime import autocast_dtype, check_amp, resolve_device
 
 __all__ = ["Trainer", "freeze_batchnorm", "make_loader"]
@@ -313,7 +313,7 @@ class Trainer:
             self.scheduler.step()
         seconds = time.perf_counter() - t0
         if skipped and self.progress:
-            console.print(f"[yellow]{self.desc}: skipped {skipped} step(s) with a non-finite loss in epoch "
+            console.print(f"[yellow]{escape(self.desc)}: skipped {skipped} step(s) with a non-finite loss in epoch "
                           f"{epoch + 1}[/yellow]")
         return {"epoch": int(epoch), "loss": total_loss / seen if seen else 0.0, "acc": correct / seen if seen else 0.0,
                 "n": seen, "seconds": seconds, "images_per_s": seen / seconds if seconds > 0 else 0.0,
@@ -432,7 +432,7 @@ class Trainer:
     def _log(self, r: dict[str, Any], epochs: int) -> None:
         if not self.progress:
             return
-        msg = (f"[bold]{self.desc}[/bold] epoch {r['epoch'] + 1}/{epochs}: loss {r['loss']:.4f}, "
+        msg = (f"[bold]{escape(self.desc)}[/bold] epoch {r['epoch'] + 1}/{epochs}: loss {r['loss']:.4f}, "
                f"train acc {r['acc']:.3f}, {r['images_per_s']:.1f} img/s, lr {r['lr']:.2e}")
         if "val_acc" in r:
             msg += f", val acc {r['val_acc']:.3f}" + (" (best)" if r.get("best") else "")

@@ -20,6 +20,10 @@ class ModelError(LabelsieveError):
     """A model or its weights cannot be loaded, or do not support the requested option."""
 
 
+class OutputError(LabelsieveError):
+    """An output or cache location cannot be written, or writing there would destroy a reviewer's work."""
+
+
 class ParameterError(LabelsieveError, ValueError):
     """A detector or training parameter is out of range or of the wrong type."""
 

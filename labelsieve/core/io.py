@@ -1,4 +1,5 @@
-"""File I/O every layer shares: atomic writes, the one JSON sanitiser, CSV delimiter sniffing.
+"""File I/O every layer shares: atomic writes, the one JSON sanitiser, CSV delimiter sniffing, and the
+cell rules of CSVs people open in a spreadsheet (formula neutralisation, spreadsheet error values).
 
 Every file labelsieve writes — audit.csv/json/html, labels.clean.csv, feature chunks, checkpoints,
 exported models — goes through :func:`atomic_path` (or :func:`atomic_open` built on it): the content
@@ -14,15 +15,29 @@ import csv
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["atomic_open", "atomic_path", "atomic_save_npy", "atomic_write_text", "sniff_delimiter", "to_jsonable",
-           "write_json"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["FORMULA_PREFIXES", "atomic_open", "atomic_path", "atomic_save_npy", "atomic_write_text",
+           "is_spreadsheet_error", "neutralise_cell", "neutralise_frame", "restore_cell", "restore_frame",
+           "sniff_delimiter",
+           "to_jsonable", "write_json"]
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_SPREADSHEET_ERRORS = frozenset({
+    "#NAME?", "#REF!", "#VALUE!", "#DIV/0!", "#N/A", "#NULL!", "#NUM!", "#SPILL!", "#CALC!", "#GETTING_DATA",
+    "#FIELD!", "#BLOCKED!", "#CONNECT!", "#BUSY!", "#UNKNOWN!", "#EXTERNAL!",
+})
+_LIBREOFFICE_ERROR = re.compile(r"ERR:\d{3}")
 
 
 @contextlib.contextmanager
@@ -145,3 +160,62 @@ def sniff_delimiter(sample: str) -> str:
         first = sample.splitlines()[0] if sample else ""
         counts = {d: first.count(d) for d in (",", ";", "\t")}
         return max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+
+
+def neutralise_cell(value: str) -> str:
+    """``value`` as it is written into a CSV a person may open in a spreadsheet.
+
+    A cell that starts with one of :data:`FORMULA_PREFIXES` (after any number of ``'``) gets one more
+    leading ``'``, which spreadsheets read as "this is text" and do not show: a file or class named
+    ``=HYPERLINK(...)`` is shown, not run. :func:`restore_cell` is the exact inverse, and every reader of
+    the CSVs labelsieve writes applies it.
+    """
+    rest = value.lstrip("'")
+    return "'" + value if rest[:1] in FORMULA_PREFIXES else value
+
+
+def restore_cell(value: str) -> str:
+    """The inverse of :func:`neutralise_cell`: one leading ``'`` removed where neutralise_cell added it.
+
+    A file saved back by a spreadsheet (which drops the ``'``) reads the same as the file labelsieve wrote.
+    """
+    rest = value.lstrip("'")
+    return value[1:] if len(rest) < len(value) and rest and rest[0] in FORMULA_PREFIXES else value
+
+
+def neutralise_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with :func:`neutralise_cell` applied to every text cell (numbers are left alone)."""
+    out = table.copy()
+    for c in out.columns:
+        if out[c].dtype.kind != "O":  # object or string columns (pandas 3 reads text as "str")
+            continue
+        values = out[c].to_numpy(dtype=object)
+        hit = [i for i, v in enumerate(values) if isinstance(v, str) and v[:1] in ("'", *FORMULA_PREFIXES)]
+        if hit:
+            values = values.copy()
+            values[hit] = [neutralise_cell(values[i]) for i in hit]
+            out[c] = values
+    return out
+
+
+def restore_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (text columns, as read with ``dtype=str``) with :func:`restore_cell` applied to every cell,
+    in place; returns it."""
+    for c in table.columns:
+        col = table[c]
+        if col.dtype.kind != "O":
+            continue
+        values = col.to_numpy(dtype=object)
+        hit = [i for i, v in enumerate(values) if isinstance(v, str) and v[:1] == "'"]
+        if hit:
+            values = values.copy()
+            values[hit] = [restore_cell(values[i]) for i in hit]
+            table[c] = values
+    return table
+
+
+def is_spreadsheet_error(value: str) -> bool:
+    """True for a spreadsheet's error value (``#NAME?``, ``#REF!``, ``#VALUE!``, ``Err:502`` …): what a cell
+    shows when a formula failed. Such a cell carries no label or decision; readers refuse it."""
+    v = value.strip().upper()
+    return v[:1] in ("#", "E") and (v in _SPREADSHEET_ERRORS or _LIBREOFFICE_ERROR.fullmatch(v) is not None)

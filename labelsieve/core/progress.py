@@ -1,4 +1,8 @@
-"""One progress bar for all long work: rich, with count, rate (items/s) and ETA."""
+"""One progress bar for all long work (rich, with count, rate and ETA), and :func:`warn` for messages.
+
+User text (file, class and model names) never reaches rich as markup: a class named ``[/bold]`` is
+printed as written (:func:`rich.markup.escape`, or :class:`rich.text.Text`, which is not parsed).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +24,14 @@ from rich.progress import (
 from rich.text import Text
 
 console = Console(stderr=True)
+
+__all__ = ["RateColumn", "console", "escape", "progress_bar", "warn"]
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` on stderr, on one line (not wrapped, so logs can be searched);
+    ``message`` is plain text (not rich markup)."""
+    console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):
@@ -49,10 +62,10 @@ def progress_bar(
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
     ]
     with Progress(*columns, console=console, transient=False) as prog:
-        task = prog.add_task(desc, total=total, info="")
+        task = prog.add_task(escape(desc), total=total, info="")
 
         def advance(n: int = 1, **fields: object) -> None:
             info = " ".join(f"{k}={v}" for k, v in fields.items())

@@ -1,70 +1,165 @@
-"""Content digests of image files, memoised so a rerun does not re-read every file."""
+"""Content digests of image files, memoised so a rerun does not re-read every file.
+
+The memo is a cache, so it may only ever be slow, never wrong. A digest is reused only when the file's
+``(size, mtime_ns, ctime_ns, inode, device)`` are all unchanged since it was computed: writing to a file,
+restoring its mtime afterwards (``touch -d``, ``cp -p``, ``rsync -t``), or replacing it by a rename all
+change its ctime or inode, which no user command can set back. Files changed in the last
+:data:`RACY_SECONDS` before they were hashed are not memoised (they could still change within the
+clock's granularity). A memo database that cannot be read (truncated, corrupted) is rebuilt with a
+warning.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DIGEST_SIZE = 16
+#: Files whose mtime or ctime is this recent when hashed are hashed again next time.
+RACY_SECONDS = 2.0
+_TABLE = "memo_v2"
+_BLOCK = 1 << 20
+
+
+def digest_bytes(data: bytes) -> bytes:
+    """blake2b-128 of ``data``: the content key of an image (equal digests = byte-identical files)."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def digest_file(path: str | os.PathLike[str], *, size: int = DIGEST_SIZE) -> bytes:
+    """blake2b (``size`` bytes) of a file's bytes, read in 1 MiB blocks (raises OSError)."""
+    h = hashlib.blake2b(digest_size=size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.digest()
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
 
 class ContentHasher:
-    """blake2b-128 digests of files, memoised by (absolute path, size, mtime_ns) in SQLite."""
+    """blake2b-128 digests of files, memoised in SQLite by path and the file's stat stamp (module docstring).
 
-    def __init__(self, db_path: Path) -> None:
+    Parameters
+    ----------
+    db_path : Path
+        The memo database (created if missing; rebuilt if unreadable).
+    warn : callable, optional
+        Called with a message when the memo had to be rebuilt (default: ignore).
+    """
+
+    def __init__(self, db_path: Path, *, warn: Callable[[str], None] | None = None) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self.db_path = db_path
-        with self._connect() as con:
-            con.execute("CREATE TABLE IF NOT EXISTS h (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
-                        "digest BLOB)")
+        self._warn = warn or (lambda _msg: None)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            self._failed(exc)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db_path, timeout=60)
 
+    def _create(self) -> None:
+        with contextlib.closing(self._connect()) as con, con:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE} (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
+                        "ctime INTEGER, ino INTEGER, dev INTEGER, digest BLOB)")
+
+    def _failed(self, exc: sqlite3.DatabaseError) -> None:
+        """A memo operation failed: rebuild a corrupted database; otherwise (locked, read-only) go on without."""
+        if isinstance(exc, sqlite3.OperationalError):
+            self._warn(f"the file-digest memo {self.db_path} cannot be used ({exc}); files are hashed without it")
+            return
+        self._rebuild(exc)
+
+    def _rebuild(self, exc: Exception) -> None:
+        self._warn(f"the file-digest memo {self.db_path} cannot be read ({exc}); rebuilding it (files are hashed "
+                   "again once)")
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{self.db_path}{suffix}").unlink()
+        self._create()
+
     @staticmethod
     def _digest_file(path: str) -> bytes:
-        h = hashlib.blake2b(digest_size=DIGEST_SIZE)
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            return digest_file(path)
         except OSError:
-            h.update(b"\0unreadable\0" + path.encode())
-        return h.digest()
+            return digest_bytes(b"\0unreadable\0" + path.encode())
 
-    def digests(self, paths: Sequence[Path], *, threads: int = 8) -> list[bytes]:
-        stats = []
-        for p in paths:
-            try:
-                st = os.stat(p)
-                stats.append((st.st_size, st.st_mtime_ns))
-            except OSError:
-                stats.append((-1, -1))
-        keys = [str(p) for p in paths]
-        known: dict[str, tuple[int, int, bytes]] = {}
-        with self._connect() as con:
+    def _lookup(self, keys: list[str]) -> dict[str, tuple]:
+        known: dict[str, tuple] = {}
+        with contextlib.closing(self._connect()) as con:
             for i in range(0, len(keys), 900):
                 q = keys[i : i + 900]
-                rows = con.execute(f"SELECT path, size, mtime, digest FROM h WHERE path IN ({','.join('?' * len(q))})",
-                                   q).fetchall()
-                known.update({r[0]: (r[1], r[2], r[3]) for r in rows})
+                rows = con.execute(f"SELECT path, size, mtime, ctime, ino, dev, digest FROM {_TABLE} WHERE path IN "
+                                   f"({','.join('?' * len(q))})", q).fetchall()
+                known.update({r[0]: (tuple(r[1:6]), bytes(r[6])) for r in rows})
+        return known
+
+    def _store(self, rows: list[tuple]) -> None:
+        with contextlib.closing(self._connect()) as con, con:
+            con.executemany(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def forget(self, paths: Sequence[Path]) -> None:
+        """Drop the memo of ``paths`` (their content was found to differ from the memoised digest)."""
+        keys = [str(p) for p in paths]
+        try:
+            with contextlib.closing(self._connect()) as con, con:
+                con.executemany(f"DELETE FROM {_TABLE} WHERE path = ?", [(k,) for k in keys])
+        except sqlite3.DatabaseError as exc:
+            self._failed(exc)
+
+    def digests(self, paths: Sequence[Path], *, threads: int = 8) -> list[bytes]:
+        """The content digest of each file (of a marker for a file that cannot be read)."""
+        started = time.time_ns()
+        stamps: list[tuple[int, int, int, int, int] | None] = []
+        for p in paths:
+            try:
+                stamps.append(_stamp(os.stat(p)))
+            except OSError:
+                stamps.append(None)
+        keys = [str(p) for p in paths]
+        try:
+            known = self._lookup(keys)
+        except sqlite3.DatabaseError as exc:
+            self._failed(exc)
+            known = {}
         out: list[bytes | None] = [None] * len(keys)
         todo = []
-        for i, (k, st) in enumerate(zip(keys, stats, strict=True)):
+        for i, (k, st) in enumerate(zip(keys, stamps, strict=True)):
             hit = known.get(k)
-            if hit is not None and (hit[0], hit[1]) == st and st[0] >= 0:
-                out[i] = bytes(hit[2])
+            if hit is not None and st is not None and hit[0] == st:
+                out[i] = hit[1]
             else:
                 todo.append(i)
         if todo:
             with ThreadPoolExecutor(max_workers=threads) as ex:
                 for i, d in zip(todo, ex.map(lambda j: self._digest_file(keys[j]), todo), strict=True):
                     out[i] = d
-            with self._connect() as con:
-                con.executemany("INSERT OR REPLACE INTO h VALUES (?, ?, ?, ?)",
-                                [(keys[i], stats[i][0], stats[i][1], out[i]) for i in todo if stats[i][0] >= 0])
+            racy = started - int(RACY_SECONDS * 1e9)
+            rows = []
+            for i in todo:
+                st = stamps[i]
+                if st is None or max(st[1], st[2]) >= racy:
+                    continue
+                try:
+                    if _stamp(os.stat(keys[i])) != st:  # changed while it was being hashed
+                        continue
+                except OSError:
+                    continue
+                rows.append((keys[i], *st, out[i]))
+            if rows:
+                try:
+                    self._store(rows)
+                except sqlite3.DatabaseError as exc:
+                    self._failed(exc)
         return [d for d in out if d is not None]

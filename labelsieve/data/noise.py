@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from labelsieve.core.errors import DataError, ParameterError, check_param
+from labelsieve.core.io import neutralise_cell
 from labelsieve.data.decode import UnreadableImage, load_image
 from labelsieve.data.images import LabeledImages
 
@@ -345,7 +346,7 @@ def write_noisy_csv(images: LabeledImages, new_labels: np.ndarray, out_path: str
             w = csv.writer(f)
             w.writerow(["path", "label", "true_label"])
             for p, y, t in zip(images.paths, lab.tolist(), images.labels.tolist(), strict=True):
-                w.writerow([p, images.classes[y], images.classes[t]])
+                w.writerow([neutralise_cell(v) for v in (p, images.classes[y], images.classes[t])])
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from labelsieve.core.errors import DataError
-from labelsieve.core.io import sniff_delimiter
+from labelsieve.core.io import is_spreadsheet_error, restore_cell, sniff_delimiter
+from labelsieve.core.paths import check_image_paths, listed
 from labelsieve.data.decode import IMAGE_EXTENSIONS
 from labelsieve.data.images import LabeledImages
 
@@ -28,6 +29,10 @@ def read_labels_csv(
     csv_path: str | os.PathLike[str], *, path_column: str = "path", label_column: str = "label"
 ) -> tuple[list[str], list[str], list[int]]:
     """Read ``path,label`` rows from a CSV (``,``/``;``/tab, UTF-8 with or without BOM).
+
+    Cells are trimmed, and a leading ``'`` that labelsieve added against formula injection is removed
+    (:func:`labelsieve.core.io.restore_cell`), so a ``labels.clean.csv`` reads back as it was meant.
+    A spreadsheet error value (``#NAME?``, ``#REF!`` …) in a path or label is refused.
 
     Returns paths, raw labels and the 1-based line number of each row.
     """
@@ -56,13 +61,15 @@ def read_labels_csv(
     labels: list[str] = []
     lines: list[int] = []
     blanks: list[int] = []
+    errors: list[str] = []
     for line_no, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= max(ip, il):
             raise DataError(f"{p}, line {line_no}: expected {len(header)} fields, got {len(row)} "
                             f"({row!r}). Check the delimiter and quoting of that row.")
-        path, label = row[ip].strip(), row[il].strip()
+        path, label = restore_cell(row[ip].strip()), restore_cell(row[il].strip())
+        errors.extend(f"line {line_no}: {v!r}" for v in (path, label) if is_spreadsheet_error(v))
         if not path:
             raise DataError(f"{p}, line {line_no}: the '{path_column}' field is empty. "
                             "Give the image path or delete the row.")
@@ -72,6 +79,10 @@ def read_labels_csv(
         paths.append(path)
         labels.append(label)
         lines.append(line_no)
+    if errors:
+        raise DataError(f"{p}: {len(errors)} cell(s) hold a spreadsheet error instead of a path or label "
+                        f"({listed(errors)}). A formula failed in the spreadsheet that saved this file: restore the "
+                        "original values.")
     if blanks:
         shown = ", ".join(map(str, blanks[:_MAX_LISTED])) + (" …" if len(blanks) > _MAX_LISTED else "")
         raise DataError(f"{p}: {len(blanks)} row(s) have an empty '{label_column}' (line {shown}). "
@@ -126,6 +137,27 @@ def default_classname(raw: str) -> str:
     return raw.replace("_", " ").replace("-", " ").strip()
 
 
+def check_unique_paths(root: Path, paths: Sequence[str], labels: Sequence[str], lines: Sequence[int], *,
+                       where: str) -> None:
+    """Refuse an input that lists one file twice (``a.jpg`` and ``./a.jpg`` are the same file), naming the
+    lines and saying whether the labels differ: an audit has one row, and one label, per image."""
+    seen: dict[str, int] = {}
+    dups: list[str] = []
+    conflicting = 0
+    for i, path in enumerate(paths):
+        key = os.path.normpath(root / path)
+        j = seen.setdefault(key, i)
+        if j != i:
+            differ = labels[j] != labels[i]
+            conflicting += differ
+            dups.append(f"line {lines[i]} repeats line {lines[j]}: {path}"
+                        + (f" labelled {labels[j]!r} and {labels[i]!r}" if differ else ""))
+    if dups:
+        kind = f", {conflicting} with different labels" if conflicting else ""
+        raise DataError(f"{where}: {len(dups)} row(s) list an image that an earlier row already lists{kind} "
+                        f"({listed(dups)}). Keep one row per image, with the right label.")
+
+
 def load_images(
     root: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
@@ -170,22 +202,9 @@ def load_images(
         source = str(Path(labels_csv).resolve())
 
     where = source if labels_csv is not None else "the image folder"
-    # Paths: inside the root and existing.
-    outside, missing = [], []
-    for path, line in zip(paths, lines, strict=True):
-        full = (root_p / path).resolve()
-        if not full.is_relative_to(root_p):
-            outside.append((line, path))
-        elif not full.is_file():
-            missing.append((line, path))
-    if outside:
-        shown = "; ".join(f"line {ln}: {pth}" for ln, pth in outside[:_MAX_LISTED])
-        raise DataError(f"{where}: {len(outside)} path(s) point outside the image folder {root_p} ({shown}). "
-                        "Make paths relative to the image folder, or pass a higher folder as ROOT.")
-    if missing:
-        shown = "; ".join(f"line {ln}: {pth}" for ln, pth in missing[:_MAX_LISTED])
-        raise DataError(f"{where}: {len(missing)} image file(s) not found under {root_p} ({shown}"
-                        f"{' …' if len(missing) > _MAX_LISTED else ''}). Fix the paths or remove those rows.")
+    # Paths: inside the root (the one rule of labelsieve.core.paths), existing, and each listed once.
+    check_image_paths(root_p, paths, lines=lines, where=where)
+    check_unique_paths(root_p, paths, raw, lines, where=where)
     if empty_dirs:
         raise DataError(f"{root_p}: class folder(s) with no images: {', '.join(empty_dirs[:_MAX_LISTED])}. "
                         "Add images or remove the empty folder(s).")

@@ -36,13 +36,14 @@ import numpy as np
 import torch
 
 from labelsieve import __version__
-from labelsieve.audit.review import kept_rows
-from labelsieve.audit.schema import read_audit
+from labelsieve.audit.review import kept_rows, sheet_vs_record
+from labelsieve.audit.schema import audit_record, read_audit
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, ModelError, check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
-from labelsieve.core.progress import console
+from labelsieve.core.paths import check_image_paths, check_output_dir, listed
+from labelsieve.core.progress import console, escape, warn
 from labelsieve.core.runtime import seed_everything
 from labelsieve.data import LabeledImages, default_classname, load_images
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
@@ -51,9 +52,12 @@ from labelsieve.models.classifiers import DataConfig, create_classifier, train_d
 from labelsieve.models.loader import ModelSpec, parse_model
 from labelsieve.train.export import MODEL_FORMAT, MODEL_FORMAT_VERSION, export_classifier
 
-__all__ = ["TrainReport", "resolve_backbone", "stratified_split", "train_from_audit", "train_on_labels"]
+__all__ = ["MIN_IMAGES_PER_CLASS", "TrainReport", "resolve_backbone", "stratified_split", "train_from_audit",
+           "train_on_labels"]
 
-_MAX_LISTED = 5
+#: ``train --clean`` refuses a class that keeps fewer images (a class that keeps none is left out of the
+#: model, with a message): one image can neither be learnt from nor validated on.
+MIN_IMAGES_PER_CLASS = 2
 
 
 @dataclass
@@ -414,7 +418,8 @@ def train_on_labels(
             ckpt.unlink()
         if progress:
             best = f"{report.best_val_acc:.3f}" if report.best_val_acc is not None else "n/a"
-            console.print(f"exported {Path(out_dir) / 'model.safetensors'} ({exported} epoch; best val acc {best})")
+            console.print(f"exported {escape(str(Path(out_dir) / 'model.safetensors'))} ({exported} epoch; best val "
+                          f"acc {best})")
     return report
 
 
@@ -537,29 +542,45 @@ def train_from_audit(
     Raises
     ------
     DataError
-        Unreadable audit, unknown review values, no rows kept, or image files missing under
-        ``images_root``.
+        Unreadable audit, unknown review values, no rows kept, a kept class with fewer than
+        :data:`MIN_IMAGES_PER_CLASS` images, or kept paths that are missing under ``images_root`` or point
+        outside it (``..``, absolute paths, symbolic links: the rule of
+        :func:`labelsieve.core.paths.check_image_paths`).
+    OutputError
+        Before any work, when ``out_dir`` (or ``cache_dir``) cannot be written.
     """
     audit_path = Path(audit_csv)
+    check_output_dir(out_dir, what="the model folder (-o)")
+    if cache_dir is not None:
+        check_output_dir(cache_dir, what="the cache folder")
     table = read_audit(audit_path)
     record = audit_record(audit_path)
     root = audit_image_root(audit_path, images_root, record)
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
     kept = kept_rows(table, drop_unreviewed_flagged=drop_unreviewed_flagged,
                      accept_suggestions=accept_suggestions, source=str(audit_path))
+    for note in sheet_vs_record(table, record, where=str(audit_path))[1]:
+        warn(note)
     if len(kept) == 0:
         raise DataError(f"{audit_path}: the review keeps no rows (every row is dropped or unreadable). Keep at "
                         "least some rows to train on.")
+    paths = kept["path"].tolist()
+    line_of = dict(zip(table["path"], table.index, strict=True))
+    try:
+        check_image_paths(root, paths, lines=[line_of.get(p, 0) for p in paths], where=str(audit_path))
+    except DataError as exc:
+        raise DataError(f"{exc} (Kept rows of the audit; give the image folder the audit was made from with "
+                        "--images.)") from None
     classes = set(table["given_label"].tolist()) | set(kept["label"].tolist())
     if "suggested_label" in table.columns:
         classes |= set(table["suggested_label"].tolist())
-    class_list = sorted(c for c in classes if c != "")
-    paths = kept["path"].tolist()
-    missing = [p for p in paths if not (root / p).is_file()]
-    if missing:
-        shown = ", ".join(missing[:_MAX_LISTED]) + (" …" if len(missing) > _MAX_LISTED else "")
-        raise DataError(f"{audit_path}: {len(missing)} kept image(s) not found under {root} ({shown}). Give the "
-                        "image folder the audit was made from with --images.")
+    counts = kept["label"].value_counts()
+    gone = sorted(c for c in classes if c != "" and c not in counts.index)
+    if gone:
+        warn(f"{audit_path}: the review keeps no image of {len(gone)} class(es) ({listed(gone)}); the model "
+             "will not have them.")
+    few = sorted((c, int(n)) for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS)
+    class_list = sorted(counts.index.tolist())
     index = {c: i for i, c in enumerate(class_list)}
     images = LabeledImages(root=root, paths=paths, labels=np.array([index[y] for y in kept["label"]], dtype=np.int64),
                            classes=class_list, classnames=[default_classname(c) for c in class_list],
@@ -567,6 +588,11 @@ def train_from_audit(
     val_images = None
     if val_csv is not None:
         val_images = load_images(root, val_csv, classes=class_list, allow_single_class=True)
+    if few:
+        raise DataError(f"{audit_path}: {len(few)} class(es) keep fewer than {MIN_IMAGES_PER_CLASS} images "
+                        f"({listed([f'{c!r}: {n}' for c, n in few])}); a classifier cannot learn or be validated on "
+                        "a class from one image. Keep more images of those classes, or relabel or drop their "
+                        "last image.")
     return train_on_labels(images, backbone=spec, out_dir=out_dir, epochs=epochs,
                            batch_size=batch_size, lr=lr, val_images=val_images, val_fraction=val_fraction,
                            balanced=balanced, freeze_bn=freeze_bn, seed=seed, device=device, amp=amp,
@@ -574,19 +600,6 @@ def train_from_audit(
                            source=str(audit_path.resolve()),
                            weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
                            crop_scale=crop_scale, resume=resume)
-
-
-def audit_record(audit_csv: Path) -> dict[str, Any]:
-    """The ``audit.json`` written beside ``audit_csv`` by the same audit ({} when there is none)."""
-    f = audit_csv.with_name("audit.json")
-    if not f.is_file():
-        return {}
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{f}: cannot read the audit's record ({exc}). Restore it from the audit's output folder, "
-                        "or pass --images.") from exc
-    return data if isinstance(data, dict) else {}
 
 
 def audit_image_root(audit_csv: Path, images_root: str | os.PathLike[str] | None, record: dict[str, Any]) -> Path:

@@ -3,7 +3,9 @@
 :func:`predict` loads the model (:func:`labelsieve.train.export.load_classifier`) and runs it over a
 folder (every image file, recursively) or a CSV of paths, with exactly the preprocessing used for
 validation during training (shorter side to ``resize_size``, bicubic, centre crop ``image_size``,
-normalise), and writes ``predictions.csv``.
+normalise), and writes ``predictions.csv``. Paths follow the one rule of
+:func:`labelsieve.core.paths.check_image_paths` (nothing outside the image folder is read, whether named by
+``..``, an absolute path or a symbolic link); files in a folder that are not images are reported.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open, sniff_delimiter
-from labelsieve.core.progress import console
+from labelsieve.core.io import atomic_open, is_spreadsheet_error, neutralise_frame, restore_cell, sniff_delimiter
+from labelsieve.core.paths import check_image_paths, check_output_dir, listed
+from labelsieve.core.progress import console, escape, warn
 from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage
 from labelsieve.data.imagecache import decode_resized
 from labelsieve.data.transforms import eval_transform
@@ -31,7 +34,6 @@ from labelsieve.train.export import load_classifier
 
 __all__ = ["predict"]
 
-_MAX_LISTED = 5
 
 
 class _PredictDataset(torch.utils.data.Dataset):
@@ -55,17 +57,21 @@ class _PredictDataset(torch.utils.data.Dataset):
         return x, int(self.labels[i]), i, ok
 
 
-def _list_folder(root: Path) -> list[str]:
-    out = []
+def _list_folder(root: Path) -> tuple[list[str], list[str]]:
+    """Image files under ``root`` (recursively, hidden ones left out), and the other files found there."""
+    out, other = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
-    return out
+            if f.startswith("."):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+            (out if f.lower().endswith(IMAGE_EXTENSIONS) else other).append(rel)
+    return out, other
 
 
-def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[str], list[str] | None]:
+def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[str], list[str] | None,
+                                                                                  list[int]]:
     if not csv_path.is_file():
         raise DataError(f"Image list not found: {csv_path}. Give a CSV with a '{path_column}' column.")
     text = csv_path.read_text(encoding="utf-8-sig")
@@ -80,17 +86,24 @@ def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tupl
     il = header.index(label_column) if label_column in header else None
     paths: list[str] = []
     labels: list[str] = []
+    lines: list[int] = []
+    errors: list[str] = []
     for line_no, row in enumerate(reader, start=2):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= ip or not row[ip].strip():
             raise DataError(f"{csv_path}, line {line_no}: the '{path_column}' field is empty. Give the image path "
                             "or delete the row.")
-        paths.append(row[ip].strip())
-        labels.append(row[il].strip() if il is not None and len(row) > il else "")
+        paths.append(restore_cell(row[ip].strip()))
+        labels.append(restore_cell(row[il].strip()) if il is not None and len(row) > il else "")
+        lines.append(line_no)
+        errors.extend(f"line {line_no}: {v!r}" for v in (paths[-1], labels[-1]) if is_spreadsheet_error(v))
+    if errors:
+        raise DataError(f"{csv_path}: {len(errors)} cell(s) hold a spreadsheet error instead of a path or label "
+                        f"({listed(errors)}). Restore the original values.")
     if not paths:
         raise DataError(f"{csv_path}: the CSV has a header but no rows. Add one row per image.")
-    return paths, (labels if il is not None else None)
+    return paths, (labels if il is not None else None), lines
 
 
 def predict(
@@ -141,11 +154,15 @@ def predict(
     Raises
     ------
     DataError
-        Missing folder/CSV, missing image files, or no images found.
+        Missing folder/CSV, missing image files, paths that lead outside the image folder, or no images
+        found.
     ModelError
         If the model cannot be loaded.
+    OutputError
+        Before any work, when ``out_dir`` cannot be written.
     """
     check_param("predict", "batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "an int >= 1")
+    check_output_dir(out_dir, what="the predictions folder (-o)")
     root = Path(images_root).expanduser()
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
     if csv_path is None and root.is_file() and root.suffix.lower() in (".csv", ".tsv", ".txt"):
@@ -154,18 +171,19 @@ def predict(
         raise DataError(f"Image folder not found: {root}. Give the folder of the images to predict.")
     root = root.resolve()
     given: list[str] | None = None
+    skipped: list[str] = []
     if csv_path is None:
-        paths = _list_folder(root)
+        paths, skipped = _list_folder(root)
         if not paths:
             raise DataError(f"{root}: no image files found ({', '.join(IMAGE_EXTENSIONS)}). Give the folder of "
                             "the images to predict.")
+        check_image_paths(root, paths, where=f"the image folder {root}")
+        if skipped:
+            warn(f"{root}: skipping {len(skipped)} file(s) that are not images ({listed(skipped)}); images end in "
+                 f"{', '.join(IMAGE_EXTENSIONS)}")
     else:
-        paths, given = _read_paths_csv(csv_path, path_column, label_column)
-        missing = [p for p in paths if not (root / p).is_file()]
-        if missing:
-            shown = ", ".join(missing[:_MAX_LISTED]) + (" …" if len(missing) > _MAX_LISTED else "")
-            raise DataError(f"{csv_path}: {len(missing)} image file(s) not found under {root} ({shown}). Fix the "
-                            "paths or give the folder they are relative to.")
+        paths, given, lines = _read_paths_csv(csv_path, path_column, label_column)
+        check_image_paths(root, paths, lines=lines, where=str(csv_path))
     model, meta = load_classifier(model_dir, device=device)
     pre = meta["preprocessing"]
     classes = list(meta["classes"])
@@ -199,8 +217,9 @@ def predict(
                             zip(given, table["predicted_label"], ok, strict=True)]
     target = Path(out_dir).expanduser() / "predictions.csv"
     with atomic_open(target) as f:
-        table.to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(table).to_csv(f, index=False, lineterminator="\n")
     if progress:
         n_bad = int((~ok).sum())
-        console.print(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "") + ")")
+        console.print(escape(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "")
+                             + (f", {len(skipped)} non-image file(s) skipped" if skipped else "") + ")"))
     return target

@@ -62,14 +62,14 @@ def test_every_decision_with_defaults(every_decision, tmp_path):
     counts = apply_review(every_decision, out_csv=out)
     assert read_out(out) == [("a.jpg", "bird"), ("b.jpg", "cat"), ("c.jpg", "bird"), ("e.jpg", "cat"),
                              ("f.jpg", "dog"), ("g.jpg", "dog")]
-    assert counts == {"kept": 4, "relabelled": 2, "dropped": 2, "unreviewed_flagged": 1}
+    assert counts == {"kept": 4, "relabelled": 2, "dropped": 2, "unreviewed_flagged": 1, "missing": 0}
 
 
 def test_drop_unreviewed_flagged(every_decision, tmp_path):
     out = tmp_path / "o.csv"
     counts = apply_review(every_decision, out_csv=out, drop_unreviewed_flagged=True)
     assert ("b.jpg", "cat") not in read_out(out) and len(read_out(out)) == 5
-    assert counts == {"kept": 3, "relabelled": 2, "dropped": 3, "unreviewed_flagged": 1}
+    assert counts == {"kept": 3, "relabelled": 2, "dropped": 3, "unreviewed_flagged": 1, "missing": 0}
 
 
 def test_accept_suggestions(every_decision, tmp_path):
@@ -78,7 +78,7 @@ def test_accept_suggestions(every_decision, tmp_path):
     assert dict(read_out(out))["b.jpg"] == "dog"
     # Explicit decisions still win over the suggestion.
     assert dict(read_out(out))["e.jpg"] == "cat" and "d.jpg" not in dict(read_out(out))
-    assert counts == {"kept": 3, "relabelled": 3, "dropped": 2, "unreviewed_flagged": 1}
+    assert counts == {"kept": 3, "relabelled": 3, "dropped": 2, "unreviewed_flagged": 1, "missing": 0}
 
 
 def test_both_treatments_of_unreviewed_rows_is_a_parameter_error(every_decision, tmp_path):
@@ -96,7 +96,7 @@ def test_unreadable_rows_are_dropped_whatever_the_review(tmp_path):
     ])
     counts = apply_review(audit, out_csv=tmp_path / "o.csv", accept_suggestions=True)
     assert read_out(tmp_path / "o.csv") == [("z.jpg", "dog")]
-    assert counts == {"kept": 1, "relabelled": 0, "dropped": 2, "unreviewed_flagged": 0}
+    assert counts == {"kept": 1, "relabelled": 0, "dropped": 2, "unreviewed_flagged": 0, "missing": 0}
 
 
 def test_review_values_are_trimmed_and_case_insensitive(tmp_path):
@@ -111,14 +111,14 @@ def test_review_values_are_trimmed_and_case_insensitive(tmp_path):
     counts = apply_review(audit, out_csv=tmp_path / "o.csv")
     assert read_out(tmp_path / "o.csv") == [("1.jpg", "cat"), ("2.jpg", "dog"), ("4.jpg", "dog"),
                                             ("5.jpg", "dog"), ("6.jpg", "dog")]
-    assert counts == {"kept": 2, "relabelled": 3, "dropped": 1, "unreviewed_flagged": 0}
+    assert counts == {"kept": 2, "relabelled": 3, "dropped": 1, "unreviewed_flagged": 0, "missing": 0}
 
 
 def test_relabel_to_same_label_counts_as_kept(tmp_path):
     audit = write_audit(tmp_path / "a.csv", [row("1.jpg", "cat", noisy=True, sugg="cat", review="relabel"),
                                               row("2.jpg", "dog", noisy=True, sugg="cat", review="relabel:dog")])
     counts = apply_review(audit, out_csv=tmp_path / "o.csv")
-    assert counts == {"kept": 2, "relabelled": 0, "dropped": 0, "unreviewed_flagged": 0}
+    assert counts == {"kept": 2, "relabelled": 0, "dropped": 0, "unreviewed_flagged": 0, "missing": 0}
 
 
 def test_unknown_review_value_names_line_and_allowed_values(every_decision, tmp_path):
@@ -218,7 +218,7 @@ def test_spreadsheet_exports_semicolons_bom_and_text_booleans(tmp_path):
     counts = apply_review(audit, out_csv=tmp_path / "o.csv", accept_suggestions=True)
     # Labels such as NA and None stay text (never NaN); the BOM does not leak into the header.
     assert read_out(tmp_path / "o.csv") == [("a.jpg", "None"), ("b.jpg", "None"), ("c.jpg", "None")]
-    assert counts == {"kept": 1, "relabelled": 2, "dropped": 0, "unreviewed_flagged": 1}
+    assert counts == {"kept": 1, "relabelled": 2, "dropped": 0, "unreviewed_flagged": 1, "missing": 0}
 
 
 def test_bad_is_noisy_value_and_missing_columns(tmp_path):

@@ -124,7 +124,7 @@ def test_predict_on_held_out_images(trained, nette_val):
     assert np.allclose(p.max(1), probs[:4], atol=1e-5)
 
 
-def test_predict_folder_with_bad_file(trained, nette_val, tmp_path):
+def test_predict_folder_with_bad_file(trained, nette_val, tmp_path, capsys):
     _, tmp, _ = trained
     vroot, _, val = nette_val
     (tmp_path / "a" / "b").mkdir(parents=True)
@@ -132,7 +132,9 @@ def test_predict_folder_with_bad_file(trained, nette_val, tmp_path):
     shutil.copy(vroot / val.paths[15], tmp_path / "a" / "b" / "two.JPG")
     (tmp_path / "a" / "broken.jpg").write_bytes(b"")
     (tmp_path / "a" / "notes.txt").write_text("not an image")
+    capsys.readouterr()
     out = predict(tmp / "model", tmp_path / "a", out_dir=tmp_path / "out", num_workers=0, progress=False)
+    assert "skipping 1 file(s) that are not images (notes.txt)" in capsys.readouterr().err  # reported, not silent
     table = pd.read_csv(out, keep_default_na=False).set_index("path")
     assert sorted(table.index) == ["b/two.JPG", "broken.jpg", "one.jpg"]
     assert "label" not in table.columns

@@ -1,0 +1,87 @@
+"""What the feature cache's checks cost: warm ``extract_features`` on cached features, timed.
+
+A warm run (every vector already cached) still hashes nothing new but must look up every file's
+content digest, load the chunk index and read the request's view. The checks this measures (issue 9):
+the content-digest memo keyed on inode and ctime as well as size and mtime, and the per-chunk and
+per-view content digests verified on read. Run it once with ``PYTHONPATH`` pointing at each version of
+the code (e.g. main and a branch), each on its own copy of the same cache, and compare the rows::
+
+    PYTHONPATH=/path/to/main python benchmarks/feature_cache.py --cache /tmp/cache-main --label main
+    PYTHONPATH=$PWD python benchmarks/feature_cache.py --cache /tmp/cache-branch --label branch
+
+Data: the first 10,000 CIFAR-10 train images (``labelsieve.testing.extract_subset``), mini CLIP features.
+The first call fills whatever the cache lacks (and, for a cache written by an older version, upgrades
+it); it is timed and recorded as ``first_seconds`` but is not a warm run. Every row records the 1-minute
+load average before and after, because timings on a shared machine are contaminated by other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import labelsieve
+from labelsieve import testing
+from labelsieve.data import load_images
+from labelsieve.features import extract_features
+from labelsieve.models.encoders import create_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_jsonl, default_threads, host_info  # noqa: E402
+
+
+def _code_version() -> str:
+    pkg = Path(labelsieve.__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", required=True, help="feature cache folder (a copy: the first call may write to it)")
+    ap.add_argument("--label", required=True, help="name of the code version in the result row")
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", type=int, default=default_threads())
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    root, csv = testing.extract_subset("cifar10", args.n, first=True)
+    images = load_images(root, csv)
+    enc = create_encoder(str(testing.mini_clip_dir()), pretrained=None, device="cpu")
+    load_before = os.getloadavg()[0]
+    t = time.perf_counter()
+    first = extract_features(images, enc, cache_dir=args.cache, progress=False)
+    first_s = time.perf_counter() - t
+    warm = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        f = extract_features(images, enc, cache_dir=args.cache, progress=False)
+        warm.append(time.perf_counter() - t)
+        assert f.n_extracted == 0
+    rec = {"run": f"{args.label}-{time.strftime('%Y%m%dT%H%M%S')}", "label": args.label, "code": _code_version(),
+           "n": len(images), "first_seconds": round(first_s, 3), "first_extracted": first.n_extracted,
+           "warm_seconds": [round(w, 4) for w in warm], "warm_median": round(statistics.median(warm), 4),
+           "warm_min": round(min(warm), 4), "load_before": round(load_before, 2),
+           "load_after": round(os.getloadavg()[0], 2), "host": host_info(args.threads)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    append_jsonl(out / "feature_cache.jsonl", rec)
+    print(f"{args.label}: first {first_s:.2f}s ({first.n_extracted} extracted), warm median "
+          f"{rec['warm_median']:.3f}s min {rec['warm_min']:.3f}s, load {load_before:.2f} -> {rec['load_after']:.2f}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""The fault corpus (issue 9): bad files, faults and hostile names, and what labelsieve promises about them.
+
+Each test reproduces one way a reviewer's work could be lost, a cache could give a wrong answer, a
+command could crash instead of explaining, or a file could be read or written where it should not.
+docs/promises.md lists every promise with the test here that holds it. Real images (Imagenette, EuroSAT
+subsets) and the mini CLIP; the audits use label_match, the cheapest detector.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labelsieve.audit.review import apply_review
+from labelsieve.audit.schema import read_audit
+from labelsieve.cli import main
+from labelsieve.core.errors import DataError, OutputError
+from labelsieve.core.io import FORMULA_PREFIXES, neutralise_cell, restore_cell
+from labelsieve.core.progress import console
+from labelsieve.data import hashing, load_images, read_labels_csv
+from labelsieve.data.hashing import ContentHasher
+from labelsieve.features import extract_features
+from labelsieve.train import predict, train_from_audit
+
+PROJECT = Path(__file__).resolve().parents[1]
+#: OWASP's list of first characters that make a spreadsheet evaluate a cell.
+OWASP_PREFIXES = ["=", "+", "-", "@", "\t", "\r"]
+
+
+def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def raw_cells(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.reader(f))
+
+
+@pytest.fixture(scope="module")
+def images3(imagenette_small, tmp_path_factory):
+    """24 Imagenette images (8 of each of 3 classes) in a fresh folder, one of them a zero-byte file."""
+    src_root, src_csv = imagenette_small
+    df = pd.read_csv(src_csv)
+    df = df[df["label"].isin(sorted(df["label"].unique())[:3])].groupby("label").head(8).reset_index(drop=True)
+    root = tmp_path_factory.mktemp("images3") / "imgs"
+    for p in df["path"]:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_root / p, root / p)
+    (root / df.loc[5, "path"]).write_bytes(b"")
+    df.to_csv(root.parent / "labels.csv", index=False)
+    return root, root.parent / "labels.csv", df
+
+
+@pytest.fixture(scope="module")
+def audited(images3, mini_clip_dir, feature_cache, tmp_path_factory):
+    """``labelsieve audit`` of ``images3``: the output folder (audit.csv, audit.json)."""
+    root, labels, _ = images3
+    out = tmp_path_factory.mktemp("audited") / "out"
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]) == 0
+    return out
+
+
+def reviewed_copy(audited: Path, dest: Path, reviews: dict[int, str] | None = None) -> Path:
+    """A copy of the audit folder at ``dest`` with ``reviews`` ({row: value}) typed into audit.csv."""
+    shutil.copytree(audited, dest)
+    table = pd.read_csv(dest / "audit.csv", dtype=str, keep_default_na=False)
+    for i, v in (reviews or {}).items():
+        table.loc[i, "review"] = v
+    table.to_csv(dest / "audit.csv", index=False)
+    return dest / "audit.csv"
+
+
+# --------------------------------------------------------------------------- data loss
+
+
+def test_audit_never_replaces_a_reviewed_audit_without_force(images3, audited, tmp_path, mini_clip_dir,
+                                                             feature_cache, capsys):
+    root, labels, _ = images3
+    audit_csv = reviewed_copy(audited, tmp_path / "out", {0: "drop", 3: "keep"})
+    reviewed = audit_csv.read_bytes()
+    argv = ["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir),
+            "-o", str(tmp_path / "out"), "--no-progress", "--no-html"]
+    capsys.readouterr()
+    assert main([*argv, "--cache-dir", str(tmp_path / "fresh-cache")]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 review decision(s)" in err and "--force" in err and "Traceback" not in err
+    assert audit_csv.read_bytes() == reviewed
+    assert not (tmp_path / "fresh-cache").exists()  # refused before any work: nothing extracted
+    assert main([*argv, "--cache-dir", str(feature_cache), "--force"]) == 0
+    backups = list((tmp_path / "out").glob("audit.reviewed-*.csv"))
+    assert len(backups) == 1 and backups[0].read_bytes() == reviewed
+    assert "copied to" in capsys.readouterr().err
+    assert (read_audit(audit_csv)["review"] == "").all()
+    # An audit nobody reviewed is the tool's own output: replaced without a copy.
+    assert main([*argv, "--cache-dir", str(feature_cache)]) == 0
+    assert len(list((tmp_path / "out").glob("audit.reviewed-*.csv"))) == 1
+
+
+def test_apply_never_writes_over_review_decisions(audited, tmp_path, capsys):
+    audit_csv = reviewed_copy(audited, tmp_path / "out", {1: "drop", 2: "relabel"})
+    reviewed = audit_csv.read_bytes()
+    for target in (audit_csv, Path(os.path.join(tmp_path, "out", ".", "audit.csv"))):
+        assert main(["apply", str(audit_csv), "-o", str(target)]) == 2
+        assert "over the reviewed audit they come from" in capsys.readouterr().err
+    other = tmp_path / "other-review.csv"
+    shutil.copy(audit_csv, other)
+    with pytest.raises(OutputError, match="holds 2 review decision"):
+        apply_review(audit_csv, out_csv=other)
+    assert audit_csv.read_bytes() == reviewed == other.read_bytes()
+    plain = write_rows(tmp_path / "labels.clean.csv", ["path", "label"], [["x.jpg", "cat"]])
+    assert main(["apply", str(audit_csv), "-o", str(plain)]) == 0  # a labels file is replaced as asked
+    assert len(read_labels_csv(plain)[0]) == 24 - 2  # the dropped row and the unreadable one
+
+
+def test_review_column_matches_whatever_its_case_and_refuses_two(audited, tmp_path):
+    audit_csv = reviewed_copy(audited, tmp_path / "out", {1: "drop", 2: "drop", 3: "keep"})
+    expected = apply_review(audit_csv, out_csv=tmp_path / "a.csv")
+    text = audit_csv.read_text()
+    audit_csv.write_text(text.replace(",review,", ",Review ,", 1))
+    assert apply_review(audit_csv, out_csv=tmp_path / "b.csv") == expected
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    assert expected["dropped"] == 3  # two reviewed drops and the unreadable image
+    table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
+    table["review"] = ""
+    table.to_csv(audit_csv, index=False)
+    with pytest.raises(DataError, match=r"columns \['Review', 'review'\] differ only in case"):
+        apply_review(audit_csv, out_csv=tmp_path / "c.csv")
+
+
+def test_rows_deleted_or_added_in_the_sheet_are_reported(audited, tmp_path, capsys):
+    audit_csv = reviewed_copy(audited, tmp_path / "out")
+    table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
+    gone = table["path"].iloc[[4, 9]].tolist()
+    table.drop(index=[4, 9]).to_csv(audit_csv, index=False)
+    capsys.readouterr()
+    counts = apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+    err = capsys.readouterr().err
+    assert counts["missing"] == 2 and "2 row(s) of the audit were deleted from the sheet" in err
+    assert all(p in err for p in gone)
+    assert not set(gone) & set(read_labels_csv(tmp_path / "l.csv")[0])
+    # A row pasted in with a path the audit never had is reported too.
+    extra = table.iloc[[0]].assign(path="train/never-audited.jpg")
+    pd.concat([table, extra]).to_csv(audit_csv, index=False)
+    counts = apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+    err = capsys.readouterr().err
+    assert counts["missing"] == 0 and "name images the audit did not have (train/never-audited.jpg)" in err
+    # Without a readable input to name them, the rows are still counted (from audit.json's n_images).
+    record = json.loads((tmp_path / "out" / "audit.json").read_text())
+    record["input"]["labels"] = str(tmp_path / "moved.csv")
+    (tmp_path / "out" / "audit.json").write_text(json.dumps(record))
+    table.drop(index=[0, 1, 2]).to_csv(audit_csv, index=False)
+    assert apply_review(audit_csv, out_csv=tmp_path / "l.csv")["missing"] == 3
+    assert "the audit wrote 24 (audit.json): 3 row(s) were deleted" in capsys.readouterr().err
+
+
+def test_keep_on_an_unreadable_row_is_reported_not_silently_dropped(audited, tmp_path, capsys):
+    table = pd.read_csv(audited / "audit.csv", dtype=str, keep_default_na=False)
+    i = int(np.flatnonzero(table["issue"] == "unreadable")[0])
+    audit_csv = reviewed_copy(audited, tmp_path / "out", {i: "keep"})
+    capsys.readouterr()
+    counts = apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+    err = capsys.readouterr().err
+    assert counts["dropped"] == 1 and "1 row(s) marked keep or relabel are unreadable images" in err
+    assert f"line {i + 2}: 'keep'" in err
+
+
+def test_spreadsheet_error_cells_are_refused_with_their_lines(audited, images3, tmp_path):
+    audit_csv = reviewed_copy(audited, tmp_path / "out", {0: "#NAME?", 3: "keep"})
+    table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
+    table.loc[2, "given_label"] = "#REF!"
+    table.loc[6, "path"] = "#VALUE!"
+    table.to_csv(audit_csv, index=False)
+    with pytest.raises(DataError, match=r"3 cell\(s\) hold a spreadsheet error") as e:
+        apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+    for part in ("line 2, column 'review': '#NAME?'", "line 4, column 'given_label': '#REF!'",
+                 "line 8, column 'path': '#VALUE!'"):
+        assert part in str(e.value)
+    root, _, df = images3
+    rows = [[p, lab] for p, lab in zip(df["path"], df["label"], strict=True)]
+    rows[3][1] = "#N/A"
+    with pytest.raises(DataError, match=r"line 5: '#N/A'"):
+        load_images(root, write_rows(tmp_path / "l.csv", ["path", "label"], rows))
+
+
+def test_one_image_listed_twice_is_refused_by_audit_and_apply(images3, audited, tmp_path):
+    root, _, df = images3
+    rows = [[p, lab] for p, lab in zip(df["path"], df["label"], strict=True)]
+    other = next(lab for lab in df["label"] if lab != rows[0][1])
+    two_labels = write_rows(tmp_path / "a.csv", ["path", "label"], [*rows, [rows[0][0], other]])
+    with pytest.raises(DataError, match=rf"1 with different labels \(line 26 repeats line 2: {rows[0][0]} labelled"):
+        load_images(root, two_labels)
+    spelled = write_rows(tmp_path / "b.csv", ["path", "label"], [*rows, ["./" + rows[1][0], rows[1][1]]])
+    with pytest.raises(DataError, match="line 26 repeats line 3"):
+        load_images(root, spelled)
+    audit_csv = reviewed_copy(audited, tmp_path / "out")
+    table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
+    pasted = pd.concat([table, table.iloc[[3]].assign(review="drop")])
+    pasted.to_csv(audit_csv, index=False)
+    with pytest.raises(DataError, match=rf"listed more than once \({table.loc[3, 'path']} on lines 5, 26\)"):
+        apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+
+
+# --------------------------------------------------------------------------- caches: never wrong
+
+
+def test_digest_memo_sees_a_file_replaced_with_same_size_and_mtime(images3, tmp_path, mini_clip, monkeypatch):
+    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)
+    src, _, df = images3
+    root = tmp_path / "imgs"
+    root.mkdir()
+    files = sorted((src / p for p in df["path"][6:12]), key=lambda p: p.stat().st_size)
+    big, small = files[-1], files[0]
+    shutil.copy(big, root / "a.jpg")
+    shutil.copy(small, root / "b.jpg")
+    write_rows(tmp_path / "l.csv", ["path", "label"], [["a.jpg", "x"], ["b.jpg", "y"]])
+    images = load_images(root, tmp_path / "l.csv")
+    first = extract_features(images, mini_clip, cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    old_a = np.asarray(first.vectors[0], np.float32).copy()
+    reads = []
+    monkeypatch.setattr(ContentHasher, "_digest_file", staticmethod(lambda p: reads.append(p) or b"x" * 16))
+    assert extract_features(images, mini_clip, cache_dir=tmp_path / "c", progress=False).n_extracted == 0
+    assert reads == []  # the memo answered: no file was read
+    monkeypatch.undo()
+    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)
+    st = (root / "a.jpg").stat()
+    data = small.read_bytes()
+    (root / "a.jpg").write_bytes(data + b"\0" * (st.st_size - len(data)))  # b's picture, a's size
+    os.utime(root / "a.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (root / "a.jpg").stat().st_size == st.st_size and (root / "a.jpg").stat().st_mtime_ns == st.st_mtime_ns
+    again = extract_features(images, mini_clip, cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    assert again.n_extracted == 1 and again.digests[0] != first.digests[0]
+    new_a = np.asarray(again.vectors[0], np.float32)
+    np.testing.assert_allclose(new_a, np.asarray(again.vectors[1], np.float32), atol=2e-3)  # b's picture
+    assert not np.allclose(new_a, old_a, atol=2e-2)
+
+
+def test_vectors_are_stored_under_the_bytes_actually_read(images3, tmp_path, mini_clip, monkeypatch):
+    """A file that changes between hashing and decoding is stored under the content it had when decoded."""
+    src, labels, _ = images3
+    images = load_images(src, labels).subset(np.arange(6, 10))
+    real = ContentHasher.digests
+    monkeypatch.setattr(ContentHasher, "digests",
+                        lambda self, paths, **kw: [b"stale-digest-000", *real(self, paths[1:])])
+    got = extract_features(images, mini_clip, cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    monkeypatch.undo()
+    again = extract_features(images, mini_clip, cache_dir=tmp_path / "c", num_workers=0, progress=False)
+    assert got.digests == again.digests and again.n_extracted == 0 and got.digests[0] != b"stale-digest-000"
+
+
+@pytest.fixture(scope="module")
+def store16(images3, mini_clip, tmp_path_factory):
+    """16 readable images, their features in a cache of two 8-image chunks, and the features."""
+    root, labels, _ = images3
+    images = load_images(root, labels).subset(np.arange(6, 22))
+    cache = tmp_path_factory.mktemp("store16") / "cache"
+    feats = extract_features(images, mini_clip, cache_dir=cache, batch_size=8, chunk_images=8, num_workers=0,
+                             progress=False)
+    return images, cache, np.asarray(feats.vectors, np.float32).copy()
+
+
+def _damage(cache: Path, what: str) -> None:
+    store = next((cache / "features").iterdir())
+    chunk = sorted(store.glob("chunk-*.manifest.json"))[0].name[: -len(".manifest.json")]
+    view = next((store / "views").glob("*.npy"))
+    rng = np.random.default_rng(0)
+    if what == "view: noise, same size":
+        view.write_bytes(rng.bytes(view.stat().st_size))
+    elif what == "view: truncated":
+        view.write_bytes(view.read_bytes()[:1000])
+    elif what == "chunk: truncated, view intact":
+        (store / f"{chunk}.npy").write_bytes((store / f"{chunk}.npy").read_bytes()[:4000])
+    elif what == "chunk: noise, same size":
+        data = (store / f"{chunk}.npy").read_bytes()
+        (store / f"{chunk}.npy").write_bytes(data[:128] + rng.bytes(len(data) - 128))
+        view.unlink()  # the next request must read the chunk
+    elif what == "digests: truncated":
+        (store / f"{chunk}.digests.npy").write_bytes(b"\x93NUMPY")
+    elif what == "manifest: truncated":
+        (store / f"{chunk}.manifest.json").write_text('{"format": 2, "n"')
+    elif what == "hashes.sqlite: truncated":
+        (cache / "hashes.sqlite").write_bytes((cache / "hashes.sqlite").read_bytes()[:3000])
+    elif what == "hashes.sqlite: not a database":
+        (cache / "hashes.sqlite").write_bytes(b"garbage" * 1000)
+
+
+@pytest.mark.parametrize("what,rebuilt,re_extracted", [
+    ("view: noise, same size", "view", 0),
+    ("view: truncated", "view", 0),
+    ("chunk: truncated, view intact", "chunk", 8),
+    ("chunk: noise, same size", "chunk", 8),
+    ("digests: truncated", "chunk", 8),
+    ("manifest: truncated", "chunk", 8),
+    ("hashes.sqlite: truncated", "memo", 0),
+    ("hashes.sqlite: not a database", "memo", 0),
+])
+def test_damaged_cache_is_rebuilt_with_a_warning_never_used(store16, tmp_path, mini_clip, capsys, what, rebuilt,
+                                                             re_extracted):
+    images, cache, expected = store16
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    _damage(work, what)
+    capsys.readouterr()
+    got = extract_features(images, mini_clip, cache_dir=work, batch_size=8, num_workers=0, progress=False)
+    err = capsys.readouterr().err
+    assert got.n_extracted == re_extracted and got.warnings and "warning:" in err
+    assert {"view": "view", "chunk": "chunk", "memo": "file-digest memo"}[rebuilt] in got.warnings[0]
+    np.testing.assert_allclose(np.asarray(got.vectors, np.float32), expected, atol=2e-3)
+    again = extract_features(images, mini_clip, cache_dir=work, progress=False)
+    assert again.n_extracted == 0 and again.warnings == []  # rebuilt for good
+
+
+def test_store_from_before_manifests_is_adopted(store16, tmp_path, mini_clip):
+    images, cache, expected = store16
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = next((work / "features").iterdir())
+    for m in store.glob("chunk-*.manifest.json"):  # the layout labelsieve wrote before issue 9
+        name = m.name[: -len(".manifest.json")]
+        (store / f"{name}.digests.npy").rename(store / f"{name}.keys.npy")
+        m.unlink()
+    shutil.rmtree(store / "views")
+    (store / "views").mkdir()
+    got = extract_features(images, mini_clip, cache_dir=work, progress=False)
+    assert got.n_extracted == 0 and got.warnings == [] and len(list(store.glob("*.manifest.json"))) == 2
+    np.testing.assert_array_equal(np.asarray(got.vectors, np.float32), expected)
+
+
+def test_kill_9_mid_extraction_loses_only_uncommitted_work(eurosat_small, tmp_path, mini_clip):
+    """A process extracting features is killed with SIGKILL mid-run; the rerun extracts only what no committed
+    chunk holds, and gives the features an uninterrupted run gives. The process is a fork of this one (the
+    model already loaded), so the test pays no interpreter start-up."""
+    root, src_csv = eurosat_small
+    labels = tmp_path / "l.csv"
+    labels.write_text("\n".join(src_csv.read_text().splitlines()[:25]) + "\n")  # 24 images
+    images = load_images(root, labels)
+    cache = tmp_path / "cache"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: extract slowly, reporting progress, until killed
+        os.close(read_end)
+
+        def slow(done: int) -> None:
+            os.write(write_end, f"{done}\n".encode())
+            time.sleep(0.25)
+
+        try:
+            extract_features(images, mini_clip, cache_dir=cache, batch_size=4, num_workers=0, progress=False,
+                             commit_seconds=0.1, on_batch=slow)
+        except BaseException as exc:  # reported to the parent, which fails the test
+            os.write(write_end, f"error {exc!r}\n".encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as progress:
+        for line in progress:
+            assert not line.startswith("error"), line
+            if int(line) >= 8:  # two batches done, each committed (0.25 s apart, commit_seconds=0.1)
+                os.kill(pid, signal.SIGKILL)
+                break
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    store = next((cache / "features").iterdir())
+    committed = sum(json.loads(m.read_text())["n"] for m in store.glob("chunk-*.manifest.json"))
+    assert 8 <= committed < 24
+    resumed = extract_features(images, mini_clip, cache_dir=cache, batch_size=4, num_workers=0, progress=False)
+    assert resumed.n_extracted == 24 - committed  # only the unfinished part
+    fresh = extract_features(images, mini_clip, cache_dir=tmp_path / "fresh", batch_size=4, num_workers=0,
+                             progress=False)
+    np.testing.assert_array_equal(np.asarray(resumed.vectors), np.asarray(fresh.vectors))
+
+
+# --------------------------------------------------------------------------- messages, not crashes
+
+
+def test_output_locations_are_checked_before_any_work(images3, audited, tmp_path, mini_clip_dir, lite0_file, capsys):
+    root, labels, _ = images3
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cache = tmp_path / "cache"
+    audit = ["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir),
+             "--no-progress"]
+    runs = {
+        "audit -o file": [*audit, "-o", str(a_file), "--cache-dir", str(cache)],
+        "audit --cache-dir file": [*audit, "-o", str(tmp_path / "o"), "--cache-dir", str(a_file / "sub")],
+        "apply -o folder": ["apply", str(audited / "audit.csv"), "-o", str(tmp_path)],
+        "apply -o under a file": ["apply", str(audited / "audit.csv"), "-o", str(a_file / "l.csv")],
+        "train -o file": ["train", "--clean", str(audited / "audit.csv"), "--backbone", "lite0", "--pretrained",
+                          str(lite0_file), "-o", str(a_file)],
+        "predict -o file": ["predict", str(tmp_path / "no-model"), str(root), "-o", str(a_file)],
+        "noise -o under a file": ["noise", str(labels), "--rate", "0.1", "-o", str(a_file / "n.csv")],
+    }
+    for name, argv in runs.items():
+        capsys.readouterr()
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert "Cannot write" in err and "Traceback" not in err, (name, err)
+    assert not cache.exists() and not (tmp_path / "o").exists()
+
+
+CHECKS_AS_NOBODY = """
+import json, os, sys
+from labelsieve.core.errors import OutputError
+from labelsieve.core.paths import check_output_dir, check_output_file
+if os.geteuid() == 0:  # root may write anywhere: check as an ordinary user
+    os.setgid(65534)
+    os.setuid(65534)
+out = []
+for kind, path in json.loads(sys.argv[1]):
+    try:
+        (check_output_dir if kind == "dir" else check_output_file)(path, what="the output")
+        out.append("ok")
+    except OutputError as exc:
+        out.append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def test_read_only_output_and_cache_folders_are_refused(tmp_path):
+    """The check every command makes first (test_output_locations_are_checked_before_any_work shows they do)
+    refuses a folder the user cannot write: run as a user who cannot (root could write anywhere)."""
+    base = Path(tempfile.mkdtemp(prefix="labelsieve-ro-"))
+    try:
+        ro, rw = base / "ro", base / "rw"
+        ro.mkdir()
+        rw.mkdir()
+        for d, mode in ((base, 0o755), (ro, 0o555), (rw, 0o777)):
+            os.chmod(d, mode)
+        checks = [["dir", str(ro / "out")], ["dir", str(ro)], ["file", str(ro / "labels.csv")],
+                  ["dir", str(rw / "cache")], ["file", str(rw / "labels.csv")]]
+        env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+        proc = subprocess.run([sys.executable, "-c", CHECKS_AS_NOBODY, json.dumps(checks)], capture_output=True,
+                              text=True, env=env, timeout=120)
+        leftovers = list(rw.iterdir()) + list(ro.iterdir())  # the probes leave nothing behind
+    finally:
+        os.chmod(base / "ro", 0o755)
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got[3:] == ["ok", "ok"] and leftovers == []
+    for msg in got[:3]:
+        assert msg.startswith("Cannot write the output at") and "is not writable (Permission denied)" in msg, msg
+
+
+# --------------------------------------------------------------------------- security
+
+
+def test_formula_prefixes_are_neutralised_and_restored_exactly():
+    for prefix in OWASP_PREFIXES:
+        assert prefix in FORMULA_PREFIXES
+        value = f"{prefix}HYPERLINK(\"http://x\")"
+        assert neutralise_cell(value) == "'" + value and restore_cell(neutralise_cell(value)) == value
+        assert restore_cell(value) == value  # as a spreadsheet saves it back (the ' dropped)
+        for quoted in ("'" + value, "''" + value):  # names that really start with quotes survive the round trip
+            assert restore_cell(neutralise_cell(quoted)) == quoted
+    for plain in ("cat", "'cat", "", "a=b", " =x"):
+        assert neutralise_cell(plain) == plain == restore_cell(plain)
+
+
+def test_hostile_names_end_to_end(images3, tmp_path, mini_clip_dir, feature_cache, capsys, monkeypatch):
+    """Files and classes named like formulas and like rich markup: audited, applied, read back, evaluated."""
+    monkeypatch.setattr(console, "width", 200)
+    src, _, df = images3
+    classes = {lab: name for lab, name in zip(sorted(df["label"].unique()),
+                                               ["=cmd|' /C calc'!A0", "@SUM(1+1)*cmd", "[/bold]"], strict=True)}
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rows, truth = [], []
+    for k, (p, lab) in enumerate(zip(df["path"], df["label"], strict=True)):
+        if k == 5:
+            continue  # the zero-byte file
+        name = ["=HYPERLINK(x)", "+1", "-1", "@A1", "plain"][k % 5] + f"-{k}.jpg"
+        shutil.copy(src / p, root / name)
+        rows.append([name, classes[lab]])
+        truth.append([name, classes[lab], classes[lab]])
+    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], rows)
+    out = tmp_path / "out"
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(out), "--cache-dir", str(feature_cache), "--no-progress"]) == 0
+    assert "[/bold]" in capsys.readouterr().err  # printed in the summary, not parsed as markup
+    cells = [c for r in raw_cells(out / "audit.csv")[1:] for c in r]
+    assert not [c for c in cells if c[:1] in FORMULA_PREFIXES and not _is_number(c)]
+    table = read_audit(out / "audit.csv")
+    assert sorted(table["path"]) == sorted(r[0] for r in rows)
+    assert set(table["given_label"]) == set(classes.values())
+    assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
+    assert not [c for r in raw_cells(tmp_path / "clean.csv")[1:] for c in r if c[:1] in FORMULA_PREFIXES]
+    back = load_images(root, tmp_path / "clean.csv")  # the labels file reads back as the names it holds
+    assert sorted(back.paths) == sorted(r[0] for r in rows) and set(back.classes) == set(classes.values())
+    write_rows(tmp_path / "truth.csv", ["path", "label", "true_label"], truth)
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "audit.csv"), "--truth", str(tmp_path / "truth.csv"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(rows)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_train_and_predict_read_nothing_outside_the_image_root(audited, images3, tmp_path, lite0_file):
+    root, _, df = images3
+    outside = root.parent / "outside.jpg"
+    shutil.copy(root / df.loc[0, "path"], outside)
+    link = root / "train" / "link.jpg"
+    link.symlink_to(outside)
+    try:
+        for bad in ("../outside.jpg", str(outside), "train/link.jpg"):
+            audit_csv = reviewed_copy(audited, tmp_path / f"out-{abs(hash(bad))}")
+            table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
+            table.loc[7, "path"] = bad
+            table.to_csv(audit_csv, index=False)
+            with pytest.raises(DataError, match=rf"point outside the image folder .*line 9: {bad}"):
+                train_from_audit(audit_csv, backbone="lite0", pretrained=str(lite0_file), out_dir=tmp_path / "m")
+            listing = write_rows(tmp_path / "p.csv", ["path"], [[df.loc[1, "path"]], [bad]])
+            with pytest.raises(DataError, match=rf"point outside the image folder .*line 3: {bad}"):
+                predict(tmp_path / "no-model", root, labels_csv=listing, out_dir=tmp_path / "p", progress=False)
+        with pytest.raises(DataError, match="point outside the image folder .*train/link.jpg"):
+            predict(tmp_path / "no-model", root, out_dir=tmp_path / "p", progress=False)
+        assert not (tmp_path / "m").exists()
+    finally:
+        link.unlink()
+
+
+def test_train_refuses_a_class_that_keeps_one_image(audited, tmp_path, lite0_file, capsys):
+    table = pd.read_csv(audited / "audit.csv", dtype=str, keep_default_na=False)
+    classes = sorted(table["given_label"].unique())
+    rows = np.flatnonzero((table["given_label"] == classes[0]) & (table["issue"] != "unreadable"))
+    reviews = {int(i): "drop" for i in np.flatnonzero(table["given_label"] == classes[0]) if i != rows[0]}
+    reviews.update({int(i): "drop" for i in np.flatnonzero(table["given_label"] == classes[1])})  # none of the second
+    audit_csv = reviewed_copy(audited, tmp_path / "out", reviews)
+    capsys.readouterr()
+    with pytest.raises(DataError, match=rf"1 class\(es\) keep fewer than 2 images \('{classes[0]}': 1\)"):
+        train_from_audit(audit_csv, backbone="lite0", pretrained=str(lite0_file), out_dir=tmp_path / "m",
+                         drop_unreviewed_flagged=False)
+    assert f"keeps no image of 1 class(es) ({classes[1]})" in capsys.readouterr().err

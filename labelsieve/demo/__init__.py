@@ -13,7 +13,7 @@ from pathlib import Path
 
 from labelsieve.api import audit
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
-from labelsieve.core.progress import console
+from labelsieve.core.progress import console, escape
 
 DEMO_DIR = Path(__file__).resolve().parent
 DATA_DIR = DEMO_DIR / "data"
@@ -34,6 +34,7 @@ def run_demo(out_dir: str | Path = "labelsieve-demo", *, method: str | None = No
     console.print(
         "\n[yellow]This demo uses a small offline stand-in model (mini CLIP). For real audits use real CLIP, "
         "e.g. `labelsieve audit IMAGES labels.csv` (ViT-B-16 / openai, downloaded by open_clip).[/yellow]\n"
-        f"Open {out / 'audit.csv'} in a spreadsheet (worst first), or {out / 'audit.html'} in a browser."
+        f"Open {escape(str(out / 'audit.csv'))} in a spreadsheet (worst first), or {escape(str(out / 'audit.html'))} "
+        "in a browser."
     )
     return a

@@ -32,7 +32,7 @@ from labelsieve.features import extract_features
 from labelsieve.models.encoders import create_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_jsonl, default_threads, host_info  # noqa: E402
+from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
 
 
 def _code_version() -> str:
@@ -42,6 +42,16 @@ def _code_version() -> str:
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def render(rows: list[dict]) -> str:
+    """The results as a markdown table, one row per run."""
+    lines = ["| code | n | first call (s) | images extracted | warm median (s) | warm min (s) "
+             "| load 1 min before → after |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} ({r['code']}) | {r['n']:,} | {r['first_seconds']:.2f} | {r['first_extracted']} | "
+                     f"{r['warm_median']:.3f} | {r['warm_min']:.3f} | {r['load_before']:.1f} → {r['load_after']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     append_jsonl(out / "feature_cache.jsonl", rec)
+    (out / "feature_cache.md").write_text(render(read_jsonl(out / "feature_cache.jsonl")))
     print(f"{args.label}: first {first_s:.2f}s ({first.n_extracted} extracted), warm median "
           f"{rec['warm_median']:.3f}s min {rec['warm_min']:.3f}s, load {load_before:.2f} -> {rec['load_after']:.2f}",
           flush=True)

@@ -257,7 +257,10 @@ def _decide(
 
 def _refuse_repeated_paths(path: np.ndarray, lines: Any, where: str, line_name: str) -> None:
     """A sheet listing one image twice (a pasted row) has two decisions for it: refuse, naming the lines."""
-    norm = pd.Series([os.path.normpath(p) if p else p for p in path], dtype=object)
+    norm = pd.Series(path, dtype=object)
+    odd = norm.str.contains(r"(?:^|/)\.\.?(?:/|$)|//", regex=True).to_numpy(dtype=bool)  # ./a.jpg, a//b.jpg
+    if odd.any():
+        norm[odd] = [os.path.normpath(p) for p in norm[odd]]
     dup = norm.duplicated(keep=False).to_numpy()
     if not dup.any():
         return

@@ -125,8 +125,11 @@ def count_reviews(audit_csv: str | os.PathLike[str]) -> int | None:
     cannot be read as a CSV (which may hold decisions nobody can count: callers treat it as reviewed).
     """
     try:
+        with open(audit_csv, "rb") as f:
+            if not f.read(4096).strip():
+                return 0  # an empty file holds nothing
         table = read_audit(audit_csv, required=(), optional=("review",))
-    except DataError:
+    except (DataError, OSError):
         return None
     if "review" not in table.columns:
         return 0

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,8 @@ from pathlib import Path
 DIGEST_SIZE = 16
 #: Files whose mtime or ctime is this recent when hashed are hashed again next time.
 RACY_SECONDS = 2.0
-_TABLE = "memo_v2"
+_TABLE = "file_digests"
+_STAMP = struct.Struct("<5q")
 _BLOCK = 1 << 20
 
 
@@ -41,8 +43,9 @@ def digest_file(path: str | os.PathLike[str], *, size: int = DIGEST_SIZE) -> byt
     return h.digest()
 
 
-def _stamp(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+def _stamp(st: os.stat_result) -> bytes:
+    """What must be unchanged for a memoised digest to be reused: size, mtime, ctime, inode, device."""
+    return _STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino & (2**63 - 1), st.st_dev & (2**63 - 1))
 
 
 class ContentHasher:
@@ -70,8 +73,7 @@ class ContentHasher:
 
     def _create(self) -> None:
         with contextlib.closing(self._connect()) as con, con:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE} (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, "
-                        "ctime INTEGER, ino INTEGER, dev INTEGER, digest BLOB)")
+            con.execute(f"CREATE TABLE IF NOT EXISTS {_TABLE} (path TEXT PRIMARY KEY, stamp BLOB, digest BLOB)")
 
     def _failed(self, exc: sqlite3.DatabaseError) -> None:
         """A memo operation failed: rebuild a corrupted database; otherwise (locked, read-only) go on without."""
@@ -95,19 +97,19 @@ class ContentHasher:
         except OSError:
             return digest_bytes(b"\0unreadable\0" + path.encode())
 
-    def _lookup(self, keys: list[str]) -> dict[str, tuple]:
-        known: dict[str, tuple] = {}
+    def _lookup(self, keys: list[str]) -> dict[str, tuple[bytes, bytes]]:
+        known: dict[str, tuple[bytes, bytes]] = {}
         with contextlib.closing(self._connect()) as con:
             for i in range(0, len(keys), 900):
                 q = keys[i : i + 900]
-                rows = con.execute(f"SELECT path, size, mtime, ctime, ino, dev, digest FROM {_TABLE} WHERE path IN "
+                rows = con.execute(f"SELECT path, stamp, digest FROM {_TABLE} WHERE path IN "
                                    f"({','.join('?' * len(q))})", q).fetchall()
-                known.update({r[0]: (tuple(r[1:6]), bytes(r[6])) for r in rows})
+                known.update({r[0]: (r[1], r[2]) for r in rows})
         return known
 
     def _store(self, rows: list[tuple]) -> None:
         with contextlib.closing(self._connect()) as con, con:
-            con.executemany(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            con.executemany(f"INSERT OR REPLACE INTO {_TABLE} VALUES (?, ?, ?)", rows)
 
     def forget(self, paths: Sequence[Path]) -> None:
         """Drop the memo of ``paths`` (their content was found to differ from the memoised digest)."""
@@ -121,7 +123,7 @@ class ContentHasher:
     def digests(self, paths: Sequence[Path], *, threads: int = 8) -> list[bytes]:
         """The content digest of each file (of a marker for a file that cannot be read)."""
         started = time.time_ns()
-        stamps: list[tuple[int, int, int, int, int] | None] = []
+        stamps: list[bytes | None] = []
         for p in paths:
             try:
                 stamps.append(_stamp(os.stat(p)))
@@ -138,7 +140,7 @@ class ContentHasher:
         for i, (k, st) in enumerate(zip(keys, stamps, strict=True)):
             hit = known.get(k)
             if hit is not None and st is not None and hit[0] == st:
-                out[i] = hit[1]
+                out[i] = bytes(hit[1])
             else:
                 todo.append(i)
         if todo:
@@ -149,14 +151,14 @@ class ContentHasher:
             rows = []
             for i in todo:
                 st = stamps[i]
-                if st is None or max(st[1], st[2]) >= racy:
+                if st is None or max(_STAMP.unpack(st)[1:3]) >= racy:
                     continue
                 try:
                     if _stamp(os.stat(keys[i])) != st:  # changed while it was being hashed
                         continue
                 except OSError:
                     continue
-                rows.append((keys[i], *st, out[i]))
+                rows.append((keys[i], st, out[i]))
             if rows:
                 try:
                     self._store(rows)

@@ -26,8 +26,8 @@ Layout under ``<cache_dir>/decoded/<key>/``::
     errors.json   {row: message} for those rows
     meta.json     size, mode, n, and ``complete`` once every row is done
 
-``key`` hashes the *content* of the files (blake2b digests memoised by path, size and mtime in the
-shared ``hashes.sqlite``, so a rerun does not re-read the files), their order, ``S`` and ``mode``.
+``key`` hashes the *content* of the files (blake2b digests memoised by path, size, mtime, ctime and
+inode in the shared ``hashes.sqlite``, so a rerun does not re-read the files), their order, ``S`` and ``mode``.
 Opening the same images at the same size again reuses the array without decoding anything; an
 interrupted build resumes from the rows whose chunk was flushed.
 """

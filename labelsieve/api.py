@@ -33,6 +33,7 @@ from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everyth
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
 from labelsieve.detectors import DetectionContext, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors.common.calibration import calibrate
 from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
@@ -86,11 +87,14 @@ def run_detector(
     t = time.perf_counter()
     result = detector.detect(ctx)
     timings["detect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = calibrate(result, labels=ctx.labels)
+    timings["calibrate"] = time.perf_counter() - t
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
         result.threshold = threshold
         result.flags = None
-        result.rule += f" Threshold overridden by the user: {threshold}."
+        result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
     groups = None
     if duplicate_threshold is not None:
         check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,

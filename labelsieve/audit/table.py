@@ -184,12 +184,29 @@ def near_duplicate_summary(table: pd.DataFrame) -> dict[str, int]:
 
 
 def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResult) -> dict[str, Any]:
-    """Counts and noise-rate estimates for audit.json (the caller adds method, model, timings …)."""
+    """Counts and the noise estimate for audit.json (the caller adds method, model, timings …).
+
+    ``noise_rate`` (with ``noise_rate_interval``) and ``noise_rate_per_class`` (with
+    ``noise_rate_per_class_interval``) are *the* estimate of the share of wrong labels: the mean of
+    1 − calibrated p_clean over the readable rows (overall and per given class), with the bootstrap
+    interval of :func:`labelsieve.detectors.common.calibration.noise_estimate` when the result carries one.
+    ``flag_rate`` and ``flag_rate_per_class`` are the share of readable rows flagged (the decision), a
+    different number: how many rows the audit asks a person to look at.
+    """
     readable = table["issue"] != "unreadable"
     r = table[readable]
     per_class_flagged = r.groupby("given_label")["is_noisy"].mean()
     per_class_expected = (1.0 - r.groupby("given_label")["p_clean"].mean())
     counts = table["issue"].replace("", "none").value_counts().to_dict()
+    est = ((result.info or {}).get("calibration") or {}).get("noise_estimate")
+    rate = float(1.0 - r["p_clean"].mean()) if len(r) else 0.0
+    per_class = {c: float(per_class_expected.get(c, 0.0)) for c in images.classes}
+    interval = [rate, rate]
+    per_class_interval = {c: [v, v] for c, v in per_class.items()}
+    if est is not None:
+        interval = [float(v) for v in est["interval"]]
+        per_class_interval = {c: [float(v) for v in est["per_class_interval"][i]]
+                              for i, c in enumerate(images.classes)}
     return {
         "n_images": int(len(table)),
         "n_readable": int(readable.sum()),
@@ -200,10 +217,13 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "issues": {str(k): int(v) for k, v in counts.items()},
         "threshold": float(result.threshold),
         "decision_rule": result.rule,
-        "noise_rate": float(r["is_noisy"].mean()) if len(r) else 0.0,
-        "noise_rate_expected": float(1.0 - r["p_clean"].mean()) if len(r) else 0.0,
-        "noise_rate_per_class": {c: float(per_class_flagged.get(c, 0.0)) for c in images.classes},
-        "noise_rate_expected_per_class": {c: float(per_class_expected.get(c, 0.0)) for c in images.classes},
+        "noise_rate": rate,
+        "noise_rate_interval": interval,
+        "noise_rate_interval_level": float(est["level"]) if est is not None else None,
+        "noise_rate_per_class": per_class,
+        "noise_rate_per_class_interval": per_class_interval,
+        "flag_rate": float(r["is_noisy"].mean()) if len(r) else 0.0,
+        "flag_rate_per_class": {c: float(per_class_flagged.get(c, 0.0)) for c in images.classes},
         "classes": list(images.classes),
         "classnames": list(images.classnames),
         "warnings": [str(w) for w in (result.info or {}).get("warnings", [])],

@@ -86,6 +86,14 @@ def _xlsx_value(v: Any) -> Any:
     return str(v)
 
 
+def _interval(iv: Any, summary: dict[str, Any]) -> str:
+    """`` (95% interval 11.0–13.6%)`` or '' when there is none."""
+    if not iv or len(iv) != 2 or iv[0] == iv[1]:
+        return ""
+    level = summary.get("noise_rate_interval_level")
+    return f" ({level:.0%} interval {iv[0]:.1%}–{iv[1]:.1%})" if level else f" ({iv[0]:.1%}–{iv[1]:.1%})"
+
+
 def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int = 10) -> None:
     """A short rich summary: counts, noise estimate, the noisiest classes, where the files are."""
     t = Table(title=f"labelsieve audit — {summary.get('method')} on {summary.get('n_images')} images",
@@ -93,27 +101,34 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
     t.add_column(style="bold")
     t.add_column()
     t.add_row("model", str(summary.get("model", {}).get("name")))
-    t.add_row("flagged", f"{summary['n_flagged']} ({summary['noise_rate']:.1%} of readable images)")
-    t.add_row("expected noise", f"{summary['noise_rate_expected']:.1%} (mean of 1 − p_clean)")
+    t.add_row("flagged", f"{summary['n_flagged']} ({summary['flag_rate']:.1%} of readable images): rows to review")
+    t.add_row("estimated noise", f"{summary['noise_rate']:.1%}{_interval(summary.get('noise_rate_interval'), summary)}"
+              " of the labels are wrong (mean of 1 − calibrated p_clean)")
     t.add_row("unreadable", str(summary["n_unreadable"]))
     t.add_row("duplicates", str(summary["n_duplicates"]) + " byte-identical")
     nd = summary.get("near_duplicates") or {}
-    if nd.get("threshold") is not None:
+    if nd.get("threshold") is not None and nd.get("n_groups"):
         t.add_row("near-duplicates", f"{nd['n_groups']} group(s) of {nd['n_rows']} images: "
                   f"{nd['n_conflicting_groups']} with conflicting labels (ranked first), "
                   f"{nd['n_groups_across_folders']} across top-level folders (a train/val split leaks)")
+    elif nd.get("threshold") is not None:
+        t.add_row("near-duplicates", "none found")
     t.add_row("rule", summary["decision_rule"])
     timings = summary.get("timings", {})
     if timings:
         t.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(t)
     per = sorted(summary["noise_rate_per_class"].items(), key=lambda kv: -kv[1])[:top]
-    ct = Table(title="noisiest classes (share flagged)")
+    ct = Table(title="noisiest classes (estimated share of wrong labels)")
     ct.add_column("class")
+    ct.add_column("estimated noise", justify="right")
     ct.add_column("flagged", justify="right")
     ct.add_column("images", justify="right")
+    intervals = summary.get("noise_rate_per_class_interval") or {}
+    flagged = summary.get("flag_rate_per_class") or {}
     for c, r in per:
-        ct.add_row(c, f"{r:.1%}", str(summary["class_counts"].get(c, "")))
+        ct.add_row(c, f"{r:.1%}{_interval(intervals.get(c), summary)}",
+                   f"{flagged[c]:.1%}" if c in flagged else "", str(summary["class_counts"].get(c, "")))
     console.print(ct)
     for w in summary.get("warnings", []):
         console.print(f"[bold yellow]warning:[/bold yellow] {w}")

@@ -25,7 +25,8 @@ same picture with two labels, so at least one of them is wrong.
 
 ``rank``: unreadable rows first; then the rows of label-conflict groups (a group's rows together, groups by
 their lowest p_clean); then the other flagged rows by ascending p_clean, then the rest by ascending
-p_clean; ties keep input order.
+p_clean; ties go by the raw score (``p_clean_raw``, when the detector's result was calibrated), then input
+order — so the ranking is the detector's own.
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ def build_table(
     group_rank = {int(g): r for r, g in enumerate(group_min.sort_values(kind="stable").index)}
     by_group = np.zeros(n, dtype=np.int64)
     by_group[conflict] = [group_rank[int(g)] for g in group[conflict]]
-    order = np.lexsort((np.arange(n), p_sort, by_group, block))
+    # ties of (calibrated) p_clean keep the detector's raw order, then the input order
+    raw = np.nan_to_num(table["p_clean_raw"].to_numpy(dtype=np.float64), nan=-1.0) if "p_clean_raw" in table \
+        else np.zeros(n)
+    order = np.lexsort((np.arange(n), raw, p_sort, by_group, block))
     table = table.iloc[order].reset_index(drop=True)
     table["rank"] = np.arange(1, n + 1)
     table["duplicate_group"] = _renumber(table["duplicate_group"].to_numpy())

@@ -44,14 +44,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from labelsieve.detectors.common.base import DetectionResult
 
-__all__ = ["CLIP", "MIN_SEPARATION", "MIN_WEIGHT", "SCALES", "Calibration", "calibrate", "fit_calibration",
+__all__ = ["CLIP", "MAP_CLIP", "MIN_SEPARATION", "MIN_WEIGHT", "SCALES", "Calibration", "calibrate", "fit_calibration",
            "noise_estimate"]
 
-#: Raw scores are clipped to ``[CLIP, 1 − CLIP]`` before a scale is applied.
+#: Raw scores are clipped to ``[CLIP, 1 − CLIP]`` before the mixture is fitted (saturated scores of 1.0 or 0.0
+#: would otherwise be infinitely far out on the logit scale) ...
 CLIP = 1e-4
+#: ... and to ``[MAP_CLIP, 1 − MAP_CLIP]`` when the fitted map is applied, so scores that differ keep their order.
+MAP_CLIP = 1e-12
 #: Components closer than this many shared standard deviations are one population (no calibration).
 MIN_SEPARATION = 1.0
 #: A component weighing less than this is not a population (no calibration).
@@ -61,25 +65,25 @@ _TOL = 1e-9
 _INIT_QUANTILES = (0.1, 0.3, 0.5)
 
 
-def _clip(p: np.ndarray) -> np.ndarray:
-    return np.clip(np.asarray(p, dtype=np.float64), CLIP, 1.0 - CLIP)
+def _clip(p: np.ndarray, eps: float = CLIP) -> np.ndarray:
+    return np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = _clip(p)
+def _logit(p: np.ndarray, eps: float = CLIP) -> np.ndarray:
+    q = _clip(p, eps)
     return np.log(q) - np.log1p(-q)
 
 
-def _arcsine(p: np.ndarray) -> np.ndarray:
-    return np.arcsin(np.sqrt(_clip(p)))
+def _arcsine(p: np.ndarray, eps: float = CLIP) -> np.ndarray:
+    return np.arcsin(np.sqrt(_clip(p, eps)))
 
 
-#: The scales the mixture is fitted on, by name.
-SCALES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"logit": _logit, "arcsine": _arcsine, "identity": _clip}
+#: The scales the mixture is fitted on, by name: ``T(p, eps)`` with p clipped to ``[eps, 1 − eps]``.
+SCALES: dict[str, Callable[..., np.ndarray]] = {"logit": _logit, "arcsine": _arcsine, "identity": _clip}
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+    return expit(np.asarray(z, dtype=np.float64))  # exact in the tails: tiny, not 0.0
 
 
 @dataclass
@@ -121,7 +125,7 @@ class Calibration:
         """Calibrated p_clean of raw scores ``p_raw`` (the raw scores when not fitted)."""
         if not self.fitted:
             return np.asarray(p_raw, dtype=np.float64)
-        return _sigmoid(self.slope * SCALES[self.scale](p_raw) + self.intercept)
+        return _sigmoid(self.slope * SCALES[self.scale](p_raw, MAP_CLIP) + self.intercept)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "two-component equal-variance Gaussian mixture on a scale of the raw score, EM, no labels",

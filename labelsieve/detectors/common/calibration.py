@@ -13,9 +13,14 @@ one, the same way for every detector, and keeps the raw value (column ``p_clean_
    the detector's own decision, and from the lowest 10/30/50 % of the scores; the best likelihood is kept):
    the data say how the scores of clean and of mislabelled samples spread — no labels are needed;
 3. calibrated ``p_clean`` is the posterior of the higher component. With a shared variance that posterior is
-   exactly ``σ(a·T(p) + b)`` with ``a > 0``: a strictly increasing map of the raw score, so the ranking, AUROC
-   and AUPRC are unchanged; and at EM's fixed point ``mean(1 − p_clean)`` equals the fitted noisy share, so
-   the probabilities and the noise estimate are one and the same number;
+   ``σ(z)``, ``z = a·T(p) + b`` with ``a > 0``; its log-odds are softly bounded to ``±ln(2n)``
+   (:func:`log_odds_bound`: ``z / sqrt(1 + (z/L)²)``), because Gaussian tails would otherwise claim
+   certainties like 1 − 1e-16 that no finite sample supports and that float64 rounds to a tie. The result
+   is a strictly increasing map of the raw score (where float64 would round two raw scores to one value,
+   a tie-break of at most 1e-9 keeps the detector's order), so the ranking, AUROC and AUPRC are
+   unchanged; and the
+   noise estimate is ``mean(1 − p_clean)`` — the probabilities and the estimate are one and the same
+   number (without the bound it would equal EM's fitted noisy share exactly; with it, within ~1/n);
 4. of the three scales, the one whose calibrated decision (``p_clean < 0.5``) agrees best with the detector's
    own decision is kept. The detector's decision is its best-measured output (its F1 in the benchmark); a
    scale on which the mixture splits the scores elsewhere (a skewed clean population cut in two, an atom of
@@ -49,13 +54,14 @@ from scipy.special import expit
 from labelsieve.detectors.common.base import DetectionResult
 
 __all__ = ["CLIP", "MAP_CLIP", "MIN_SEPARATION", "MIN_WEIGHT", "SCALES", "Calibration", "calibrate", "fit_calibration",
-           "noise_estimate"]
+           "log_odds_bound", "noise_estimate"]
 
 #: Raw scores are clipped to ``[CLIP, 1 − CLIP]`` before the mixture is fitted (saturated scores of 1.0 or 0.0
 #: would otherwise be infinitely far out on the logit scale) ...
 CLIP = 1e-4
-#: ... and to ``[MAP_CLIP, 1 − MAP_CLIP]`` when the fitted map is applied, so scores that differ keep their order.
-MAP_CLIP = 1e-12
+#: ... but not when the fitted map is applied (only to the open interval float64 can hold), so scores that
+#: differ keep their order.
+MAP_CLIP = float(np.nextafter(0.0, 1.0))
 #: Components closer than this many shared standard deviations are one population (no calibration).
 MIN_SEPARATION = 1.0
 #: A component weighing less than this is not a population (no calibration).
@@ -66,7 +72,7 @@ _INIT_QUANTILES = (0.1, 0.3, 0.5)
 
 
 def _clip(p: np.ndarray, eps: float = CLIP) -> np.ndarray:
-    return np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.clip(np.asarray(p, dtype=np.float64), eps, min(1.0 - eps, float(np.nextafter(1.0, 0.0))))
 
 
 def _logit(p: np.ndarray, eps: float = CLIP) -> np.ndarray:
@@ -84,6 +90,20 @@ SCALES: dict[str, Callable[..., np.ndarray]] = {"logit": _logit, "arcsine": _arc
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return expit(np.asarray(z, dtype=np.float64))  # exact in the tails: tiny, not 0.0
+
+
+def _bounded(z: np.ndarray, bound: float) -> np.ndarray:
+    """Log-odds ``z`` softly bounded to (−bound, bound): ``z / sqrt(1 + (z/bound)²)``, strictly increasing."""
+    z = np.asarray(z, dtype=np.float64)
+    return z / np.sqrt(1.0 + (z / bound) ** 2)
+
+
+def log_odds_bound(n: int) -> float:
+    """How sure calibrated p_clean may get with ``n`` scores: log-odds within ``±ln(2n)`` (p within ~1/(2n) of
+    0 or 1). A Gaussian mixture's posterior goes to 0 or 1 exponentially fast in its tails — 1 − 1e-16 for
+    half of the rows of a wide set — which no data of ``n`` rows supports, and which float64 would round to
+    exactly 1.0, tying rows the detector had ordered."""
+    return float(np.log(2.0 * max(n, 2)))
 
 
 @dataclass
@@ -116,6 +136,7 @@ class Calibration:
     iterations: int = 0
     agreement: float = float("nan")
     log_likelihood: float = float("nan")
+    bound: float = float("inf")
 
     @property
     def fitted(self) -> bool:
@@ -125,13 +146,18 @@ class Calibration:
         """Calibrated p_clean of raw scores ``p_raw`` (the raw scores when not fitted)."""
         if not self.fitted:
             return np.asarray(p_raw, dtype=np.float64)
-        return _sigmoid(self.slope * SCALES[self.scale](p_raw, MAP_CLIP) + self.intercept)
+        return self.posterior(SCALES[self.scale](p_raw, MAP_CLIP))
+
+    def posterior(self, u: np.ndarray) -> np.ndarray:
+        """Calibrated p_clean of scale values ``u`` (fitted maps only)."""
+        return _sigmoid(_bounded(self.slope * np.asarray(u, dtype=np.float64) + self.intercept, self.bound))
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "two-component equal-variance Gaussian mixture on a scale of the raw score, EM, no labels",
                 "scale": self.scale, "status": self.status, "slope": self.slope, "intercept": self.intercept,
                 "noisy_weight": self.noisy_weight, "means": self.means, "sd": self.sd,
-                "agreement_with_detector_decision": self.agreement, "iterations": self.iterations}
+                "agreement_with_detector_decision": self.agreement, "log_odds_bound": self.bound,
+                "iterations": self.iterations}
 
 
 def _em(u: np.ndarray, weight: np.ndarray, r: np.ndarray, var_floor: float,
@@ -217,6 +243,7 @@ def fit_calibration(p_raw: np.ndarray, decision: np.ndarray | None = None, *,
     best: Calibration | None = None
     for name in scales or tuple(SCALES):
         cal = _from_params(name, _fit_scale(SCALES[name](p), inits))
+        cal.bound = log_odds_bound(n)
         cal.agreement = float(np.mean((cal(p) < 0.5) == dec)) if cal.fitted else -1.0
         if best is None or (cal.fitted, cal.agreement) > (best.fitted, best.agreement):
             best = cal
@@ -235,14 +262,14 @@ def calibrate(result: DetectionResult, labels: np.ndarray | None = None) -> Dete
     """
     decision = result.is_noisy
     cal = fit_calibration(result.p_clean, decision)
-    p = cal(result.p_clean)
+    p = _with_raw_order(cal(result.p_clean), result.p_clean)
     columns = dict(result.columns)
     member_maps = {}
     for name, col in result.columns.items():
         if name.startswith("p_clean_"):
             flag_col = result.columns.get("is_noisy_" + name[len("p_clean_"):])
             member = fit_calibration(np.asarray(col, dtype=np.float64), flag_col)
-            columns[name] = member(col)
+            columns[name] = _with_raw_order(member(col), col)
             member_maps[name] = member.to_dict()
     columns["p_clean_raw"] = result.p_clean
     threshold = float(cal(np.array([result.threshold]))[0]) if result.flags is None else result.threshold
@@ -259,6 +286,20 @@ def calibrate(result: DetectionResult, labels: np.ndarray | None = None) -> Dete
     rule = result.rule + rule
     return replace(result, p_clean=p, threshold=threshold, flags=np.asarray(decision, dtype=bool), rule=rule,
                    info=info, columns=columns)
+
+
+#: Largest tie-break :func:`_with_raw_order` adds to a calibrated p_clean.
+TIE_BREAK = 1e-9
+
+
+def _with_raw_order(p: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """``p`` plus at most :data:`TIE_BREAK`, increasing with the raw score's dense rank: rows the detector ordered
+    keep that order even where the map's output rounds to the same float64 (an affine map of 1e-300 and of
+    1e-280 is the same number), rows it tied stay tied."""
+    if not len(p):
+        return p
+    _, dense = np.unique(np.asarray(raw, dtype=np.float64), return_inverse=True)
+    return np.asarray(p, dtype=np.float64) + TIE_BREAK * dense / max(int(dense.max()), 1)
 
 
 def noise_estimate(p_raw: np.ndarray, cal: Calibration, labels: np.ndarray, *, n_classes: int | None = None,
@@ -316,8 +357,8 @@ def noise_estimate(p_raw: np.ndarray, cal: Calibration, labels: np.ndarray, *, n
             used = total > 0
             start = 1.0 - _sigmoid(cal.slope * centre[used] + cal.intercept)
             fit = _from_params(cal.scale, _em(centre[used], total[used], start, floor, max_iter=100))
-            q_bin = 1.0 - (_sigmoid(fit.slope * centre + fit.intercept) if fit.fitted
-                           else _clip(_inverse(cal.scale, centre)))
+            fit.bound = cal.bound
+            q_bin = 1.0 - (fit.posterior(centre) if fit.fitted else _clip(_inverse(cal.scale, centre)))
         else:
             q_bin = 1.0 - _clip(_inverse(cal.scale, centre))
         wrong = rng.binomial(sample.astype(np.int64), np.clip(q_bin, 0.0, 1.0)[None, :]).sum(axis=1)

@@ -118,7 +118,7 @@ def score(raw: DetectionResult, labels: np.ndarray, true: np.ndarray) -> dict:
             "flag_rate": float(raw.is_noisy.mean()), "f1": before["f1"], "precision": before["precision"],
             "recall": before["recall"], "auroc_raw": before["auroc"], "auroc": after["auroc"],
             "flag_rate_half": float((cal.p_clean < 0.5).mean()), "f1_half": half["f1"],
-            "scale": c["scale"], "status": c["status"], "calibrate_seconds": secs,
+            "scale": c["scale"], "status": c["status"], "calibrate_seconds": secs, "load_avg_1min": os.getloadavg()[0],
             "ece_logit_only": detection_metrics(noisy, p_logit, raw.is_noisy)["ece"],
             "estimate_logit_only": float(1.0 - p_logit.mean()),
             "per_class_error_max": max(abs(est["per_class"][k] - float(noisy[labels == k].mean()))

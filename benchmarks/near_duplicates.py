@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     in_candidates = float(np.mean([(min(c, source[c]), max(c, source[c])) in found for c in copy_rows]))
     append_jsonl(jsonl, {**base, "kind": "timing", "candidates_seconds": t_candidates,
                          "thumbnail_seconds": t_thumbs, "n_images": len(images), "all_decoded": bool(ok.all()),
+                         "load_avg_1min": os.getloadavg()[0],
                          "copies_among_candidates": in_candidates})
     for method, score in zip(METHODS, (thumb_sim, feat_sim), strict=True):
         for t in THRESHOLDS:
@@ -219,7 +220,8 @@ def render(jsonl: Path, md: Path) -> None:
         lines += [f"### {model} features: {sim['n_originals']} Imagenette images + {sim['n_copies']} altered copies",
                   "", f"Host: {sim['host']}. Copies among the feature candidates (8 nearest neighbours): "
                   f"{timing['copies_among_candidates']:.3f}. Candidate search {timing['candidates_seconds']:.2f} s, "
-                  f"thumbnails of all {timing['n_images']} images and pair scores {timing['thumbnail_seconds']:.1f} s.",
+                  f"thumbnails of all {timing['n_images']} images and pair scores {timing['thumbnail_seconds']:.1f} s "
+                  f"(load average {timing.get('load_avg_1min', float('nan')):.1f} on the machine while measured).",
                   ""]
         for method in METHODS:
             th = {r["threshold"]: r for r in mine if r["kind"] == "threshold" and r.get("method") == method}

@@ -21,14 +21,22 @@ from labelsieve.audit.html import write_html
 from labelsieve.audit.review import apply_review, check_audit_output, keep_reviewed_copy
 from labelsieve.audit.schema import paths_hash
 from labelsieve.audit.table import Audit, build_table, summarise
-from labelsieve.audit.writers import print_summary, write_csv, write_json
-from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
+from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
+from labelsieve.core.defaults import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_METHOD,
+    DEFAULT_MODEL,
+    DEFAULT_OUTLIER_PROB,
+    default_cache_dir,
+)
 from labelsieve.core.errors import check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
 from labelsieve.detectors import DetectionContext, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors.common.calibration import calibrate
+from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
@@ -53,11 +61,14 @@ def run_detector(
     progress: bool = True,
     outlier_prob: float = DEFAULT_OUTLIER_PROB,
     threshold: float | None = None,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
 ) -> Audit:
-    """Extract (or read cached) features, run one detector, and build the audit table and summary.
+    """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
+    and summary.
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
-    the images and the model (benchmarks, notebooks).
+    the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
+    near-duplicate search.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -78,14 +89,27 @@ def run_detector(
     t = time.perf_counter()
     result = detector.detect(ctx)
     timings["detect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = calibrate(result, labels=ctx.labels)
+    timings["calibrate"] = time.perf_counter() - t
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
         result.threshold = threshold
         result.flags = None
-        result.rule += f" Threshold overridden by the user: {threshold}."
+        result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
+    groups = None
+    if duplicate_threshold is not None:
+        check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
+                    "a float in (0, 1], or None to skip the near-duplicate search")
+        t = time.perf_counter()
+        groups = near_duplicate_groups(sub, ctx.features(), threshold=duplicate_threshold, seed=seed,
+                                       progress=progress)
+        timings["near_duplicates"] = time.perf_counter() - t
     t = time.perf_counter()
-    table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob)
+    table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,
+                        duplicate_groups=groups)
     summary = summarise(table, images, result)
+    summary["near_duplicates"]["threshold"] = duplicate_threshold
     timings["table"] = time.perf_counter() - t
     summary.update({
         "method": method,
@@ -126,6 +150,8 @@ def audit(
     batch_size: int = 64,
     num_workers: int | None = None,
     html: bool = True,
+    xlsx: bool = False,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
@@ -158,6 +184,13 @@ def audit(
         ``cpu``, ``cuda``, ``cuda:1`` … (default: CUDA if available).
     cache_dir : path, optional
         Feature store and other caches (default ``$LABELSIEVE_CACHE`` or ``~/.cache/labelsieve``).
+    html : bool, default=True
+        Write audit.html.
+    xlsx : bool, default=False
+        Also write audit.xlsx (same rows and columns; header frozen, filters on, worst rows first).
+    duplicate_threshold : float or None, default=0.94
+        Thumbnail correlation at which two images count as near-duplicates
+        (:mod:`labelsieve.detectors.common.duplicates`); None skips the search.
     force : bool, default False
         Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
         it). Without it such an audit is refused before any work starts.
@@ -169,7 +202,7 @@ def audit(
         review decisions and ``force`` is False.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force)
+        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     t0 = time.perf_counter()
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
@@ -180,7 +213,7 @@ def audit(
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                          outlier_prob=outlier_prob, threshold=threshold)
+                          outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold)
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
     result.summary.update({
         "version": __version__,
@@ -194,6 +227,9 @@ def audit(
         t = time.perf_counter()
         keep_reviewed_copy(out / "audit.csv")  # reviews typed while this audit ran, or replaced with force
         files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
+        if xlsx:
+            keep_reviewed_copy(out / "audit.xlsx")
+            files["audit.xlsx"] = write_xlsx(result.table, out / "audit.xlsx")
         if html:
             files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
                                              out_path=out / "audit.html")

@@ -25,7 +25,13 @@ from typing import Any
 import click
 
 from labelsieve import __version__
-from labelsieve.core.defaults import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_METHOD, DEFAULT_MODEL
+from labelsieve.core.defaults import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_METHOD,
+    DEFAULT_MODEL,
+)
 from labelsieve.core.errors import LabelsieveError
 
 
@@ -86,6 +92,12 @@ def cli() -> None:
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Feature-extraction batch size.")
 @click.option("--workers", type=int, help="Image-decoding worker processes.")
 @click.option("--no-html", is_flag=True, help="Do not write audit.html.")
+@click.option("--xlsx", is_flag=True, help="Also write audit.xlsx for Excel/LibreOffice: header frozen, filters on, "
+                                          "flagged rows first; 'labelsieve apply' reads it back.")
+@click.option("--duplicate-threshold", type=click.FloatRange(0.0, 1.0, min_open=True),
+              default=DEFAULT_DUPLICATE_THRESHOLD, show_default=True,
+              help="Near-duplicates: thumbnail correlation at which two images count as the same picture.")
+@click.option("--no-near-duplicates", is_flag=True, help="Skip the near-duplicate search.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
@@ -93,7 +105,8 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
           classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
-          no_html: bool, no_progress: bool, force: bool) -> None:
+          no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
+          no_progress: bool, force: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
@@ -102,7 +115,8 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
-              html=not no_html, progress=not no_progress, force=force)
+              html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
+              progress=not no_progress, force=force)
 
 
 @cli.command("detectors")
@@ -118,7 +132,7 @@ def detectors_cmd() -> None:
 @click.option("--drop-unreviewed", is_flag=True, help="Drop flagged rows with an empty review.")
 @click.option("--accept-suggestions", is_flag=True, help="Relabel flagged rows with an empty review to the suggestion.")
 def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool) -> None:
-    """Turn a reviewed audit.csv into corrected labels (path,label)."""
+    """Turn a reviewed audit.csv (or audit.xlsx) into corrected labels (path,label)."""
     counts = _api().apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
                           accept_suggestions=accept_suggestions)
     click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out_csv}")

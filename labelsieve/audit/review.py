@@ -33,6 +33,7 @@ import difflib
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,18 +365,22 @@ def keep_reviewed_copy(audit_csv: str | os.PathLike[str]) -> Path | None:
     return dest
 
 
-def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
-    """Before an audit starts: its folder must be writable, and an ``audit.csv`` there holding review
-    decisions is replaced only with ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
+def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool,
+                       files: Sequence[str] = ("audit.csv",)) -> Path:
+    """Before an audit starts: its folder must be writable, and a sheet it will write there (``files``:
+    ``audit.csv``, and ``audit.xlsx`` with ``--xlsx``) that holds review decisions is replaced only with
+    ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
     out = check_output_dir(out_dir, what="the audit folder (-o)")
-    target = out / "audit.csv"
-    if target.is_file() and not force:
-        n = count_reviews(target)
-        if n != 0:
-            what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
-            raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another folder "
-                              "with -o, or pass --force (force=True) to replace it: a copy is kept as "
-                              "audit.reviewed-<date>-<time>.csv beside it.")
+    for name in files:
+        target = out / name
+        if target.is_file() and not force:
+            n = count_reviews(target)
+            if n != 0:
+                what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
+                suffix = Path(name).suffix
+                raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another "
+                                  "folder with -o, or pass --force (force=True) to replace it: a copy is kept as "
+                                  f"audit.reviewed-<date>-<time>{suffix} beside it.")
     return out
 
 

@@ -23,6 +23,11 @@ DEFAULT_METHOD = "ensemble"
 #: Flagged rows whose best class has a lower probability are marked ``outlier`` (no class fits).
 DEFAULT_OUTLIER_PROB = 0.4
 
+#: Near-duplicates: two images among each other's nearest feature neighbours whose 16 px thumbnails correlate
+#: at least this much are reported as one ``duplicate_group`` (labelsieve.detectors.common.duplicates). Chosen
+#: by benchmarks/near_duplicates.py: the highest recall with pair precision >= 0.99 (docs/benchmarks.md).
+DEFAULT_DUPLICATE_THRESHOLD = 0.94
+
 #: Feature-extraction batch size.
 DEFAULT_BATCH_SIZE = 64
 

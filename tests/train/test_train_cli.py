@@ -57,7 +57,7 @@ def test_train_moved_image_folder_message_and_images_override(nette, lite0_file,
 def test_mission_command_offline_fails_only_for_the_weights(nette, tmp_path, monkeypatch, capsys):
     """`labelsieve train --clean audit/audit.csv --backbone convnext_t` exactly: no usage error; offline, the one
     error is that ConvNeXt-T's weights cannot be downloaded, with what to do."""
-    _audit(nette, tmp_path / "audit", nette.root, per_class=1)
+    _audit(nette, tmp_path / "audit", nette.root, per_class=2)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rc = main(["train", "--clean", "audit/audit.csv", "--backbone", "convnext_t"])

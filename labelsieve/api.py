@@ -10,15 +10,28 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from labelsieve import __version__
+from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
+from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
 from labelsieve.audit.html import write_html
-from labelsieve.audit.review import apply_review
+from labelsieve.audit.review import apply_review as _apply_review
+from labelsieve.audit.reviewed import (
+    check_reviewed_frames,
+    mark_reviewed,
+    resolve_reviewed,
+    reviewed_warning,
+    widen_result,
+)
+from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, read_audit
 from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json
 from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
@@ -30,12 +43,16 @@ from labelsieve.detectors import DetectionContext, create_detector, get_detector
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
+from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
-#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``describe_detectors``
-#: (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "format_metrics", "predict",
-           "run_detector", "train_from_audit"]
+#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
+#: ``describe_detectors`` (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "export_audit",
+           "format_metrics", "predict", "run_detector", "train_from_audit"]
+
+#: What ``labelsieve export --to`` accepts.
+EXPORT_TARGETS = ("fiftyone", "labelstudio")
 
 
 def run_detector(
@@ -51,11 +68,13 @@ def run_detector(
     progress: bool = True,
     outlier_prob: float = DEFAULT_OUTLIER_PROB,
     threshold: float | None = None,
+    reviewed: Sequence[pd.DataFrame] = (),
 ) -> Audit:
     """Extract (or read cached) features, run one detector, and build the audit table and summary.
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
-    the images and the model (benchmarks, notebooks).
+    the images and the model (benchmarks, notebooks). ``reviewed`` holds earlier decisions (tables from
+    :func:`labelsieve.audit.decisions.read_reviews`); see :mod:`labelsieve.audit.reviewed`.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -67,14 +86,21 @@ def run_detector(
                              progress=progress)
     timings["features"] = time.perf_counter() - t
     readable = feats.ok
-    ridx = np.nonzero(readable)[0]
+    rev = resolve_reviewed(images, reviewed) if reviewed else None
+    fit = readable & ~rev.dropped if rev is not None else readable
+    ridx = np.nonzero(fit)[0]
     sub = images.subset(ridx)
+    if rev is not None:
+        sub.labels = rev.labels[ridx]
     ctx = DetectionContext(labels=sub.labels, classnames=images.classnames, images=sub, encoder=encoder,
                            features_fn=lambda: np.asarray(feats.vectors[ridx], dtype=np.float32),
-                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress)
+                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress,
+                           trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)
     t = time.perf_counter()
     result = detector.detect(ctx)
+    if rev is not None:
+        result = widen_result(result, fit[readable])
     timings["detect"] = time.perf_counter() - t
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
@@ -83,7 +109,14 @@ def run_detector(
         result.rule += f" Threshold overridden by the user: {threshold}."
     t = time.perf_counter()
     table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob)
+    if rev is not None:
+        table = mark_reviewed(table, images, rev)
     summary = summarise(table, images, result)
+    if rev is not None:
+        summary["reviewed"] = rev.describe()
+        warning = reviewed_warning(rev)
+        if warning:
+            summary["warnings"].append(warning)
     timings["table"] = time.perf_counter() - t
     summary.update({
         "method": method,
@@ -125,6 +158,7 @@ def audit(
     html: bool = True,
     progress: bool = True,
     quiet: bool = False,
+    reviewed: Sequence[str | os.PathLike[str]] = (),
 ) -> Audit:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -154,8 +188,14 @@ def audit(
         ``cpu``, ``cuda``, ``cuda:1`` … (default: CUDA if available).
     cache_dir : path, optional
         Feature store and other caches (default ``$LABELSIEVE_CACHE`` or ``~/.cache/labelsieve``).
+    reviewed : sequence of paths
+        Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
+        they decide are trusted labels for the detector and keep their decision in the new audit
+        (:mod:`labelsieve.audit.reviewed`).
     """
     t0 = time.perf_counter()
+    frames = [read_reviews(f) for f in reviewed]
+    check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
                          classnames=classnames)
     t_load = time.perf_counter() - t0
@@ -164,7 +204,7 @@ def audit(
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                          outlier_prob=outlier_prob, threshold=threshold)
+                          outlier_prob=outlier_prob, threshold=threshold, reviewed=frames)
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
     result.summary.update({
         "version": __version__,
@@ -188,6 +228,73 @@ def audit(
         print_summary(result.summary, result.files)
     return result
 
+
+
+def apply_review(
+    audit_csv: str | os.PathLike[str],
+    *,
+    out_csv: str | os.PathLike[str],
+    reviews: Sequence[str | os.PathLike[str]] = (),
+    from_labelstudio: str | os.PathLike[str] | None = None,
+    from_fiftyone: str | None = None,
+    classes: list[str] | None = None,
+    drop_unreviewed_flagged: bool = False,
+    accept_suggestions: bool = False,
+) -> dict[str, int]:
+    """Write corrected labels from a reviewed audit (``labelsieve apply``).
+
+    The decisions are the audit's ``review`` column plus those of ``reviews`` (reviews CSVs downloaded
+    from audit.html, or other reviewed audit.csv files), a Label Studio JSON export and a FiftyOne
+    dataset; each source is merged onto the audit and checked against it
+    (:func:`labelsieve.audit.decisions.merge_reviews`), then the one review rule applies
+    (:func:`labelsieve.audit.review.apply_review`). Returns its counts, plus ``decisions_merged`` when
+    decisions came from elsewhere.
+    """
+    frames = [read_reviews(f) for f in reviews]
+    if from_labelstudio is not None:
+        frames.append(read_export(from_labelstudio))
+    if from_fiftyone is not None:
+        frames.append(read_fiftyone(from_fiftyone))
+    counts = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
+                           drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions)
+    if frames:
+        counts["decisions_merged"] = sum(len(f) for f in frames)
+    return counts
+
+
+def export_audit(
+    audit_csv: str | os.PathLike[str],
+    *,
+    to: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    all_rows: bool = False,
+    overwrite: bool = False,
+    document_root: str | os.PathLike[str] | None = None,
+    url_prefix: str | None = None,
+) -> dict[str, Any]:
+    """Hand an audit to a review tool (``labelsieve export``): ``to="labelstudio"`` writes
+    ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
+    ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
+    :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
+    ``images_root`` or the one recorded in the audit.json beside the audit."""
+    check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
+    path = Path(audit_csv)
+    table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
+    record = audit_record(path)
+    root = audit_image_root(path, images_root, record)
+    if to == "fiftyone":
+        ds_name = name or f"labelsieve-{path.resolve().parent.name}"
+        return write_fiftyone(table, image_root=root, name=ds_name, all_rows=all_rows, overwrite=overwrite,
+                              where=str(path))
+    classes = [str(c) for c in record.get("classes") or []]
+    if not classes:
+        both = set(table["given_label"]) | set(table.get("suggested_label", pd.Series(dtype=object)))
+        classes = sorted(c for c in both if c)
+    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    return write_labelstudio(table, out, image_root=root, classes=classes, all_rows=all_rows,
+                             document_root=document_root, url_prefix=url_prefix, where=str(path))
 
 
 def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str], *, kind: str = "symmetric",

@@ -24,12 +24,14 @@ reads the CSV, applies it and writes ``path,label`` atomically, and the trainer 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.decisions import merge_reviews
 from labelsieve.audit.schema import REVIEW_REQUIRED, flagged_mask, line_word, read_audit
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import atomic_open
@@ -279,6 +281,7 @@ def apply_review(
     classes: list[str] | None = None,
     drop_unreviewed_flagged: bool = False,
     accept_suggestions: bool = False,
+    reviews: Sequence[pd.DataFrame] = (),
 ) -> dict[str, int]:
     """Write corrected labels from a reviewed ``audit.csv`` (``labelsieve apply``).
 
@@ -295,6 +298,10 @@ def apply_review(
         Drop flagged rows the reviewer left empty instead of keeping their given label.
     accept_suggestions : bool, default False
         Relabel flagged rows the reviewer left empty to their suggested label.
+    reviews : sequence of DataFrame
+        Decisions made elsewhere (a reviews CSV from audit.html, Label Studio, FiftyOne; see
+        :mod:`labelsieve.audit.decisions`), written into the audit's ``review`` column first, each
+        checked against it (:func:`~labelsieve.audit.decisions.merge_reviews`).
 
     Returns
     -------
@@ -312,6 +319,8 @@ def apply_review(
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
     audit = read_audit(audit_csv)
+    for extra in reviews:
+        audit = merge_reviews(audit, extra, where=str(audit_csv))
     dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
                   accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
     with atomic_open(out_csv) as f:

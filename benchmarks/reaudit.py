@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"dataset": dname, "variant": variant, "seed": args.seed, "top": k, "n": len(images),
                    "noise_rate": float((images.labels != true).mean()), "reviewed_relabelled": n_relabel,
                    "reviewed_kept": k - n_relabel,
-                   "errors_first_audit_ranks": before["errors_in_window"], "errors_reaudit_next": after["errors_in_window"],
+                   "errors_first_audit_ranks": before["errors_in_window"],
+                   "errors_reaudit_next": after["errors_in_window"],
                    "first_unreviewed": before_rest, "reaudit_unreviewed": after, "seconds_first": secs_first,
                    "seconds_reaudit": secs, "host": host, "load": os.getloadavg()}
             assert before["errors_in_window"] == before_rest["errors_in_window"]
@@ -133,9 +134,10 @@ def render(jsonl: Path, md: Path) -> None:
     for r in rows:
         a, b = r["first_unreviewed"], r["reaudit_unreviewed"]
         gain = r["errors_reaudit_next"] - r["errors_first_audit_ranks"]
-        lines.append(f"| {r['dataset']} (n={r['n']:,}, noise {r['noise_rate']:.0%}, seed {r['seed']}) | {r['variant']} | "
-                     f"{r['top']} ({r['reviewed_kept']} / {r['reviewed_relabelled']}) | {r['errors_first_audit_ranks']} "
-                     f"| {r['errors_reaudit_next']} | {gain:+d} | {a['auroc']:.4f} → {b['auroc']:.4f} | "
+        lines.append(f"| {r['dataset']} (n={r['n']:,}, noise {r['noise_rate']:.0%}, seed {r['seed']}) | "
+                     f"{r['variant']} | {r['top']} ({r['reviewed_kept']} / {r['reviewed_relabelled']}) | "
+                     f"{r['errors_first_audit_ranks']} | {r['errors_reaudit_next']} | {gain:+d} | "
+                     f"{a['auroc']:.4f} → {b['auroc']:.4f} | "
                      f"{a['precision']:.3f} → {b['precision']:.3f} |")
     hosts = {str(r["host"]) for r in rows}
     loads = [r["load"][0] for r in rows if "load" in r]

@@ -35,8 +35,9 @@ def write_reviews(path, rows):
 
 def test_reviews_csv_applies_like_the_review_column(audit_csv, tmp_path):
     """A reviews CSV (what audit.html downloads) gives the labels the same values in the review column give."""
-    rev = write_reviews(tmp_path / "reviews.csv", [("a.jpg", "cat", "dog", "relabel:dog"), ("b.jpg", "dog", "cat", "drop"),
-                                                    ("c.jpg", "cat", "bird", "keep"), ("d.jpg", "bird", "bird", "keep")])
+    rev = write_reviews(tmp_path / "reviews.csv", [("a.jpg", "cat", "dog", "relabel:dog"),
+                                                    ("b.jpg", "dog", "cat", "drop"), ("c.jpg", "cat", "bird", "keep"),
+                                                    ("d.jpg", "bird", "bird", "keep")])
     counts = apply_review(audit_csv, out_csv=tmp_path / "via-file.csv", reviews=[read_reviews(rev)])
     filled = read_audit(audit_csv)
     filled.loc[filled["path"] == "a.jpg", "review"] = "relabel:dog"
@@ -100,8 +101,9 @@ def test_reviewed_rows_map_onto_a_new_input(tmp_path):
     classes = ["bird", "cat", "dog"]
     # the new input: e.jpg already carries its corrected label; x.jpg is new; q.jpg was reviewed but is gone
     images = _images(["a.jpg", "b.jpg", "c.jpg", "e.jpg", "x.jpg"], ["cat", "dog", "cat", "bird", "dog"], classes)
-    old = reviews_frame(["a.jpg", "b.jpg", "c.jpg", "e.jpg", "q.jpg"], ["relabel", "drop", "keep", "relabel:bird", "keep"],
-                        source="old audit.csv", given=["cat", "dog", "cat", "dog", "cat"],
+    old = reviews_frame(["a.jpg", "b.jpg", "c.jpg", "e.jpg", "q.jpg"],
+                        ["relabel", "drop", "keep", "relabel:bird", "keep"], source="old audit.csv",
+                        given=["cat", "dog", "cat", "dog", "cat"],
                         suggested=["dog", "cat", "bird", "bird", "cat"])
     rev = resolve_reviewed(images, [old])
     assert rev.labels.tolist() == [2, 2, 1, 0, 2]               # a relabelled to dog; b's label unchanged (dropped)

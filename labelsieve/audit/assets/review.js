@@ -136,7 +136,8 @@
     fillSelect("f-members", mem);
     $("f-members-wrap").style.display = M.length ? "" : "none";
     ["f-show", "f-given", "f-sugg", "f-issue", "f-members", "f-sort", "f-size"].forEach(function (id) {
-      $(id).addEventListener("change", function () { refilter(true); });
+      // leave the keyboard to the review: a focused select would take k, d, r … as option letters
+      $(id).addEventListener("change", function (e) { e.target.blur(); refilter(true); });
     });
     $("f-search").addEventListener("input", function () { refilter(true); });
     $("ls-download").addEventListener("click", download);

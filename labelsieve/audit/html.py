@@ -419,8 +419,9 @@ def _review_html(data: dict[str, Any], *, n_flagged: int, thumb_size: int) -> st
     return (
         '<section id="review"><h2>Review</h2>'
         f'<p class="note">{escape(scope)} Decisions are kept in this browser (per audit) and saved with '
-        '<b>Download reviews CSV</b>. Press <kbd>?</kbd> for the keys. On a card, ✗ marks an ensemble member that '
-        'flags the row and ✓ one that accepts its label.</p>'
+        '<b>Download reviews CSV</b>. Press <kbd>?</kbd> for the keys.'
+        + (' On a card, ✗ marks an ensemble member that flags the row and ✓ one that accepts its label.'
+           if data["members"] else "") + '</p>'
         '<div class="progress"><span class="txt" id="ls-progress-text"></span><div class="track">'
         '<span id="ls-progress-bar"></span></div><span class="sub" id="ls-progress-sub"></span></div>'
         '<div id="ls-banners"></div>'

@@ -11,7 +11,7 @@ import pandas as pd
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, LabelsieveError
 
-__all__ = ["export_rows", "missing_extra", "number", "text"]
+__all__ = ["export_rows", "missing_extra", "number", "row_values", "text"]
 
 
 def export_rows(table: pd.DataFrame, *, all_rows: bool, where: str) -> pd.DataFrame:
@@ -50,3 +50,18 @@ def missing_extra(package: str, extra: str, exc: ImportError, hint: str = "") ->
     """The error for an optional dependency that is not installed."""
     return LabelsieveError(f"{package} is not installed ({exc}). Install it with: pip install 'labelsieve[{extra}]'"
                            + (f" {hint}" if hint else "") + ".")
+
+
+def row_values(rows: pd.DataFrame) -> dict[str, list[Any]]:
+    """The audit fields a tool shows, as plain Python lists: ``path``, ``given``, ``sugg``, ``issue``, ``review``
+    (strings), ``p_clean``, ``s_prob``, ``agreement`` (floats or None) and ``rank`` (ints)."""
+    n = len(rows)
+
+    def numbers(column: str) -> list[float | None]:
+        return [number(v) for v in rows[column].tolist()] if column in rows.columns else [None] * n
+
+    rank = numbers("rank") if "rank" in rows.columns else list(range(1, n + 1))
+    return {"path": text(rows, "path").tolist(), "given": text(rows, "given_label").tolist(),
+            "sugg": text(rows, "suggested_label").tolist(), "issue": text(rows, "issue").tolist(),
+            "review": text(rows, "review").tolist(), "p_clean": numbers("p_clean"), "s_prob": numbers("suggested_prob"),
+            "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank]}

@@ -31,7 +31,7 @@ from typing import Any
 import pandas as pd
 
 from labelsieve.audit.decisions import reviews_frame
-from labelsieve.audit.handoff.common import export_rows, missing_extra, number, text
+from labelsieve.audit.handoff.common import export_rows, missing_extra, row_values
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError
 
@@ -98,31 +98,27 @@ def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], n
                             "dataset in FiftyOne yourself), or choose another --name.")
         fo.delete_dataset(name)
     root = Path(image_root)
-    paths, given, sugg = text(rows, "path").tolist(), text(rows, "given_label").tolist(), \
-        text(rows, "suggested_label").tolist()
-    issue, review = text(rows, "issue").tolist(), text(rows, "review").tolist()
-    p_clean = rows["p_clean"].tolist() if "p_clean" in rows.columns else [None] * len(rows)
-    s_prob = rows["suggested_prob"].tolist() if "suggested_prob" in rows.columns else [None] * len(rows)
-    rank = rows["rank"].tolist() if "rank" in rows.columns else list(range(1, len(rows) + 1))
-    agreement = rows["agreement"].tolist() if "agreement" in rows.columns else None
+    v = row_values(rows)
+    has_agreement = "agreement" in rows.columns
     flagged = flagged_mask(rows, where=where).tolist()
     samples = []
     for k in range(len(rows)):
-        full = Path(paths[k]) if Path(paths[k]).is_absolute() else root / paths[k]
+        path, given, sugg, issue = v["path"][k], v["given"][k], v["sugg"][k], v["issue"][k]
+        full = Path(path) if Path(path).is_absolute() else root / path
         s = fo.Sample(filepath=str(full.resolve()))
-        s["ground_truth"] = fo.Classification(label=given[k])
-        if sugg[k]:
-            s["suggestion"] = fo.Classification(label=sugg[k], confidence=number(s_prob[k]))
-        s["given_label"] = given[k]
-        s["p_clean"] = number(p_clean[k])
+        s["ground_truth"] = fo.Classification(label=given)
+        if sugg:
+            s["suggestion"] = fo.Classification(label=sugg, confidence=v["s_prob"][k])
+        s["given_label"] = given
+        s["p_clean"] = v["p_clean"][k]
         s["is_noisy"] = bool(flagged[k])
-        s["issue"] = issue[k]
-        s["rank"] = int(number(rank[k]) or 0)
-        s["audit_path"] = paths[k]
-        if agreement is not None:
-            s["agreement"] = number(agreement[k])
-        s.tags = (["flagged"] if flagged[k] else []) + ([f"issue:{issue[k]}"] if issue[k] else []) \
-            + ([review[k]] if review[k] else [])
+        s["issue"] = issue
+        s["rank"] = v["rank"][k]
+        s["audit_path"] = path
+        if has_agreement:
+            s["agreement"] = v["agreement"][k]
+        s.tags = (["flagged"] if flagged[k] else []) + ([f"issue:{issue}"] if issue else []) \
+            + ([v["review"][k]] if v["review"][k] else [])
         samples.append(s)
     ds = fo.Dataset(name)
     ds.persistent = True

@@ -39,7 +39,7 @@ from xml.sax.saxutils import quoteattr
 import pandas as pd
 
 from labelsieve.audit.decisions import reviews_frame
-from labelsieve.audit.handoff.common import export_rows, missing_extra, number, text
+from labelsieve.audit.handoff.common import export_rows, missing_extra, row_values
 from labelsieve.core.errors import DataError
 from labelsieve.core.io import atomic_open
 
@@ -48,7 +48,6 @@ __all__ = ["DECISION", "FROM_NAME", "TO_NAME", "build_tasks", "label_config", "r
 
 FROM_NAME, TO_NAME, DECISION = "label", "image", "decision"
 MODEL_VERSION = "labelsieve"
-_FIELDS = ("given_label", "suggested_label", "p_clean", "issue", "rank")
 
 
 def label_config(classes: list[str]) -> str:
@@ -87,24 +86,20 @@ def build_tasks(rows: pd.DataFrame, *, image_root: str | os.PathLike[str],
     """Label Studio import tasks for the audit ``rows`` (see the module docstring)."""
     root = Path(image_root)
     droot = Path(document_root) if document_root is not None else None
-    paths, given, sugg = text(rows, "path").tolist(), text(rows, "given_label").tolist(), \
-        text(rows, "suggested_label").tolist()
-    issue, review = text(rows, "issue").tolist(), text(rows, "review").tolist()
-    p_clean = rows["p_clean"].tolist() if "p_clean" in rows.columns else [None] * len(rows)
-    s_prob = rows["suggested_prob"].tolist() if "suggested_prob" in rows.columns else [None] * len(rows)
-    rank = rows["rank"].tolist() if "rank" in rows.columns else list(range(1, len(rows) + 1))
+    v = row_values(rows)
     tasks: list[dict] = []
     for k in range(len(rows)):
-        data: dict[str, Any] = {"image": _image_url(paths[k], root, droot, url_prefix), "path": paths[k],
-                                "given_label": given[k], "suggested_label": sugg[k], "p_clean": number(p_clean[k]),
-                                "issue": issue[k], "rank": int(number(rank[k]) or 0)}
-        if review[k]:
-            data["review"] = review[k]
+        path, sugg = v["path"][k], v["sugg"][k]
+        data: dict[str, Any] = {"image": _image_url(path, root, droot, url_prefix), "path": path,
+                                "given_label": v["given"][k], "suggested_label": sugg, "p_clean": v["p_clean"][k],
+                                "issue": v["issue"][k], "rank": v["rank"][k]}
+        if v["review"][k]:
+            data["review"] = v["review"][k]
         task: dict[str, Any] = {"data": data}
-        if sugg[k]:
-            score = number(s_prob[k])
+        if sugg:
+            score = v["s_prob"][k]
             pred: dict[str, Any] = {"model_version": MODEL_VERSION, "result": [{
-                "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": [sugg[k]]}}]}
+                "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": [sugg]}}]}
             if score is not None:
                 pred["score"] = min(max(score, 0.0), 1.0)
             task["predictions"] = [pred]

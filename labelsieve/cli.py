@@ -216,9 +216,14 @@ def export(audit_csv: Path, target: str, out_dir: Path | None, name: str | None,
         return
     checked = (f"checked with label-studio-sdk {res['validated']}" if res["validated"]
                else "not checked: pip install 'labelsieve[labelstudio]' to check them with Label Studio's validator")
+    serve = ("" if res["document_root"] is None else
+             f"Start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+             f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}, and add a Local Storage on that folder "
+             "to the project.\n")
     click.echo(f"{res['n_tasks']} tasks ({res['n_predictions']} pre-annotated; {checked}) -> {res['tasks']}\n"
-               f"labeling config -> {res['config']}\nImport both into a Label Studio project; export it as JSON, "
-               f"then: labelsieve apply {audit_csv} --from-labelstudio EXPORT.json -o labels.clean.csv")
+               f"labeling config -> {res['config']}\n{serve}Create a project with the config, import the tasks; "
+               f"after review export it as JSON, then: labelsieve apply {audit_csv} --from-labelstudio EXPORT.json "
+               "-o labels.clean.csv")
 
 
 @cli.command()

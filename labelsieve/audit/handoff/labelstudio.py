@@ -153,8 +153,9 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
     Returns
     -------
     dict
-        ``config`` and ``tasks`` (the files), ``n_tasks``, ``n_predictions`` and ``validated`` (the
-        label-studio-sdk version that checked them, or None when it is not installed).
+        ``config`` and ``tasks`` (the files), ``n_tasks``, ``n_predictions``, ``validated`` (the
+        label-studio-sdk version that checked them, or None when it is not installed) and
+        ``document_root`` (the folder Label Studio must serve as local files; None with ``url_prefix``).
 
     Raises
     ------
@@ -175,8 +176,10 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
         f.write(config)
     with atomic_open(out / "tasks.json") as f:
         json.dump(tasks, f, indent=1, ensure_ascii=False, allow_nan=False)
+    served = None if url_prefix is not None else Path(document_root if document_root is not None else image_root)
     return {"config": out / "labeling_config.xml", "tasks": out / "tasks.json", "n_tasks": len(tasks),
-            "n_predictions": sum(1 for t in tasks if t.get("predictions")), "validated": validated}
+            "n_predictions": sum(1 for t in tasks if t.get("predictions")), "validated": validated,
+            "document_root": served}
 
 
 def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:

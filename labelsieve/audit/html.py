@@ -404,7 +404,7 @@ def _review_html(data: dict[str, Any], *, n_flagged: int, thumb_size: int) -> st
     opts = lambda pairs, sel: "".join(f'<option value="{v}"{" selected" if v == sel else ""}>{t}</option>'  # noqa: E731
                                       for v, t in pairs)
     show = opts([("todo", "flagged, not yet decided"), ("flagged", "flagged"), ("decided", "decided"),
-                 ("undecided", "not decided"), ("all", "all rows")], "flagged")
+                 ("undecided", "not decided"), ("all", "all rows")], "flagged" if n_flagged else "all")
     sort = opts([("rank", "rank (worst first)"), ("p_asc", "p_clean, lowest first"),
                  ("p_desc", "p_clean, highest first"), ("sp_desc", "suggestion probability"),
                  ("agree_desc", "member agreement"), ("given", "given label")], "rank")

@@ -14,7 +14,12 @@ Variants of the re-audit (``--variants``):
 * ``labels only`` — corrected labels, but the stacking ignores the trusted rows (``trusted_weight`` 0);
 * ``trusted_weight 20`` — the stacking weighs each trusted row 20×.
 
-    python benchmarks/reaudit.py --cache /path/to/a/copy/of/bench-before   # about 15 min on 2 CPU cores
+    python benchmarks/reaudit.py --cache /path/to/a/copy/of/bench-before --threads 1 \
+        --datasets imagenette-sym40 --variants reviewed                      # what docs/benchmarks.md quotes
+    python benchmarks/reaudit.py --cache ... --threads 1 --datasets cifar10n-worst --first 2500 --variants reviewed
+
+Each audit is one default-ensemble run (about 30 s for 2,500 cached images on 2 idle cores; 5 min
+with the machine shared by four other jobs). ``--first N`` keeps the first N images of a dataset.
 
 The feature cache must hold mini-CLIP features of the datasets (``<cache>/mini-clip/<cifar10n|imagenette>``,
 as ``benchmarks/detection.py`` writes them). Results are appended to ``OUT/reaudit.jsonl`` (a rerun
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", required=True, help="feature cache (a copy of bench-before; never a shared one)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--top", type=int, default=200)
+    ap.add_argument("--first", type=int, default=0, help="use only the first N images of each dataset (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=default_threads())
     args = ap.parse_args(argv)
@@ -84,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "reaudit.jsonl"
     done = {(r["dataset"], r["variant"], r["seed"], r["top"]) for r in read_jsonl(jsonl)}
+    suffix = f"-first{args.first}" if args.first else ""
     enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
     host = host_info(args.threads)
     k = args.top
     for dname in args.datasets.split(","):
-        variants = [v for v in args.variants.split(",") if (dname, v, args.seed, k) not in done]
+        variants = [v for v in args.variants.split(",") if (dname + suffix, v, args.seed, k) not in done]
         if not variants:
             continue
         images, true = load_dataset(dname)
+        if args.first:
+            images, true = images.subset(np.arange(args.first)), true[: args.first]
         cache = Path(args.cache) / "mini-clip" / dname.split("-")[0]
         noisy_by_path = dict(zip(images.paths, (images.labels != true).tolist(), strict=True))
         t = time.perf_counter()
@@ -109,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                                   params=VARIANTS[variant] or None)
             secs = time.perf_counter() - t
             after = unreviewed_stats(second.table, noisy_by_path, slice(0, k))
-            rec = {"dataset": dname, "variant": variant, "seed": args.seed, "top": k, "n": len(images),
+            rec = {"dataset": dname + suffix, "variant": variant, "seed": args.seed, "top": k, "n": len(images),
                    "noise_rate": float((images.labels != true).mean()), "reviewed_relabelled": n_relabel,
                    "reviewed_kept": k - n_relabel,
                    "errors_first_audit_ranks": before["errors_in_window"],
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                    "seconds_reaudit": secs, "host": host, "load": os.getloadavg()}
             assert before["errors_in_window"] == before_rest["errors_in_window"]
             append_jsonl(jsonl, rec)
-            print(f"{dname:18s} {variant:18s} errors in next {k}: first audit {before['errors_in_window']} -> "
+            print(f"{dname + suffix:18s} {variant:18s} errors in next {k}: first audit {before['errors_in_window']} -> "
                   f"re-audit {after['errors_in_window']}; AUROC (unreviewed) {before_rest['auroc']:.4f} -> "
                   f"{after['auroc']:.4f}; {secs:.0f}s", flush=True)
     render(jsonl, out / "reaudit.md")

@@ -48,7 +48,8 @@ from labelsieve.audit.evaluate import detection_metrics  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 DATASETS = ["cifar10n-worst", "imagenette-sym40", "imagenette-pair30"]
-VARIANTS = {"reviewed": {}, "labels only": {"trusted_weight": 0.0}, "trusted_weight 20": {"trusted_weight": 20.0}}
+VARIANTS = {"reviewed": {}, "labels only": {"trusted_weight": 0.0}, "trusted_weight 1": {"trusted_weight": 1.0},
+            "trusted_weight 20": {"trusted_weight": 20.0}}
 
 
 def simulate_review(table, images, true: np.ndarray, top: int):

@@ -10,16 +10,29 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from labelsieve import __version__
+from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
+from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
 from labelsieve.audit.html import write_html
-from labelsieve.audit.review import apply_review, check_audit_output, keep_reviewed_copy
-from labelsieve.audit.schema import paths_hash
+from labelsieve.audit.review import apply_review as _apply_review
+from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
+from labelsieve.audit.reviewed import (
+    check_reviewed_frames,
+    mark_reviewed,
+    resolve_reviewed,
+    reviewed_warning,
+    widen_result,
+)
+from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, paths_hash, read_audit
 from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
 from labelsieve.core.defaults import (
@@ -40,12 +53,16 @@ from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
+from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
-#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``describe_detectors``
-#: (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "format_metrics", "predict",
-           "run_detector", "train_from_audit"]
+#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
+#: ``describe_detectors`` (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "export_audit",
+           "format_metrics", "predict", "run_detector", "train_from_audit"]
+
+#: What ``labelsieve export --to`` accepts.
+EXPORT_TARGETS = ("fiftyone", "labelstudio")
 
 
 def run_detector(
@@ -62,13 +79,15 @@ def run_detector(
     outlier_prob: float = DEFAULT_OUTLIER_PROB,
     threshold: float | None = None,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    reviewed: Sequence[pd.DataFrame] = (),
 ) -> Audit:
     """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
     and summary.
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
     the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
-    near-duplicate search.
+    near-duplicate search. ``reviewed`` holds earlier decisions (tables from
+    :func:`labelsieve.audit.decisions.read_reviews`); see :mod:`labelsieve.audit.reviewed`.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -80,14 +99,21 @@ def run_detector(
                              progress=progress)
     timings["features"] = time.perf_counter() - t
     readable = feats.ok
-    ridx = np.nonzero(readable)[0]
+    rev = resolve_reviewed(images, reviewed) if reviewed else None
+    fit = readable & ~rev.dropped if rev is not None else readable
+    ridx = np.nonzero(fit)[0]
     sub = images.subset(ridx)
+    if rev is not None:
+        sub.labels = rev.labels[ridx]
     ctx = DetectionContext(labels=sub.labels, classnames=images.classnames, images=sub, encoder=encoder,
                            features_fn=lambda: np.asarray(feats.vectors[ridx], dtype=np.float32),
-                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress)
+                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress,
+                           trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)
     t = time.perf_counter()
     result = detector.detect(ctx)
+    if rev is not None:
+        result = widen_result(result, fit[readable])
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
     result = calibrate(result, labels=ctx.labels)
@@ -108,8 +134,15 @@ def run_detector(
     t = time.perf_counter()
     table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,
                         duplicate_groups=groups)
+    if rev is not None:
+        table = mark_reviewed(table, images, rev)
     summary = summarise(table, images, result)
     summary["near_duplicates"]["threshold"] = duplicate_threshold
+    if rev is not None:
+        summary["reviewed"] = rev.describe()
+        warning = reviewed_warning(rev)
+        if warning:
+            summary["warnings"].append(warning)
     timings["table"] = time.perf_counter() - t
     summary.update({
         "method": method,
@@ -155,6 +188,7 @@ def audit(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    reviewed: Sequence[str | os.PathLike[str]] = (),
 ) -> Audit:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -194,6 +228,10 @@ def audit(
     force : bool, default False
         Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
         it). Without it such an audit is refused before any work starts.
+    reviewed : sequence of paths
+        Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
+        they decide are trusted labels for the detector and keep their decision in the new audit
+        (:mod:`labelsieve.audit.reviewed`).
 
     Raises
     ------
@@ -205,6 +243,8 @@ def audit(
         check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     t0 = time.perf_counter()
+    frames = [read_reviews(f) for f in reviewed]
+    check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
                          classnames=classnames)
     t_load = time.perf_counter() - t0
@@ -213,7 +253,8 @@ def audit(
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                          outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold)
+                          outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold,
+                          reviewed=frames)
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
     result.summary.update({
         "version": __version__,
@@ -241,6 +282,72 @@ def audit(
         print_summary(result.summary, result.files)
     return result
 
+
+def apply_review(
+    audit_csv: str | os.PathLike[str],
+    *,
+    out_csv: str | os.PathLike[str],
+    reviews: Sequence[str | os.PathLike[str]] = (),
+    from_labelstudio: str | os.PathLike[str] | None = None,
+    from_fiftyone: str | None = None,
+    classes: list[str] | None = None,
+    drop_unreviewed_flagged: bool = False,
+    accept_suggestions: bool = False,
+) -> dict[str, int]:
+    """Write corrected labels from a reviewed audit (``labelsieve apply``).
+
+    The decisions are the audit's ``review`` column plus those of ``reviews`` (reviews CSVs downloaded
+    from audit.html, or other reviewed audit.csv files), a Label Studio JSON export and a FiftyOne
+    dataset; each source is merged onto the audit and checked against it
+    (:func:`labelsieve.audit.decisions.merge_reviews`), then the one review rule applies
+    (:func:`labelsieve.audit.review.apply_review`). Returns its counts, plus ``decisions_merged`` when
+    decisions came from elsewhere.
+    """
+    frames = [read_reviews(f) for f in reviews]
+    if from_labelstudio is not None:
+        frames.append(read_export(from_labelstudio))
+    if from_fiftyone is not None:
+        frames.append(read_fiftyone(from_fiftyone))
+    counts = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
+                           drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions)
+    if frames:
+        counts["decisions_merged"] = sum(len(f) for f in frames)
+    return counts
+
+
+def export_audit(
+    audit_csv: str | os.PathLike[str],
+    *,
+    to: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    all_rows: bool = False,
+    overwrite: bool = False,
+    document_root: str | os.PathLike[str] | None = None,
+    url_prefix: str | None = None,
+) -> dict[str, Any]:
+    """Hand an audit to a review tool (``labelsieve export``): ``to="labelstudio"`` writes
+    ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
+    ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
+    :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
+    ``images_root`` or the one recorded in the audit.json beside the audit."""
+    check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
+    path = Path(audit_csv)
+    table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
+    record = audit_record(path)
+    root = audit_image_root(path, images_root, record)
+    if to == "fiftyone":
+        ds_name = name or f"labelsieve-{path.resolve().parent.name}"
+        return write_fiftyone(table, image_root=root, name=ds_name, all_rows=all_rows, overwrite=overwrite,
+                              where=str(path))
+    classes = [str(c) for c in record.get("classes") or []]
+    if not classes:
+        both = set(table["given_label"]) | set(table.get("suggested_label", pd.Series(dtype=object)))
+        classes = sorted(c for c in both if c)
+    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    return write_labelstudio(table, out, image_root=root, classes=classes, all_rows=all_rows,
+                             document_root=document_root, url_prefix=url_prefix, where=str(path))
 
 
 def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str], *, kind: str = "symmetric",

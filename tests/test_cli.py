@@ -85,3 +85,55 @@ def test_detectors_command_lists_registry(capsys):
     out = capsys.readouterr().out
     for name in ("deft", "knn", "label_match", "confident_learning"):
         assert name in out
+
+
+def test_audit_reviewed_keeps_decisions_and_trusts_them(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys,
+                                                        monkeypatch):
+    """`audit --reviewed`: the detector fits on the corrected labels (dropped rows left out, reviewed rows marked
+    trusted), and the new audit keeps every decision, reports it and ranks it after the rows still to review."""
+    from labelsieve.detectors import registry
+    from labelsieve.detectors.knn import KNNDetector
+
+    root, labels, truth, broken = noisy_copy
+    common = ["--model", str(mini_clip_dir), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]
+    assert main(["audit", str(root), str(labels), "--method", "knn", "-o", str(tmp_path / "one"), *common]) == 0
+    first = pd.read_csv(tmp_path / "one" / "audit.csv", keep_default_na=False)
+    true = pd.read_csv(truth).set_index("path")["true_label"]
+    top = first[first["issue"] != "unreadable"].head(3)
+    a, b, c = top["path"].tolist()
+    other = next(x for x in sorted(true.unique()) if x not in (true[b], first.set_index("path").loc[b, "given_label"]))
+    first.loc[first["path"] == a, "review"] = "keep"
+    first.loc[first["path"] == b, "review"] = f"relabel:{other}"
+    first.loc[first["path"] == c, "review"] = "drop"
+    first.to_csv(tmp_path / "one" / "audit.csv", index=False)
+
+    seen = {}
+
+    class Recording(KNNDetector):
+        def detect(self, ctx):
+            seen.update(labels=ctx.labels.copy(), trusted=ctx.trusted_mask().copy(), paths=list(ctx.images.paths))
+            return super().detect(ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, "knn", Recording)
+    out = tmp_path / "two"
+    assert main(["audit", str(root), str(labels), "--method", "knn", "-o", str(out), "--reviewed",
+                 str(tmp_path / "one" / "audit.csv"), *common]) == 0
+    # what the detector saw: c left out, b with its new label, a and b trusted
+    pos = {p: i for i, p in enumerate(seen["paths"])}
+    classes = sorted(true.unique())
+    assert c not in pos and broken not in pos
+    assert seen["labels"][pos[b]] == classes.index(other)
+    assert seen["trusted"].sum() == 2 and seen["trusted"][pos[a]] and seen["trusted"][pos[b]]
+    # what the new audit says
+    second = pd.read_csv(out / "audit.csv", keep_default_na=False).set_index("path")
+    assert second.loc[[a, b, c], "review"].tolist() == ["keep", f"relabel:{other}", "drop"]
+    assert (second.loc[[a, b, c], "issue"] == "reviewed").all()
+    assert second.loc[broken, "rank"] == 1 and sorted(second.loc[[a, b, c], "rank"]) == [79, 80, 81]
+    assert pd.to_numeric(second.loc[[a, b, c], "p_clean"]).tolist() == [1.0, 0.0, 0.0]
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["reviewed"]["n_decided"] == 3 and summary["reviewed"]["n_relabelled"] == 1
+    # and apply reads the carried decisions as the first audit's
+    capsys.readouterr()
+    assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
+    clean = pd.read_csv(tmp_path / "clean.csv").set_index("path")["label"]
+    assert clean[a] == second.loc[a, "given_label"] and clean[b] == other and c not in clean.index

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.decisions import merge_reviews
 from labelsieve.audit.schema import (
     REVIEW_REQUIRED,
     audit_record,
@@ -459,6 +460,7 @@ def apply_review(
     classes: list[str] | None = None,
     drop_unreviewed_flagged: bool = False,
     accept_suggestions: bool = False,
+    reviews: Sequence[pd.DataFrame] = (),
 ) -> dict[str, int]:
     """Write corrected labels from a reviewed ``audit.csv`` (``labelsieve apply``).
 
@@ -476,6 +478,10 @@ def apply_review(
         Drop flagged rows the reviewer left empty instead of keeping their given label.
     accept_suggestions : bool, default False
         Relabel flagged rows the reviewer left empty to their suggested label.
+    reviews : sequence of DataFrame
+        Decisions made elsewhere (a reviews CSV from audit.html, Label Studio, FiftyOne; see
+        :mod:`labelsieve.audit.decisions`), written into the audit's ``review`` column first, each
+        checked against it (:func:`~labelsieve.audit.decisions.merge_reviews`).
 
     Returns
     -------
@@ -500,6 +506,8 @@ def apply_review(
     """
     check_apply_output(Path(audit_csv), Path(out_csv))
     audit = read_audit(audit_csv)
+    for extra in reviews:
+        audit = merge_reviews(audit, extra, where=str(audit_csv))
     dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
                   accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
     missing, notes = sheet_vs_record(audit, audit_record(audit_csv), where=str(audit_csv))

@@ -26,6 +26,11 @@ Combination rules (``combine``):
     reflects the clean/noisy mix of the unanimous rows. When the unanimous rows hold fewer than two
     samples of either decision it falls back to ``mean_logit`` and says so in ``info``.
 
+    Rows a reviewer confirmed (``ctx.trusted``, from ``labelsieve audit --reviewed``; their labels
+    already corrected) are ground truth: they join the fit as "clean" whatever the members say, each
+    with weight ``trusted_weight``, so the rows a reviewer kept although the members flagged them
+    teach the stacker which member's alarms to discount.
+
 ``probs`` is the (weighted) mean of the members' class probabilities. The audit table gets, per
 member, ``p_clean_<member>`` and ``is_noisy_<member>`` (a repeated member name gets ``_2``, ``_3``
 …), and ``agreement``: the fraction of members flagging the sample.
@@ -138,13 +143,16 @@ class EnsembleDetector(Detector):
         One positive weight per member for ``mean_logit`` and for the mean of ``probs``.
     clip : float, default=1e-4
         Member scores are clipped to ``[clip, 1 - clip]`` before the logit.
+    trusted_weight : float, default=5.0
+        Weight of each reviewer-confirmed row in the stacking fit (``stack`` only; unanimous rows weigh 1).
     """
 
     name = "ensemble"
     summary = "several detectors, p_clean = stacked logistic calibration of their logits (or their mean)"
 
     def __init__(self, *, members: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-                 combine: str = "stack", weights: Sequence[float] | None = None, clip: float = 1e-4) -> None:
+                 combine: str = "stack", weights: Sequence[float] | None = None, clip: float = 1e-4,
+                 trusted_weight: float = 5.0) -> None:
         own = type(self).__name__
         pairs = _normalise_members(members)
         check_param(own, "combine", combine, combine in COMBINE_RULES, f"one of {', '.join(map(repr, COMBINE_RULES))}")
@@ -153,11 +161,14 @@ class EnsembleDetector(Detector):
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
                     for w in weights)), f"None or a list of {len(pairs)} positive floats (one per member)")
         check_param(own, "clip", clip, isinstance(clip, float) and 0.0 < clip < 0.5, "a float in (0, 0.5)")
+        check_param(own, "trusted_weight", trusted_weight, isinstance(trusted_weight, (int, float))
+                    and not isinstance(trusted_weight, bool) and 0 <= trusted_weight < math.inf, "a float >= 0")
         self._members = [create_detector(name, **params) for name, params in pairs]
         self.members = [[name, det.get_params()] for (name, _), det in zip(pairs, self._members, strict=True)]
         self.combine = combine
         self.weights = None if weights is None else [float(w) for w in weights]
         self.clip = clip
+        self.trusted_weight = float(trusted_weight)
 
     @property
     def needs_text(self) -> bool:  # type: ignore[override]
@@ -189,7 +200,7 @@ class EnsembleDetector(Detector):
                                  + "mean over members (" + ", ".join(names) + ") of logit(p_clean_m) - "
                                  "logit(threshold_m); flagged if p_clean < 0.5.")
         if self.combine == "stack":
-            stacked, stack_info = self._stack(z, flags, ctx.seed)
+            stacked, stack_info = self._stack(z, flags, ctx.seed, ctx.trusted_mask(), self.trusted_weight)
             info["stack"] = stack_info
             if stacked is not None:
                 p_clean = stacked
@@ -209,17 +220,22 @@ class EnsembleDetector(Detector):
         return DetectionResult(p_clean=p_clean, probs=probs, threshold=0.5, rule=rule, info=info, columns=columns)
 
     @staticmethod
-    def _stack(z: np.ndarray, flags: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """Logistic regression fitted on the unanimous rows; None (and the reason) when it cannot be."""
-        agree = flags.all(axis=1) | (~flags).all(axis=1)
-        clean = ~flags[agree, 0]
+    def _stack(z: np.ndarray, flags: np.ndarray, seed: int, trusted: np.ndarray | None = None,
+               trusted_weight: float = 1.0) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Logistic regression fitted on the unanimous rows (and the trusted rows, as clean); None (and the
+        reason) when it cannot be."""
+        trusted = np.zeros(len(z), dtype=bool) if trusted is None else trusted
+        agree = flags.all(axis=1) | (~flags).all(axis=1) | trusted
+        clean = ~flags[agree, 0] | trusted[agree]
+        weight = np.where(trusted[agree], trusted_weight, 1.0)
         n_clean, n_noisy = int(clean.sum()), int((~clean).sum())
-        info: dict[str, Any] = {"n_fit": int(agree.sum()), "n_fit_clean": n_clean, "n_fit_noisy": n_noisy}
+        info: dict[str, Any] = {"n_fit": int(agree.sum()), "n_fit_clean": n_clean, "n_fit_noisy": n_noisy,
+                                "n_fit_trusted": int(trusted.sum())}
         if n_clean < 2 or n_noisy < 2:
             info["fallback"] = (f"the unanimous rows hold {n_clean} clean and {n_noisy} noisy decision(s); "
                                 "a logistic fit needs at least 2 of each")
             return None, info
         lr = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-        lr.fit(z[agree], clean.astype(np.int64))
+        lr.fit(z[agree], clean.astype(np.int64), sample_weight=weight)
         info.update(coef=lr.coef_.ravel().tolist(), intercept=float(lr.intercept_[0]))
         return lr.predict_proba(z)[:, 1], info

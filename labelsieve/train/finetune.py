@@ -28,14 +28,17 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from labelsieve import __version__
+from labelsieve.audit.decisions import merge_reviews, read_reviews
 from labelsieve.audit.review import kept_rows, sheet_vs_record
 from labelsieve.audit.schema import audit_record, read_audit
 from labelsieve.core.defaults import default_num_workers
@@ -485,6 +488,7 @@ def train_from_audit(
     warmup_epochs: float = 0,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     resume: bool = True,
+    reviews: Sequence[str | os.PathLike[str] | pd.DataFrame] = (),
 ) -> TrainReport:
     """Train a classifier on the rows a reviewed audit keeps, and export it to ``out_dir``.
 
@@ -534,6 +538,10 @@ def train_from_audit(
         Area range of the random resized crop.
     resume : bool
         Resume an interrupted run of the same settings from ``out_dir/checkpoint.pt``.
+    reviews : sequence of paths or DataFrames
+        Decisions made outside the audit's ``review`` column (reviews CSVs downloaded from audit.html),
+        merged onto it first as ``labelsieve apply --reviews`` does
+        (:func:`labelsieve.audit.decisions.merge_reviews`).
 
     Returns
     -------
@@ -554,6 +562,9 @@ def train_from_audit(
     if cache_dir is not None:
         check_output_dir(cache_dir, what="the cache folder")
     table = read_audit(audit_path)
+    for extra in reviews:
+        frame = extra if isinstance(extra, pd.DataFrame) else read_reviews(extra)
+        table = merge_reviews(table, frame, where=str(audit_path))
     record = audit_record(audit_path)
     root = audit_image_root(audit_path, images_root, record)
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))

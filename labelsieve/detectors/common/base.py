@@ -107,6 +107,12 @@ class DetectionContext:
         Where detectors may cache their own intermediate artefacts (decoded-image caches, …).
     progress : bool
         Whether to show progress bars.
+    trusted : ndarray of shape (n,), bool, optional
+        Rows whose label a person confirmed or corrected (``labelsieve audit --reviewed``): ``labels``
+        already holds their corrected label, and rows a reviewer dropped are not in the context at
+        all. Every detector fits on ``labels``; those that can weigh evidence use the trusted rows as
+        ground truth (the ensemble's stacking). None when nothing was reviewed; see
+        :meth:`trusted_mask`.
     """
 
     labels: np.ndarray
@@ -118,11 +124,23 @@ class DetectionContext:
     seed: int = 0
     cache_dir: Any = None
     progress: bool = True
+    trusted: np.ndarray | None = None
     _features: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.trusted is not None:
+            self.trusted = np.asarray(self.trusted, dtype=bool).reshape(-1)
+            if len(self.trusted) != len(self.labels):
+                raise ValueError(f"trusted must have one entry per label ({len(self.labels)}); "
+                                 f"got {len(self.trusted)}")
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
+
+    def trusted_mask(self) -> np.ndarray:
+        """Boolean array of shape (n,): the rows a reviewer confirmed (all False when none were)."""
+        return np.zeros(len(self.labels), dtype=bool) if self.trusted is None else self.trusted
 
     def features(self) -> np.ndarray:
         """L2-normalised image features, float32, shape (n, d); extracted or read from the cache once."""

@@ -112,12 +112,12 @@ def run_detector(
     seed_everything(seed)
     t = time.perf_counter()
     result = detector.detect(ctx)
-    if rev is not None:
-        result = widen_result(result, fit[readable])
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = calibrate(result, labels=ctx.labels)
+    result = calibrate(result, labels=ctx.labels)  # fitted on the rows the detector saw
     timings["calibrate"] = time.perf_counter() - t
+    if rev is not None:  # rows a reviewer dropped come back, reported as dropped
+        result = widen_result(result, fit[readable])
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
         result.threshold = threshold
@@ -128,7 +128,12 @@ def run_detector(
         check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
                     "a float in (0, 1], or None to skip the near-duplicate search")
         t = time.perf_counter()
-        groups = near_duplicate_groups(sub, ctx.features(), threshold=duplicate_threshold, seed=seed,
+        if (fit == readable).all():
+            dup_images, dup_features = sub, ctx.features()
+        else:  # every readable row, the ones a reviewer dropped included
+            ok = np.nonzero(readable)[0]
+            dup_images, dup_features = images.subset(ok), np.asarray(feats.vectors[ok], dtype=np.float32)
+        groups = near_duplicate_groups(dup_images, dup_features, threshold=duplicate_threshold, seed=seed,
                                        progress=progress)
         timings["near_duplicates"] = time.perf_counter() - t
     t = time.perf_counter()

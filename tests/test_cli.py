@@ -85,3 +85,21 @@ def test_detectors_command_lists_registry(capsys):
     out = capsys.readouterr().out
     for name in ("deft", "knn", "label_match", "confident_learning"):
         assert name in out
+
+
+def test_detectors_show_prints_the_recipe(capsys):
+    """``detectors --show deft``: every parameter with its value, paper or labelsieve, and its source."""
+    assert main(["detectors", "--show", "deft"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "0.03" in lines["lr"] and " paper " in lines["lr"] and "HotanLee/DeFT" in lines["lr"]
+    assert "'eval_pass'" in lines["selection"] and " labelsieve " in lines["selection"] and "'batch'" in lines[
+        "selection"]
+    assert "'model'" in lines["logit_scale"] and " paper " in lines["logit_scale"]
+    assert "dual_loss_gradient" in out and "negative context only" in out
+    assert main(["detectors", "--show", "codivide"]) == 0
+    out = capsys.readouterr().out
+    assert "J. Visual Communication" in out and "issue 10's reading" in out
+    assert main(["detectors", "--show", "knn"]) == 0
+    assert "k = 10" in capsys.readouterr().out
+    assert main(["detectors", "--show", "nope"]) == 2

@@ -71,11 +71,19 @@ from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import ModelError, check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
-from labelsieve.core.runtime import check_amp
 from labelsieve.data.imagecache import CachedImageDataset, CachedTwoViewDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
-from labelsieve.detectors.common.recipe import UNKNOWN, Param, Recipe, is_float, is_int, one_of
+from labelsieve.detectors.common.recipe import (
+    UNKNOWN,
+    Param,
+    Recipe,
+    amp_param,
+    is_float,
+    is_int,
+    one_of,
+    workers_param,
+)
 from labelsieve.detectors.common.selection import fit_gmm_split
 from labelsieve.detectors.common.text_side import zero_shot_check
 from labelsieve.detectors.common.views import WEAK_VIEWS, strong_view, weak_view
@@ -147,10 +155,8 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           "view", check=is_float(0, 1, hi_open=True), expected="a float in [0, 1)", convert=float),
     Param("feature_noise", 0.3, "labelsieve", note="frozen path: norm of the Gaussian noise of the feature-space "
           "strong view", check=is_float(0), expected="a float >= 0", convert=float),
-    Param("amp", "auto", "labelsieve", note="mixed precision on CUDA", check=lambda v: isinstance(v, str),
-          expected="'auto', 'bf16', 'fp16' or 'off'"),
-    Param("num_workers", None, "labelsieve", note="image path: DataLoader workers",
-          check=is_int(0, none=True), expected="None or an int >= 0"),
+    amp_param(),
+    workers_param("image path: DataLoader workers"),
 ], fixed=[
     Param("lr_schedule", "cosine, per step", "labelsieve", paper=UNKNOWN,
           note="DivideMix divides by 10 at epoch 150 of 300; MaPLe steps a cosine per epoch"),
@@ -502,14 +508,9 @@ class CoDivideDetector(Detector):
     needs_text = True
     recipe = RECIPE
 
-    def __init__(self, **params: Any) -> None:
-        RECIPE.bind(self, params)
-        own = type(self).__name__
-        check_amp(own, self.amp)
-        check_param(own, "warmup_epochs", self.warmup_epochs, self.warmup_epochs < self.epochs,
+    def _check_params(self) -> None:
+        check_param(type(self).__name__, "warmup_epochs", self.warmup_epochs, self.warmup_epochs < self.epochs,
                     f"an int in [0, epochs) = [0, {self.epochs})")
-
-    __init__.__signature__ = RECIPE.signature()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------------------
     def resolve_path(self, ctx: DetectionContext) -> tuple[str, str]:

@@ -57,12 +57,11 @@ from torch import nn
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.optim import cosine_schedule, make_optimizer
-from labelsieve.core.runtime import check_amp
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
 from labelsieve.detectors.common.losses import deft_dual_loss, sce_loss
-from labelsieve.detectors.common.recipe import Param, Recipe, is_float, is_int, one_of
+from labelsieve.detectors.common.recipe import Param, Recipe, amp_param, is_float, is_int, one_of, workers_param
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
 from labelsieve.detectors.common.views import WEAK_VIEWS, weak_view
 from labelsieve.detectors.registry import register_detector
@@ -125,11 +124,10 @@ RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLe
           check=is_int(16, none=True), expected="None or an int >= 16"),
     Param("adapter_lr", 0.003, "labelsieve", note="feature_adapter only (its gradients are ~100x the contexts')",
           check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
-    Param("amp", "auto", "labelsieve", f"{_CODE} utils/config.py prec fp16",
-          "fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with plain SGD",
-          paper="fp16 parameters", check=lambda v: isinstance(v, str), expected="'auto', 'bf16', 'fp16' or 'off'"),
-    Param("num_workers", None, "labelsieve", note="PEFT paths: DataLoader workers",
-          check=is_int(0, none=True), expected="None or an int >= 0"),
+    amp_param(source=f"{_CODE} utils/config.py prec fp16", paper="fp16 parameters",
+              note="fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with "
+                   "plain SGD"),
+    workers_param("PEFT paths: DataLoader workers"),
 ], fixed=[
     Param("dual_loss", "mean NLL(log p_no, comp) + w·mean NLL(log p_yes, target), p clamped >= 1e-5", "paper",
           f"{_CODE} main_phase1.py L64-L69"),
@@ -332,12 +330,6 @@ class DeftDetector(Detector):
     summary = "DEFT: dual (positive/negative) learned prompts per class, image side tuned by VPT on a ViT with a GPU"
     needs_text = True
     recipe = RECIPE
-
-    def __init__(self, **params: Any) -> None:
-        RECIPE.bind(self, params)
-        check_amp(type(self).__name__, self.amp)
-
-    __init__.__signature__ = RECIPE.signature()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------------------
     def resolve_path(self, ctx: DetectionContext) -> tuple[str, str]:

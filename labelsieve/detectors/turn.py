@@ -67,11 +67,20 @@ import torch
 
 from labelsieve.core.engine import Trainer
 from labelsieve.core.io import to_jsonable
-from labelsieve.core.runtime import check_amp, seed_everything
+from labelsieve.core.runtime import seed_everything
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
 from labelsieve.detectors.common.linear_probe import LinearProbe, fit_linear_probe
 from labelsieve.detectors.common.losses import gce_loss
-from labelsieve.detectors.common.recipe import UNKNOWN, Param, Recipe, is_float, is_int, one_of
+from labelsieve.detectors.common.recipe import (
+    UNKNOWN,
+    Param,
+    Recipe,
+    amp_param,
+    is_float,
+    is_int,
+    one_of,
+    workers_param,
+)
 from labelsieve.detectors.common.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
 from labelsieve.detectors.common.tower import (
     TowerClassifier,
@@ -124,10 +133,8 @@ RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for
           check=one_of(True, False), expected="True or False"),
     Param("gmm_min_samples", 8, "labelsieve", note="smaller classes are scored by one GMM over all samples",
           check=is_int(MIN_GMM_SAMPLES), expected=f"an int >= {MIN_GMM_SAMPLES}"),
-    Param("amp", "auto", "labelsieve", note="mixed precision on CUDA", check=lambda v: isinstance(v, str),
-          expected="'auto', 'bf16', 'fp16' or 'off'"),
-    Param("num_workers", None, "labelsieve", note="image-loading workers", check=is_int(0, none=True),
-          expected="None or an int >= 0"),
+    amp_param(),
+    workers_param("image-loading workers"),
     Param("epochs", None, "labelsieve", note="alias of fft_epochs (the CLI's --epochs); replaces it when given",
           check=is_int(1, none=True), expected="None or an int >= 1"),
 ], fixed=[
@@ -160,13 +167,9 @@ class TurnDetector(Detector):
     needs_text = False
     recipe = RECIPE
 
-    def __init__(self, **params: Any) -> None:
-        RECIPE.bind(self, params)
-        check_amp(type(self).__name__, self.amp)
+    def _check_params(self) -> None:
         if self.epochs is not None:
             self.fft_epochs = self.epochs
-
-    __init__.__signature__ = RECIPE.signature()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------------------
     def _split(self, losses: np.ndarray, labels: np.ndarray, n_classes: int,

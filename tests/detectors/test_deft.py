@@ -232,7 +232,7 @@ def test_calibrated_scale_option_beats_label_match_on_cifar(noisy_cifar, mini_cl
     lm = scores(create_detector("label_match").detect(ctx), truth)
     res = create_detector("deft", logit_scale="calibrated").detect(ctx)
     f1, auroc = scores(res, truth)
-    # measured: label_match F1 .631 / AUROC .899; calibrated deft ...
+    # measured: label_match F1 .631 / AUROC .899; calibrated deft .738 / .898; the paper scale s = 100 .358 / .469
     assert f1 > lm[0] + 0.05 and auroc > 0.88, (f1, auroc, lm)
     assert 1.0 <= res.info["logit_scale"] < 100.0
     assert 0.2 < res.info["zero_shot_agreement"] < 0.5 and len(res.info["warnings"]) == 1  # weak text side

@@ -39,9 +39,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from labelsieve.core.defaults import AMP_MODES
 from labelsieve.core.errors import ParameterError, check_param
 
-__all__ = ["ORIGINS", "UNKNOWN", "Param", "Recipe", "is_float", "is_int", "one_of"]
+__all__ = ["ORIGINS", "UNKNOWN", "Param", "Recipe", "amp_param", "is_float", "is_int", "one_of", "workers_param"]
 
 ORIGINS = ("paper", "labelsieve")
 #: ``Param.paper`` for a setting the paper has but whose value is not in the sources we could read.
@@ -143,6 +144,19 @@ class Param:
         return self.origin == "paper" or self.paper is not _UNSET
 
 
+def amp_param(**kw: Any) -> Param:
+    """The ``amp`` parameter every training detector has: mixed precision on CUDA (labelsieve's)."""
+    return Param("amp", "auto", "labelsieve", **{"note": "mixed precision on CUDA: bf16, or fp16 with a GradScaler; "
+                                                         "fp32 master weights", **kw},
+                 check=one_of(*AMP_MODES), expected=f"one of {', '.join(map(repr, AMP_MODES))}")
+
+
+def workers_param(note: str) -> Param:
+    """The ``num_workers`` parameter (DataLoader workers; None: the machine's default)."""
+    return Param("num_workers", None, "labelsieve", note=note, check=is_int(0, none=True),
+                 expected="None or an int >= 0")
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
@@ -196,6 +210,20 @@ class Recipe:
         kw = [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default)
               for p in self.params.values()]
         return inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *kw])
+
+    def init_method(self) -> Callable[..., None]:
+        """An ``__init__`` taking the recipe's keyword-only parameters (its signature is
+        :meth:`signature`): it binds them (:meth:`bind`), then calls ``self._check_params()`` for checks
+        that involve several parameters."""
+        recipe = self
+
+        def __init__(self: Any, **params: Any) -> None:
+            recipe.bind(self, params)
+            self._check_params()
+
+        __init__.__signature__ = self.signature()  # type: ignore[attr-defined]
+        __init__.__doc__ = f"Parameters: see ``{self.owner}.recipe`` (``labelsieve detectors --show``)."
+        return __init__
 
     def bind(self, obj: object, given: Mapping[str, Any]) -> dict[str, Any]:
         """Validate ``given`` against the recipe, fill the defaults and set them as attributes of ``obj``.

@@ -80,6 +80,23 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, mini_clip_dir):
     assert rc == 2
 
 
+def test_audit_records_and_prints_which_path_ran(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys):
+    """`--method deft` on the mini CLIP (a CNN tower): the paper's VPT cannot run, the frozen path does; the
+    printed summary and audit.json say so, and audit.json holds the resolved recipe."""
+    root, labels, _, _ = noisy_copy
+    out = tmp_path / "deft"
+    rc = main(["audit", str(root), str(labels), "--method", "deft", "--epochs", "1", "--model", str(mini_clip_dir),
+               "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"])
+    assert rc == 0
+    printed = " ".join(capsys.readouterr().err.split())  # the summary goes to stderr (rich console)
+    assert "path" in printed and "not a ViT" in printed
+    info = json.loads((out / "audit.json").read_text())["detector_info"]
+    assert info["path"] == "none" and "TimmModel" in info["path_reason"]
+    rows = {r["name"]: r for r in info["recipe"]}
+    assert rows["epochs"]["value"] == 1 and rows["epochs"]["origin"] == "user"
+    assert rows["lr"]["origin"] == "paper" and rows["peft"]["resolved"] == "none"
+
+
 def test_detectors_command_lists_registry(capsys):
     assert main(["detectors"]) == 0
     out = capsys.readouterr().out

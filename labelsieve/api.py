@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
 from collections.abc import Sequence
@@ -57,9 +58,10 @@ from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
-#: ``describe_detectors`` (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "export_audit",
-           "format_metrics", "predict", "run_detector", "train_from_audit"]
+#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``); ``run_detector`` is
+#: :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detector", "describe_detectors", "evaluate_audit",
+           "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
 
 #: What ``labelsieve export --to`` accepts.
 EXPORT_TARGETS = ("fiftyone", "labelstudio")
@@ -372,3 +374,18 @@ def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str
 def describe_detectors() -> dict[str, str]:
     """Registered detector names and their one-line summaries (``labelsieve detectors``)."""
     return {name: get_detector_class(name).summary for name in list_detectors()}
+
+
+def describe_detector(name: str) -> str:
+    """One detector's parameters as text (``labelsieve detectors --show NAME``): for the paper-based detectors
+    their recipe (value, ``paper`` or ``labelsieve``, and the section, table or authors' file each comes from),
+    for the others their parameters and defaults."""
+    cls = get_detector_class(name)
+    recipe = getattr(cls, "recipe", None)
+    head = f"{name}: {cls.summary}"
+    if recipe is not None:
+        return f"{head}\n{recipe.format()}"
+    sig = inspect.signature(cls.__init__)
+    params = [f"  {p.name} = {p.default!r}" for p in sig.parameters.values()
+              if p.name != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return "\n".join([head, "", "parameters (labelsieve's defaults):", *params])

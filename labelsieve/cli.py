@@ -81,10 +81,13 @@ def cli() -> None:
 @click.option("--peft", help="deft: image-tower tuning (auto, vpt_deep, vpt_shallow, lora, adaptformer, bitfit, "
                              "none, feature_adapter).")
 @click.option("--epochs", type=int, help="Detector training epochs (deft, turn, codivide).")
-@click.option("--consistency", is_flag=True, help="deft: real-world-noise variant (given label must also be top).")
+@click.option("--consistency", is_flag=True,
+              help="deft: the authors' real-world-noise variant (given label must also be the class of highest "
+                   "p_clean; SCE warm-up of 5 epochs).")
 @click.option("--frozen/--no-frozen", default=None,
-              help="codivide: text-side prompts on cached image features (the default), or --no-frozen for "
-                   "image-level MaPLe prompts through a ViT image tower (AVL-Prompter's path; slow without a GPU).")
+              help="codivide: --frozen for text-side prompts on cached image features, --no-frozen for image-level "
+                   "MaPLe prompts through a ViT image tower (AVL-Prompter's path); default: image-level on a ViT with "
+                   "a GPU, else frozen.")
 @click.option("--no-finetune", is_flag=True, help="turn: linear probe and one selection only.")
 @click.option("--threshold", type=float, help="Override the decision threshold on p_clean.")
 @click.option("--seed", default=0, show_default=True)
@@ -124,8 +127,13 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
 
 
 @cli.command("detectors")
-def detectors_cmd() -> None:
-    """List the registered detectors."""
+@click.option("--show", "show", metavar="NAME",
+              help="Print one detector's parameters: value, 'paper' or 'labelsieve', and where each comes from.")
+def detectors_cmd(show: str | None) -> None:
+    """List the registered detectors (or, with --show NAME, one detector's recipe)."""
+    if show:
+        click.echo(_api().describe_detector(show))
+        return
     for name, summary in _api().describe_detectors().items():
         click.echo(f"{name:20s} {summary}")
 
@@ -176,6 +184,9 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @click.option("--reviews", multiple=True, type=click.Path(path_type=Path),
               help="A reviews CSV downloaded from audit.html (repeatable), merged onto the review column.")
 @click.option("--image-size", type=int)
+@click.option("--clip-head", type=click.Choice(["linear", "zero_shot"]), default="linear", show_default=True,
+              help="CLIP backbones: a fresh head on the pre-projection features, blocks + head trained (DEFT's phase "
+                   "2), or a head initialised from the zero-shot text embeddings, whole tower trained.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device")
 @click.option("--workers", type=int)
@@ -183,7 +194,8 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, val_csv: Path | None, val_fraction: float, balanced: bool,
           freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, reviews: tuple[Path, ...],
-          image_size: int | None, seed: int, device: str | None, workers: int | None, out_dir: Path) -> None:
+          image_size: int | None, clip_head: str, seed: int, device: str | None, workers: int | None,
+          out_dir: Path) -> None:
     """Fine-tune a classifier on the images an audit kept, and export it.
 
     Rows a reviewer decided on follow the review column; flagged rows nobody reviewed are dropped
@@ -196,7 +208,7 @@ def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: 
                            val_fraction=val_fraction, balanced=balanced, seed=seed, device=device,
                            image_size=image_size, num_workers=workers, freeze_bn=freeze_bn,
                            drop_unreviewed_flagged=not (keep_flagged or accept_suggestions),
-                           accept_suggestions=accept_suggestions, reviews=reviews)
+                           accept_suggestions=accept_suggestions, reviews=reviews, clip_head=clip_head)
     acc = ("no validation set" if rep.best_val_acc is None or rep.last_val_acc is None
            else f"best val acc {rep.best_val_acc:.4f}, last {rep.last_val_acc:.4f}")
     click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: {acc} -> {out_dir}")

@@ -80,6 +80,23 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, mini_clip_dir):
     assert rc == 2
 
 
+def test_audit_records_and_prints_which_path_ran(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys):
+    """`--method deft` on the mini CLIP (a CNN tower): the paper's VPT cannot run, the frozen path does; the
+    printed summary and audit.json say so, and audit.json holds the resolved recipe."""
+    root, labels, _, _ = noisy_copy
+    out = tmp_path / "deft"
+    rc = main(["audit", str(root), str(labels), "--method", "deft", "--epochs", "1", "--model", str(mini_clip_dir),
+               "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"])
+    assert rc == 0
+    printed = " ".join(capsys.readouterr().err.split())  # the summary goes to stderr (rich console)
+    assert "path" in printed and "not a ViT" in printed
+    info = json.loads((out / "audit.json").read_text())["detector_info"]
+    assert info["path"] == "none" and "TimmModel" in info["path_reason"]
+    rows = {r["name"]: r for r in info["recipe"]}
+    assert rows["epochs"]["value"] == 1 and rows["epochs"]["origin"] == "user"
+    assert rows["lr"]["origin"] == "paper" and rows["peft"]["resolved"] == "none"
+
+
 def test_detectors_command_lists_registry(capsys):
     assert main(["detectors"]) == 0
     out = capsys.readouterr().out
@@ -137,3 +154,21 @@ def test_audit_reviewed_keeps_decisions_and_trusts_them(noisy_copy, tmp_path, mi
     assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
     clean = pd.read_csv(tmp_path / "clean.csv").set_index("path")["label"]
     assert clean[a] == second.loc[a, "given_label"] and clean[b] == other and c not in clean.index
+
+
+def test_detectors_show_prints_the_recipe(capsys):
+    """``detectors --show deft``: every parameter with its value, paper or labelsieve, and its source."""
+    assert main(["detectors", "--show", "deft"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "0.03" in lines["lr"] and " paper " in lines["lr"] and "HotanLee/DeFT" in lines["lr"]
+    assert "'eval_pass'" in lines["selection"] and " labelsieve " in lines["selection"] and "'batch'" in lines[
+        "selection"]
+    assert "'model'" in lines["logit_scale"] and " paper " in lines["logit_scale"]
+    assert "dual_loss_gradient" in out and "negative context only" in out
+    assert main(["detectors", "--show", "codivide"]) == 0
+    out = capsys.readouterr().out
+    assert "J. Visual Communication" in out and "issue 10's reading" in out
+    assert main(["detectors", "--show", "knn"]) == 0
+    assert "k = 10" in capsys.readouterr().out
+    assert main(["detectors", "--show", "nope"]) == 2

@@ -118,6 +118,11 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
     elif nd.get("threshold") is not None:
         t.add_row("near-duplicates", "none found")
     t.add_row("rule", escape(summary["decision_rule"]))
+    info = summary.get("detector_info") or {}
+    runs = [("", info)] + [(f"{m.get('member')}: ", m.get("info") or {}) for m in info.get("members", [])]
+    paths = [f"{who}{i['path']} ({i['path_reason']})" for who, i in runs if i.get("path_reason")]
+    if paths:  # which image-side path a paper-based detector ran (its paper's, or the fallback) and why
+        t.add_row("path", escape("; ".join(paths)))
     timings = summary.get("timings", {})
     if timings:
         t.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -303,7 +303,7 @@ def train_on_labels(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    clip_zero_shot_head: bool = True,
+    clip_head: str = "linear",
     resume: bool = True,
     source: str | None = None,
 ) -> TrainReport:
@@ -355,8 +355,11 @@ def train_on_labels(
         Where the decoded-image cache lives (default :func:`labelsieve.features.default_cache_dir`).
     progress : bool
         Progress bars and per-epoch log lines.
-    clip_zero_shot_head : bool
-        CLIP towers: initialise the head from the class names' text embeddings.
+    clip_head : {"linear", "zero_shot"}
+        CLIP towers: ``"linear"`` (the DEFT authors' phase 2) a fresh head on the pre-projection features
+        with only the tower's blocks and the head trained; ``"zero_shot"`` a head on the projected
+        embedding initialised from the class names' text embeddings, the whole tower trained (see
+        :mod:`labelsieve.models.classifiers`).
     resume : bool
         Resume from ``out_dir/checkpoint.pt`` when it holds a run with the same settings and data.
     source : str, optional
@@ -380,10 +383,11 @@ def train_on_labels(
         train_set, val_set = images.subset(tr_idx), (images.subset(va_idx) if len(va_idx) else None)
     else:
         train_set, val_set = images, val_images
-    model, data = create_classifier(spec, num_classes=images.n_classes,
-                                    classnames=images.classnames if clip_zero_shot_head else None,
-                                    image_size=image_size)
+    model, data = create_classifier(spec, num_classes=images.n_classes, classnames=images.classnames,
+                                    image_size=image_size, clip_head=clip_head)
     cfg.update(image_size=data.image_size, resize_size=data.resize_size)
+    if spec.family == "open_clip":
+        cfg.update(clip_head=clip_head, trainable=model.trainable)
     workers = num_workers if num_workers is not None else default_num_workers(reserve=1)
     d = _prepare_data([train_set, val_set, test_images], data, cfg, seed=seed, n_classes=images.n_classes,
                       workers=workers, cache_dir=cache_dir, progress=progress)
@@ -489,6 +493,7 @@ def train_from_audit(
     crop_scale: tuple[float, float] = (0.08, 1.0),
     resume: bool = True,
     reviews: Sequence[str | os.PathLike[str] | pd.DataFrame] = (),
+    clip_head: str = "linear",
 ) -> TrainReport:
     """Train a classifier on the rows a reviewed audit keeps, and export it to ``out_dir``.
 
@@ -542,6 +547,8 @@ def train_from_audit(
         Decisions made outside the audit's ``review`` column (reviews CSVs downloaded from audit.html),
         merged onto it first as ``labelsieve apply --reviews`` does
         (:func:`labelsieve.audit.decisions.merge_reviews`).
+    clip_head : {"linear", "zero_shot"}
+        CLIP towers: the head (see :func:`train_on_labels`).
 
     Returns
     -------
@@ -610,7 +617,7 @@ def train_from_audit(
                            image_size=image_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress,
                            source=str(audit_path.resolve()),
                            weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
-                           crop_scale=crop_scale, resume=resume)
+                           crop_scale=crop_scale, resume=resume, clip_head=clip_head)
 
 
 def audit_image_root(audit_csv: Path, images_root: str | os.PathLike[str] | None, record: dict[str, Any]) -> Path:

@@ -91,6 +91,9 @@ def test_members_are_built_and_validated():
     default = create_detector("ensemble")
     assert [m[0] for m in default.members] == ["codivide", "turn", "knn"]
     assert default.members[1][1]["finetune"] is False and len(DEFAULT_MEMBERS) == 3
+    # the members' parameters are spelled out: the paper recipes (the members' own defaults) do not leak in
+    assert default.members[0][1]["epochs"] == 10 and default.members[0][1]["frozen"] is True
+    assert default.members[0][1]["monotone"] is True and default.members[1][1]["monotone"] is True
     assert default.combine == "stack" and default.needs_text
     json.dumps(create_detector("ensemble").get_params())
     with pytest.raises(ParameterError, match="Unknown detector 'nope'"):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from labelsieve.data import LabeledImages
+from labelsieve.detectors.common.recipe import Recipe
 from labelsieve.models.encoders import Encoder
 
 
@@ -169,11 +170,26 @@ class Detector(ABC):
     ``needs_text`` (True when the encoder must have a text tower), and implement :meth:`detect`.
     ``__init__`` takes keyword-only parameters, validates them with
     :func:`labelsieve.core.errors.check_param` and stores them; learned state ends in ``_``.
+
+    A detector that declares a :class:`~labelsieve.detectors.common.recipe.Recipe` as ``recipe`` (and no
+    ``__init__``) gets its ``__init__`` from it (:meth:`Recipe.init_method`): the recipe is then the one
+    place its parameters, defaults, checks and provenance are written; cross-parameter checks go in
+    :meth:`_check_params`.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
+    recipe: ClassVar[Recipe | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        recipe = cls.__dict__.get("recipe")
+        if recipe is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = recipe.init_method()  # type: ignore[method-assign]
+
+    def _check_params(self) -> None:  # noqa: B027 - a hook: most detectors have no cross-parameter check
+        """Checks that involve several parameters, after a recipe bound them (none by default)."""
 
     @abstractmethod
     def detect(self, ctx: DetectionContext) -> DetectionResult:

@@ -38,17 +38,20 @@ from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
 from labelsieve.core.defaults import (
     DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_FEATURES_METHOD,
+    DEFAULT_FEATURES_PARAMS,
     DEFAULT_METHOD,
     DEFAULT_MODEL,
     DEFAULT_OUTLIER_PROB,
     default_cache_dir,
 )
-from labelsieve.core.errors import check_param
+from labelsieve.core.errors import ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
-from labelsieve.detectors import DetectionContext, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors.common.base import RowSubset
 from labelsieve.detectors.common.calibration import calibrate
 from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
@@ -58,13 +61,104 @@ from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
-#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``); ``run_detector`` is
-#: :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detector", "describe_detectors", "evaluate_audit",
+#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``); ``detect`` is the
+#: "bring your own features" entry; ``run_detector`` is :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detector", "describe_detectors", "detect", "evaluate_audit",
            "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
 
 #: What ``labelsieve export --to`` accepts.
 EXPORT_TARGETS = ("fiftyone", "labelstudio")
+
+
+def detect(
+    features: Any,
+    labels: Sequence[Any],
+    *,
+    classnames: Sequence[str] | dict[str, str] | None = None,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = False,
+) -> DetectionResult:
+    """Find label issues from features you already have (the "bring your own embeddings" entry).
+
+    Like cleanlab's ``find_label_issues(labels, pred_probs)``, but from image features:
+
+    >>> res = labelsieve.detect(feats, labels)                       # doctest: +SKIP
+    >>> res.is_noisy, res.p_clean, res.suggested                     # doctest: +SKIP
+
+    Parameters
+    ----------
+    features : array-like of shape (n, d), or a path to a ``.npy`` file
+        Image features of any float dtype (a float16 memory map is read a block at a time, never copied
+        whole); normalised here.
+    labels : sequence of shape (n,)
+        Given labels: class indices, or class names (sorted to give the class order).
+    classnames : sequence of str or dict, optional
+        The text a vision-language model reads per class (index order), or raw label -> text. Needed only
+        by text-guided detectors; default the label values.
+    method : str, optional
+        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list. Default: the audit's
+        default (:data:`~labelsieve.core.defaults.DEFAULT_METHOD`) when a vision-language ``encoder``/``model``
+        is given (its text side must be the one the features came from), else
+        :data:`~labelsieve.core.defaults.DEFAULT_FEATURES_METHOD` (TURN's linear probe and GMM, which needs
+        no text).
+    params : dict, optional
+        Keyword parameters of the detector.
+    encoder, model, pretrained
+        The model the features came from, for detectors that read class names through its text side: a
+        loaded :class:`~labelsieve.models.encoders.Encoder`, or a name to load (see ``labelsieve audit``).
+
+    Returns
+    -------
+    DetectionResult
+        ``p_clean`` (calibrated as in an audit; the detector's raw score in ``columns["p_clean_raw"]``),
+        ``is_noisy``, ``suggested``, ``suggested_prob`` per row, ``rule`` and ``info``.
+    """
+    x = np.load(features, mmap_mode="r") if isinstance(features, (str, os.PathLike)) else features
+    check_param("detect", "features", getattr(x, "shape", None), getattr(x, "ndim", 0) == 2,
+                "an array of shape (n, d) or a .npy file holding one")
+    raw = list(labels) if not isinstance(labels, np.ndarray) else labels
+    check_param("detect", "labels", f"{len(raw)} labels for {x.shape[0]} rows", len(raw) == x.shape[0],
+                "one label per row of features")
+    values = np.asarray(raw)
+    if np.issubdtype(values.dtype, np.integer):
+        n_classes = int(values.max()) + 1 if len(values) else 0
+        classes = [str(i) for i in range(n_classes)]
+        ids = values.astype(np.int64)
+    else:
+        classes = sorted({str(v) for v in values})
+        index = {c: i for i, c in enumerate(classes)}
+        ids = np.array([index[str(v)] for v in values], dtype=np.int64)
+    if isinstance(classnames, dict):
+        names = [str(classnames.get(c, c)) for c in classes]
+    elif classnames is not None:
+        names = [str(c) for c in classnames]
+        check_param("detect", "classnames", f"{len(names)} names for {len(classes)} classes",
+                    len(names) >= len(classes), "one name per class")
+    else:
+        names = [c.replace("_", " ") for c in classes]
+    if encoder is None and model is not None:
+        encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
+    if method is None:
+        method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
+        params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
+    detector = create_detector(method, **(params or {}))
+    if detector.needs_text:
+        if encoder is None:
+            raise ParameterError(f"The {method!r} detector reads class names through a vision-language model's text "
+                                 "side: pass the model the features came from (encoder=… or model=…), or choose "
+                                 "an image-feature detector (turn, knn, confident_learning, small_loss, gmm).")
+        encoder.require_text(f"The {method!r} detector")
+    ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
+                           device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
+                           progress=progress)
+    seed_everything(seed)
+    return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
 
 
 def run_detector(
@@ -108,7 +202,8 @@ def run_detector(
     if rev is not None:
         sub.labels = rev.labels[ridx]
     ctx = DetectionContext(labels=sub.labels, classnames=images.classnames, images=sub, encoder=encoder,
-                           features_fn=lambda: np.asarray(feats.vectors[ridx], dtype=np.float32),
+                           features_fn=lambda: feats.vectors if len(ridx) == len(readable)
+                           else RowSubset(feats.vectors, ridx),
                            device=encoder.device, seed=seed, cache_dir=cache, progress=progress,
                            trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)

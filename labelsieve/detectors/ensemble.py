@@ -66,6 +66,8 @@ TURN_PROBE: dict[str, Any] = {"finetune": False, "monotone": True}
 #: (no fine-tuning) and the kNN vote, stacked.
 DEFAULT_MEMBERS = (("codivide", CODIVIDE_FAST), ("turn", TURN_PROBE), "knn")
 COMBINE_RULES = ("mean_logit", "stack")
+#: At most this many unanimous rows (a seeded sample) fit the stacking regression.
+STACK_FIT_ROWS = 1_000_000
 
 
 def _logit(p: np.ndarray, clip: float) -> np.ndarray:
@@ -186,10 +188,18 @@ class EnsembleDetector(Detector):
         names = _column_names([name for name, _ in self.members])
         results: list[DetectionResult] = []
         member_info: list[dict[str, Any]] = []
-        for col, det in zip(names, self._members, strict=True):
+        w = np.ones(len(self._members)) if self.weights is None else np.asarray(self.weights)
+        probs: np.ndarray | None = None
+        for j, (col, det) in enumerate(zip(names, self._members, strict=True)):
             seed_everything(ctx.seed)
             t = time.perf_counter()
             r = det.detect(ctx)
+            # the weighted mean of the members' class probabilities, accumulated so that only one (n, C) array
+            # is held whatever the number of members (4 GB at 10M rows x 100 classes)
+            if probs is None:
+                probs = np.zeros_like(r.probs, dtype=np.float32)
+            probs += np.float32(w[j] / w.sum()) * r.probs
+            r.probs = r.probs[:, :0]
             results.append(r)
             member_info.append({"member": col, "method": det.name, "params": det.get_params(), "rule": r.rule,
                                 "threshold": r.threshold, "n_flagged": int(r.is_noisy.sum()),
@@ -197,7 +207,6 @@ class EnsembleDetector(Detector):
         P = np.stack([r.p_clean for r in results], axis=1)
         flags = np.stack([r.is_noisy for r in results], axis=1)
         thresholds = [r.threshold for r in results]
-        w = np.ones(len(results)) if self.weights is None else np.asarray(self.weights)
         p_mean, z = combine_logits(P, thresholds, weights=w, clip=self.clip)
         info: dict[str, Any] = {"combine": self.combine, "weights": w.tolist(), "clip": self.clip,
                                 "members": member_info,
@@ -216,7 +225,7 @@ class EnsembleDetector(Detector):
                         "(no ground truth), applied to every row; flagged if p_clean < 0.5.")
             else:
                 rule += f" (stacking fell back to the mean: {stack_info['fallback']})"
-        probs = np.tensordot(w / w.sum(), np.stack([r.probs for r in results]), axes=1)
+        assert probs is not None
         probs /= probs.sum(axis=1, keepdims=True)
         columns: dict[str, np.ndarray] = {}
         for j, col in enumerate(names):
@@ -243,6 +252,11 @@ class EnsembleDetector(Detector):
                                 "a logistic fit needs at least 2 of each")
             return None, info
         lr = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-        lr.fit(z[agree], clean.astype(np.int64), sample_weight=weight)
+        fit = np.arange(int(agree.sum()))  # positions among the rows of agree
+        if len(fit) > STACK_FIT_ROWS:  # three coefficients do not need more rows; keeps 10M-row audits fast
+            sampled = np.random.default_rng(seed).choice(fit, STACK_FIT_ROWS, replace=False)
+            fit = np.union1d(sampled, np.flatnonzero(trusted[agree]))  # every reviewer-confirmed row stays
+            info["n_fit_sampled"] = int(len(fit))
+        lr.fit(z[agree][fit], clean[fit].astype(np.int64), sample_weight=weight[fit])
         info.update(coef=lr.coef_.ravel().tolist(), intercept=float(lr.intercept_[0]))
         return lr.predict_proba(z)[:, 1], info

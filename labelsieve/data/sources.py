@@ -167,6 +167,7 @@ def load_images(
     classnames: str | os.PathLike[str] | dict[str, str] | None = None,
     classes: Sequence[str] | None = None,
     allow_single_class: bool = False,
+    must_exist: bool = True,
 ) -> LabeledImages:
     """Read and validate a labelled image collection.
 
@@ -185,6 +186,9 @@ def load_images(
         The full class list (e.g. from a trained model); labels outside it are an error.
     allow_single_class : bool
         Detectors need at least two classes; ``predict`` does not.
+    must_exist : bool, default True
+        Refuse paths that name no file (False for an audit of features computed elsewhere, where a path
+        only names the row; it must still stay inside ``root``).
     """
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
@@ -203,7 +207,7 @@ def load_images(
 
     where = source if labels_csv is not None else "the image folder"
     # Paths: inside the root (the one rule of labelsieve.core.paths), existing, and each listed once.
-    check_image_paths(root_p, paths, lines=lines, where=where)
+    check_image_paths(root_p, paths, lines=lines, where=where, must_exist=must_exist)
     check_unique_paths(root_p, paths, raw, lines, where=where)
     if empty_dirs:
         raise DataError(f"{root_p}: class folder(s) with no images: {', '.join(empty_dirs[:_MAX_LISTED])}. "

@@ -236,8 +236,9 @@ def test_calibrated_scale_option_beats_label_match_on_cifar(noisy_cifar, mini_cl
     assert f1 > lm[0] + 0.05 and auroc > 0.88, (f1, auroc, lm)
     assert 1.0 <= res.info["logit_scale"] < 100.0
     assert 0.2 < res.info["zero_shot_agreement"] < 0.5 and len(res.info["warnings"]) == 1  # weak text side
-    again = create_detector("deft", logit_scale="calibrated").detect(ctx)
-    np.testing.assert_allclose(res.p_clean, again.p_clean, atol=1e-6)
+    # the same seed gives the same result (two short runs: determinism does not need ten epochs)
+    short = [create_detector("deft", logit_scale="calibrated", epochs=2).detect(ctx) for _ in range(2)]
+    np.testing.assert_allclose(short[0].p_clean, short[1].p_clean, atol=1e-6)
 
 
 def test_consistency_and_batch_selection_on_features(noisy_cifar, mini_clip):

@@ -67,7 +67,7 @@ def make_dataset(work: Path, n: int, *, n_classes: int, spread: float, noise: fl
                  model_dir: str) -> Path:
     """Write ``features.npy`` (float16 memmap, n × d), ``labels.npy``, ``truth.npy`` and ``classes.json`` under
     ``work/n<n>``, once (chunked, so 10M rows never sit in memory as float32)."""
-    d = work / f"n{n}-c{n_classes}-s{seed}"
+    d = work / f"n{n}-c{n_classes}-spread{spread:g}-noise{noise:g}-s{seed}"
     if (d / "done").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--spread", type=float, default=1.2, help="noise norm relative to the unit class centre")
+    ap.add_argument("--spread", type=float, default=4.0,
+                    help="noise norm relative to the unit class centre (4: kNN and TURN reach AUROC ~0.9 at 10k)")
     ap.add_argument("--noise", type=float, default=0.2)
     ap.add_argument("--detectors", default=",".join(d[0] for d in DETECTORS))
     ap.add_argument("--budget", type=float, default=3600.0, help="skip a run expected to take longer (seconds)")

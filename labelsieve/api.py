@@ -22,6 +22,7 @@ from labelsieve.audit.review import apply_review, check_audit_output, keep_revie
 from labelsieve.audit.schema import paths_hash
 from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json
+from labelsieve.core import distributed
 from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
 from labelsieve.core.errors import check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
@@ -53,11 +54,13 @@ def run_detector(
     progress: bool = True,
     outlier_prob: float = DEFAULT_OUTLIER_PROB,
     threshold: float | None = None,
-) -> Audit:
+) -> Audit | None:
     """Extract (or read cached) features, run one detector, and build the audit table and summary.
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
-    the images and the model (benchmarks, notebooks).
+    the images and the model (benchmarks, notebooks). Under torchrun every rank extracts its share of
+    the features and rank 0 alone runs the detector (:func:`labelsieve.core.distributed.run_on_main`; the
+    other ranks wait); it returns the audit on rank 0 and None on the others.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -76,7 +79,10 @@ def run_detector(
                            device=encoder.device, seed=seed, cache_dir=cache, progress=progress)
     seed_everything(seed)
     t = time.perf_counter()
-    result = detector.detect(ctx)
+    result = distributed.run_on_main(detector.detect, ctx)
+    if not distributed.is_main():
+        return None
+    assert result is not None
     timings["detect"] = time.perf_counter() - t
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
@@ -102,6 +108,7 @@ def run_detector(
         "images_per_second": {k: (len(images) / v if v > 0 else None) for k, v in timings.items()},
         "peak_memory_mb": peak_memory_mb(encoder.device),
         "device": str(encoder.device),
+        "processes": distributed.world_size(),
     })
     return Audit(table=table, summary=summary)
 
@@ -129,8 +136,12 @@ def audit(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
-) -> Audit:
+) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
+
+    Under ``torchrun --nproc-per-node=N -m labelsieve audit …`` (or a script torchrun starts) the N
+    processes share the feature extraction and rank 0 writes the audit; on the other ranks this returns
+    None (see :func:`run_detector`).
 
     Parameters
     ----------
@@ -171,16 +182,20 @@ def audit(
     if out_dir is not None:
         check_audit_output(out_dir, force=force)
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
+    dev = resolve_device(device)
+    distributed.init(dev)
     t0 = time.perf_counter()
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
                          classnames=classnames)
     t_load = time.perf_counter() - t0
     t = time.perf_counter()
-    encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
+    encoder = create_encoder(model, pretrained=pretrained, device=dev)
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
                           outlier_prob=outlier_prob, threshold=threshold)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 writes
+        return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
     result.summary.update({
         "version": __version__,

@@ -1,6 +1,7 @@
 """One progress bar for all long work (rich, with count, rate and ETA), and :func:`warn` for messages.
 
-User text (file, class and model names) never reaches rich as markup: a class named ``[/bold]`` is
+Under torchrun only rank 0 shows progress and warnings (the other ranks do the same work in step with it,
+or wait). User text (file, class and model names) never reaches rich as markup: a class named ``[/bold]`` is
 printed as written (:func:`rich.markup.escape`, or :class:`rich.text.Text`, which is not parsed).
 """
 
@@ -23,6 +24,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from labelsieve.core.distributed import is_main
+
 console = Console(stderr=True)
 
 __all__ = ["RateColumn", "console", "escape", "progress_bar", "warn"]
@@ -30,7 +33,9 @@ __all__ = ["RateColumn", "console", "escape", "progress_bar", "warn"]
 
 def warn(message: str) -> None:
     """Print ``warning: <message>`` on stderr, on one line (not wrapped, so logs can be searched);
-    ``message`` is plain text (not rich markup)."""
+    ``message`` is plain text (not rich markup). Rank 0 only under torchrun."""
+    if not is_main():
+        return
     console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
 
 
@@ -50,8 +55,9 @@ class RateColumn(ProgressColumn):
 def progress_bar(
     total: int | None, desc: str, *, enabled: bool = True, unit: str = "img"
 ) -> Iterator[Callable[..., None]]:
-    """Context manager yielding ``advance(n=1, **fields)``; a no-op when ``enabled`` is False."""
-    if not enabled:
+    """Context manager yielding ``advance(n=1, **fields)``; a no-op when ``enabled`` is False (and on ranks
+    other than 0 under torchrun)."""
+    if not enabled or not is_main():
         yield lambda n=1, **_: None
         return
     columns = [

@@ -194,21 +194,25 @@ def render(out: Path, name: str) -> None:
     """The table: per setup and process count, the median over repeats, and speed-up over 1 process."""
     groups: dict[tuple, list[dict]] = {}
     for r in read_jsonl(out / f"{name}.jsonl"):
-        groups.setdefault((*[r.get(k) for k in SETUP], r["processes"]), []).append(r)
+        groups.setdefault((*[r.get(k) for k in SETUP], r["processes"], r["host"]["threads"]), []).append(r)
     med = {k: {m: float(np.median([r[m] for r in g])) if all(r.get(m) for r in g) else None
                for m in ("extract_seconds", "deft_epoch_seconds")} for k, g in groups.items()}
+    # the base of a speed-up: 1 process of the same setup, with the most threads (all the cores)
+    bases = sorted((k for k in groups if k[-2] == 1), key=lambda k: k[-1])
+    base_of = {k[:-2]: med[k] for k in bases}
     title = "feature extraction" + (" and one DEFT VPT-deep epoch" if name == "scale_gpus" else "")
     lines = [f"# Scaling over processes: {title}", "",
              "Written by `benchmarks/device/scale_gpus.py`: medians over repeats; speed-up over 1 process of the "
-             "same setup; load: 1-minute load average before and after the runs (min-max).", "",
-             "| model | device | data | images | workers | processes | repeats | extract s | img/s | speed-up "
-             "| DEFT images | DEFT epoch s | DEFT img/s | speed-up | load |", "|" + "---|" * 15]
+             "same setup with all the cores' threads; load: 1-minute load average before and after the runs "
+             "(min-max).", "",
+             "| model | device | data | images | workers | processes | threads each | repeats | extract s | img/s "
+             "| speed-up | DEFT images | DEFT epoch s | DEFT img/s | speed-up | load |", "|" + "---|" * 16]
     for k, g in groups.items():
-        r, m, base = g[0], med[k], med.get((*k[:-1], 1), {})
+        r, m, base = g[0], med[k], base_of.get(k[:-2], {})
         loads = [x["load_before"] for x in g] + [x["load"] for x in g]
         lines.append(
             f"| {Path(r['model']).name} | {r['gpu'] or r['device']} | {r['data']} | {r['images']} | {r['workers']} "
-            f"| {r['processes']} | {len(g)} | {_cell(m['extract_seconds'])} "
+            f"| {r['processes']} | {r['host']['threads']} | {len(g)} | {_cell(m['extract_seconds'])} "
             f"| {_cell(_ratio(r['images'], m['extract_seconds']))} "
             f"| {_cell(_ratio(base.get('extract_seconds'), m['extract_seconds']), '.2f')} "
             f"| {r['deft_images'] or '-'} | {_cell(m['deft_epoch_seconds'])} "

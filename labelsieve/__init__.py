@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _LAZY = {
     "audit": "labelsieve.api",
+    "detect": "labelsieve.api",
     "apply_review": "labelsieve.api",
     "evaluate_audit": "labelsieve.api",
     "predict": "labelsieve.api",

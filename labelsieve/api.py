@@ -8,37 +8,158 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from labelsieve import __version__
+from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
+from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
 from labelsieve.audit.html import write_html
-from labelsieve.audit.review import apply_review, check_audit_output, keep_reviewed_copy
-from labelsieve.audit.schema import paths_hash
+from labelsieve.audit.review import apply_review as _apply_review
+from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
+from labelsieve.audit.reviewed import (
+    check_reviewed_frames,
+    mark_reviewed,
+    resolve_reviewed,
+    reviewed_warning,
+    widen_result,
+)
+from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, paths_hash, read_audit
 from labelsieve.audit.table import Audit, build_table, summarise
-from labelsieve.audit.writers import print_summary, write_csv, write_json
+from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
 from labelsieve.core import distributed
-from labelsieve.core.defaults import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_OUTLIER_PROB, default_cache_dir
-from labelsieve.core.errors import check_param
+from labelsieve.core.defaults import (
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_FEATURES_METHOD,
+    DEFAULT_FEATURES_PARAMS,
+    DEFAULT_METHOD,
+    DEFAULT_MODEL,
+    DEFAULT_OUTLIER_PROB,
+    default_cache_dir,
+)
+from labelsieve.core.errors import ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
-from labelsieve.detectors import DetectionContext, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
+from labelsieve.detectors.common.base import RowSubset
+from labelsieve.detectors.common.calibration import calibrate
+from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
+from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
-#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``describe_detectors``
-#: (``detectors``); ``run_detector`` is :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detectors", "evaluate_audit", "format_metrics", "predict",
-           "run_detector", "train_from_audit"]
+#: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
+#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``); ``detect`` is the
+#: "bring your own features" entry; ``run_detector`` is :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "describe_detector", "describe_detectors", "detect", "evaluate_audit",
+           "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
+
+#: What ``labelsieve export --to`` accepts.
+EXPORT_TARGETS = ("fiftyone", "labelstudio")
+
+
+def detect(
+    features: Any,
+    labels: Sequence[Any],
+    *,
+    classnames: Sequence[str] | dict[str, str] | None = None,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    encoder: Encoder | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = False,
+) -> DetectionResult:
+    """Find label issues from features you already have (the "bring your own embeddings" entry).
+
+    Like cleanlab's ``find_label_issues(labels, pred_probs)``, but from image features:
+
+    >>> res = labelsieve.detect(feats, labels)                       # doctest: +SKIP
+    >>> res.is_noisy, res.p_clean, res.suggested                     # doctest: +SKIP
+
+    Parameters
+    ----------
+    features : array-like of shape (n, d), or a path to a ``.npy`` file
+        Image features of any float dtype (a float16 memory map is read a block at a time, never copied
+        whole); normalised here.
+    labels : sequence of shape (n,)
+        Given labels: class indices, or class names (sorted to give the class order).
+    classnames : sequence of str or dict, optional
+        The text a vision-language model reads per class (index order), or raw label -> text. Needed only
+        by text-guided detectors; default the label values.
+    method : str, optional
+        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list. Default: the audit's
+        default (:data:`~labelsieve.core.defaults.DEFAULT_METHOD`) when a vision-language ``encoder``/``model``
+        is given (its text side must be the one the features came from), else
+        :data:`~labelsieve.core.defaults.DEFAULT_FEATURES_METHOD` (TURN's linear probe and GMM, which needs
+        no text).
+    params : dict, optional
+        Keyword parameters of the detector.
+    encoder, model, pretrained
+        The model the features came from, for detectors that read class names through its text side: a
+        loaded :class:`~labelsieve.models.encoders.Encoder`, or a name to load (see ``labelsieve audit``).
+
+    Returns
+    -------
+    DetectionResult
+        ``p_clean`` (calibrated as in an audit; the detector's raw score in ``columns["p_clean_raw"]``),
+        ``is_noisy``, ``suggested``, ``suggested_prob`` per row, ``rule`` and ``info``.
+    """
+    x = np.load(features, mmap_mode="r") if isinstance(features, (str, os.PathLike)) else features
+    check_param("detect", "features", getattr(x, "shape", None), getattr(x, "ndim", 0) == 2,
+                "an array of shape (n, d) or a .npy file holding one")
+    raw = list(labels) if not isinstance(labels, np.ndarray) else labels
+    check_param("detect", "labels", f"{len(raw)} labels for {x.shape[0]} rows", len(raw) == x.shape[0],
+                "one label per row of features")
+    values = np.asarray(raw)
+    if np.issubdtype(values.dtype, np.integer):
+        n_classes = int(values.max()) + 1 if len(values) else 0
+        classes = [str(i) for i in range(n_classes)]
+        ids = values.astype(np.int64)
+    else:
+        classes = sorted({str(v) for v in values})
+        index = {c: i for i, c in enumerate(classes)}
+        ids = np.array([index[str(v)] for v in values], dtype=np.int64)
+    if isinstance(classnames, dict):
+        names = [str(classnames.get(c, c)) for c in classes]
+    elif classnames is not None:
+        names = [str(c) for c in classnames]
+        check_param("detect", "classnames", f"{len(names)} names for {len(classes)} classes",
+                    len(names) >= len(classes), "one name per class")
+    else:
+        names = [c.replace("_", " ") for c in classes]
+    if encoder is None and model is not None:
+        encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
+    if method is None:
+        method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
+        params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
+    detector = create_detector(method, **(params or {}))
+    if detector.needs_text:
+        if encoder is None:
+            raise ParameterError(f"The {method!r} detector reads class names through a vision-language model's text "
+                                 "side: pass the model the features came from (encoder=… or model=…), or choose "
+                                 "an image-feature detector (turn, knn, confident_learning, small_loss, gmm).")
+        encoder.require_text(f"The {method!r} detector")
+    ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
+                           device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
+                           progress=progress)
+    seed_everything(seed)
+    return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
 
 
 def run_detector(
@@ -54,13 +175,19 @@ def run_detector(
     progress: bool = True,
     outlier_prob: float = DEFAULT_OUTLIER_PROB,
     threshold: float | None = None,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    reviewed: Sequence[pd.DataFrame] = (),
 ) -> Audit | None:
-    """Extract (or read cached) features, run one detector, and build the audit table and summary.
+    """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
+    and summary.
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
-    the images and the model (benchmarks, notebooks). Under torchrun every rank extracts its share of
-    the features and rank 0 alone runs the detector (:func:`labelsieve.core.distributed.run_on_main`; the
-    other ranks wait); it returns the audit on rank 0 and None on the others.
+    the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
+    near-duplicate search. ``reviewed`` holds earlier decisions (tables from
+    :func:`labelsieve.audit.decisions.read_reviews`); see :mod:`labelsieve.audit.reviewed`.
+    Under torchrun every rank extracts its share of the features and rank 0 alone runs the detector
+    (:func:`labelsieve.core.distributed.run_on_main`; the other ranks wait); it returns the audit on rank 0
+    and None on the others.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -72,11 +199,17 @@ def run_detector(
                              progress=progress)
     timings["features"] = time.perf_counter() - t
     readable = feats.ok
-    ridx = np.nonzero(readable)[0]
+    rev = resolve_reviewed(images, reviewed) if reviewed else None
+    fit = readable & ~rev.dropped if rev is not None else readable
+    ridx = np.nonzero(fit)[0]
     sub = images.subset(ridx)
+    if rev is not None:
+        sub.labels = rev.labels[ridx]
     ctx = DetectionContext(labels=sub.labels, classnames=images.classnames, images=sub, encoder=encoder,
-                           features_fn=lambda: np.asarray(feats.vectors[ridx], dtype=np.float32),
-                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress)
+                           features_fn=lambda: feats.vectors if len(ridx) == len(readable)
+                           else RowSubset(feats.vectors, ridx),
+                           device=encoder.device, seed=seed, cache_dir=cache, progress=progress,
+                           trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)
     t = time.perf_counter()
     result = distributed.run_on_main(detector.detect, ctx)
@@ -84,14 +217,41 @@ def run_detector(
         return None
     assert result is not None
     timings["detect"] = time.perf_counter() - t
+    t = time.perf_counter()
+    result = calibrate(result, labels=ctx.labels)  # fitted on the rows the detector saw
+    timings["calibrate"] = time.perf_counter() - t
+    if rev is not None:  # rows a reviewer dropped come back, reported as dropped
+        result = widen_result(result, fit[readable])
     if threshold is not None:
         check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
         result.threshold = threshold
         result.flags = None
-        result.rule += f" Threshold overridden by the user: {threshold}."
+        result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
+    groups = None
+    if duplicate_threshold is not None:
+        check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
+                    "a float in (0, 1], or None to skip the near-duplicate search")
+        t = time.perf_counter()
+        if (fit == readable).all():
+            dup_images, dup_features = sub, ctx.features()
+        else:  # every readable row, the ones a reviewer dropped included
+            ok = np.nonzero(readable)[0]
+            dup_images, dup_features = images.subset(ok), np.asarray(feats.vectors[ok], dtype=np.float32)
+        groups = near_duplicate_groups(dup_images, dup_features, threshold=duplicate_threshold, seed=seed,
+                                       progress=progress)
+        timings["near_duplicates"] = time.perf_counter() - t
     t = time.perf_counter()
-    table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob)
+    table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,
+                        duplicate_groups=groups)
+    if rev is not None:
+        table = mark_reviewed(table, images, rev)
     summary = summarise(table, images, result)
+    summary["near_duplicates"]["threshold"] = duplicate_threshold
+    if rev is not None:
+        summary["reviewed"] = rev.describe()
+        warning = reviewed_warning(rev)
+        if warning:
+            summary["warnings"].append(warning)
     timings["table"] = time.perf_counter() - t
     summary.update({
         "method": method,
@@ -133,9 +293,12 @@ def audit(
     batch_size: int = 64,
     num_workers: int | None = None,
     html: bool = True,
+    xlsx: bool = False,
+    duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    reviewed: Sequence[str | os.PathLike[str]] = (),
 ) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -169,9 +332,20 @@ def audit(
         ``cpu``, ``cuda``, ``cuda:1`` … (default: CUDA if available).
     cache_dir : path, optional
         Feature store and other caches (default ``$LABELSIEVE_CACHE`` or ``~/.cache/labelsieve``).
+    html : bool, default=True
+        Write audit.html.
+    xlsx : bool, default=False
+        Also write audit.xlsx (same rows and columns; header frozen, filters on, worst rows first).
+    duplicate_threshold : float or None, default=0.94
+        Thumbnail correlation at which two images count as near-duplicates
+        (:mod:`labelsieve.detectors.common.duplicates`); None skips the search.
     force : bool, default False
         Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
         it). Without it such an audit is refused before any work starts.
+    reviewed : sequence of paths
+        Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
+        they decide are trusted labels for the detector and keep their decision in the new audit
+        (:mod:`labelsieve.audit.reviewed`).
 
     Raises
     ------
@@ -180,11 +354,13 @@ def audit(
         review decisions and ``force`` is False.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force)
+        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     dev = resolve_device(device)
     distributed.init(dev)
     t0 = time.perf_counter()
+    frames = [read_reviews(f) for f in reviewed]
+    check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
                          classnames=classnames)
     t_load = time.perf_counter() - t0
@@ -193,7 +369,8 @@ def audit(
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
-                          outlier_prob=outlier_prob, threshold=threshold)
+                          outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold,
+                          reviewed=frames)
     if result is None:  # a rank other than 0 under torchrun: rank 0 writes
         return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
@@ -209,6 +386,9 @@ def audit(
         t = time.perf_counter()
         keep_reviewed_copy(out / "audit.csv")  # reviews typed while this audit ran, or replaced with force
         files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
+        if xlsx:
+            keep_reviewed_copy(out / "audit.xlsx")
+            files["audit.xlsx"] = write_xlsx(result.table, out / "audit.xlsx")
         if html:
             files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
                                              out_path=out / "audit.html")
@@ -220,6 +400,72 @@ def audit(
         print_summary(result.summary, result.files)
     return result
 
+
+def apply_review(
+    audit_csv: str | os.PathLike[str],
+    *,
+    out_csv: str | os.PathLike[str],
+    reviews: Sequence[str | os.PathLike[str]] = (),
+    from_labelstudio: str | os.PathLike[str] | None = None,
+    from_fiftyone: str | None = None,
+    classes: list[str] | None = None,
+    drop_unreviewed_flagged: bool = False,
+    accept_suggestions: bool = False,
+) -> dict[str, int]:
+    """Write corrected labels from a reviewed audit (``labelsieve apply``).
+
+    The decisions are the audit's ``review`` column plus those of ``reviews`` (reviews CSVs downloaded
+    from audit.html, or other reviewed audit.csv files), a Label Studio JSON export and a FiftyOne
+    dataset; each source is merged onto the audit and checked against it
+    (:func:`labelsieve.audit.decisions.merge_reviews`), then the one review rule applies
+    (:func:`labelsieve.audit.review.apply_review`). Returns its counts, plus ``decisions_merged`` when
+    decisions came from elsewhere.
+    """
+    frames = [read_reviews(f) for f in reviews]
+    if from_labelstudio is not None:
+        frames.append(read_export(from_labelstudio))
+    if from_fiftyone is not None:
+        frames.append(read_fiftyone(from_fiftyone))
+    counts = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
+                           drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions)
+    if frames:
+        counts["decisions_merged"] = sum(len(f) for f in frames)
+    return counts
+
+
+def export_audit(
+    audit_csv: str | os.PathLike[str],
+    *,
+    to: str,
+    out_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    all_rows: bool = False,
+    overwrite: bool = False,
+    document_root: str | os.PathLike[str] | None = None,
+    url_prefix: str | None = None,
+) -> dict[str, Any]:
+    """Hand an audit to a review tool (``labelsieve export``): ``to="labelstudio"`` writes
+    ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
+    ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
+    :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
+    ``images_root`` or the one recorded in the audit.json beside the audit."""
+    check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
+    path = Path(audit_csv)
+    table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
+    record = audit_record(path)
+    root = audit_image_root(path, images_root, record)
+    if to == "fiftyone":
+        ds_name = name or f"labelsieve-{path.resolve().parent.name}"
+        return write_fiftyone(table, image_root=root, name=ds_name, all_rows=all_rows, overwrite=overwrite,
+                              where=str(path))
+    classes = [str(c) for c in record.get("classes") or []]
+    if not classes:
+        both = set(table["given_label"]) | set(table.get("suggested_label", pd.Series(dtype=object)))
+        classes = sorted(c for c in both if c)
+    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    return write_labelstudio(table, out, image_root=root, classes=classes, all_rows=all_rows,
+                             document_root=document_root, url_prefix=url_prefix, where=str(path))
 
 
 def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str], *, kind: str = "symmetric",
@@ -239,3 +485,18 @@ def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str
 def describe_detectors() -> dict[str, str]:
     """Registered detector names and their one-line summaries (``labelsieve detectors``)."""
     return {name: get_detector_class(name).summary for name in list_detectors()}
+
+
+def describe_detector(name: str) -> str:
+    """One detector's parameters as text (``labelsieve detectors --show NAME``): for the paper-based detectors
+    their recipe (value, ``paper`` or ``labelsieve``, and the section, table or authors' file each comes from),
+    for the others their parameters and defaults."""
+    cls = get_detector_class(name)
+    recipe = getattr(cls, "recipe", None)
+    head = f"{name}: {cls.summary}"
+    if recipe is not None:
+        return f"{head}\n{recipe.format()}"
+    sig = inspect.signature(cls.__init__)
+    params = [f"  {p.name} = {p.default!r}" for p in sig.parameters.values()
+              if p.name != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return "\n".join([head, "", "parameters (labelsieve's defaults):", *params])

@@ -1,7 +1,8 @@
 """Command line: a thin layer over :mod:`labelsieve.api` (``main(argv)`` is callable from tests).
 
     labelsieve audit ROOT [LABELS.csv] [--method NAME] [--model NAME_OR_PATH] [--pretrained TAG_OR_PATH] -o OUT
-    labelsieve apply OUT/audit.csv -o labels.clean.csv
+    labelsieve apply OUT/audit.csv -o labels.clean.csv [--reviews reviews.csv] [--from-labelstudio EXPORT.json]
+    labelsieve export OUT/audit.csv --to labelstudio|fiftyone
     labelsieve train --clean OUT/audit.csv --backbone NAME [-o MODEL_DIR]
     labelsieve predict MODEL_DIR IMAGES -o OUT_DIR
     labelsieve noise LABELS.csv --kind symmetric --rate 0.2 -o noisy.csv
@@ -25,7 +26,13 @@ from typing import Any
 import click
 
 from labelsieve import __version__
-from labelsieve.core.defaults import DEFAULT_BACKBONE, DEFAULT_BATCH_SIZE, DEFAULT_METHOD, DEFAULT_MODEL
+from labelsieve.core.defaults import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_METHOD,
+    DEFAULT_MODEL,
+)
 from labelsieve.core.errors import LabelsieveError
 
 
@@ -74,10 +81,13 @@ def cli() -> None:
 @click.option("--peft", help="deft: image-tower tuning (auto, vpt_deep, vpt_shallow, lora, adaptformer, bitfit, "
                              "none, feature_adapter).")
 @click.option("--epochs", type=int, help="Detector training epochs (deft, turn, codivide).")
-@click.option("--consistency", is_flag=True, help="deft: real-world-noise variant (given label must also be top).")
+@click.option("--consistency", is_flag=True,
+              help="deft: the authors' real-world-noise variant (given label must also be the class of highest "
+                   "p_clean; SCE warm-up of 5 epochs).")
 @click.option("--frozen/--no-frozen", default=None,
-              help="codivide: text-side prompts on cached image features (the default), or --no-frozen for "
-                   "image-level MaPLe prompts through a ViT image tower (AVL-Prompter's path; slow without a GPU).")
+              help="codivide: --frozen for text-side prompts on cached image features, --no-frozen for image-level "
+                   "MaPLe prompts through a ViT image tower (AVL-Prompter's path); default: image-level on a ViT with "
+                   "a GPU, else frozen.")
 @click.option("--no-finetune", is_flag=True, help="turn: linear probe and one selection only.")
 @click.option("--threshold", type=float, help="Override the decision threshold on p_clean.")
 @click.option("--seed", default=0, show_default=True)
@@ -86,6 +96,15 @@ def cli() -> None:
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, help="Feature-extraction batch size.")
 @click.option("--workers", type=int, help="Image-decoding worker processes.")
 @click.option("--no-html", is_flag=True, help="Do not write audit.html.")
+@click.option("--xlsx", is_flag=True, help="Also write audit.xlsx for Excel/LibreOffice: header frozen, filters on, "
+                                          "flagged rows first; 'labelsieve apply' reads it back.")
+@click.option("--duplicate-threshold", type=click.FloatRange(0.0, 1.0, min_open=True),
+              default=DEFAULT_DUPLICATE_THRESHOLD, show_default=True,
+              help="Near-duplicates: thumbnail correlation at which two images count as the same picture.")
+@click.option("--no-near-duplicates", is_flag=True, help="Skip the near-duplicate search.")
+@click.option("--reviewed", multiple=True, type=click.Path(path_type=Path),
+              help="A reviewed audit.csv or a reviews CSV from audit.html (repeatable): its decisions are trusted "
+                   "labels for the detector and are kept in the new audit's review column.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
@@ -93,7 +112,8 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
           classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
-          no_html: bool, no_progress: bool, force: bool) -> None:
+          no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
+          reviewed: tuple[Path, ...], no_progress: bool, force: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
@@ -102,12 +122,18 @@ def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: 
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
-              html=not no_html, progress=not no_progress, force=force)
+              html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
+              progress=not no_progress, force=force, reviewed=reviewed)
 
 
 @cli.command("detectors")
-def detectors_cmd() -> None:
-    """List the registered detectors."""
+@click.option("--show", "show", metavar="NAME",
+              help="Print one detector's parameters: value, 'paper' or 'labelsieve', and where each comes from.")
+def detectors_cmd(show: str | None) -> None:
+    """List the registered detectors (or, with --show NAME, one detector's recipe)."""
+    if show:
+        click.echo(_api().describe_detector(show))
+        return
     for name, summary in _api().describe_detectors().items():
         click.echo(f"{name:20s} {summary}")
 
@@ -117,10 +143,21 @@ def detectors_cmd() -> None:
 @click.option("--out", "-o", "out_csv", required=True, type=click.Path(path_type=Path))
 @click.option("--drop-unreviewed", is_flag=True, help="Drop flagged rows with an empty review.")
 @click.option("--accept-suggestions", is_flag=True, help="Relabel flagged rows with an empty review to the suggestion.")
-def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool) -> None:
-    """Turn a reviewed audit.csv into corrected labels (path,label)."""
+@click.option("--reviews", multiple=True, type=click.Path(path_type=Path),
+              help="A reviews CSV downloaded from audit.html (repeatable), merged onto the review column.")
+@click.option("--from-labelstudio", type=click.Path(path_type=Path),
+              help="A Label Studio JSON export of the tasks 'labelsieve export --to labelstudio' wrote.")
+@click.option("--from-fiftyone", metavar="DATASET", help="The FiftyOne dataset 'labelsieve export --to fiftyone' made.")
+def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool, reviews: tuple[Path, ...],
+          from_labelstudio: Path | None, from_fiftyone: str | None) -> None:
+    """Turn a reviewed audit.csv (or audit.xlsx) into corrected labels (path,label).
+
+    Decisions come from the audit's review column and, merged onto it (a conflicting decision is an error,
+    never overwritten), from --reviews files, a Label Studio export or a FiftyOne dataset.
+    """
     counts = _api().apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
-                          accept_suggestions=accept_suggestions)
+                          accept_suggestions=accept_suggestions, reviews=reviews, from_labelstudio=from_labelstudio,
+                          from_fiftyone=from_fiftyone)
     click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out_csv}")
 
 
@@ -144,15 +181,21 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
               help="Train on flagged rows nobody reviewed too, with their given label (default: drop them).")
 @click.option("--accept-suggestions", is_flag=True,
               help="Train on flagged rows nobody reviewed with their suggested label (default: drop them).")
+@click.option("--reviews", multiple=True, type=click.Path(path_type=Path),
+              help="A reviews CSV downloaded from audit.html (repeatable), merged onto the review column.")
 @click.option("--image-size", type=int)
+@click.option("--clip-head", type=click.Choice(["linear", "zero_shot"]), default="linear", show_default=True,
+              help="CLIP backbones: a fresh head on the pre-projection features, blocks + head trained (DEFT's phase "
+                   "2), or a head initialised from the zero-shot text embeddings, whole tower trained.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device")
 @click.option("--workers", type=int)
 @click.option("--out", "-o", "out_dir", default="model", show_default=True, type=click.Path(path_type=Path))
 def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, val_csv: Path | None, val_fraction: float, balanced: bool,
-          freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, image_size: int | None, seed: int,
-          device: str | None, workers: int | None, out_dir: Path) -> None:
+          freeze_bn: bool, keep_flagged: bool, accept_suggestions: bool, reviews: tuple[Path, ...],
+          image_size: int | None, clip_head: str, seed: int, device: str | None, workers: int | None,
+          out_dir: Path) -> None:
     """Fine-tune a classifier on the images an audit kept, and export it.
 
     Rows a reviewer decided on follow the review column; flagged rows nobody reviewed are dropped
@@ -165,12 +208,52 @@ def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: 
                            val_fraction=val_fraction, balanced=balanced, seed=seed, device=device,
                            image_size=image_size, num_workers=workers, freeze_bn=freeze_bn,
                            drop_unreviewed_flagged=not (keep_flagged or accept_suggestions),
-                           accept_suggestions=accept_suggestions)
+                           accept_suggestions=accept_suggestions, reviews=reviews, clip_head=clip_head)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return
     acc = ("no validation set" if rep.best_val_acc is None or rep.last_val_acc is None
            else f"best val acc {rep.best_val_acc:.4f}, last {rep.last_val_acc:.4f}")
     click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: {acc} -> {out_dir}")
+
+
+@cli.command()
+@click.argument("audit_csv", type=click.Path(path_type=Path))
+@click.option("--to", "target", required=True, type=click.Choice(["labelstudio", "fiftyone"]))
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path),
+              help="labelstudio: folder for tasks.json and labeling_config.xml (default: AUDIT_DIR/labelstudio).")
+@click.option("--name", help="fiftyone: dataset name (default: labelsieve-<audit folder name>).")
+@click.option("--images", "images_root", type=click.Path(path_type=Path),
+              help="Image root (default: the one recorded in the audit.json beside the audit).")
+@click.option("--all-rows", is_flag=True, help="Every readable row, not only the flagged ones.")
+@click.option("--overwrite", is_flag=True, help="fiftyone: replace a dataset of that name that holds no decisions.")
+@click.option("--document-root", type=click.Path(path_type=Path),
+              help="labelstudio: LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, if not the image root.")
+@click.option("--url-prefix", help="labelstudio: image URL = prefix + path (images served over HTTP or a bucket).")
+def export(audit_csv: Path, target: str, out_dir: Path | None, name: str | None, images_root: Path | None,
+           all_rows: bool, overwrite: bool, document_root: Path | None, url_prefix: str | None) -> None:
+    """Hand an audit to Label Studio (a tasks file + labeling config) or FiftyOne (a dataset) for review.
+
+    Read the decisions back with `labelsieve apply AUDIT_CSV --from-labelstudio EXPORT.json` or
+    `--from-fiftyone DATASET`.
+    """
+    res = _api().export_audit(audit_csv, to=target, out_dir=out_dir, name=name, images_root=images_root,
+                              all_rows=all_rows, overwrite=overwrite, document_root=document_root,
+                              url_prefix=url_prefix)
+    if target == "fiftyone":
+        click.echo(f"FiftyOne dataset {res['name']!r}: {res['n_samples']} samples. Tag samples keep / drop / relabel / "
+                   f"relabel:<class> in the App, then: labelsieve apply {audit_csv} --from-fiftyone {res['name']} "
+                   "-o labels.clean.csv")
+        return
+    checked = (f"checked with label-studio-sdk {res['validated']}" if res["validated"]
+               else "not checked: pip install 'labelsieve[labelstudio]' to check them with Label Studio's validator")
+    serve = ("" if res["document_root"] is None else
+             f"Start Label Studio with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and "
+             f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={res['document_root']}, and add a Local Storage on that folder "
+             "to the project.\n")
+    click.echo(f"{res['n_tasks']} tasks ({res['n_predictions']} pre-annotated; {checked}) -> {res['tasks']}\n"
+               f"labeling config -> {res['config']}\n{serve}Create a project with the config, import the tasks; "
+               f"after review export it as JSON, then: labelsieve apply {audit_csv} --from-labelstudio EXPORT.json "
+               "-o labels.clean.csv")
 
 
 @cli.command()

@@ -80,8 +80,95 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, mini_clip_dir):
     assert rc == 2
 
 
+def test_audit_records_and_prints_which_path_ran(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys):
+    """`--method deft` on the mini CLIP (a CNN tower): the paper's VPT cannot run, the frozen path does; the
+    printed summary and audit.json say so, and audit.json holds the resolved recipe."""
+    root, labels, _, _ = noisy_copy
+    out = tmp_path / "deft"
+    rc = main(["audit", str(root), str(labels), "--method", "deft", "--epochs", "1", "--model", str(mini_clip_dir),
+               "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"])
+    assert rc == 0
+    printed = " ".join(capsys.readouterr().err.split())  # the summary goes to stderr (rich console)
+    assert "path" in printed and "not a ViT" in printed
+    info = json.loads((out / "audit.json").read_text())["detector_info"]
+    assert info["path"] == "none" and "TimmModel" in info["path_reason"]
+    rows = {r["name"]: r for r in info["recipe"]}
+    assert rows["epochs"]["value"] == 1 and rows["epochs"]["origin"] == "user"
+    assert rows["lr"]["origin"] == "paper" and rows["peft"]["resolved"] == "none"
+
+
 def test_detectors_command_lists_registry(capsys):
     assert main(["detectors"]) == 0
     out = capsys.readouterr().out
     for name in ("deft", "knn", "label_match", "confident_learning"):
         assert name in out
+
+
+def test_audit_reviewed_keeps_decisions_and_trusts_them(noisy_copy, tmp_path, mini_clip_dir, feature_cache, capsys,
+                                                        monkeypatch):
+    """`audit --reviewed`: the detector fits on the corrected labels (dropped rows left out, reviewed rows marked
+    trusted), and the new audit keeps every decision, reports it and ranks it after the rows still to review."""
+    from labelsieve.detectors import registry
+    from labelsieve.detectors.knn import KNNDetector
+
+    root, labels, truth, broken = noisy_copy
+    common = ["--model", str(mini_clip_dir), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]
+    assert main(["audit", str(root), str(labels), "--method", "knn", "-o", str(tmp_path / "one"), *common]) == 0
+    first = pd.read_csv(tmp_path / "one" / "audit.csv", keep_default_na=False)
+    true = pd.read_csv(truth).set_index("path")["true_label"]
+    top = first[first["issue"] != "unreadable"].head(3)
+    a, b, c = top["path"].tolist()
+    other = next(x for x in sorted(true.unique()) if x not in (true[b], first.set_index("path").loc[b, "given_label"]))
+    first.loc[first["path"] == a, "review"] = "keep"
+    first.loc[first["path"] == b, "review"] = f"relabel:{other}"
+    first.loc[first["path"] == c, "review"] = "drop"
+    first.to_csv(tmp_path / "one" / "audit.csv", index=False)
+
+    seen = {}
+
+    class Recording(KNNDetector):
+        def detect(self, ctx):
+            seen.update(labels=ctx.labels.copy(), trusted=ctx.trusted_mask().copy(), paths=list(ctx.images.paths))
+            return super().detect(ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, "knn", Recording)
+    out = tmp_path / "two"
+    assert main(["audit", str(root), str(labels), "--method", "knn", "-o", str(out), "--reviewed",
+                 str(tmp_path / "one" / "audit.csv"), *common]) == 0
+    # what the detector saw: c left out, b with its new label, a and b trusted
+    pos = {p: i for i, p in enumerate(seen["paths"])}
+    classes = sorted(true.unique())
+    assert c not in pos and broken not in pos
+    assert seen["labels"][pos[b]] == classes.index(other)
+    assert seen["trusted"].sum() == 2 and seen["trusted"][pos[a]] and seen["trusted"][pos[b]]
+    # what the new audit says
+    second = pd.read_csv(out / "audit.csv", keep_default_na=False).set_index("path")
+    assert second.loc[[a, b, c], "review"].tolist() == ["keep", f"relabel:{other}", "drop"]
+    assert (second.loc[[a, b, c], "issue"] == "reviewed").all()
+    assert second.loc[broken, "rank"] == 1 and sorted(second.loc[[a, b, c], "rank"]) == [79, 80, 81]
+    assert pd.to_numeric(second.loc[[a, b, c], "p_clean"]).tolist() == [1.0, 0.0, 0.0]
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["reviewed"]["n_decided"] == 3 and summary["reviewed"]["n_relabelled"] == 1
+    # and apply reads the carried decisions as the first audit's
+    capsys.readouterr()
+    assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
+    clean = pd.read_csv(tmp_path / "clean.csv").set_index("path")["label"]
+    assert clean[a] == second.loc[a, "given_label"] and clean[b] == other and c not in clean.index
+
+
+def test_detectors_show_prints_the_recipe(capsys):
+    """``detectors --show deft``: every parameter with its value, paper or labelsieve, and its source."""
+    assert main(["detectors", "--show", "deft"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "0.03" in lines["lr"] and " paper " in lines["lr"] and "HotanLee/DeFT" in lines["lr"]
+    assert "'eval_pass'" in lines["selection"] and " labelsieve " in lines["selection"] and "'batch'" in lines[
+        "selection"]
+    assert "'model'" in lines["logit_scale"] and " paper " in lines["logit_scale"]
+    assert "dual_loss_gradient" in out and "negative context only" in out
+    assert main(["detectors", "--show", "codivide"]) == 0
+    out = capsys.readouterr().out
+    assert "J. Visual Communication" in out and "issue 10's reading" in out
+    assert main(["detectors", "--show", "knn"]) == 0
+    assert "k = 10" in capsys.readouterr().out
+    assert main(["detectors", "--show", "nope"]) == 2

@@ -25,7 +25,7 @@ from labelsieve.audit.schema import flagged_mask, read_audit
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import restore_frame, sniff_delimiter
 
-__all__ = ["detection_metrics", "evaluate_audit", "format_metrics"]
+__all__ = ["calibration_error", "detection_metrics", "evaluate_audit", "format_metrics"]
 
 _MAX_LISTED = 5
 
@@ -78,7 +78,7 @@ def detection_metrics(true_noisy: np.ndarray, p_clean: np.ndarray, is_noisy: np.
     tp = int((flag & truth).sum())
     kept_clean = int((~flag & ~truth).sum())
     both = 0 < n_noisy < n
-    score = 1.0 - p
+    score = -p  # ranks as 1 − p does, without rounding p < 1e-16 to a tie at 1.0
     return {
         "n": int(n),
         "n_noisy_true": n_noisy,
@@ -91,7 +91,24 @@ def detection_metrics(true_noisy: np.ndarray, p_clean: np.ndarray, is_noisy: np.
         "auprc": float(average_precision_score(truth, score)) if both else None,
         "clean_precision": _ratio(kept_clean, n - n_flagged),
         "clean_recall": _ratio(kept_clean, n - n_noisy),
+        "expected_noise_rate": float(1.0 - p.mean()),
+        "ece": calibration_error(truth, p),
     }
+
+
+def calibration_error(true_noisy: np.ndarray, p_clean: np.ndarray, *, bins: int = 10) -> float:
+    """Expected calibration error of ``p_clean`` against the truth: the mean over ``bins`` equal-width bins of
+    p_clean of |mean p_clean − share clean|, weighted by the share of samples in the bin.
+
+    0 when p_clean is a probability (of every 100 samples at 0.7, 70 are clean); a detector whose score only
+    ranks can have a large one with a perfect AUROC.
+    """
+    clean = ~np.asarray(true_noisy, dtype=bool)
+    p = np.asarray(p_clean, dtype=np.float64)
+    idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+    total = np.bincount(idx, minlength=bins).astype(np.float64)
+    gap = np.abs(np.bincount(idx, weights=p, minlength=bins) - np.bincount(idx, weights=clean, minlength=bins))
+    return float(gap.sum() / max(total.sum(), 1.0))
 
 
 # --------------------------------------------------------------------------- files
@@ -216,6 +233,8 @@ _LABELS = {
     "auprc": "AUPRC",
     "clean_precision": "clean precision",
     "clean_recall": "clean recall",
+    "expected_noise_rate": "mean of 1 - p_clean",
+    "ece": "calibration error (ECE)",
     "n_unreadable": "unreadable (left out)",
     "n_truth_not_in_audit": "truth rows not audited",
     "n_given_label_mismatch": "given label != truth file label",

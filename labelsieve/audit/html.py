@@ -1,20 +1,31 @@
-"""``audit.html``: one static, self-contained page for a person reviewing an audit.
+"""``audit.html``: one self-contained page to read an audit and review it.
 
-The page has a header (method, model, counts, threshold, noise estimate), per-class noise bars, the
-given → suggested confusion matrix of the flagged rows, the most frequent confusions, a gallery of
-the most suspicious flagged images as embedded JPEG thumbnails, and the list of unreadable files.
-It needs no network, no JavaScript and no files beside it.
+The page has a header (method, model, counts, threshold, noise estimate), the review tool, per-class
+noise bars, the given → suggested confusion matrix of the flagged rows (a click on a cell filters the
+review to it), the most frequent confusions, the list of unreadable files and the whole summary.
 
-The writer is built for very large audits: it touches the whole table only with vectorised column
-operations (the flagged mask, one ``groupby`` over the flagged rows, a partial sort to pick the
-gallery), and decodes only the gallery's images. Rows whose ``issue`` is ``unreadable`` are listed
-apart (by path) rather than in the matrix and gallery; a gallery image that cannot be decoded (changed
-or removed since the audit) gets a placeholder.
+The review tool (``assets/review.js`` and ``review.css``, inlined) shows the audit's rows as cards,
+worst first, with filters (class, suggestion, issue, member disagreement for an ensemble, decided or
+not, path), sorting and pagination, and takes decisions from the keyboard (``k`` keep, ``d`` drop, ``r``
+relabel to the suggestion, ``c`` or a digit relabel to any class, ``u`` clear, arrows to move). Decisions
+are kept in the browser's local storage under the audit's identity (input hash + creation time), so
+they survive a reload and a second audit never overwrites them (its page offers to import them); the
+download button saves them as a reviews CSV (``path, given_label, suggested_label, review``) that
+``labelsieve apply --reviews`` and ``train --clean --reviews`` read by the spreadsheet's rule. The page
+needs no network and no file beside it.
+
+Its size is bounded for any audit: the rows are embedded as compact JSON for the first ``max_rows``
+rows by rank (all flagged rows come first), and thumbnails only for the ``max_gallery`` most
+suspicious flagged rows (docs/architecture.md gives the measured sizes). The writer touches the whole
+table only with vectorised column operations and decodes only the thumbnails' images (JPEG files at
+reduced scale). Rows whose ``issue`` is ``unreadable`` are listed apart (by path) and shown without a
+thumbnail; an image that cannot be decoded (changed or removed since the audit) gets a placeholder.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -25,12 +36,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import atomic_open
-from labelsieve.data import UnreadableImage, load_image
+from labelsieve.data.decode import to_rgb
 
 __all__ = ["write_html"]
 
@@ -38,6 +49,10 @@ _OTHER = "(other)"
 _NONE = "(none)"
 _TOP_CONFUSIONS = 25
 _MAX_UNREADABLE_LISTED = 100
+_ASSETS = Path(__file__).parent / "assets"
+#: Rows embedded in the page by default (the first by rank), and thumbnails (most suspicious flagged rows).
+DEFAULT_MAX_ROWS = 50_000
+DEFAULT_MAX_THUMBNAILS = 1_000
 
 _CSS = """
 *{box-sizing:border-box}
@@ -70,16 +85,6 @@ table.cm td.zero{color:#c4c9d2}
 table.top{border-collapse:collapse;font-size:13px}
 table.top td,table.top th{padding:2px 10px;border-bottom:1px solid #eef0f4;text-align:left}
 table.top td.n{text-align:right;font-variant-numeric:tabular-nums}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(var(--card),1fr));gap:10px}
-.card{border:1px solid #e1e4ea;border-radius:6px;padding:6px;font-size:12px;overflow-wrap:anywhere}
-.card img,.card .ph{display:block;margin:0 auto 4px;max-width:100%}
-.card .ph{width:var(--thumb);height:var(--thumb);
- background:repeating-linear-gradient(45deg,#f3d6d5,#f3d6d5 6px,#fbeeee 6px,#fbeeee 12px);
- color:#a12622;display:flex;align-items:center;justify-content:center;font-weight:600}
-.card .path{color:#5b6475}
-.card .lab{font-weight:600}
-.card .given{color:#a12622}
-.card .sugg{color:#1f7a3a}
 .tag{display:inline-block;border-radius:3px;padding:0 5px;background:#eef0f4;color:#1d2330;font-size:11px}
 details pre{white-space:pre-wrap;font-size:12px;background:#f6f7f9;padding:8px;border-radius:6px}
 """
@@ -115,13 +120,20 @@ def _text_col(frame: pd.DataFrame, column: str, empty: str = "") -> pd.Series:
 
 
 def _thumbnail(path: Path, size: int) -> str | None:
-    """A base64 JPEG data URI of the image at ``path`` fitted in ``size`` pixels, or None if unreadable."""
+    """A base64 JPEG data URI of the image at ``path`` fitted in ``size`` pixels, or None if unreadable.
+
+    JPEG files are decoded at a reduced scale (``draft``) where that still leaves at least ``size``
+    pixels, which makes a thumbnail of a large photo several times faster than a full decode.
+    """
     try:
-        im = load_image(path)
+        with Image.open(path) as src:
+            src.draft("RGB", (size, size))
+            src.load()
+            im = to_rgb(ImageOps.exif_transpose(src))
         im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
         buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=82, optimize=False)
-    except (UnreadableImage, OSError, ValueError, Image.DecompressionBombError):
+        im.save(buf, format="JPEG", quality=80, optimize=False)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -153,12 +165,15 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
         _stat("flagged", _fmt_num(flagged) + frac),
         _stat("unreadable", _fmt_num(summary.get("n_unreadable", n_unreadable))),
         _stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))),
-        _stat("estimated noise rate", _fmt_pct(summary.get("noise_rate"))),
+        _stat("estimated noise (mean 1 − p_clean)", _fmt_pct(summary.get("noise_rate"))
+              + _fmt_interval(summary.get("noise_rate_interval"))),
     ]
-    if "noise_rate_expected" in summary:
-        stats.append(_stat("expected noise (mean 1 − p_clean)", _fmt_pct(summary.get("noise_rate_expected"))))
     if "n_duplicates" in summary:
-        stats.append(_stat("duplicates", _fmt_num(summary.get("n_duplicates"))))
+        stats.append(_stat("byte-identical duplicates", _fmt_num(summary.get("n_duplicates"))))
+    near = summary.get("near_duplicates")
+    if isinstance(near, Mapping) and near.get("threshold") is not None:
+        stats.append(_stat("near-duplicate groups (conflicting labels)",
+                           f"{_fmt_num(near.get('n_groups', 0))} ({_fmt_num(near.get('n_conflicting_groups', 0))})"))
     stats.append(_stat("classes", _fmt_num(len(summary.get("classes") or []) or None)))
     notes = [f"Warning: {w}" for w in summary.get("warnings") or []]
     if summary.get("decision_rule"):
@@ -171,8 +186,9 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
     sub = f"method {method} · model {model}" + (f" · labelsieve {version}" if version else "")
     head = f'<header><h1>labelsieve audit</h1><div class="sub">{escape(sub)}</div></header>'
     body = (f'<section><h2>Summary</h2><div class="stats">{"".join(stats)}</div>{note_html}'
-            '<p class="note">Review in audit.csv: write keep, relabel, relabel:&lt;class&gt; or drop in '
-            'the <code>review</code> column, then run '
+            '<p class="note">Review below (decisions stay in this browser; <b>Download reviews CSV</b> saves them, '
+            'then run <code>labelsieve apply audit.csv --reviews reviews.csv -o labels.clean.csv</code>), or in '
+            'audit.csv: write keep, relabel, relabel:&lt;class&gt; or drop in the <code>review</code> column and run '
             '<code>labelsieve apply audit.csv -o labels.clean.csv</code>.</p></section>')
     return head + "<main>" + body
 
@@ -192,8 +208,20 @@ def _as_rates(values: Any) -> dict[str, float]:
     return out
 
 
+def _fmt_interval(iv: Any) -> str:
+    """`` (11.0–13.6%)`` for a two-number interval, else ''."""
+    if isinstance(iv, (list, tuple)) and len(iv) == 2 and iv[0] != iv[1]:
+        return f" ({_fmt_pct(iv[0])}–{_fmt_pct(iv[1])})"
+    return ""
+
+
+def _intervals(value: Any) -> dict[str, Any]:
+    """``{class: [low, high]}`` from the summary, or {}."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else {}
+
+
 def _bars_html(rates: Mapping[str, float], flagged_per_class: Mapping[str, int], *,
-               expected: Mapping[str, float], class_counts: Mapping[str, Any]) -> str:
+               expected: Mapping[str, Any], class_counts: Mapping[str, Any]) -> str:
     title = "<h2>Estimated noise per class</h2>"
     if not rates:
         return f'<section>{title}<p class="note">No per-class estimate.</p></section>'
@@ -203,16 +231,17 @@ def _bars_html(rates: Mapping[str, float], flagged_per_class: Mapping[str, int],
         detail = [f"{100 * v:.1f}% estimated noise", f"{flagged_per_class.get(name, 0):,} flagged"]
         if name in class_counts:
             detail.append(f"{_fmt_num(class_counts[name])} images")
-        if name in expected:
-            detail.append(f"expected {100 * expected[name]:.1f}%")
+        iv = expected.get(name)
+        if isinstance(iv, (list, tuple)) and len(iv) == 2:
+            detail.append(f"interval {_fmt_pct(iv[0])}–{_fmt_pct(iv[1])}")
         tip = f"{name}: {', '.join(detail)}"
         rows.append(
             f'<div class="name">{escape(name)}</div>'
             f'<div class="bar" title="{escape(tip)}"><span style="width:{100 * v:.2f}%"></span></div>'
             f'<div class="pct">{100 * v:.1f}%</div>'
         )
-    return (f'<section>{title}<p class="note">Share of each class\'s readable images that are flagged, worst '
-            'first; hover a bar for counts.</p>'
+    return (f'<section>{title}<p class="note">Estimated share of wrong labels in each class (the mean of '
+            '1 − p_clean over its readable images), worst first; hover a bar for counts and the interval.</p>'
             f'<div class="bars">{"".join(rows)}</div></section>')
 
 
@@ -296,37 +325,156 @@ def _top_confusions_html(counts: pd.Series) -> str:
             f'<tr><th>given</th><th></th><th>suggested</th><th>flagged</th></tr>{rows}</table></section>')
 
 
-def _gallery_html(rows: pd.DataFrame, *, image_root: Path, thumb_size: int, n_flagged: int) -> str:
-    title = "<h2>Most suspicious flagged images</h2>"
-    if rows.empty:
-        return f'<section>{title}<p class="note">No flagged rows.</p></section>'
-    paths = _text_col(rows, "path").tolist()
-    given = _text_col(rows, "given_label").tolist()
-    sugg = _text_col(rows, "suggested_label", _NONE).tolist()
-    issue = _text_col(rows, "issue").tolist()
-    p_clean = rows["p_clean"].tolist() if "p_clean" in rows.columns else [None] * len(rows)
-    s_prob = rows["suggested_prob"].tolist() if "suggested_prob" in rows.columns else [None] * len(rows)
-    rank = rows["rank"].tolist() if "rank" in rows.columns else list(range(1, len(rows) + 1))
-    cards = []
-    for k in range(len(rows)):
-        uri = _thumbnail(image_root / paths[k], thumb_size) if paths[k] else None
-        if uri is None:
-            img = '<div class="ph">unreadable</div>'
+def _round(values: pd.Series, digits: int) -> list[float | None]:
+    """Numbers rounded for the page (None for missing or non-numeric)."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64).round(digits)
+    return [None if not math.isfinite(x) else float(x) for x in v]
+
+
+def _member_bits(rows: pd.DataFrame, members: list[str]) -> list[int | None]:
+    """Per row, a bit mask of the ensemble members that flag it (None where no member scored it)."""
+    if not members:
+        return []
+    bits = np.zeros(len(rows), dtype=np.int64)
+    known = np.zeros(len(rows), dtype=bool)
+    for b, m in enumerate(members):
+        col = rows[f"is_noisy_{m}"]
+        if pd.api.types.is_bool_dtype(col.dtype):
+            on, ok = col.fillna(False).to_numpy(dtype=bool), col.notna().to_numpy()
         else:
-            img = f'<img src="{uri}" alt="{escape(paths[k])}" loading="lazy">'
-        tag = f' <span class="tag">{escape(issue[k])}</span>' if issue[k] else ""
-        sp = f" ({_fmt_num(s_prob[k])})" if s_prob[k] is not None and not pd.isna(s_prob[k]) else ""
-        cards.append(
-            f'<div class="card" title="{escape(paths[k])}">{img}'
-            f'<div>#{escape(_fmt_num(rank[k]))} · p_clean {escape(_fmt_num(p_clean[k]))}{tag}</div>'
-            f'<div class="lab"><span class="given">{escape(given[k])}</span> → '
-            f'<span class="sugg">{escape(sugg[k])}</span>{escape(sp)}</div>'
-            f'<div class="path">{escape(paths[k])}</div></div>'
-        )
-    shown = (f'<p class="note">The {len(rows):,} most suspicious of {n_flagged:,} flagged images, '
-             'worst first. Red: given label; green: suggested label.</p>')
-    style = f' style="--card:{thumb_size + 60}px;--thumb:{thumb_size}px"'
-    return f'<section>{title}{shown}<div class="gallery"{style}>{"".join(cards)}</div></section>'
+            num = pd.to_numeric(col, errors="coerce")
+            txt = col.astype(str).str.strip().str.lower()
+            on = ((num > 0) | txt.isin(["true", "t", "yes"])).to_numpy(dtype=bool)
+            ok = (num.notna() | txt.isin(["true", "t", "yes", "false", "f", "no"])).to_numpy(dtype=bool)
+        bits |= np.where(on & ok, 1 << b, 0)
+        known |= ok
+    return [int(x) if k else None for x, k in zip(bits.tolist(), known.tolist(), strict=True)]
+
+
+def _identity(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, str]:
+    """What the page's local storage is keyed by: the input hash and creation time of the audit (a hash
+    of the paths and given labels when the summary has none)."""
+    inp = summary.get("input") if isinstance(summary.get("input"), Mapping) else {}
+    input_hash = str(inp.get("input_hash") or "")
+    created = str(summary.get("created") or "")
+    if not input_hash:
+        h = hashlib.blake2b(digest_size=12)
+        for col in ("path", "given_label"):
+            h.update("\x1f".join(_text_col(table, col).tolist()).encode("utf-8"))
+        input_hash = "t" + h.hexdigest()
+    title = f"{summary.get('method', 'labelsieve')} audit of {len(table):,} images"
+    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title}
+
+
+def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np.ndarray, to_review: np.ndarray,
+                 image_root: Path, max_rows: int, max_thumbs: int, thumb_size: int) -> dict[str, Any]:
+    """The rows embedded in the page (compact columns) and the thumbnails of the most suspicious flagged ones."""
+    order = _rank_order(table)
+    emb = order[:max_rows]
+    rows = table.iloc[emb]
+    given = _text_col(rows, "given_label")
+    sugg = _text_col(rows, "suggested_label")
+    known = [str(c) for c in summary.get("classes") or []]
+    classes = sorted(set(known) | set(given.unique()) | (set(sugg.unique()) - {""}))
+    code = {c: i for i, c in enumerate(classes)}
+    issue = _text_col(rows, "issue")
+    issues = sorted(set(issue.unique()) | {""})
+    members = [c[len("is_noisy_"):] for c in table.columns if c.startswith("is_noisy_")]
+    n = len(rows)
+    data: dict[str, Any] = {
+        "path": _text_col(rows, "path").tolist(),
+        "given": given.map(code).astype(int).tolist(),
+        "sugg": sugg.map(lambda x: code.get(x, -1)).astype(int).tolist(),
+        "p": _round(rows["p_clean"], 4) if "p_clean" in rows.columns else [None] * n,
+        "sp": _round(rows["suggested_prob"], 3) if "suggested_prob" in rows.columns else [None] * n,
+        "issue": issue.map({s: i for i, s in enumerate(issues)}).astype(int).tolist(),
+        "rank": (pd.to_numeric(rows["rank"], errors="coerce").fillna(0).astype(np.int64).tolist()
+                 if "rank" in rows.columns else list(range(1, n + 1))),
+        "flag": flagged[emb].astype(np.int8).tolist(),
+        "agree": _round(rows["agreement"], 3) if "agreement" in rows.columns else [None] * n,
+        "mflag": _member_bits(rows, members),
+        "review": _text_col(rows, "review").tolist(),
+    }
+    at = {int(t): j for j, t in enumerate(emb)}
+    thumbs: dict[str, str | None] = {}
+    paths = data["path"]
+    for t in _pick_gallery(table, to_review, max_thumbs):
+        j = at.get(int(t))
+        if j is not None:
+            thumbs[str(j)] = _thumbnail(image_root / paths[j], thumb_size) if paths[j] else None
+    return {"version": 1, "id": _identity(table, summary), "n_rows": len(table), "n_embedded": n, "classes": classes,
+            "issues": issues, "members": members, "rows": data, "thumbs": thumbs, "download_name": "reviews.csv"}
+
+
+def _asset(name: str) -> str:
+    return (_ASSETS / name).read_text(encoding="utf-8")
+
+
+def _review_html(data: dict[str, Any], *, n_flagged: int, thumb_size: int) -> str:
+    """The review section: controls, grid, overlays, the embedded rows and the inlined script."""
+    n_rows, n_emb, n_thumbs = data["n_rows"], data["n_embedded"], len(data["thumbs"])
+    scope = (f"All {n_rows:,} rows are on this page" if n_emb == n_rows else
+             f"This page holds the {n_emb:,} most suspicious of {n_rows:,} rows (review the rest in audit.csv)")
+    scope += (f"; thumbnails for the {n_thumbs:,} most suspicious of {n_flagged:,} flagged images"
+              if n_thumbs < n_flagged else f"; thumbnails for all {n_flagged:,} flagged images") + "."
+    opts = lambda pairs, sel: "".join(f'<option value="{v}"{" selected" if v == sel else ""}>{t}</option>'  # noqa: E731
+                                      for v, t in pairs)
+    show = opts([("todo", "flagged, not yet decided"), ("flagged", "flagged"), ("decided", "decided"),
+                 ("undecided", "not decided"), ("all", "all rows")], "flagged" if n_flagged else "all")
+    sort = opts([("rank", "rank (worst first)"), ("p_asc", "p_clean, lowest first"),
+                 ("p_desc", "p_clean, highest first"), ("sp_desc", "suggestion probability"),
+                 ("agree_desc", "member agreement"), ("given", "given label")], "rank")
+    size = opts([("24", "24 per page"), ("48", "48 per page"), ("96", "96 per page"), ("192", "192 per page")], "48")
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
+    keys = [("k", "keep the given label"), ("d", "drop the image"), ("r", "relabel to the suggestion"),
+            ("c", "relabel to a class you choose (type to filter, Enter)"),
+            ("1 … 9, 0", "relabel to that class (10 classes or fewer; see the legend)"),
+            ("u / Backspace", "clear the decision"), ("→ ←", "next / previous row"), ("↓ ↑", "row below / above"),
+            ("n / p", "next / previous page"), ("?", "this help"), ("Esc", "close")]
+    key_rows = "".join(f"<tr><td><kbd>{escape(k)}</kbd></td><td>{escape(v)}</td></tr>" for k, v in keys)
+    return (
+        '<section id="review"><h2>Review</h2>'
+        f'<p class="note">{escape(scope)} Decisions are kept in this browser (per audit) and saved with '
+        '<b>Download reviews CSV</b>. Press <kbd>?</kbd> for the keys.'
+        + (' On a card, ✗ marks an ensemble member that flags the row and ✓ one that accepts its label.'
+           if data["members"] else "") + '</p>'
+        '<div class="progress"><span class="txt" id="ls-progress-text"></span><div class="track">'
+        '<span id="ls-progress-bar"></span></div><span class="sub" id="ls-progress-sub"></span></div>'
+        '<div id="ls-banners"></div>'
+        '<div class="bar-row">'
+        f'<label>Show<select id="f-show">{show}</select></label>'
+        '<label>Given label<select id="f-given"></select></label>'
+        '<label>Suggested label<select id="f-sugg"></select></label>'
+        '<label>Issue<select id="f-issue"></select></label>'
+        '<label id="f-members-wrap">Ensemble members<select id="f-members"></select></label>'
+        '<label>Path contains<input type="search" id="f-search" placeholder="text"></label>'
+        f'<label>Sort by<select id="f-sort">{sort}</select></label></div>'
+        '<div class="bar-row"><button class="primary" id="ls-download">Download reviews CSV</button>'
+        '<label>Import a reviews CSV<input type="file" id="ls-import-file" accept=".csv,text/csv"></label>'
+        '<button id="ls-help-btn">Keys (?)</button><span class="legend" id="ls-legend"></span></div>'
+        '<div class="pager"><button id="pg-prev">← previous page</button><button id="pg-next">next page →</button>'
+        f'<span class="where" id="pg-where"></span><select id="f-size" title="cards per page">{size}</select></div>'
+        f'<div class="rgrid" id="ls-grid" style="--card:{thumb_size + 94}px;--thumb:{thumb_size}px"></div>'
+        '<noscript><p class="note">The review tool needs JavaScript; the rest of this page does not.</p></noscript>'
+        '<div class="overlay" id="ls-help"><div class="box"><h3>Keys</h3>'
+        f'<table class="keys">{key_rows}</table><p class="note">After a decision the next row gets the focus. '
+        'Click a card to focus it; the buttons on a card do the same as the keys.</p></div></div>'
+        '<div class="overlay" id="ls-pick"><div class="box"><h3>Relabel to</h3>'
+        '<input type="search" id="pick-q" placeholder="type to filter classes" autocomplete="off">'
+        '<ul class="picklist" id="pick-list"></ul></div></div><div class="toast" id="ls-toast"></div>'
+        f'<script type="application/json" id="ls-data">{payload}</script>'
+        f"<script>{_asset('review.js')}</script></section>"
+    )
+
+
+def _rank_order(table: pd.DataFrame) -> np.ndarray:
+    """Positions of all rows, worst first (by rank, else p_clean; ties in table order)."""
+    key_col = "rank" if "rank" in table.columns else ("p_clean" if "p_clean" in table.columns else None)
+    if key_col is None:
+        return np.arange(len(table))
+    key = pd.to_numeric(table[key_col], errors="coerce").to_numpy(dtype=np.float64)
+    key = np.where(np.isnan(key), -np.inf if key_col == "p_clean" else np.inf, key)
+    return np.argsort(key, kind="stable")
 
 
 def _pick_gallery(table: pd.DataFrame, flagged: np.ndarray, k: int) -> np.ndarray:
@@ -352,35 +500,41 @@ def write_html(
     *,
     image_root: Path,
     out_path: Path,
-    max_gallery: int = 200,
+    max_gallery: int = DEFAULT_MAX_THUMBNAILS,
     thumb_size: int = 96,
     max_matrix_classes: int = 30,
+    max_rows: int = DEFAULT_MAX_ROWS,
 ) -> Path:
-    """Write the static review page ``audit.html`` for an audit.
+    """Write ``audit.html``, the audit's report and review tool (see the module docstring).
 
     Parameters
     ----------
     table : DataFrame of shape (n, ≥4)
         The audit table: ``path``, ``given_label``, ``is_noisy`` and usually ``rank``, ``p_clean``,
-        ``suggested_label``, ``suggested_prob``, ``issue`` (missing optional columns are shown as
-        blanks). Row order does not matter: the gallery is ordered by ``rank`` (else ``p_clean``).
+        ``suggested_label``, ``suggested_prob``, ``issue``, ``review`` and, for an ensemble,
+        ``agreement`` and ``is_noisy_<member>`` (missing optional columns are shown as blanks). Row
+        order does not matter: the page orders by ``rank`` (else ``p_clean``).
     summary : dict
         The audit summary (``audit.json``): ``method``, ``model``, ``n_images``, ``n_flagged``,
         ``n_unreadable``, ``threshold``, ``noise_rate``, ``noise_rate_per_class``, ``classes``,
-        ``version``, ``timings``; missing keys are shown as "–" or computed from ``table``. The whole
-        summary is also embedded, as JSON, in a collapsed section.
+        ``version``, ``timings``, ``input.input_hash`` and ``created`` (the review's storage key);
+        missing keys are shown as "–" or computed from ``table``. The whole summary is also embedded,
+        as JSON, in a collapsed section.
     image_root : Path
         Folder the ``path`` values are relative to (thumbnails are read from there).
     out_path : Path
         Where to write the page (atomically; the folder is created if missing).
-    max_gallery : int, default 200
-        Number of most suspicious flagged images shown as thumbnails (0 for none); rows marked
-        ``unreadable`` are listed separately, not shown here. Only these images are decoded.
+    max_gallery : int, default 1000
+        Number of most suspicious flagged rows embedded with a thumbnail (0 for none); only these
+        images are decoded. Rows marked ``unreadable`` get none.
     thumb_size : int, default 96
         Longest side of a thumbnail, in pixels.
     max_matrix_classes : int, default 30
         The confusion matrix shows at most this many classes (those most involved in flagged rows);
         the others are folded into one ``(other)`` row and column.
+    max_rows : int, default 50000
+        Rows embedded for review: the first ``max_rows`` by rank (flagged rows come first). The page
+        says how many of the audit's rows it holds.
 
     Returns
     -------
@@ -392,22 +546,20 @@ def write_html(
     DataError
         If ``table`` lacks ``path``, ``given_label`` or ``is_noisy``.
     ParameterError
-        If ``max_gallery``, ``thumb_size`` or ``max_matrix_classes`` is out of range.
+        If ``max_gallery``, ``thumb_size``, ``max_matrix_classes`` or ``max_rows`` is out of range.
 
     Notes
     -----
-    A gallery image that is missing or cannot be decoded gets a placeholder instead of a thumbnail;
-    it never stops the writer. The confusion matrix and bars count flagged rows that are readable.
+    A thumbnail image that is missing or cannot be decoded gets a placeholder; it never stops the
+    writer. The confusion matrix and bars count flagged rows that are readable.
     """
-    check_param("write_html", "max_gallery", max_gallery,
-                isinstance(max_gallery, int) and not isinstance(max_gallery, bool) and max_gallery >= 0,
-                "an int >= 0")
-    check_param("write_html", "thumb_size", thumb_size,
-                isinstance(thumb_size, int) and not isinstance(thumb_size, bool) and 16 <= thumb_size <= 1024,
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    check_param("write_html", "max_gallery", max_gallery, is_int(max_gallery) and max_gallery >= 0, "an int >= 0")
+    check_param("write_html", "thumb_size", thumb_size, is_int(thumb_size) and 16 <= thumb_size <= 1024,
                 "an int between 16 and 1024")
     check_param("write_html", "max_matrix_classes", max_matrix_classes,
-                isinstance(max_matrix_classes, int) and not isinstance(max_matrix_classes, bool)
-                and max_matrix_classes >= 1, "an int >= 1")
+                is_int(max_matrix_classes) and max_matrix_classes >= 1, "an int >= 1")
+    check_param("write_html", "max_rows", max_rows, is_int(max_rows) and max_rows >= 1, "an int >= 1")
     missing = [c for c in ("path", "given_label", "is_noisy") if c not in table.columns]
     if missing:
         raise DataError(f"Cannot write the HTML report: the audit table has no column "
@@ -420,7 +572,7 @@ def write_html(
     if "issue" in table.columns:
         unreadable = (table["issue"] == "unreadable").to_numpy(dtype=bool, na_value=False)
     # Unreadable rows are listed on their own: they have no suggestion, and the audit ranks them first,
-    # so in the gallery they would crowd out the rows a person can actually judge.
+    # so among the thumbnails they would crowd out the rows a person can actually judge.
     to_review = flagged & ~unreadable
     n_flagged = int(to_review.sum())
     fl = table.loc[to_review, [c for c in ("given_label", "suggested_label") if c in table.columns]]
@@ -436,7 +588,8 @@ def write_html(
         rates = {str(c): flagged_per_class.get(str(c), 0) / int(n) for c, n in totals.items() if int(n) > 0}
     class_counts = summary.get("class_counts")
 
-    gallery = table.iloc[_pick_gallery(table, to_review, max_gallery)]
+    data = _review_data(table, summary, flagged=flagged, to_review=to_review, image_root=image_root,
+                        max_rows=max_rows, max_thumbs=max_gallery, thumb_size=thumb_size)
     bad_pos = np.flatnonzero(unreadable)
     bad_paths = _text_col(table.iloc[bad_pos[:_MAX_UNREADABLE_LISTED]], "path").tolist()
     summary_json = json.dumps(summary, indent=2, sort_keys=True, default=str)
@@ -444,13 +597,13 @@ def write_html(
     doc = "".join([
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(title)}</title><style>{_CSS}{_asset('review.css')}</style></head><body>",
         _header_html(summary, n_rows=len(table), n_flagged=n_flagged, n_unreadable=len(bad_pos)),
-        _bars_html(rates, flagged_per_class, expected=_as_rates(summary.get("noise_rate_expected_per_class")),
+        _review_html(data, n_flagged=n_flagged, thumb_size=thumb_size),
+        _bars_html(rates, flagged_per_class, expected=_intervals(summary.get("noise_rate_per_class_interval")),
                    class_counts=class_counts if isinstance(class_counts, Mapping) else {}),
         _matrix_html(counts, max_classes=max_matrix_classes),
         _top_confusions_html(counts),
-        _gallery_html(gallery, image_root=image_root, thumb_size=thumb_size, n_flagged=n_flagged),
         _unreadable_html(bad_paths, len(bad_pos)),
         '<section><details><summary>Full summary (audit.json)</summary>',
         f"<pre>{escape(summary_json)}</pre></details></section>",

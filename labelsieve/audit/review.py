@@ -33,6 +33,7 @@ import difflib
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.decisions import merge_reviews
 from labelsieve.audit.schema import (
     REVIEW_REQUIRED,
     audit_record,
@@ -364,18 +366,22 @@ def keep_reviewed_copy(audit_csv: str | os.PathLike[str]) -> Path | None:
     return dest
 
 
-def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool) -> Path:
-    """Before an audit starts: its folder must be writable, and an ``audit.csv`` there holding review
-    decisions is replaced only with ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
+def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool,
+                       files: Sequence[str] = ("audit.csv",)) -> Path:
+    """Before an audit starts: its folder must be writable, and a sheet it will write there (``files``:
+    ``audit.csv``, and ``audit.xlsx`` with ``--xlsx``) that holds review decisions is replaced only with
+    ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
     out = check_output_dir(out_dir, what="the audit folder (-o)")
-    target = out / "audit.csv"
-    if target.is_file() and not force:
-        n = count_reviews(target)
-        if n != 0:
-            what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
-            raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another folder "
-                              "with -o, or pass --force (force=True) to replace it: a copy is kept as "
-                              "audit.reviewed-<date>-<time>.csv beside it.")
+    for name in files:
+        target = out / name
+        if target.is_file() and not force:
+            n = count_reviews(target)
+            if n != 0:
+                what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
+                suffix = Path(name).suffix
+                raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another "
+                                  "folder with -o, or pass --force (force=True) to replace it: a copy is kept as "
+                                  f"audit.reviewed-<date>-<time>{suffix} beside it.")
     return out
 
 
@@ -454,6 +460,7 @@ def apply_review(
     classes: list[str] | None = None,
     drop_unreviewed_flagged: bool = False,
     accept_suggestions: bool = False,
+    reviews: Sequence[pd.DataFrame] = (),
 ) -> dict[str, int]:
     """Write corrected labels from a reviewed ``audit.csv`` (``labelsieve apply``).
 
@@ -471,6 +478,10 @@ def apply_review(
         Drop flagged rows the reviewer left empty instead of keeping their given label.
     accept_suggestions : bool, default False
         Relabel flagged rows the reviewer left empty to their suggested label.
+    reviews : sequence of DataFrame
+        Decisions made elsewhere (a reviews CSV from audit.html, Label Studio, FiftyOne; see
+        :mod:`labelsieve.audit.decisions`), written into the audit's ``review`` column first, each
+        checked against it (:func:`~labelsieve.audit.decisions.merge_reviews`).
 
     Returns
     -------
@@ -495,6 +506,8 @@ def apply_review(
     """
     check_apply_output(Path(audit_csv), Path(out_csv))
     audit = read_audit(audit_csv)
+    for extra in reviews:
+        audit = merge_reviews(audit, extra, where=str(audit_csv))
     dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
                   accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
     missing, notes = sheet_vs_record(audit, audit_record(audit_csv), where=str(audit_csv))

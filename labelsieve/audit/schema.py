@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ _FALSE = frozenset({"false", "0", "no", "n", "f", "0.0", ""})
 _TRUE_SPELLINGS = [True, *_TRUE, *(v.upper() for v in _TRUE), *(v.title() for v in _TRUE)]
 _FALSE_SPELLINGS = [False, *_FALSE, *(v.upper() for v in _FALSE), *(v.title() for v in _FALSE)]
 _MAX_LISTED = 5
+#: File suffixes read as Excel workbooks.
+XLSX_SUFFIXES = (".xlsx", ".xlsm")
 
 
 def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = REVIEW_REQUIRED,
@@ -41,7 +44,8 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
     Parameters
     ----------
     audit_csv : path
-        The audit file. UTF-8 with or without BOM; ``,``, ``;`` or tab separated.
+        The audit file. UTF-8 with or without BOM; ``,``, ``;`` or tab separated; or an Excel
+        workbook (``.xlsx``, as ``labelsieve audit --xlsx`` writes it: the first sheet is read).
     required, optional : sequence of str
         Columns that must be present, and columns read when present (default: what the review rule
         uses, :data:`REVIEW_REQUIRED` and :data:`REVIEW_OPTIONAL`). Header names match whatever their
@@ -53,7 +57,8 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
         The ``required`` columns and those of ``optional`` that are present, all as strings with empty
         cells as ``""`` (so labels such as ``NA`` stay text), and the leading ``'`` that labelsieve adds
         against formula injection removed (:func:`labelsieve.core.io.restore_cell`). The index is the
-        1-based CSV line number of each row (header = line 1), named ``line``; blank lines are skipped.
+        1-based CSV line number of each row (header = line 1), named ``line`` (for a workbook: the sheet's
+        row number, named ``row``); blank lines are skipped.
 
     Raises
     ------
@@ -65,6 +70,9 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
     p = Path(audit_csv)
     if not p.is_file():
         raise DataError(f"Audit file not found: {p}. Give the audit.csv written by 'labelsieve audit'.")
+    wanted = {c.lower() for c in (*required, *optional)}
+    if p.suffix.lower() in XLSX_SUFFIXES:
+        return _finish(_read_xlsx(p, wanted), p, required, index_name="row")
     try:
         with open(p, encoding="utf-8-sig") as f:
             sample = f.read(8192)
@@ -73,7 +81,6 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
                         "and try again.") from exc
     if not sample.strip():
         raise DataError(f"{p}: the file is empty. Give the audit.csv written by 'labelsieve audit'.")
-    wanted = {c.lower() for c in (*required, *optional)}
     try:
         df = pd.read_csv(
             p,
@@ -86,6 +93,22 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
         )
     except (UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise DataError(f"{p}: cannot parse the CSV ({exc}). Check the quoting and delimiters.") from exc
+    return _finish(df, p, required, index_name="line")
+
+
+def _read_xlsx(p: Path, wanted: set[str]) -> pd.DataFrame:
+    """The first sheet of a workbook, every cell as text (empty cells as NaN, filled by :func:`_finish`)."""
+    try:
+        return pd.read_excel(p, sheet_name=0, dtype=str, keep_default_na=False, engine="openpyxl",
+                             usecols=lambda c: str(c).strip().lower() in wanted)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{p}: cannot read the workbook ({exc}). Save it again as .xlsx from the spreadsheet, "
+                        "or as UTF-8 CSV.") from exc
+
+
+def _finish(df: pd.DataFrame, p: Path, required: Sequence[str], *, index_name: str) -> pd.DataFrame:
+    """Normalise the header (case, spaces), check the required columns, index rows by their line (row)
+    number, drop blank rows, restore neutralised cells and refuse spreadsheet error values."""
     header = [str(c).strip() for c in df.columns]
     names = [h.lower() for h in header]
     twice = sorted({h for h, n in zip(header, names, strict=True) if names.count(n) > 1})
@@ -98,7 +121,7 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
         raise DataError(f"{p}: no column {', '.join(repr(m) for m in missing)}. An audit needs the columns "
                         f"{', '.join(required)} (as written by 'labelsieve audit'); check the header row.")
     df = df.fillna("")
-    df.index = pd.RangeIndex(2, len(df) + 2, name="line")
+    df.index = pd.RangeIndex(2, len(df) + 2, name=index_name)
     blank = np.ones(len(df), dtype=bool)
     for c in df.columns:
         blank &= (df[c].to_numpy(dtype=object) == "")
@@ -109,7 +132,7 @@ def read_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
     for c in df.columns:
         values = df[c].to_numpy(dtype=object)
         cand = np.flatnonzero(np.isin(df[c].str[:1].to_numpy(dtype=object), ["#", "E", "e", " "]))
-        errors.extend(f"line {df.index[i]}, column {c!r}: {values[i]!r}" for i in cand
+        errors.extend(f"{index_name} {df.index[i]}, column {c!r}: {values[i]!r}" for i in cand
                       if is_spreadsheet_error(values[i]))
     if errors:
         raise DataError(f"{p}: {len(errors)} cell(s) hold a spreadsheet error instead of a value ({listed(errors)}). "
@@ -202,4 +225,5 @@ def flagged_mask(table: pd.DataFrame, *, where: str = "audit table") -> np.ndarr
 
 
 def line_word(table: pd.DataFrame) -> str:
+    """How error messages name a row of ``table``: "line" (CSV line number) or "row" (sheet row / position)."""
     return "line" if table.index.name == "line" else "row"

@@ -20,8 +20,19 @@ DEFAULT_PRETRAINED_TAGS = {"ViT-B-16": "openai", "ViT-B-32": "openai", "ViT-L-14
 #: (docs/benchmarks.md): the ensemble of co-divide, TURN's probe and kNN, stacked.
 DEFAULT_METHOD = "ensemble"
 
+#: What :func:`labelsieve.detect` and ``labelsieve audit --features`` run on features without a text model:
+#: TURN's GCE linear probe and per-class GMM without fine-tuning (nothing but the features needed), the best
+#: image-feature detector measured (docs/benchmarks.md).
+DEFAULT_FEATURES_METHOD = "turn"
+DEFAULT_FEATURES_PARAMS = {"finetune": False}
+
 #: Flagged rows whose best class has a lower probability are marked ``outlier`` (no class fits).
 DEFAULT_OUTLIER_PROB = 0.4
+
+#: Near-duplicates: two images among each other's nearest feature neighbours whose 16 px thumbnails correlate
+#: at least this much are reported as one ``duplicate_group`` (labelsieve.detectors.common.duplicates). Chosen
+#: by benchmarks/near_duplicates.py: the highest recall with pair precision >= 0.99 (docs/benchmarks.md).
+DEFAULT_DUPLICATE_THRESHOLD = 0.94
 
 #: Feature-extraction batch size.
 DEFAULT_BATCH_SIZE = 64

@@ -1,19 +1,23 @@
-"""``codivide``: AVL-Prompter's co-divide noisy-label detector (Pattern Recognition 2025), DivideMix-style.
+"""``codivide``: AVL-Prompter's co-divide noisy-label detector (Hu, Nagarajan, Marques and Radeva,
+J. Visual Communication and Image Representation 111, 104550, 2025), DivideMix-style.
 
 Two networks, each a set of MaPLe prompts (:class:`~labelsieve.models.prompts.MaPLePrompts`: 2 context
 tokens, depth 9, "a photo of a" init, a linear text→vision coupling per layer) on the same frozen CLIP
 model, built from different seeds. Logits are ``s · cos(image, class text)`` with s = CLIP's logit scale.
 
-Training (SGD lr 0.002, momentum 0.9, wd 5e-4, batch 32, cosine schedule, 10 epochs, all configurable):
+Training (SGD lr 0.02, momentum 0.9, wd 5e-4, batch 64, 60 epochs on CIFAR, no warm-up: the paper's
+values as issue 10 reads them; every parameter and its origin is in :data:`RECIPE`,
+``labelsieve detectors --show codivide``):
 
-* **warm-up** (``warmup_epochs``, default 1): both networks, cross-entropy with the given label on all
-  samples (weakly augmented view).
+* **warm-up** (``warmup_epochs``, default 0): both networks, cross-entropy with the given label on all
+  samples (weak view).
 * **co-divide epochs**: at the start of each epoch a separate evaluation pass gives every network the
   per-sample cross-entropy of the given label on all samples; the losses are min-max normalised and a
-  2-component GMM (DivideMix: ``max_iter`` 10, ``reg_covar`` 5e-4) is fitted; the posterior of the
-  low-loss component is the clean probability. Samples with posterior > ``tau`` (0.5) under network A
-  are the *labelled* set of network B and the rest its *unlabelled* set, and vice versa — each network
-  trains on the other's split. Then network 1 trains one epoch, then network 2, each batch with::
+  2-component GMM (DivideMix: ``max_iter`` 10, ``reg_covar`` 5e-4, raw posterior; ``monotone=True`` is
+  labelsieve's tail correction) is fitted; the posterior of the low-loss component is the clean
+  probability. Samples with posterior > ``tau`` (0.5) under network A are the *labelled* set of network
+  B and the rest its *unlabelled* set, and vice versa — each network trains on the other's split. Then
+  network 1 trains one epoch, then network 2, each batch with::
 
       loss = CE(weak view, given label)                       over the labelled samples
            + lambda_u · FixMatch(unlabelled)                  pseudo-label = argmax of the network's own
@@ -30,27 +34,29 @@ Training (SGD lr 0.002, momentum 0.9, wd 5e-4, batch 32, cosine schedule, 10 epo
 
 The image side (``frozen``):
 
+* ``"auto"`` (default) — the paper's image-level path on a ViT image tower with a GPU; the frozen
+  text-side path on a CPU or a CNN tower. audit.json (``path``, ``path_reason``) and the printed summary
+  say which ran and why.
 * ``False`` — image-level MaPLe: the coupled vision prompts run through the ViT image tower on images
-  decoded once into a uint8 cache (:mod:`labelsieve.data.imagecache`); weak view = random resized crop + flip,
-  strong view = the same + RandAugment. Only the prompts and coupling layers are trained ("prompts
-  only"); the CLIP weights stay frozen (AVL-Prompter also fine-tunes the encoders; labelsieve does not).
-  Needs an open_clip ViT image tower; any other raises :class:`~labelsieve.core.errors.ModelError`.
-* ``True`` (default; CLI ``--frozen``) — text-side MaPLe prompts (``text_only``) on cached image features of
-  the frozen tower: works with any tower (the mini CLIP's CNN) and is the fast path. There are no
-  image views here, so labelsieve adapts FixMatch to feature space: the weak view is the cached feature
-  itself, the strong view is the feature with dropout (``feature_dropout``) and Gaussian noise of norm
-  about ``feature_noise`` added, then re-normalised. This adaptation is labelsieve's, not the paper's.
-* ``"auto"`` — ``False`` on ViT towers, ``True`` on others; audit.json records which.
+  decoded once into a uint8 cache (:mod:`labelsieve.data.imagecache`); weak view = ``weak`` (the papers'
+  flip-and-shift by default), strong view = the same + RandAugment. Only the prompts and coupling layers
+  train unless ``finetune_encoders=True``, which also fine-tunes both encoders of a per-network copy of
+  the CLIP model at ``encoder_lr``. Needs an open_clip ViT image tower; any other raises
+  :class:`~labelsieve.core.errors.ModelError`.
+* ``True`` (CLI ``--frozen``) — text-side MaPLe prompts (``text_only``) on cached image features of the
+  frozen tower: works with any tower (the mini CLIP's CNN) and is the fast path. There are no image views
+  here, so labelsieve adapts FixMatch to feature space: the weak view is the cached feature itself, the
+  strong view is the feature with dropout (``feature_dropout``) and Gaussian noise of norm about
+  ``feature_noise`` added, then re-normalised. This adaptation is labelsieve's, not the paper's.
 
-``True`` is the default because it is the configuration the benchmark measured best among single
-detectors (docs/benchmarks.md: the highest mean F1 and AUROC over six noisy datasets and three seeds
-with the mini CLIP; it is also the main member of the default ensemble) and it runs on cached
-features, on any machine; ``frozen=False`` (CLI ``--no-frozen``) is AVL-Prompter's image-level
-path.
+``max_steps`` (labelsieve's option for large datasets) caps the optimisation steps of each network over
+the whole run: each epoch trains on a random subset of ``ceil(max_steps / epochs) · batch_size`` rows
+instead of all of them (the evaluation passes and GMM still see every row).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -65,20 +71,109 @@ from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import ModelError, check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
-from labelsieve.core.runtime import check_amp
 from labelsieve.data.imagecache import CachedImageDataset, CachedTwoViewDataset, DecodedImageCache
-from labelsieve.data.transforms import eval_transform, strong_transform, train_transform
+from labelsieve.data.transforms import eval_transform
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.recipe import (
+    UNKNOWN,
+    Param,
+    Recipe,
+    amp_param,
+    is_float,
+    is_int,
+    one_of,
+    workers_param,
+)
 from labelsieve.detectors.common.selection import fit_gmm_split
 from labelsieve.detectors.common.text_side import zero_shot_check
+from labelsieve.detectors.common.views import WEAK_VIEWS, strong_view, weak_view
 from labelsieve.detectors.registry import register_detector
 from labelsieve.models.peft import is_vit_tower
 from labelsieve.models.prompts import MaPLePrompts
 
-__all__ = ["CoDivideDetector", "CoDivideNet", "codivide_loss", "strong_feature_view"]
+__all__ = ["RECIPE", "CoDivideDetector", "CoDivideNet", "codivide_loss", "strong_feature_view"]
 
 PATH_IMAGES = "maple_images"
 PATH_FEATURES = "text_only_features"
+_ISSUE = "issue 10's reading of the paper (not verifiable in our stored sources)"
+_DM = "DivideMix (LiJunnan1992/DivideMix Train_CIFAR.py)"
+_MAPLE = "MaPLe defaults (muzairkhattak/multimodal-prompt-learning), the prompts AVL-Prompter builds on"
+
+#: Co-divide's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
+RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompter, J. Visual Communication and "
+                "Image Representation 111 (2025) 104550 (only the abstract is in our sources; no code released)", [
+    Param("frozen", "auto", "labelsieve", "AVL-Prompter (image-level MaPLe prompts)",
+          "auto: the paper's image-level path on a ViT tower with a GPU, the text-side fast path on a CPU or a CNN "
+          "tower (where the vision prompts cannot run)", paper=False, check=one_of(True, False, "auto"),
+          expected="True, False or 'auto'"),
+    Param("epochs", 60, "paper", f"{_ISSUE}: 60 on CIFAR", "total epochs, warm-up included",
+          check=is_int(1), expected="an int >= 1"),
+    Param("warmup_epochs", 0, "paper", _ISSUE, "epochs of plain CE on all samples before co-dividing",
+          check=is_int(0), expected="an int >= 0"),
+    Param("lr", 0.02, "paper", _ISSUE, check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    Param("momentum", 0.9, "labelsieve", _DM, "DivideMix's SGD momentum", paper=UNKNOWN,
+          check=is_float(0, 1, hi_open=True), expected="a float in [0, 1)", convert=float),
+    Param("weight_decay", 5e-4, "labelsieve", _DM, "DivideMix's", paper=UNKNOWN, check=is_float(0),
+          expected="a float >= 0", convert=float),
+    Param("batch_size", 64, "paper", _ISSUE, check=is_int(2), expected="an int >= 2"),
+    Param("n_ctx", 2, "paper", _MAPLE, "MaPLe's N_CTX; AVL-Prompter's own value is not in our sources",
+          check=is_int(1), expected="an int >= 1"),
+    Param("depth", 9, "paper", _MAPLE, "MaPLe's PROMPT_DEPTH, clamped to the towers' layer counts",
+          check=is_int(1), expected="an int >= 1"),
+    Param("ctx_init", "a photo of a", "paper", _MAPLE,
+          check=lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+          expected="None or a non-empty phrase such as 'a photo of a'"),
+    Param("tau", 0.5, "paper", f"{_DM} p_threshold", "also the flag threshold on p_clean",
+          check=is_float(0, 1, lo_open=True, hi_open=True), expected="a float in (0, 1)", convert=float),
+    Param("confidence", 0.95, "paper", "FixMatch (kekmodel/FixMatch-pytorch) threshold",
+          check=is_float(0, 1, lo_open=True), expected="a float in (0, 1]", convert=float),
+    Param("lambda_u", 1.0, "labelsieve", "FixMatch's λ_u",
+          "the paper sets λ_u 'as in DivideMix', whose values (0-150 by noise level) weigh an L2 loss on "
+          "probabilities, not FixMatch's CE; FixMatch's 1 is used", paper="as in DivideMix",
+          check=is_float(0), expected="a float >= 0", convert=float),
+    Param("lambda_r", 1.0, "paper", f"{_DM} (uniform-prior penalty, weight 1)", check=is_float(0),
+          expected="a float >= 0", convert=float),
+    Param("gmm_max_iter", 10, "paper", _DM, check=is_int(1), expected="an int >= 1"),
+    Param("gmm_reg_covar", 5e-4, "paper", _DM, check=is_float(0, lo_open=True), expected="a float > 0",
+          convert=float),
+    Param("monotone", False, "paper", f"{_DM} eval_train (raw predict_proba[:, means_.argmin()])",
+          "True: labelsieve's non-increasing tails of the GMM posterior", check=one_of(True, False),
+          expected="True or False"),
+    Param("weak", "flip_shift", "paper", f"{_ISSUE}; {_DM} (RandomCrop(32, 4) + flip)",
+          "image path: the weak view; 'rrc' = random resized crop 0.08-1 + flip (labelsieve's earlier view)",
+          check=one_of(*WEAK_VIEWS), expected=f"one of {', '.join(WEAK_VIEWS)}"),
+    Param("finetune_encoders", False, "labelsieve", _ISSUE,
+          "image path: also fine-tune both encoders (a copy per network); the encoder learning rate is not in "
+          "our sources and the abstract speaks of prompts only, so off by default", paper=True,
+          check=one_of(True, False), expected="True or False"),
+    Param("encoder_lr", None, "labelsieve", note="finetune_encoders: the encoders' learning rate (None: lr)",
+          paper=UNKNOWN, check=is_float(0, lo_open=True, none=True), expected="None or a float > 0"),
+    Param("max_steps", None, "labelsieve", note="cap on each network's optimisation steps over the run (each "
+          "epoch trains on a random subset of rows); None: every row every epoch",
+          check=is_int(1, none=True), expected="None or an int >= 1"),
+    Param("feature_dropout", 0.3, "labelsieve", note="frozen path: coordinate dropout of the feature-space strong "
+          "view", check=is_float(0, 1, hi_open=True), expected="a float in [0, 1)", convert=float),
+    Param("feature_noise", 0.3, "labelsieve", note="frozen path: norm of the Gaussian noise of the feature-space "
+          "strong view", check=is_float(0), expected="a float >= 0", convert=float),
+    amp_param(),
+    workers_param("image path: DataLoader workers"),
+], fixed=[
+    Param("lr_schedule", "cosine, per step", "labelsieve", paper=UNKNOWN,
+          note="DivideMix divides by 10 at epoch 150 of 300; MaPLe steps a cosine per epoch"),
+    Param("strong_view", "weak view + RandAugment(2 ops, magnitude 10)", "paper", "FixMatch"),
+    Param("fixmatch_loss", "CE to confident weak-view pseudo-labels, averaged over all unlabelled samples", "paper",
+          "FixMatch (kekmodel/FixMatch-pytorch train.py)"),
+    Param("decision", "mean of the two networks' final GMM posteriors < tau", "labelsieve", paper=UNKNOWN),
+])
+
+def _seed(*parts: int) -> int:
+    """A 32-bit seed derived from ``parts`` (distinct streams for each network and epoch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG state :func:`torch.random.fork_rng` must save for ``device``."""
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
 
 class CoDivideNet(nn.Module):
@@ -91,12 +186,16 @@ class CoDivideNet(nn.Module):
     on_features : bool
         True: inputs are cached image features of the frozen tower (``prompts.text_only`` must be True);
         False: inputs are preprocessed images run through the prompted ViT.
+    encoders : nn.Module, optional
+        The CLIP model the prompts run on, registered (and so trained) when the encoders are fine-tuned
+        with the prompts (``finetune_encoders``); it must be this network's own copy.
     """
 
-    def __init__(self, prompts: nn.Module, *, on_features: bool) -> None:
+    def __init__(self, prompts: nn.Module, *, on_features: bool, encoders: nn.Module | None = None) -> None:
         super().__init__()
         self.prompts = prompts
         self.on_features = bool(on_features)
+        self.encoders = encoders
 
     def views(self, weak: torch.Tensor,
               strong: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -221,265 +320,116 @@ def codivide_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor | None,
     return loss, stats
 
 
-def _seed(*parts: int) -> int:
-    """A 32-bit seed derived from ``parts`` (distinct streams for each network and epoch)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+# --------------------------------------------------------------------------------------------------- training
 
 
-def _rng_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose RNG state :func:`torch.random.fork_rng` must save for ``device``."""
-    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@register_detector
-class CoDivideDetector(Detector):
-    """AVL-Prompter's co-divide detector: two MaPLe-prompted CLIP networks, each trained on the other's
-    DivideMix GMM split (see the module docstring).
+class _CoDivideRun:
+    """One co-divide training run: two networks, their trainers, data and the per-epoch loop.
 
     Parameters
     ----------
-    frozen : {"auto", True, False}, default True
-        ``False``: image-level MaPLe on a ViT image tower (decoded images, prompts + coupling trained);
-        ``True``: text-side MaPLe prompts on cached image features (any tower, fast path);
-        ``"auto"``: ``False`` on ViT towers, ``True`` otherwise.
-    epochs : int, default 10
-        Total epochs, warm-up included.
-    warmup_epochs : int, default 1
-        Epochs of plain cross-entropy on all samples before co-dividing; ``< epochs``.
-    lr : float, default 0.002
-    momentum : float, default 0.9
-    weight_decay : float, default 5e-4
-    batch_size : int, default 32
-    n_ctx : int, default 2
-        MaPLe context tokens per layer.
-    depth : int, default 9
-        MaPLe prompt depth (clamped to the towers' layer counts; the value used is in audit.json).
-    ctx_init : str or None, default "a photo of a"
-        Initialisation phrase of the contexts (None: random N(0, 0.02)).
-    tau : float, default 0.5
-        GMM clean-posterior threshold for the labelled set, and the flag threshold on ``p_clean``.
-    confidence : float, default 0.95
-        FixMatch confidence threshold of the pseudo-labels.
-    lambda_u : float, default 1.0
-        Weight of the FixMatch loss on the unlabelled samples.
-    lambda_r : float, default 1.0
-        Weight of the uniform-prior regulariser ``KL(uniform || mean prediction)``.
-    gmm_max_iter : int, default 10
-    gmm_reg_covar : float, default 5e-4
-    feature_dropout : float, default 0.3
-        Frozen path: coordinate dropout of the feature-space strong view.
-    feature_noise : float, default 0.3
-        Frozen path: norm of the Gaussian noise of the feature-space strong view.
-    amp : {"auto", "bf16", "fp16", "off"}, default "auto"
-        Mixed precision on CUDA (see :class:`~labelsieve.core.engine.Trainer`).
-    num_workers : int or None, default None
-        Image path: DataLoader workers (default ``min(4, cpu_count)``).
-
-    Attributes
-    ----------
-    networks_ : list of CoDivideNet
-        The two trained networks, after :meth:`detect`.
+    det : CoDivideDetector
+        The parameters.
+    ctx : DetectionContext
+    path : str
+        :data:`PATH_IMAGES` or :data:`PATH_FEATURES`.
+    nets : list of two CoDivideNet
     """
 
-    name = "codivide"
-    summary = "Co-divide (AVL-Prompter): two MaPLe-prompted CLIP networks trained on each other's GMM split"
-    needs_text = True
+    def __init__(self, det: CoDivideDetector, ctx: DetectionContext, path: str, nets: list[CoDivideNet]) -> None:
+        self.det, self.ctx, self.path, self.nets = det, ctx, path, nets
+        self.n = len(ctx.labels)
+        self.labels = np.asarray(ctx.labels, dtype=np.int64)
+        self.warm_ds, self.two_ds, eval_ds, self.workers = self._datasets()
+        per_epoch = self.rows_per_epoch()
+        steps = max(1, math.ceil(per_epoch / det.batch_size))
+        self.trainers = []
+        for k, net in enumerate(nets):
+            groups: list[dict[str, Any]] = [{"params": list(net.prompts.parameters())}]
+            if net.encoders is not None:
+                groups.append({"params": list(net.encoders.parameters()), "lr": det.encoder_lr or det.lr})
+            opt = make_optimizer(groups, name="sgd", lr=det.lr, weight_decay=det.weight_decay, momentum=det.momentum)
+            sched = cosine_schedule(opt, epochs=det.epochs, steps_per_epoch=steps)
+            self.trainers.append(Trainer(net, optimizer=opt, scheduler=sched, device=ctx.device, amp=det.amp,
+                                         progress=ctx.progress, desc=f"codivide net {k + 1} ({path})"))
+        self.eval_loader = make_loader(eval_ds, batch_size=max(256, det.batch_size), num_workers=self.workers)
+        self.gen = torch.Generator(device=ctx.device)
+        self.gen.manual_seed(_seed(ctx.seed, 3))
 
-    def __init__(self, *, frozen: bool | str = True, epochs: int = 10, warmup_epochs: int = 1,
-                 lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 32,
-                 n_ctx: int = 2, depth: int = 9, ctx_init: str | None = "a photo of a", tau: float = 0.5,
-                 confidence: float = 0.95, lambda_u: float = 1.0, lambda_r: float = 1.0,
-                 gmm_max_iter: int = 10, gmm_reg_covar: float = 5e-4, feature_dropout: float = 0.3,
-                 feature_noise: float = 0.3, amp: str = "auto", num_workers: int | None = None) -> None:
-        own = type(self).__name__
+    def rows_per_epoch(self) -> int:
+        """Rows each network trains on per epoch: all, or the ``max_steps`` budget's share."""
+        if self.det.max_steps is None:
+            return self.n
+        return min(self.n, math.ceil(self.det.max_steps / self.det.epochs) * self.det.batch_size)
 
-        def is_int(v: object) -> bool:
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        check_param(own, "frozen", frozen, isinstance(frozen, bool) or frozen == "auto", "True, False or 'auto'")
-        check_param(own, "epochs", epochs, is_int(epochs) and epochs >= 1, "an int >= 1")
-        check_param(own, "warmup_epochs", warmup_epochs,
-                    is_int(warmup_epochs) and 0 <= warmup_epochs < (epochs if is_int(epochs) else 1),
-                    f"an int in [0, epochs) = [0, {epochs})")
-        check_param(own, "lr", lr, _is_number(lr) and lr > 0, "a float > 0")
-        check_param(own, "momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "a float in [0, 1)")
-        check_param(own, "weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0,
-                    "a float >= 0")
-        check_param(own, "batch_size", batch_size, is_int(batch_size) and batch_size >= 2, "an int >= 2")
-        check_param(own, "n_ctx", n_ctx, is_int(n_ctx) and n_ctx >= 1, "an int >= 1")
-        check_param(own, "depth", depth, is_int(depth) and depth >= 1, "an int >= 1")
-        check_param(own, "ctx_init", ctx_init, ctx_init is None or (isinstance(ctx_init, str) and ctx_init.strip()),
-                    "None or a non-empty phrase such as 'a photo of a'")
-        check_param(own, "tau", tau, _is_number(tau) and 0 < tau < 1, "a float in (0, 1)")
-        check_param(own, "confidence", confidence, _is_number(confidence) and 0 < confidence <= 1,
-                    "a float in (0, 1]")
-        check_param(own, "lambda_u", lambda_u, _is_number(lambda_u) and lambda_u >= 0, "a float >= 0")
-        check_param(own, "lambda_r", lambda_r, _is_number(lambda_r) and lambda_r >= 0, "a float >= 0")
-        check_param(own, "gmm_max_iter", gmm_max_iter, is_int(gmm_max_iter) and gmm_max_iter >= 1, "an int >= 1")
-        check_param(own, "gmm_reg_covar", gmm_reg_covar, _is_number(gmm_reg_covar) and gmm_reg_covar > 0,
-                    "a float > 0")
-        check_param(own, "feature_dropout", feature_dropout,
-                    _is_number(feature_dropout) and 0 <= feature_dropout < 1, "a float in [0, 1)")
-        check_param(own, "feature_noise", feature_noise, _is_number(feature_noise) and feature_noise >= 0,
-                    "a float >= 0")
-        check_amp(own, amp)
-        check_param(own, "num_workers", num_workers, num_workers is None or (is_int(num_workers) and num_workers >= 0),
-                    "None or an int >= 0")
-        self.frozen = frozen
-        self.epochs = int(epochs)
-        self.warmup_epochs = int(warmup_epochs)
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.batch_size = int(batch_size)
-        self.n_ctx = int(n_ctx)
-        self.depth = int(depth)
-        self.ctx_init = ctx_init
-        self.tau = float(tau)
-        self.confidence = float(confidence)
-        self.lambda_u = float(lambda_u)
-        self.lambda_r = float(lambda_r)
-        self.gmm_max_iter = int(gmm_max_iter)
-        self.gmm_reg_covar = float(gmm_reg_covar)
-        self.feature_dropout = float(feature_dropout)
-        self.feature_noise = float(feature_noise)
-        self.amp = amp
-        self.num_workers = num_workers
-
-    # ------------------------------------------------------------------------------------------
-    def resolve_path(self, ctx: DetectionContext) -> str:
-        """``"maple_images"`` (image-level MaPLe) or ``"text_only_features"`` (frozen fast path).
-
-        Raises
-        ------
-        ModelError
-            For ``frozen=False`` on an image tower that is not an open_clip ViT.
-        """
-        vit = is_vit_tower(ctx.encoder.model)
-        if self.frozen is True or (self.frozen == "auto" and not vit):
-            return PATH_FEATURES
-        if not vit:
-            tower = type(getattr(ctx.encoder.model, "visual", ctx.encoder.model)).__name__
-            raise ModelError(
-                f"codivide with frozen=False trains MaPLe vision prompts, which need a ViT image tower (an "
-                f"open_clip VisionTransformer); this model's image tower is {tower}. Use --frozen "
-                "(frozen=True: text-side prompts on cached image features, works with any tower) or "
-                "frozen='auto'."
-            )
-        return PATH_IMAGES
-
-    def build_networks(self, ctx: DetectionContext, path: str) -> list[CoDivideNet]:
-        """The two untrained networks for ``ctx`` (seeded from ``ctx.seed``: network k from (seed, k)).
-
-        Parameters
-        ----------
-        ctx : DetectionContext
-        path : str
-            What :meth:`resolve_path` returned.
-
-        Returns
-        -------
-        list of two CoDivideNet
-        """
-        nets = []
-        for k in range(2):
-            with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-                torch.manual_seed(_seed(ctx.seed, k))
-                prompts = MaPLePrompts(ctx.encoder.model, ctx.encoder.tokenizer, ctx.classnames, n_ctx=self.n_ctx,
-                                       depth=self.depth, init=self.ctx_init, text_only=path == PATH_FEATURES)
-            nets.append(CoDivideNet(prompts, on_features=path == PATH_FEATURES).to(ctx.device))
-        return nets
-
-    def detect(self, ctx: DetectionContext) -> DetectionResult:
-        ctx.encoder.require_text("co-divide")
-        path = self.resolve_path(ctx)
-        model = ctx.encoder.model
-        grad_flags = [p.requires_grad for p in model.parameters()]  # MaPLePrompts freezes the CLIP model
-        try:
-            with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-                torch.manual_seed(_seed(ctx.seed, 2))
-                result = self._detect(ctx, path)
-        finally:
-            for p, flag in zip(model.parameters(), grad_flags, strict=True):
-                p.requires_grad_(flag)
-        # the classifier is prompted text: say so when the zero-shot side disagrees with most labels
-        result.info.update(zero_shot_check(ctx))
-        return result
-
-    # ------------------------------------------------------------------------------------------
-    def _datasets(self, ctx: DetectionContext, path: str) -> tuple[Any, Any, Any, int]:
+    def _datasets(self) -> tuple[Any, Any, Any, int]:
         """(warm-up dataset, co-divide dataset, evaluation dataset, loader workers)."""
-        n = len(ctx.labels)
+        ctx, det = self.ctx, self.det
         labels = torch.as_tensor(ctx.labels, dtype=torch.long)
-        if path == PATH_FEATURES:
+        if self.path == PATH_FEATURES:
             feats = torch.as_tensor(ctx.features())
-            ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(n), torch.ones(n, dtype=torch.bool))
+            ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(self.n),
+                                                torch.ones(self.n, dtype=torch.bool))
             return ds, ds, ds, 0
-        workers = self.num_workers if self.num_workers is not None else default_num_workers(4)
+        workers = det.num_workers if det.num_workers is not None else default_num_workers(4)
         size = ctx.encoder.image_size
         cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress,
                                               num_workers=workers)
         norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
-        weak = train_transform(size, **norm)
+        weak = weak_view(det.weak, size, **norm)
         warm_ds = CachedImageDataset(cache, labels=ctx.labels, transform=weak)
-        two_ds = CachedTwoViewDataset(cache, labels=ctx.labels, transform=weak, strong=strong_transform(size, **norm))
+        two_ds = CachedTwoViewDataset(cache, labels=ctx.labels, transform=weak, strong=strong_view(det.weak, size,
+                                                                                                   **norm))
         eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
         return warm_ds, two_ds, eval_ds, workers
 
-    def _evaluate(self, trainer: Any, loader: Any, labels: np.ndarray, seed: int) -> dict[str, Any]:
-        """Evaluation pass + GMM split: clean posterior, softmax, losses, the GMM's rule and components."""
-        ev = trainer.evaluate(loader, targets=labels)
+    def evaluate(self, k: int) -> dict[str, Any]:
+        """Evaluation pass of network ``k`` + GMM split: clean posterior, softmax, losses, the GMM's rule."""
+        det = self.det
+        ev = self.trainers[k].evaluate(self.eval_loader, targets=self.labels)
         ok = ev["ok"]
-        posterior = np.zeros(len(labels), dtype=np.float64)
-        split = fit_gmm_split(ev["losses"][ok], max_iter=self.gmm_max_iter, reg_covar=self.gmm_reg_covar, seed=seed)
+        posterior = np.zeros(self.n, dtype=np.float64)
+        split = fit_gmm_split(ev["losses"][ok], max_iter=det.gmm_max_iter, reg_covar=det.gmm_reg_covar,
+                              seed=self.ctx.seed, monotone=det.monotone)
         posterior[ok] = split.posterior
         probs = softmax(ev["logits"], axis=1)
         probs[~ok] = 1.0 / probs.shape[1]
         return {"posterior": posterior, "probs": probs, "ok": ok, "loss": ev["loss"], "acc": ev["acc"],
                 "rule": split.rule, "means": split.means, "weights": split.weights}
 
-    def _detect(self, ctx: DetectionContext, path: str) -> DetectionResult:
-        t_start = time.perf_counter()
-        device = ctx.device
-        n = len(ctx.labels)
-        labels_np = np.asarray(ctx.labels, dtype=np.int64)
-        nets = self.build_networks(ctx, path)
-        warm_ds, two_ds, eval_ds, workers = self._datasets(ctx, path)
-        steps = max(1, (n + self.batch_size - 1) // self.batch_size)
-        trainers = []
-        for k, net in enumerate(nets):
-            opt = make_optimizer(net, name="sgd", lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum)
-            sched = cosine_schedule(opt, epochs=self.epochs, steps_per_epoch=steps)
-            trainers.append(Trainer(net, optimizer=opt, scheduler=sched, device=device, amp=self.amp,
-                                    progress=ctx.progress, desc=f"codivide net {k + 1} ({path})"))
-        eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=workers)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_seed(ctx.seed, 3))
-        labelled = [torch.ones(n, dtype=torch.bool, device=device) for _ in nets]
+    def _loader(self, k: int, epoch: int, warm: bool) -> torch.utils.data.DataLoader:
+        ds = self.warm_ds if warm else self.two_ds
+        per_epoch = self.rows_per_epoch()
+        if per_epoch < self.n:
+            rows = np.random.default_rng(_seed(self.ctx.seed, k, epoch, 7)).choice(self.n, per_epoch, replace=False)
+            ds = torch.utils.data.Subset(ds, np.sort(rows).tolist())
+        return make_loader(ds, batch_size=self.det.batch_size, shuffle=True, seed=_seed(self.ctx.seed, k, epoch),
+                           num_workers=self.workers)
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train both networks for ``epochs``; the per-epoch history for audit.json."""
+        det, device = self.det, self.ctx.device
+        labelled = [torch.ones(self.n, dtype=torch.bool, device=device) for _ in self.nets]
         history: list[dict[str, Any]] = []
-        for epoch in range(self.epochs):
+        for epoch in range(det.epochs):
             t0 = time.perf_counter()
-            warm = epoch < self.warmup_epochs
+            warm = epoch < det.warmup_epochs
             rec: dict[str, Any] = {"epoch": epoch, "phase": "warmup" if warm else "codivide"}
+            evals: list[dict[str, Any]] = []
             if not warm:
-                evals = [self._evaluate(tr, eval_loader, labels_np, ctx.seed) for tr in trainers]
+                evals = [self.evaluate(k) for k in range(2)]
                 for k in range(2):
                     # co-divide: network k trains on the split made by the other network
-                    labelled[k] = torch.as_tensor(evals[1 - k]["posterior"] > self.tau, device=device)
-                rec["split_agreement"] = float(((evals[0]["posterior"] > self.tau)
-                                                == (evals[1]["posterior"] > self.tau)).mean())
-            for k, (net, tr) in enumerate(zip(nets, trainers, strict=True)):
+                    labelled[k] = torch.as_tensor(evals[1 - k]["posterior"] > det.tau, device=device)
+                rec["split_agreement"] = float(((evals[0]["posterior"] > det.tau)
+                                                == (evals[1]["posterior"] > det.tau)).mean())
+            for k in range(2):
                 stats: dict[str, float] = {}
-                step = self._make_step(net, None if warm else labelled[k], stats, gen)
-                loader = make_loader(warm_ds if warm else two_ds, batch_size=self.batch_size, shuffle=True,
-                                     seed=_seed(ctx.seed, k, epoch), num_workers=workers)
-                r = tr.train_epoch(loader, epoch=epoch, step_fn=step, epochs=self.epochs)
+                step = self._make_step(self.nets[k], None if warm else labelled[k], stats)
+                r = self.trainers[k].train_epoch(self._loader(k, epoch, warm), epoch=epoch, step_fn=step,
+                                                 epochs=det.epochs)
                 entry: dict[str, Any] = {"loss": r["loss"], "acc": r["acc"], "lr": r["lr"], "seconds": r["seconds"],
-                                         "skipped": r["skipped"]}
+                                         "skipped": r["skipped"], "n": r["n"]}
                 if not warm:
                     ev = evals[1 - k]
                     batches = max(1, int(stats.pop("batches", 0)))
@@ -488,46 +438,17 @@ class CoDivideDetector(Detector):
                     # n_labelled: this network's labelled set (the other's split); n_selected: its own split,
                     # which became the other network's labelled set
                     entry.update(n_labelled=int(labelled[k].sum()), gmm_rule=ev["rule"], gmm_means=ev["means"],
-                                 n_selected=int((evals[k]["posterior"] > self.tau).sum()),
+                                 n_selected=int((evals[k]["posterior"] > det.tau).sum()),
                                  eval_loss=evals[k]["loss"], eval_acc=evals[k]["acc"])
                 rec[f"net{k + 1}"] = entry
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
-        finals = [self._evaluate(tr, eval_loader, labels_np, ctx.seed) for tr in trainers]
-        p_nets = [f["posterior"] for f in finals]
-        p_clean = 0.5 * (p_nets[0] + p_nets[1])
-        probs = 0.5 * (finals[0]["probs"] + finals[1]["probs"])
-        ok = finals[0]["ok"]
-        p_clean[~ok] = self.tau  # undecodable images: no evidence either way, not flagged
-        self.networks_ = nets
-        prompts = nets[0].prompts
-        rule = ("p_clean = mean over the two co-divide networks of the DivideMix GMM posterior of the low-loss "
-                "component of each network's cross-entropy on the given label (2 components, min-max normalised "
-                f"losses, max_iter {self.gmm_max_iter}, reg_covar {self.gmm_reg_covar:g}); flagged if "
-                f"p_clean < {self.tau:g}, the co-divide split threshold.")
-        info = {
-            "path": path, "frozen_requested": self.frozen,
-            "tower": type(getattr(ctx.encoder.model, "visual", ctx.encoder.model)).__name__,
-            "n_ctx": int(prompts.n_ctx), "depth": int(prompts.depth), "depth_requested": self.depth,
-            "n_trainable_per_net": int(sum(p.numel() for p in nets[0].parameters() if p.requires_grad)),
-            "strong_view": ("RandAugment (2 ops, magnitude 10) after random resized crop + flip"
-                            if path == PATH_IMAGES else
-                            f"feature dropout {self.feature_dropout:g} + Gaussian noise of norm "
-                            f"{self.feature_noise:g}, re-normalised (labelsieve's feature-space adaptation)"),
-            "history": history,
-            "final": {f"net{k + 1}": {"gmm_rule": f["rule"], "gmm_means": f["means"], "gmm_weights": f["weights"],
-                                      "n_clean": int((f["posterior"] > self.tau).sum()), "eval_acc": f["acc"]}
-                      for k, f in enumerate(finals)},
-            "final_split_agreement": float(((p_nets[0] > self.tau) == (p_nets[1] > self.tau)).mean()),
-            "n_undecodable": int((~ok).sum()),
-            "seconds": time.perf_counter() - t_start,
-        }
-        return DetectionResult(p_clean=p_clean, probs=probs, threshold=self.tau, rule=rule, info=info,
-                               columns={"p_clean_net1": p_nets[0], "p_clean_net2": p_nets[1]})
+        return history
 
-    def _make_step(self, net: CoDivideNet, labelled: torch.Tensor | None, stats: dict[str, float],
-                   gen: torch.Generator) -> Callable[[Any, Sequence[Any]], tuple[torch.Tensor | None, int, int]]:
+    def _make_step(self, net: CoDivideNet, labelled: torch.Tensor | None,
+                   stats: dict[str, float]) -> Callable[[Any, Sequence[Any]], tuple[torch.Tensor | None, int, int]]:
         """The engine's ``step_fn`` for one network and epoch (``labelled=None``: warm-up)."""
+        det, gen = self.det, self.gen
 
         def step(trainer: Any, batch: Sequence[Any]) -> tuple[torch.Tensor | None, int, int]:
             if len(batch) == 5:
@@ -548,14 +469,14 @@ class CoDivideDetector(Detector):
                 lab = labelled[idx]
                 unl = ~lab
                 if net.on_features:
-                    strong_u = strong_feature_view(weak[unl], dropout=self.feature_dropout, noise=self.feature_noise,
+                    strong_u = strong_feature_view(weak[unl], dropout=det.feature_dropout, noise=det.feature_noise,
                                                    generator=gen)
                 else:
                     assert strong is not None
                     strong_u = strong[unl]
                 lw, ls = net.views(weak, strong_u)
-                loss, parts = codivide_loss(lw, ls, y, lab, confidence=self.confidence, lambda_u=self.lambda_u,
-                                            lambda_r=self.lambda_r)
+                loss, parts = codivide_loss(lw, ls, y, lab, confidence=det.confidence, lambda_u=det.lambda_u,
+                                            lambda_r=det.lambda_r)
                 for key, v in parts.items():
                     stats[key] = stats.get(key, 0) + v
                 stats["batches"] = stats.get("batches", 0) + 1
@@ -563,3 +484,140 @@ class CoDivideDetector(Detector):
             return loss, n_correct, int(y.shape[0])
 
         return step
+
+
+# --------------------------------------------------------------------------------------------------- detector
+
+
+@register_detector
+class CoDivideDetector(Detector):
+    """AVL-Prompter's co-divide detector: two MaPLe-prompted CLIP networks, each trained on the other's
+    DivideMix GMM split (see the module docstring).
+
+    Parameters are those of :data:`RECIPE` (``labelsieve detectors --show codivide`` prints them with their
+    origin and source).
+
+    Attributes
+    ----------
+    networks_ : list of CoDivideNet
+        The two trained networks, after :meth:`detect`.
+    """
+
+    name = "codivide"
+    summary = "Co-divide (AVL-Prompter): two MaPLe-prompted CLIP networks trained on each other's GMM split"
+    needs_text = True
+    recipe = RECIPE
+
+    def _check_params(self) -> None:
+        check_param(type(self).__name__, "warmup_epochs", self.warmup_epochs, self.warmup_epochs < self.epochs,
+                    f"an int in [0, epochs) = [0, {self.epochs})")
+
+    # ------------------------------------------------------------------------------------------
+    def resolve_path(self, ctx: DetectionContext) -> tuple[str, str]:
+        """(``"maple_images"`` or ``"text_only_features"``, why).
+
+        Raises
+        ------
+        ModelError
+            For ``frozen=False`` on an image tower that is not an open_clip ViT.
+        """
+        vit = is_vit_tower(ctx.encoder.model)
+        tower = type(getattr(ctx.encoder.model, "visual", ctx.encoder.model)).__name__
+        if self.frozen is True:
+            return PATH_FEATURES, "requested (frozen=True)"
+        if self.frozen is False:
+            if not vit:
+                raise ModelError(
+                    f"codivide with frozen=False trains MaPLe vision prompts, which need a ViT image tower (an "
+                    f"open_clip VisionTransformer); this model's image tower is {tower}. Use --frozen "
+                    "(frozen=True: text-side prompts on cached image features, works with any tower) or "
+                    "frozen='auto'."
+                )
+            return PATH_IMAGES, "requested (frozen=False)"
+        if not vit:
+            return PATH_FEATURES, (f"the image tower is {tower}, not a ViT: MaPLe's vision prompts need one, so "
+                                   "text-side prompts run on cached image features")
+        if ctx.device.type == "cpu":
+            return PATH_FEATURES, ("no GPU: image-level prompts run two networks through the image tower on every "
+                                   "image in every epoch, so text-side prompts run on cached image features; "
+                                   "frozen=False forces the image-level path")
+        return PATH_IMAGES, "a ViT image tower on a GPU: the paper's image-level MaPLe"
+
+    def build_networks(self, ctx: DetectionContext, path: str) -> list[CoDivideNet]:
+        """The two untrained networks for ``ctx`` (seeded from ``ctx.seed``: network k from (seed, k)).
+
+        With ``finetune_encoders`` on the image path each network gets its own copy of the CLIP model,
+        trainable except its logit scale.
+        """
+        nets = []
+        tune = self.finetune_encoders and path == PATH_IMAGES
+        for k in range(2):
+            model = copy.deepcopy(ctx.encoder.model) if tune else ctx.encoder.model
+            with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
+                torch.manual_seed(_seed(ctx.seed, k))
+                prompts = MaPLePrompts(model, ctx.encoder.tokenizer, ctx.classnames, n_ctx=self.n_ctx,
+                                       depth=self.depth, init=self.ctx_init, text_only=path == PATH_FEATURES)
+            if tune:
+                for name, p in model.named_parameters():
+                    p.requires_grad_(name != "logit_scale")
+            nets.append(CoDivideNet(prompts, on_features=path == PATH_FEATURES,
+                                    encoders=model if tune else None).to(ctx.device))
+        return nets
+
+    def detect(self, ctx: DetectionContext) -> DetectionResult:
+        ctx.encoder.require_text("co-divide")
+        path, reason = self.resolve_path(ctx)
+        if self.finetune_encoders and path == PATH_FEATURES:
+            reason += "; finetune_encoders does not apply to cached features"
+        model = ctx.encoder.model
+        grad_flags = [p.requires_grad for p in model.parameters()]  # MaPLePrompts freezes the CLIP model
+        try:
+            with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
+                torch.manual_seed(_seed(ctx.seed, 2))
+                result = self._detect(ctx, path, reason)
+        finally:
+            for p, flag in zip(model.parameters(), grad_flags, strict=True):
+                p.requires_grad_(flag)
+        # the classifier is prompted text: say so when the zero-shot side disagrees with most labels
+        result.info.update(zero_shot_check(ctx))
+        return result
+
+    def _detect(self, ctx: DetectionContext, path: str, reason: str) -> DetectionResult:
+        t_start = time.perf_counter()
+        nets = self.build_networks(ctx, path)
+        run = _CoDivideRun(self, ctx, path, nets)
+        history = run.run()
+        finals = [run.evaluate(k) for k in range(2)]
+        p_nets = [f["posterior"] for f in finals]
+        p_clean = 0.5 * (p_nets[0] + p_nets[1])
+        probs = 0.5 * (finals[0]["probs"] + finals[1]["probs"])
+        ok = finals[0]["ok"]
+        p_clean[~ok] = self.tau  # undecodable images: no evidence either way, not flagged
+        self.networks_ = nets
+        prompts = nets[0].prompts
+        rule = ("p_clean = mean over the two co-divide networks of the DivideMix GMM posterior of the low-loss "
+                "component of each network's cross-entropy on the given label (2 components, min-max normalised "
+                f"losses, max_iter {self.gmm_max_iter}, reg_covar {self.gmm_reg_covar:g}"
+                f"{', monotone tails' if self.monotone else ''}); flagged if p_clean < {self.tau:g}, the co-divide "
+                "split threshold.")
+        info = {
+            "path": path, "path_reason": reason, "frozen_requested": self.frozen,
+            "tower": type(getattr(ctx.encoder.model, "visual", ctx.encoder.model)).__name__,
+            "n_ctx": int(prompts.n_ctx), "depth": int(prompts.depth), "depth_requested": self.depth,
+            "n_trainable_per_net": int(sum(p.numel() for p in nets[0].parameters() if p.requires_grad)),
+            "rows_per_epoch": run.rows_per_epoch(),
+            "strong_view": (f"RandAugment (2 ops, magnitude 10) after the weak view ({self.weak})"
+                            if path == PATH_IMAGES else
+                            f"feature dropout {self.feature_dropout:g} + Gaussian noise of norm "
+                            f"{self.feature_noise:g}, re-normalised (labelsieve's feature-space adaptation)"),
+            "recipe": RECIPE.rows(self.get_params(), {"frozen": (path == PATH_FEATURES, reason)}),
+            "history": history,
+            "final": {f"net{k + 1}": {"gmm_rule": f["rule"], "gmm_means": f["means"], "gmm_weights": f["weights"],
+                                      "n_clean": int((f["posterior"] > self.tau).sum()), "eval_acc": f["acc"]}
+                      for k, f in enumerate(finals)},
+            "final_split_agreement": float(((p_nets[0] > self.tau) == (p_nets[1] > self.tau)).mean()),
+            "n_undecodable": int((~ok).sum()),
+            "seconds": time.perf_counter() - t_start,
+        }
+        return DetectionResult(p_clean=p_clean, probs=probs, threshold=self.tau, rule=rule, info=info,
+                               columns={"p_clean_net1": p_nets[0], "p_clean_net2": p_nets[1]})

@@ -16,7 +16,7 @@ import numpy as np
 
 from labelsieve.core.errors import check_param
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, given_label_prob
-from labelsieve.detectors.common.linear_probe import out_of_fold_probs
+from labelsieve.detectors.common.linear_probe import Rows, out_of_fold_probs
 from labelsieve.detectors.registry import register_detector
 
 _EPS = 1e-6
@@ -102,7 +102,7 @@ class ConfidentLearningDetector(Detector):
         self.epochs = epochs
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        probs = out_of_fold_probs(ctx.features(), ctx.labels, ctx.n_classes, folds=self.folds, seed=ctx.seed,
+        probs = out_of_fold_probs(Rows.of(ctx), ctx.labels, ctx.n_classes, folds=self.folds, seed=ctx.seed,
                                   epochs=self.epochs, device=ctx.device)
         flags = prune_by_noise_rate(ctx.labels, probs)
         return DetectionResult(

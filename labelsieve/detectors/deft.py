@@ -1,41 +1,51 @@
 """``deft``: DEFT's noisy-label detector (Wei et al., "Vision-Language Models are Strong Noisy Label
-Detectors", NeurIPS 2024), faithful to the paper and the authors' code, with a fast path.
+Detectors", NeurIPS 2024), following the authors' code (HotanLee/DeFT ``main_phase1.py``,
+``main_real_phase1.py``, ``model/CLIP.py``, ``config/PEFT/*.yaml``), with labelsieve's options named.
 
 Per class a positive and a negative learned prompt (CoOp, two shared 16-token contexts, class name
 last). With image embedding I and text embeddings T⁺_k, T⁻_k (all L2-normalised) and s = CLIP's
-logit scale::
+logit scale (100)::
 
-    p_clean(i, k) = σ(s · (cos(I_i, T⁺_k) − cos(I_i, T⁻_k)))
+    p_clean(i, k) = p_yes(i, k) = softmax([s·cos(I_i, T⁺_k), s·cos(I_i, T⁻_k)])[0]
 
-A sample is clean iff p_clean of its given label > 0.5 (with ``consistency``, the real-world-noise
-variant, its given label must also be the top class of the positive-prompt classifier).
+A sample is clean iff p_clean of its given label > 0.5; with ``consistency`` (the authors' real-world
+variant, ``main_real_phase1.py``) its given label must also be the argmax over classes of p_clean.
 
-Training, per epoch (SGD 0.03, momentum 0.9, wd 5e-4, batch 64, cosine, 10 epochs):
+Training, per epoch (SGD 0.03, momentum 0.9, wd 5e-4, batch 64, 10 epochs, cosine stepped per epoch):
 
-* CE over the positive-prompt logits ``s · cos(I, T⁺)`` — on all samples during warm-up, on the
-  selected clean samples after it (zero, not NaN, when a batch has none);
-* the dual-prompt NLL: "yes" (p_clean → 1) for the target class — the given label in warm-up, after
-  it the given label if selected clean, else the predicted class — and "no" (p_clean → 0) for a
-  complementary label drawn uniformly from the other classes, redrawn every epoch. The positive
-  text features are detached in this term, so it trains the negative context (and the image side).
-* The clean set used by an epoch comes from a separate evaluation pass over all samples after the
-  previous epoch, never from training mini-batches; the final decision from one after the last.
+* L_sim: CE over the positive-prompt logits ``s · cos(I, T⁺)`` — on all samples during warm-up (1
+  epoch; 5 and symmetric CE with α = β = 1 for the real-world variant), on the selected clean samples
+  after it (zero, not NaN, when a batch has none). It trains the positive context and the image side.
+* L_dp (:func:`~labelsieve.detectors.common.losses.deft_dual_loss`): ``mean NLL(log p_no, complementary)
+  + mean NLL(log p_yes, target)``, p clamped to ≥ 1e-5, with the positive logits and the image features
+  detached, so it trains the negative context only. "yes" target: the given label in warm-up, after it
+  the given label if selected clean, else the positive-prompt prediction (real-world variant: pseudo-labels
+  from the second epoch on). "no": a class drawn uniformly from those other than the given label, redrawn
+  every epoch. ``positive_weight`` weights the "yes" term (the paper's severe-noise setting: 0.25).
+* Selection (``selection``): ``"eval_pass"`` (default, labelsieve's): the clean set an epoch trains on
+  comes from an evaluation pass over all samples before it, and the decision from one after training;
+  ``"batch"`` (the authors'): each training batch selects on its own forward pass, and the decision is
+  what the last epoch's batches said.
 
 The image side (``peft``):
 
-* ``auto`` (default): ``vpt_deep`` on ViT image towers, ``none`` on others, recorded in audit.json;
+* ``auto`` (default): ``vpt_deep`` — the paper's — on a ViT image tower with a GPU; on a CPU or a CNN
+  tower the frozen tower on cached features (``none``). audit.json says which ran and why.
 * ``vpt_deep``, ``vpt_shallow``, ``lora``, ``adaptformer``, ``bitfit``: parameter-efficient tuning
   of the image tower on decoded images (:mod:`labelsieve.models.peft`), images decoded once into a
-  uint8 cache;
+  uint8 cache, augmented by ``augment`` (the authors' flip-and-shift by default);
 * ``none``: the frozen tower on cached features — the fast path;
 * ``feature_adapter``: the fast path plus a residual linear adapter on the cached embeddings
-  (identity at init), an image side that adapts without touching the tower (labelsieve's addition;
-  see docs/methods.md for why and how it compares).
+  (identity at init; labelsieve's addition, trained by L_sim only like any image side).
+
+Every parameter, its value, and whether it is the paper's or labelsieve's is in :data:`RECIPE`
+(``labelsieve detectors --show deft``; audit.json records it as ``detector_info.recipe``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,19 +56,95 @@ from torch import nn
 
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
-from labelsieve.core.errors import check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
-from labelsieve.data.transforms import eval_transform, train_transform
+from labelsieve.data.transforms import eval_transform
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
-from labelsieve.detectors.common.losses import dual_prompt_nll
+from labelsieve.detectors.common.losses import deft_dual_loss, sce_loss
+from labelsieve.detectors.common.recipe import Param, Recipe, amp_param, is_float, is_int, one_of, workers_param
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
+from labelsieve.detectors.common.views import WEAK_VIEWS, weak_view
 from labelsieve.detectors.registry import register_detector
-from labelsieve.models.peft import apply_peft, resolve_peft, set_peft_train_mode
+from labelsieve.models.peft import apply_peft, is_vit_tower, resolve_peft, set_peft_train_mode
 from labelsieve.models.prompts import DualPromptLearner
+
+__all__ = ["RECIPE", "DeftDetector", "DeftModel", "calibrated_scale", "complementary_labels", "deft_step"]
 
 PEFT_CHOICES = ("auto", "none", "feature_adapter", "vpt_deep", "vpt_shallow", "lora", "adaptformer", "bitfit")
 FEATURE_PATHS = ("none", "feature_adapter")
+SELECTIONS = ("eval_pass", "batch")
+SCHEDULES = ("cosine_epoch", "cosine_step", "constant")
+_CODE = "HotanLee/DeFT"
+_YAML = f"{_CODE} config/PEFT/*.yaml"
+
+
+def _is_scale(v: Any) -> bool:
+    return v in ("model", "calibrated") or is_float(0, lo_open=True)(v)
+
+
+#: DEFT's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
+RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLee/DeFT @ dafcc14", [
+    Param("peft", "auto", "labelsieve", f"{_YAML} (vpt_deep: True, vpt_len: 20)",
+          "auto: VPT-deep (the paper's) on a ViT tower with a GPU; the frozen tower on cached features on a CPU "
+          "or a CNN tower, where VPT cannot run or costs ~50x more per image", paper="vpt_deep",
+          check=one_of(*PEFT_CHOICES), expected=f"one of {', '.join(PEFT_CHOICES)}"),
+    Param("epochs", 10, "paper", _YAML, check=is_int(1), expected="an int >= 1"),
+    Param("warmup_epochs", None, "paper", f"{_YAML} warmup: 1 (synthetic), 5 (clothing1m, webvision, cifar100N)",
+          "None: 1, or 5 with consistency", check=is_int(0, none=True), expected="None or an int >= 0"),
+    Param("lr", 0.03, "paper", _YAML, check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    Param("momentum", 0.9, "paper", f"{_YAML}; model/load_clip.py (SGD)", check=is_float(0, 1, hi_open=True),
+          expected="a float in [0, 1)", convert=float),
+    Param("weight_decay", 5e-4, "paper", _YAML, check=is_float(0), expected="a float >= 0", convert=float),
+    Param("batch_size", 64, "paper", f"{_YAML} (32 for Clothing1M)", check=is_int(2), expected="an int >= 2"),
+    Param("n_ctx", 16, "paper", f"{_YAML} N_CTX", check=is_int(1, 60), expected="an int in [1, 60]"),
+    Param("ctx_init", None, "paper", f"{_CODE} model/text_encoder.py PromptLearner (random N(0, 0.02); "
+          "CTX_INIT is ignored)", "a phrase starts both contexts from its token embeddings",
+          check=lambda v: v is None or (isinstance(v, str) and bool(v.strip())), expected="None or a phrase"),
+    Param("logit_scale", "model", "paper", f"{_CODE} model/CLIP.py (clip_model.logit_scale.exp(), frozen)",
+          "'calibrated' (labelsieve option): the s <= the model's that minimises the zero-shot NLL of the given "
+          "labels; a float: that s", check=_is_scale, expected="'model', 'calibrated' or a float > 0"),
+    Param("lr_schedule", "cosine_epoch", "paper", f"{_CODE} main_phase1.py L150/L157 (CosineAnnealingLR(T_max="
+          "epochs), stepped per epoch)", "'cosine_step' (labelsieve option); 'constant' is what the authors' "
+          "real-world scripts run (they never step the scheduler)", check=one_of(*SCHEDULES),
+          expected=f"one of {', '.join(SCHEDULES)}"),
+    Param("selection", "eval_pass", "labelsieve", f"{_CODE} main_phase1.py L53-L61 (per training batch)",
+          "DESIGN §3: select with a separate evaluation pass over all samples, never from training "
+          "mini-batches; 'batch' is the authors'", paper="batch", check=one_of(*SELECTIONS),
+          expected=f"one of {', '.join(SELECTIONS)}"),
+    Param("consistency", False, "paper", f"{_CODE} main_real_phase1.py (real-world noise)",
+          "True: the real-world variant (argmax of p_clean over classes, SCE warm-up, pseudo-labels after "
+          "epoch 1)", check=one_of(True, False), expected="True or False"),
+    Param("positive_weight", 1.0, "paper", f"{_CODE} main_phase1.py L69/L74 (weight 1)",
+          "0.25: the paper's severe-noise setting (appendix A.1 per issue 10; not in the authors' released code)",
+          check=is_float(0), expected="a float >= 0", convert=float),
+    Param("augment", "flip_shift", "paper", f"{_CODE} dataloader/dataloader_cifar.py (RandomCrop(32, 4) + flip)",
+          "PEFT paths only; 'rrc' = random resized crop 0.08-1 + flip (labelsieve's earlier view)",
+          check=one_of(*WEAK_VIEWS), expected=f"one of {', '.join(WEAK_VIEWS)}"),
+    Param("image_size", None, "labelsieve", note="PEFT paths: decoded-image size; None: the model's input size",
+          check=is_int(16, none=True), expected="None or an int >= 16"),
+    Param("adapter_lr", 0.003, "labelsieve", note="feature_adapter only (its gradients are ~100x the contexts')",
+          check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    amp_param(source=f"{_CODE} utils/config.py prec fp16", paper="fp16 parameters",
+              note="fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with "
+                   "plain SGD"),
+    workers_param("PEFT paths: DataLoader workers"),
+], fixed=[
+    Param("dual_loss", "mean NLL(log p_no, comp) + w·mean NLL(log p_yes, target), p clamped >= 1e-5", "paper",
+          f"{_CODE} main_phase1.py L64-L69"),
+    Param("dual_loss_gradient", "negative context only (positive logits and image features detached)", "paper",
+          f"{_CODE} main_phase1.py L53; model/CLIP.py Model.forward"),
+    Param("sim_loss", "CE on all samples in warm-up, on the selected clean samples after", "paper",
+          f"{_CODE} main_phase1.py L67-L71"),
+    Param("complementary_labels", "uniform over classes != given label, redrawn every epoch", "paper",
+          f"{_CODE} dataloader/*.py __getitem__"),
+    Param("vpt", "20 tokens per block, replaced at every block, init U(±sqrt(6/(3·p·p+d)))", "paper",
+          f"{_CODE} model/peft_modelus.py VPT; model/CLIP.py"),
+    Param("context_init_std", 0.02, "paper", f"{_CODE} model/text_encoder.py"),
+    Param("empty_selection", "loss 0", "labelsieve", f"{_CODE} main_phase1.py L71 (mean of an empty tensor)",
+          "the authors' code gives NaN", paper="NaN"),
+    Param("normalisation", "the model's mean/std", "labelsieve", f"{_CODE} dataloader_cifar.py (CIFAR statistics)",
+          "a dataset-agnostic tool uses the statistics the model was trained with", paper="dataset statistics"),
+])
 
 
 class FeatureAdapter(nn.Module):
@@ -77,7 +163,7 @@ class DeftModel(nn.Module):
     """The trainable parts of DEFT around a prompt learner and an image-feature function.
 
     ``forward(x)`` returns (B, 2C): the positive-prompt logits ``s·cos(I, T⁺)`` and the dual logits
-    ``s·(cos(I, T⁺) − cos(I, T⁻))``, so the engine's ordered inference yields both.
+    ``s·(cos(I, T⁺) − cos(I, T⁻))`` (p_clean = σ of them), so the engine's ordered inference yields both.
     """
 
     def __init__(self, learner: nn.Module, image_module: nn.Module, scale: float) -> None:
@@ -89,10 +175,13 @@ class DeftModel(nn.Module):
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_module(x).float(), dim=-1)
 
-    def cosines(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive logits, negative logits), each (B, C) and scaled by s. The negative ones are computed
+        on **detached** image features (the authors' ``image_features.detach()``): only L_sim, through the
+        positive logits, reaches the image side."""
         img = self.image_features(x)
         t_pos, t_neg = self.learner()
-        return img, t_pos, img @ t_pos.T, img @ t_neg.T
+        return self.scale * img @ t_pos.T, self.scale * img.detach() @ t_neg.T
 
     def train(self, mode: bool = True) -> DeftModel:
         """Train mode for the trainable parts only: a frozen tower (BatchNorm statistics included) stays
@@ -103,8 +192,8 @@ class DeftModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, cp, cn = self.cosines(x)
-        return torch.cat([self.scale * cp, self.scale * (cp - cn)], dim=1)
+        pos, neg = self.logits(x)
+        return torch.cat([pos, pos - neg], dim=1)
 
 
 class _Encoded(nn.Module):
@@ -120,17 +209,51 @@ class _Encoded(nn.Module):
 
 @dataclass
 class _State:
-    """Per-sample state the step function reads: clean selection and complementary labels."""
+    """What the step function reads and writes for the current epoch.
+
+    Attributes
+    ----------
+    clean : BoolTensor (n,)
+        The eval-pass selection (``selection="eval_pass"``).
+    comp : LongTensor (n,)
+        Complementary labels of this epoch.
+    warmup : bool
+        L_sim on every sample (SCE in the real-world variant).
+    pseudo : bool
+        L_dp's "yes" target: pseudo-labels (the given label if selected, else the prediction).
+    batch_select : bool
+        Select on the batch's own forward pass (``selection="batch"``).
+    consistency : bool
+        The real-world rule (argmax of p_clean over classes must be the given label) and SCE warm-up.
+    positive_weight : float
+    record : dict of Tensor, optional
+        When set (the last epoch, ``selection="batch"``): per-sample ``p_clean`` (n,), ``top`` (n,) and
+        ``probs`` (n, C), written by every batch.
+    """
 
     clean: torch.Tensor
     comp: torch.Tensor
-    warmup: bool
+    warmup: bool = True
+    pseudo: bool = False
+    batch_select: bool = False
+    consistency: bool = False
+    positive_weight: float = 1.0
+    record: dict[str, torch.Tensor] | None = None
 
 
 def complementary_labels(labels: np.ndarray, n_classes: int, rng: np.random.Generator) -> np.ndarray:
     """For each sample a class drawn uniformly from the classes other than its label."""
     r = rng.integers(0, n_classes - 1, size=len(labels))
     return r + (r >= labels)
+
+
+def clean_rule(p_yes: torch.Tensor, labels: torch.Tensor, *, consistency: bool) -> torch.Tensor:
+    """DEFT's selection from p_yes (N, C): p_yes of the given label > 0.5, and with ``consistency`` the
+    given label is also the argmax of p_yes over classes (``main_real_phase1.py``)."""
+    clean = p_yes.gather(1, labels[:, None]).squeeze(1) > 0.5
+    if consistency:
+        clean &= p_yes.argmax(1) == labels
+    return clean
 
 
 def calibrated_scale(cosines: np.ndarray, labels: np.ndarray, *, max_scale: float = 100.0,
@@ -163,108 +286,97 @@ def calibrated_scale(cosines: np.ndarray, labels: np.ndarray, *, max_scale: floa
 
 def deft_step(model: DeftModel, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
               state: _State) -> tuple[torch.Tensor, int, int]:
-    """One DEFT loss: CE on positive prompts (all in warm-up, clean after) + dual-prompt NLL."""
-    img, t_pos, cp, cn = model.cosines(x)
-    s = model.scale
-    logits = s * cp
-    clean = torch.ones_like(y, dtype=torch.bool) if state.warmup else state.clean[idx]
-    ce = F.cross_entropy(logits[clean], y[clean], reduction="sum") / clean.sum().clamp_min(1)
-    target = y if state.warmup else torch.where(clean, y, logits.detach().argmax(1))
-    cp_detached = img @ t_pos.detach().T  # the dual term does not move the positive context
-    comp = state.comp[idx]
-    pos = torch.cat([cp_detached.gather(1, target[:, None]), cp_detached.gather(1, comp[:, None])]).squeeze(1)
-    neg = torch.cat([cn.gather(1, target[:, None]), cn.gather(1, comp[:, None])]).squeeze(1)
-    yes = torch.cat([torch.ones_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)])
-    dual = dual_prompt_nll(s * pos, s * neg, yes=yes, reduction="mean")
-    n_correct = int((logits.detach().argmax(1) == y).sum())
-    return ce + dual, n_correct, int(len(y))
+    """One DEFT loss, L_sim + L_dp (see the module docstring); returns (loss, n_correct, n)."""
+    pos, neg = model.logits(x)
+    with torch.no_grad():
+        p_yes = torch.sigmoid(pos - neg)
+        pred = pos.argmax(1)
+    clean = clean_rule(p_yes, y, consistency=state.consistency) if state.batch_select else state.clean[idx]
+    if state.warmup:
+        sim = (sce_loss(pos, y, alpha=1.0, beta=1.0, log_clip=math.log(1e-4)) if state.consistency
+               else F.cross_entropy(pos, y))
+    else:
+        sim = F.cross_entropy(pos[clean], y[clean], reduction="sum") / clean.sum().clamp_min(1)
+    target = torch.where(clean, y, pred) if state.pseudo else y
+    dual = deft_dual_loss(pos, neg, target, state.comp[idx], positive_weight=state.positive_weight)
+    if state.record is not None:
+        state.record["p_clean"][idx] = p_yes.gather(1, y[:, None]).squeeze(1)
+        state.record["top"][idx] = p_yes.argmax(1)
+        state.record["probs"][idx] = torch.softmax(pos.detach(), dim=1)
+    return sim + dual, int((pred == y).sum()), int(len(y))
+
+
+def _schedule(opt: torch.optim.Optimizer, kind: str, epochs: int, steps: int) -> tuple[Any, str]:
+    """(scheduler or None, Trainer interval) for ``lr_schedule``."""
+    if kind == "cosine_epoch":
+        return cosine_schedule(opt, epochs=epochs, steps_per_epoch=1), "epoch"
+    if kind == "cosine_step":
+        return cosine_schedule(opt, epochs=epochs, steps_per_epoch=steps), "step"
+    return None, "step"
 
 
 @register_detector
 class DeftDetector(Detector):
     """DEFT dual-prompt noisy-label detector.
 
-    Parameters
-    ----------
-    peft : str, default="auto"
-        Image-side adaptation: one of ``auto``, ``none``, ``feature_adapter``, ``vpt_deep``,
-        ``vpt_shallow``, ``lora``, ``adaptformer``, ``bitfit`` (see the module docstring).
-    epochs : int, default=10
-    warmup_epochs : int, default=1
-        1 in the paper for synthetic noise, 5 for real-world noise.
-    lr : float, default=0.03
-    momentum : float, default=0.9
-    weight_decay : float, default=5e-4
-    batch_size : int, default=64
-    n_ctx : int, default=16
-    ctx_init : str or None, default=None
-        None: contexts drawn from N(0, 0.02) (the paper); a phrase (e.g. "a photo of a"): both
-        contexts start from its token embeddings (n_ctx becomes its length).
-    consistency : bool, default=False
-        Real-world-noise variant: clean also requires the given label to be the predicted class.
-    image_size : int or None
-        PEFT path: decoded-image cache size (default: the model's input size).
-    adapter_lr : float, default=0.003
-        Learning rate of the ``feature_adapter`` (its gradients are ~100× those of the contexts).
-    logit_scale : "calibrated", "model" or float, default="calibrated"
-        s in the losses and in p_clean. ``"model"`` is the paper's (CLIP's learned scale, 100).
-        ``"calibrated"`` fits one temperature to the data first: the s ≤ the model's scale that
-        minimises the zero-shot NLL of the given labels (see :func:`calibrated_scale`). On a model whose
-        image-text cosines are spread wider than CLIP's (the mini CLIP's are ~3× wider), s = 100 makes the
-        CE start at ~7 nats and the prompt training diverge; the calibrated s keeps it stable.
-    amp : str, default="auto"
+    Parameters are those of :data:`RECIPE` (``labelsieve detectors --show deft`` prints them with their
+    origin): ``peft``, ``epochs``, ``warmup_epochs``, ``lr``, ``momentum``, ``weight_decay``,
+    ``batch_size``, ``n_ctx``, ``ctx_init``, ``logit_scale``, ``lr_schedule``, ``selection``,
+    ``consistency``, ``positive_weight``, ``augment``, ``image_size``, ``adapter_lr``, ``amp``,
+    ``num_workers``. See the module docstring for what each does.
     """
 
     name = "deft"
-    summary = "DEFT: dual (positive/negative) learned prompts per class, image side tuned by PEFT (default)"
+    summary = "DEFT: dual (positive/negative) learned prompts per class, image side tuned by VPT on a ViT with a GPU"
     needs_text = True
-
-    def __init__(self, *, peft: str = "auto", epochs: int = 10, warmup_epochs: int = 1, lr: float = 0.03,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 64, n_ctx: int = 16,
-                 ctx_init: str | None = None, consistency: bool = False, image_size: int | None = None,
-                 adapter_lr: float = 0.003, logit_scale: float | str = "calibrated", amp: str = "auto",
-                 num_workers: int | None = None) -> None:
-        own = type(self).__name__
-        check_param(own, "peft", peft, peft in PEFT_CHOICES, f"one of {', '.join(PEFT_CHOICES)}")
-        check_param(own, "epochs", epochs, isinstance(epochs, int) and epochs >= 1, "an int >= 1")
-        check_param(own, "warmup_epochs", warmup_epochs, isinstance(warmup_epochs, int) and warmup_epochs >= 0,
-                    "an int >= 0")
-        check_param(own, "lr", lr, isinstance(lr, (int, float)) and lr > 0, "a float > 0")
-        check_param(own, "batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 2, "an int >= 2")
-        check_param(own, "n_ctx", n_ctx, isinstance(n_ctx, int) and 1 <= n_ctx <= 60, "an int in [1, 60]")
-        self.peft = peft
-        self.epochs = epochs
-        self.warmup_epochs = warmup_epochs
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.n_ctx = n_ctx
-        self.ctx_init = ctx_init
-        self.consistency = consistency
-        self.image_size = image_size
-        self.adapter_lr = adapter_lr
-        check_param(own, "logit_scale", logit_scale, logit_scale in ("model", "calibrated") or (
-            isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and logit_scale > 0),
-            "'model', 'calibrated' or a float > 0")
-        self.logit_scale = logit_scale
-        self.amp = amp
-        self.num_workers = num_workers
+    recipe = RECIPE
 
     # ------------------------------------------------------------------------------------------
-    def _resolve_peft(self, ctx: DetectionContext) -> str:
+    def resolve_path(self, ctx: DetectionContext) -> tuple[str, str]:
+        """(the image-side method that runs, why). ``auto``: ``vpt_deep`` on a ViT tower with a GPU, else
+        ``none``; an explicit method runs as asked (a ViT-only one on a CNN tower raises ModelError)."""
         if self.peft in FEATURE_PATHS:
-            return self.peft
-        return resolve_peft(ctx.encoder.model, self.peft)
+            return self.peft, "requested"
+        if self.peft != "auto":
+            return resolve_peft(ctx.encoder.model, self.peft), "requested"
+        if not is_vit_tower(ctx.encoder.model):
+            tower = type(getattr(ctx.encoder.model, "visual", ctx.encoder.model)).__name__
+            return "none", (f"the image tower is {tower}, not a ViT: VPT-deep (the paper's image side) needs one, so "
+                            "the frozen tower runs on cached features")
+        if ctx.device.type == "cpu":
+            return "none", ("no GPU: VPT-deep trains through the image tower on every image in every epoch (about 50x "
+                            "slower per image than cached features, docs/benchmarks.md §2), so the frozen tower runs "
+                            "on cached features; peft='vpt_deep' forces VPT")
+        return "vpt_deep", "a ViT image tower on a GPU: the paper's VPT-deep"
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         with torch.random.fork_rng(devices=[]):  # seeded from ctx.seed; the caller's RNG state is untouched
             torch.manual_seed(ctx.seed)
             return self._detect(ctx)
 
+    def _data(self, ctx: DetectionContext, peft: str, clip_model: nn.Module
+              ) -> tuple[nn.Module, Any, Any, int, dict[str, Any]]:
+        """(image module, training dataset, evaluation dataset, loader workers, PEFT info)."""
+        n = len(ctx.labels)
+        labels = torch.as_tensor(ctx.labels, dtype=torch.long)
+        if peft in FEATURE_PATHS:
+            feats = torch.as_tensor(ctx.features())
+            module: nn.Module = FeatureAdapter(feats.shape[1]) if peft == "feature_adapter" else nn.Identity()
+            ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(n), torch.ones(n, dtype=torch.bool))
+            return module, ds, ds, 0, {}
+        info = apply_peft(clip_model, peft)
+        size = self.image_size or ctx.encoder.image_size
+        cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress)
+        norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
+        train_ds = CachedImageDataset(cache, labels=ctx.labels, transform=weak_view(self.augment, size, **norm))
+        eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
+        workers = self.num_workers if self.num_workers is not None else default_num_workers(4)
+        return (_Encoded(clip_model), train_ds, eval_ds, workers,
+                {"n_trainable": info.n_trainable, "n_total": info.n_total, "note": info.note})
+
     def _detect(self, ctx: DetectionContext) -> DetectionResult:
         ctx.encoder.require_text("DEFT")
-        peft = self._resolve_peft(ctx)
+        peft, reason = self.resolve_path(ctx)
         device = ctx.device
         clip_model = ctx.encoder.model
         if peft not in FEATURE_PATHS:
@@ -275,26 +387,9 @@ class DeftDetector(Detector):
         learner = DualPromptLearner(clip_model, ctx.encoder.tokenizer, ctx.classnames,
                                     n_ctx=None if self.ctx_init else self.n_ctx, init=self.ctx_init).to(device)
         n, C = len(ctx.labels), ctx.n_classes
-        labels = torch.as_tensor(ctx.labels, dtype=torch.long)
-        peft_info: dict = {}
-        if peft in FEATURE_PATHS:
-            feats = torch.as_tensor(ctx.features())
-            image_module: nn.Module = FeatureAdapter(feats.shape[1]) if peft == "feature_adapter" else nn.Identity()
-            dataset = torch.utils.data.TensorDataset(feats, labels, torch.arange(n), torch.ones(n, dtype=torch.bool))
-            train_ds = eval_ds = dataset
-            workers = 0
-        else:
-            info = apply_peft(clip_model, peft)
-            peft_info = {"n_trainable": info.n_trainable, "n_total": info.n_total, "note": info.note}
-            image_module = _Encoded(clip_model)
-            size = self.image_size or ctx.encoder.image_size
-            cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir,
-                                                  progress=ctx.progress)
-            norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
-            train_ds = CachedImageDataset(cache, labels=ctx.labels, transform=train_transform(size, **norm))
-            eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
-            workers = self.num_workers if self.num_workers is not None else default_num_workers(4)
-        scale, text_info = self._scale(ctx)
+        warmup = self.warmup_epochs if self.warmup_epochs is not None else (5 if self.consistency else 1)
+        image_module, train_ds, eval_ds, workers, peft_info = self._data(ctx, peft, clip_model)
+        scale, scale_how, text_info = self._scale(ctx)
         model = DeftModel(learner, image_module, scale).to(device)
         groups = [{"params": [p for p in learner.parameters() if p.requires_grad]}]
         image_params = [p for p in image_module.parameters() if p.requires_grad]
@@ -303,12 +398,15 @@ class DeftDetector(Detector):
                            **({"lr": self.adapter_lr} if peft == "feature_adapter" else {})})
         opt = make_optimizer(groups, name="sgd", lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum)
         steps = max(1, (n + self.batch_size - 1) // self.batch_size)
-        sched = cosine_schedule(opt, epochs=self.epochs, steps_per_epoch=steps)
-        trainer = Trainer(model, optimizer=opt, scheduler=sched, device=device, amp=self.amp,
-                          progress=ctx.progress, desc=f"deft ({peft})")
+        sched, interval = _schedule(opt, self.lr_schedule, self.epochs, steps)
+        trainer = Trainer(model, optimizer=opt, scheduler=sched, scheduler_interval=interval, device=device,
+                          amp=self.amp, progress=ctx.progress, desc=f"deft ({peft})")
         rng = np.random.default_rng(ctx.seed)
+        labels = torch.as_tensor(ctx.labels, dtype=torch.long, device=device)
         state = _State(clean=torch.ones(n, dtype=torch.bool, device=device),
-                       comp=torch.zeros(n, dtype=torch.long, device=device), warmup=True)
+                       comp=torch.zeros(n, dtype=torch.long, device=device),
+                       batch_select=self.selection == "batch", consistency=self.consistency,
+                       positive_weight=self.positive_weight)
         eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=workers)
 
         def step(tr: Trainer, batch) -> tuple[torch.Tensor, int, int]:
@@ -318,45 +416,66 @@ class DeftDetector(Detector):
 
         history = []
         for epoch in range(self.epochs):
-            state.warmup = epoch < self.warmup_epochs
+            state.warmup = epoch < warmup
+            # the real-world script switches L_dp to pseudo-labels after epoch 1 whatever the warm-up length
+            state.pseudo = epoch >= 1 if self.consistency else not state.warmup
             state.comp = torch.as_tensor(complementary_labels(ctx.labels, C, rng), device=device)
-            if not state.warmup:
-                state.clean = torch.as_tensor(self._clean(trainer, eval_loader, ctx.labels)[0], device=device)
+            if not state.batch_select and (state.pseudo or not state.warmup):
+                state.clean = torch.as_tensor(self._evaluate(trainer, eval_loader, labels)[0], device=device)
+            if state.batch_select and epoch == self.epochs - 1:
+                state.record = {"p_clean": torch.ones(n, device=device), "top": labels.clone(),
+                                "probs": torch.full((n, C), 1.0 / C, device=device)}
             loader = make_loader(train_ds, batch_size=self.batch_size, shuffle=True, seed=ctx.seed + epoch,
                                  num_workers=workers)
             rec = trainer.train_epoch(loader, epoch=epoch, step_fn=step)
-            rec["n_clean_selected"] = int(state.clean.sum()) if not state.warmup else n
+            if not state.batch_select:
+                rec["n_clean_selected"] = n if state.warmup else int(state.clean.sum())
             history.append({k: v for k, v in rec.items() if isinstance(v, (int, float, str))})
-        clean, p_clean, probs = self._clean(trainer, eval_loader, ctx.labels)
-        rule = ("p_clean = σ(s·(cos(img, positive prompt of the given label) − cos(img, negative prompt))), "
-                f"s = {model.scale:.1f}; flagged if p_clean < 0.5")
-        rule += " or the given label is not the top class (consistency variant)." if self.consistency else "."
+        if state.batch_select and state.record is not None:
+            r = state.record
+            p_clean, probs = r["p_clean"].cpu().double().numpy(), r["probs"].cpu().double().numpy()
+            clean = p_clean > 0.5
+            if self.consistency:
+                clean &= r["top"].cpu().numpy() == ctx.labels
+        else:
+            clean, p_clean, probs = self._evaluate(trainer, eval_loader, labels)
+        rule = ("p_clean = softmax over (s·cos(img, positive prompt), s·cos(img, negative prompt)) of the given "
+                f"label, s = {model.scale:.1f}; flagged if p_clean < 0.5")
+        rule += (" or the given label is not the class of highest p_clean (real-world variant)."
+                 if self.consistency else ".")
+        if state.batch_select:
+            rule += " Scores from the last epoch's training batches (the authors' selection)."
+        resolved = {"peft": (peft, reason), "logit_scale": (model.scale, scale_how),
+                    "warmup_epochs": (warmup, "given" if self.warmup_epochs is not None else
+                                      "5 for the real-world variant" if self.consistency else "1 (synthetic noise)")}
         return DetectionResult(
             p_clean=p_clean, probs=probs, threshold=0.5, flags=~clean if self.consistency else None, rule=rule,
-            info={"peft": peft, "peft_requested": self.peft, **peft_info, "history": history,
-                  "logit_scale": model.scale, **text_info},
+            info={"path": peft, "path_reason": reason, "peft": peft, "peft_requested": self.peft, **peft_info,
+                  "history": history, "logit_scale": model.scale, "recipe": RECIPE.rows(self.get_params(), resolved),
+                  **text_info},
         )
 
-    def _scale(self, ctx: DetectionContext) -> tuple[float, dict[str, Any]]:
-        """(logit scale, :func:`~labelsieve.detectors.label_match.text_side_info` of the zero-shot classifier)."""
+    def _scale(self, ctx: DetectionContext) -> tuple[float, str, dict[str, Any]]:
+        """(logit scale, how it was set, :func:`~labelsieve.detectors.common.text_side.text_side_info`)."""
         text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
         cos = ctx.features() @ text.T  # unscaled: the calibration fits the scale to these
         text_info = text_side_info(cos, ctx.labels)
         if self.logit_scale == "model":
-            return ctx.encoder.logit_scale, text_info
+            return ctx.encoder.logit_scale, "the model's learned scale (the paper's)", text_info
         if self.logit_scale == "calibrated":
-            return calibrated_scale(cos, ctx.labels, max_scale=ctx.encoder.logit_scale), text_info
-        return float(self.logit_scale), text_info
+            s = calibrated_scale(cos, ctx.labels, max_scale=ctx.encoder.logit_scale)
+            return s, "fitted to the zero-shot NLL of the given labels (labelsieve's calibration)", text_info
+        return float(self.logit_scale), "given", text_info
 
-    def _clean(self, trainer, loader, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _evaluate(self, trainer: Trainer, loader: Any,
+                  labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Evaluation pass over all samples: (clean mask, p_clean of the given label, class probs)."""
         out, _ = trainer.predict(loader)
-        C = out.shape[1] // 2
-        logits, dual = out[:, :C].astype(np.float64), out[:, C:].astype(np.float64)
-        p_clean = 1.0 / (1.0 + np.exp(-dual[np.arange(len(labels)), labels]))
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        clean = p_clean > 0.5
-        if self.consistency:
-            clean &= logits.argmax(1) == labels
-        return clean, p_clean, probs
+        out_t = torch.as_tensor(out, dtype=torch.float64)
+        C = out_t.shape[1] // 2
+        logits, dual = out_t[:, :C], out_t[:, C:]
+        p_yes = torch.sigmoid(dual)
+        lab = labels.cpu()
+        clean = clean_rule(p_yes, lab, consistency=self.consistency)
+        p_clean = p_yes.gather(1, lab[:, None]).squeeze(1)
+        return clean.numpy(), p_clean.numpy(), torch.softmax(logits, dim=1).numpy()

@@ -26,6 +26,11 @@ Combination rules (``combine``):
     reflects the clean/noisy mix of the unanimous rows. When the unanimous rows hold fewer than two
     samples of either decision it falls back to ``mean_logit`` and says so in ``info``.
 
+    Rows a reviewer confirmed (``ctx.trusted``, from ``labelsieve audit --reviewed``; their labels
+    already corrected) are ground truth: they join the fit as "clean" whatever the members say, each
+    with weight ``trusted_weight``, so the rows a reviewer kept although the members flagged them
+    teach the stacker which member's alarms to discount.
+
 ``probs`` is the (weighted) mean of the members' class probabilities. The audit table gets, per
 member, ``p_clean_<member>`` and ``is_noisy_<member>`` (a repeated member name gets ``_2``, ``_3``
 …), and ``agreement``: the fraction of members flagging the sample.
@@ -46,14 +51,23 @@ from labelsieve.core.runtime import seed_everything
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
 from labelsieve.detectors.registry import create_detector, get_detector_class, register_detector
 
-__all__ = ["DEFAULT_MEMBERS", "EnsembleDetector", "combine_logits"]
+__all__ = ["CODIVIDE_FAST", "DEFAULT_MEMBERS", "TURN_PROBE", "EnsembleDetector", "combine_logits"]
 
-#: Members used when none are given.
-#: The best combination measured (docs/benchmarks.md, six noisy datasets, mini CLIP): the prompt-based
-#: co-divide with TURN's probe + GMM (no fine-tuning) and the kNN vote, stacked: mean F1 .868 / AUROC
-#: .968, against .841 / .959 for co-divide alone and .799 / .955 for deft + gmm + confident_learning.
-DEFAULT_MEMBERS = ("codivide", ("turn", {"finetune": False}), "knn")
+#: labelsieve's fast co-divide: text-side prompts on cached features, 10 epochs (1 warm-up) at lr 0.002,
+#: batch 32, monotone GMM tails (the settings the default ensemble was chosen with; the paper's recipe is
+#: codivide's default).
+CODIVIDE_FAST: dict[str, Any] = {"frozen": True, "epochs": 10, "warmup_epochs": 1, "lr": 0.002, "batch_size": 32,
+                                 "monotone": True}
+#: TURN's step 1 only: the GCE probe and one per-class GMM selection on cached features, monotone tails.
+TURN_PROBE: dict[str, Any] = {"finetune": False, "monotone": True}
+#: Members used when none are given, each with its parameters spelled out so that the ensemble does not
+#: change when a member's own defaults (the paper recipes) do. The best combination measured
+#: (docs/benchmarks.md, six noisy datasets, mini CLIP): the prompt-based co-divide with TURN's probe + GMM
+#: (no fine-tuning) and the kNN vote, stacked.
+DEFAULT_MEMBERS = (("codivide", CODIVIDE_FAST), ("turn", TURN_PROBE), "knn")
 COMBINE_RULES = ("mean_logit", "stack")
+#: At most this many unanimous rows (a seeded sample) fit the stacking regression.
+STACK_FIT_ROWS = 1_000_000
 
 
 def _logit(p: np.ndarray, clip: float) -> np.ndarray:
@@ -129,8 +143,8 @@ class EnsembleDetector(Detector):
     Parameters
     ----------
     members : list of str or (str, dict), default=None
-        Detector names, or ``(name, params)`` pairs; None: ``["codivide", ("turn", {"finetune": False}),
-        "knn"]``.
+        Detector names, or ``(name, params)`` pairs; None: :data:`DEFAULT_MEMBERS`, i.e.
+        ``[("codivide", CODIVIDE_FAST), ("turn", TURN_PROBE), "knn"]``.
         ``create_detector("deft,knn")`` builds an ensemble of those.
     combine : {"mean_logit", "stack"}, default="stack"
         See the module docstring.
@@ -138,13 +152,16 @@ class EnsembleDetector(Detector):
         One positive weight per member for ``mean_logit`` and for the mean of ``probs``.
     clip : float, default=1e-4
         Member scores are clipped to ``[clip, 1 - clip]`` before the logit.
+    trusted_weight : float, default=5.0
+        Weight of each reviewer-confirmed row in the stacking fit (``stack`` only; unanimous rows weigh 1).
     """
 
     name = "ensemble"
     summary = "several detectors, p_clean = stacked logistic calibration of their logits (or their mean)"
 
     def __init__(self, *, members: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
-                 combine: str = "stack", weights: Sequence[float] | None = None, clip: float = 1e-4) -> None:
+                 combine: str = "stack", weights: Sequence[float] | None = None, clip: float = 1e-4,
+                 trusted_weight: float = 5.0) -> None:
         own = type(self).__name__
         pairs = _normalise_members(members)
         check_param(own, "combine", combine, combine in COMBINE_RULES, f"one of {', '.join(map(repr, COMBINE_RULES))}")
@@ -153,11 +170,14 @@ class EnsembleDetector(Detector):
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
                     for w in weights)), f"None or a list of {len(pairs)} positive floats (one per member)")
         check_param(own, "clip", clip, isinstance(clip, float) and 0.0 < clip < 0.5, "a float in (0, 0.5)")
+        check_param(own, "trusted_weight", trusted_weight, isinstance(trusted_weight, (int, float))
+                    and not isinstance(trusted_weight, bool) and 0 <= trusted_weight < math.inf, "a float >= 0")
         self._members = [create_detector(name, **params) for name, params in pairs]
         self.members = [[name, det.get_params()] for (name, _), det in zip(pairs, self._members, strict=True)]
         self.combine = combine
         self.weights = None if weights is None else [float(w) for w in weights]
         self.clip = clip
+        self.trusted_weight = float(trusted_weight)
 
     @property
     def needs_text(self) -> bool:  # type: ignore[override]
@@ -168,10 +188,18 @@ class EnsembleDetector(Detector):
         names = _column_names([name for name, _ in self.members])
         results: list[DetectionResult] = []
         member_info: list[dict[str, Any]] = []
-        for col, det in zip(names, self._members, strict=True):
+        w = np.ones(len(self._members)) if self.weights is None else np.asarray(self.weights)
+        probs: np.ndarray | None = None
+        for j, (col, det) in enumerate(zip(names, self._members, strict=True)):
             seed_everything(ctx.seed)
             t = time.perf_counter()
             r = det.detect(ctx)
+            # the weighted mean of the members' class probabilities, accumulated so that only one (n, C) array
+            # is held whatever the number of members (4 GB at 10M rows x 100 classes)
+            if probs is None:
+                probs = np.zeros_like(r.probs, dtype=np.float32)
+            probs += np.float32(w[j] / w.sum()) * r.probs
+            r.probs = r.probs[:, :0]
             results.append(r)
             member_info.append({"member": col, "method": det.name, "params": det.get_params(), "rule": r.rule,
                                 "threshold": r.threshold, "n_flagged": int(r.is_noisy.sum()),
@@ -179,7 +207,6 @@ class EnsembleDetector(Detector):
         P = np.stack([r.p_clean for r in results], axis=1)
         flags = np.stack([r.is_noisy for r in results], axis=1)
         thresholds = [r.threshold for r in results]
-        w = np.ones(len(results)) if self.weights is None else np.asarray(self.weights)
         p_mean, z = combine_logits(P, thresholds, weights=w, clip=self.clip)
         info: dict[str, Any] = {"combine": self.combine, "weights": w.tolist(), "clip": self.clip,
                                 "members": member_info,
@@ -189,7 +216,7 @@ class EnsembleDetector(Detector):
                                  + "mean over members (" + ", ".join(names) + ") of logit(p_clean_m) - "
                                  "logit(threshold_m); flagged if p_clean < 0.5.")
         if self.combine == "stack":
-            stacked, stack_info = self._stack(z, flags, ctx.seed)
+            stacked, stack_info = self._stack(z, flags, ctx.seed, ctx.trusted_mask(), self.trusted_weight)
             info["stack"] = stack_info
             if stacked is not None:
                 p_clean = stacked
@@ -198,7 +225,7 @@ class EnsembleDetector(Detector):
                         "(no ground truth), applied to every row; flagged if p_clean < 0.5.")
             else:
                 rule += f" (stacking fell back to the mean: {stack_info['fallback']})"
-        probs = np.tensordot(w / w.sum(), np.stack([r.probs for r in results]), axes=1)
+        assert probs is not None
         probs /= probs.sum(axis=1, keepdims=True)
         columns: dict[str, np.ndarray] = {}
         for j, col in enumerate(names):
@@ -209,17 +236,27 @@ class EnsembleDetector(Detector):
         return DetectionResult(p_clean=p_clean, probs=probs, threshold=0.5, rule=rule, info=info, columns=columns)
 
     @staticmethod
-    def _stack(z: np.ndarray, flags: np.ndarray, seed: int) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """Logistic regression fitted on the unanimous rows; None (and the reason) when it cannot be."""
-        agree = flags.all(axis=1) | (~flags).all(axis=1)
-        clean = ~flags[agree, 0]
+    def _stack(z: np.ndarray, flags: np.ndarray, seed: int, trusted: np.ndarray | None = None,
+               trusted_weight: float = 1.0) -> tuple[np.ndarray | None, dict[str, Any]]:
+        """Logistic regression fitted on the unanimous rows (and the trusted rows, as clean); None (and the
+        reason) when it cannot be."""
+        trusted = np.zeros(len(z), dtype=bool) if trusted is None else trusted
+        agree = flags.all(axis=1) | (~flags).all(axis=1) | trusted
+        clean = ~flags[agree, 0] | trusted[agree]
+        weight = np.where(trusted[agree], trusted_weight, 1.0)
         n_clean, n_noisy = int(clean.sum()), int((~clean).sum())
-        info: dict[str, Any] = {"n_fit": int(agree.sum()), "n_fit_clean": n_clean, "n_fit_noisy": n_noisy}
+        info: dict[str, Any] = {"n_fit": int(agree.sum()), "n_fit_clean": n_clean, "n_fit_noisy": n_noisy,
+                                "n_fit_trusted": int(trusted.sum())}
         if n_clean < 2 or n_noisy < 2:
             info["fallback"] = (f"the unanimous rows hold {n_clean} clean and {n_noisy} noisy decision(s); "
                                 "a logistic fit needs at least 2 of each")
             return None, info
         lr = LogisticRegression(C=1.0, max_iter=1000, random_state=seed)
-        lr.fit(z[agree], clean.astype(np.int64))
+        fit = np.arange(int(agree.sum()))  # positions among the rows of agree
+        if len(fit) > STACK_FIT_ROWS:  # three coefficients do not need more rows; keeps 10M-row audits fast
+            sampled = np.random.default_rng(seed).choice(fit, STACK_FIT_ROWS, replace=False)
+            fit = np.union1d(sampled, np.flatnonzero(trusted[agree]))  # every reviewer-confirmed row stays
+            info["n_fit_sampled"] = int(len(fit))
+        lr.fit(z[agree][fit], clean[fit].astype(np.int64), sample_weight=weight[fit])
         info.update(coef=lr.coef_.ravel().tolist(), intercept=float(lr.intercept_[0]))
         return lr.predict_proba(z)[:, 1], info

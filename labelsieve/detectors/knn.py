@@ -22,9 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from labelsieve.core.errors import check_param
-from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, given_label_prob
-from labelsieve.detectors.common.neighbors import drop_self, knn_search
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.common.neighbors import EXACT_LIMIT, NPROBE, drop_self, knn_search
 from labelsieve.detectors.registry import register_detector
+
+_VOTE_BLOCK = 1 << 16
 
 
 @register_detector
@@ -57,30 +59,38 @@ class KNNDetector(Detector):
         self.decision = decision
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        x = ctx.features()
-        n, C = len(x), ctx.n_classes
+        n, C = ctx.n_samples, ctx.n_classes
         k = min(self.k, n - 1)
-        sims, idx = drop_self(*knn_search(x, k, seed=ctx.seed), k)
-        w = np.clip(sims, 0.0, None).astype(np.float64) if self.weighted else np.ones_like(sims, dtype=np.float64)
-        votes = np.zeros((n, C), dtype=np.float64)
-        valid = idx >= 0
-        np.add.at(votes, (np.repeat(np.arange(n), k)[valid.ravel()], ctx.labels[idx[valid]]), w[valid])
-        total = w.sum(axis=1, keepdims=True)
-        probs = (votes + total / (k * C)) / (total + total / k)
-        probs /= probs.sum(axis=1, keepdims=True)
-        p_clean = given_label_prob(probs, ctx.labels)
-        flags = None
-        if self.decision == "plurality":
-            own = votes[np.arange(n), ctx.labels]
-            votes[np.arange(n), ctx.labels] = -np.inf
-            flags = votes.max(axis=1) > own + 1e-12
+        sims, idx = drop_self(*knn_search(ctx, k, seed=ctx.seed), k)
+        labels = np.asarray(ctx.labels)
+        probs = np.empty((n, C), dtype=np.float32)
+        p_clean = np.empty(n, dtype=np.float64)
+        flags = np.zeros(n, dtype=bool) if self.decision == "plurality" else None
+        for s in range(0, n, _VOTE_BLOCK):  # votes per block of queries: (block, C), never (n, C) in float64
+            e = min(n, s + _VOTE_BLOCK)
+            si, ii = sims[s:e], idx[s:e]
+            w = np.clip(si, 0.0, None).astype(np.float64) if self.weighted else np.ones_like(si, dtype=np.float64)
+            votes = np.zeros((e - s, C), dtype=np.float64)
+            valid = ii >= 0
+            np.add.at(votes, (np.repeat(np.arange(e - s), k)[valid.ravel()], labels[ii[valid]]), w[valid])
+            total = w.sum(axis=1, keepdims=True)
+            pb = (votes + total / (k * C)) / (total + total / k)
+            pb /= pb.sum(axis=1, keepdims=True)
+            rows = np.arange(e - s)
+            probs[s:e], p_clean[s:e] = pb, pb[rows, labels[s:e]]
+            if flags is not None:
+                own = votes[rows, labels[s:e]]
+                votes[rows, labels[s:e]] = -np.inf
+                flags[s:e] = votes.max(axis=1) > own + 1e-12
+        if flags is not None:
             how = "flagged if another class has more neighbour votes than the given label (k-NN plurality)."
         else:
             how = f"flagged if p_clean < {self.threshold}."
+        search = "exact" if n <= EXACT_LIMIT else f"approximate (faiss IVF, 8-bit codes, {NPROBE} lists probed)"
         return DetectionResult(
             p_clean=p_clean, probs=probs, threshold=self.threshold, flags=flags,
             rule=f"p_clean = share of the {k} nearest neighbours (cosine, image features, self excluded"
                  f"{', similarity-weighted' if self.weighted else ''}) with the given label, add-one smoothed; "
                  + how,
-            info={"k": k, "decision": self.decision},
+            info={"k": k, "decision": self.decision, "search": search},
         )

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from labelsieve.core.errors import check_param
-from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, given_label_prob, softmax
-from labelsieve.detectors.common.text_side import resolve_templates, text_side_info, zero_shot_logits
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.common.text_side import agreement_info, resolve_templates, zero_shot
 from labelsieve.detectors.registry import register_detector
 
 
@@ -40,11 +40,10 @@ class LabelMatchDetector(Detector):
         self.threshold = threshold
 
     def detect(self, ctx: DetectionContext) -> DetectionResult:
-        logits = zero_shot_logits(ctx, resolve_templates(self.templates))
-        probs = softmax(logits)
+        probs, p_given, agreement = zero_shot(ctx, resolve_templates(self.templates))
         return DetectionResult(
-            p_clean=given_label_prob(probs, ctx.labels), probs=probs, threshold=self.threshold,
+            p_clean=p_given, probs=probs, threshold=self.threshold,
             rule=f"p_clean = CLIP zero-shot softmax probability of the given label (templates: {self.templates}); "
                  f"flagged if p_clean < {self.threshold}.",
-            info=text_side_info(logits, ctx.labels),
+            info=agreement_info(agreement),
         )

@@ -39,10 +39,16 @@ Choices that are labelsieve's, not the paper's (recorded in audit.json):
   centre-crop evaluation pass through the fine-tuned model.
 * BatchNorm statistics of a CNN tower stay frozen while fine-tuning (``freeze_bn``): small batches
   otherwise overwrite the pre-trained statistics and the model gets worse, not better.
-* Optimiser: SGD with momentum 0.9 and weight decay 5e-4, batch 64; learning rate 1e-3 for the tower
-  and 1e-2 for the head (the head starts trained, the pre-trained tower must move slowly), cosine
-  decay over the fine-tuning epochs stepped once per epoch (the subsample size, hence the number of
-  steps, changes every epoch). All are parameters.
+* Optimiser: the paper's CLIP setting (Table 8 as issue 10 reads it: AdamW, lr 1e-5, weight decay
+  1e-5, batch 128) for every tower, one learning rate for tower and head; cosine decay over the
+  fine-tuning epochs stepped once per epoch (the subsample size, hence the number of steps, changes
+  every epoch). labelsieve's earlier setting (SGD, momentum 0.9, wd 5e-4, batch 64, lr 1e-3 for the
+  tower and 1e-2 for the head) is ``optimizer="sgd", lr=1e-3, head_lr=1e-2, weight_decay=5e-4,
+  batch_size=64``.
+* The GMM posterior is DivideMix's raw one; ``monotone=True`` is labelsieve's tail correction.
+
+Every parameter, its value and origin (paper or labelsieve) is in :data:`RECIPE`
+(``labelsieve detectors --show turn``; audit.json ``detector_info.recipe``).
 * Degenerate inputs never crash and are recorded per epoch in ``info["history"]``: a class with
   fewer than ``gmm_min_samples`` samples is scored by one GMM over all samples (``pooled``); a class
   with constant losses gets posterior 1 (``constant``); a one-component (collapsed) fit falls back
@@ -60,28 +66,85 @@ import numpy as np
 import torch
 
 from labelsieve.core.engine import Trainer
-from labelsieve.core.errors import check_param
 from labelsieve.core.io import to_jsonable
 from labelsieve.core.runtime import seed_everything
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
 from labelsieve.detectors.common.linear_probe import LinearProbe, fit_linear_probe
 from labelsieve.detectors.common.losses import gce_loss
+from labelsieve.detectors.common.recipe import (
+    UNKNOWN,
+    Param,
+    Recipe,
+    amp_param,
+    is_float,
+    is_int,
+    one_of,
+    workers_param,
+)
 from labelsieve.detectors.common.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
 from labelsieve.detectors.common.tower import (
     TowerClassifier,
     ce_losses,
-    check_finetune_params,
     evaluate_losses,
     finetune_trainer,
     image_tower,
-    is_pos_float,
-    is_pos_int,
     n_params,
     prepare_finetune,
 )
 from labelsieve.detectors.registry import register_detector
 
-__all__ = ["TurnDetector"]
+__all__ = ["RECIPE", "TurnDetector"]
+
+_T8 = "Table 8, CLIP row, as issue 10 reads the paper (not verifiable in our stored sources)"
+_DESIGN = "§3 as DESIGN.md reads the paper (not verifiable in our stored sources)"
+_LP = "the paper's Table 8 gives the linear probe's settings; they are not in our sources"
+
+#: TURN's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
+RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for Robust Generalization under Noisy "
+                "Labels', IJCAI 2024 (arXiv 2310.17668; only the abstract is in our sources; no authors' code)", [
+    Param("finetune", True, "paper", "§3 step 2 (full fine-tuning on the selected samples)",
+          "False: the GCE probe and one selection on cached features only (cheap; a default-ensemble member)",
+          check=one_of(True, False), expected="True or False"),
+    Param("lp_epochs", 20, "labelsieve", note=_LP, paper=UNKNOWN, check=is_int(1), expected="an int >= 1"),
+    Param("fft_epochs", 4, "labelsieve", note="the paper's fine-tuning epochs are not in our sources", paper=UNKNOWN,
+          check=is_int(1), expected="an int >= 1"),
+    Param("tau", 0.6, "paper", _DESIGN, "clean iff the per-class GMM posterior > tau; also the flag threshold",
+          check=is_float(0, 1, lo_open=True, hi_open=True), expected="a float in (0, 1)", convert=float),
+    Param("q", 0.7, "paper", _DESIGN, "GCE exponent of the linear probe", check=is_float(0, 1, lo_open=True),
+          expected="a float in (0, 1]", convert=float),
+    Param("lp_lr", 1e-3, "labelsieve", note=f"AdamW, cosine, batch 256; {_LP}", paper=UNKNOWN,
+          check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    Param("optimizer", "adamw", "paper", _T8, "'sgd': labelsieve's earlier setting", check=one_of("adamw", "sgd"),
+          expected="'adamw' or 'sgd'"),
+    Param("lr", 1e-5, "paper", _T8, "learning rate of the image tower", check=is_float(0, lo_open=True),
+          expected="a float > 0", convert=float),
+    Param("head_lr", None, "paper", _T8, "None: lr (one learning rate for tower and head)",
+          check=is_float(0, lo_open=True, none=True), expected="None or a float > 0"),
+    Param("momentum", 0.9, "labelsieve", note="optimizer='sgd' only", check=is_float(0, 1, hi_open=True),
+          expected="a float in [0, 1)", convert=float),
+    Param("weight_decay", 1e-5, "paper", _T8, check=is_float(0), expected="a float >= 0", convert=float),
+    Param("batch_size", 128, "paper", _T8, check=is_int(2), expected="an int >= 2"),
+    Param("monotone", False, "paper", "DivideMix's GMM (LiJunnan1992/DivideMix eval_train), which TURN follows",
+          "True: labelsieve's non-increasing tails of the GMM posterior", check=one_of(True, False),
+          expected="True or False"),
+    Param("image_size", None, "labelsieve", note="fine-tuning input size; None: the encoder's",
+          check=is_int(16, none=True), expected="None or an int >= 16"),
+    Param("freeze_bn", True, "labelsieve", note="keep a CNN tower's BatchNorm statistics (no effect on ViTs)",
+          check=one_of(True, False), expected="True or False"),
+    Param("gmm_min_samples", 8, "labelsieve", note="smaller classes are scored by one GMM over all samples",
+          check=is_int(MIN_GMM_SAMPLES), expected=f"an int >= {MIN_GMM_SAMPLES}"),
+    amp_param(),
+    workers_param("image-loading workers"),
+    Param("epochs", None, "labelsieve", note="alias of fft_epochs (the CLI's --epochs); replaces it when given",
+          check=is_int(1, none=True), expected="None or an int >= 1"),
+], fixed=[
+    Param("lp_loss", "GCE", "paper", _DESIGN),
+    Param("gmm", "2 components per given class on the CE losses, DivideMix settings", "paper", _DESIGN),
+    Param("subsample", "uniform, class-balanced to the smallest class's clean count", "paper", _DESIGN),
+    Param("augmentation", "random resized crop (0.08-1) + flip", "labelsieve",
+          note="the paper's A.2.2 augmentations are not in our sources", paper=UNKNOWN),
+    Param("lr_schedule", "cosine over the fine-tuning epochs, stepped per epoch", "labelsieve", paper=UNKNOWN),
+])
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -94,81 +157,25 @@ __all__ = ["TurnDetector"]
 class TurnDetector(Detector):
     """TURN: GCE linear probe, then full fine-tuning on per-class-GMM-selected, class-balanced samples.
 
-    Parameters
-    ----------
-    finetune : bool, default=True
-        False (CLI ``--no-finetune``): step 1 and one selection on the cached features only.
-    lp_epochs : int, default=20
-        Linear-probe epochs (step 1).
-    fft_epochs : int, default=4
-        Full fine-tuning epochs (step 2); each starts with a new selection.
-    tau : float, default=0.6
-        Clean iff the per-class GMM posterior of the low-loss component exceeds ``tau``; also the
-        decision threshold on ``p_clean``.
-    q : float, default=0.7
-        GCE exponent of the probe.
-    lp_lr : float, default=1e-3
-        Probe learning rate (AdamW, cosine; see :func:`~labelsieve.detectors.common.linear_probe.fit_linear_probe`).
-    lr : float, default=1e-3
-        SGD learning rate of the image tower.
-    head_lr : float, default=1e-2
-        SGD learning rate of the linear head.
-    momentum : float, default=0.9
-    weight_decay : float, default=5e-4
-    batch_size : int, default=64
-    image_size : int or None, default=None
-        Fine-tuning input size; None: the encoder's.
-    freeze_bn : bool, default=True
-        Keep BatchNorm statistics of the tower fixed while fine-tuning (see :class:`TowerClassifier`);
-        no effect on towers without BatchNorm (ViTs).
-    gmm_min_samples : int, default=8
-        Smallest class fitted with its own GMM; smaller classes use one GMM over all samples.
-    amp : {"auto", "bf16", "fp16", "off"}, default="auto"
-        Mixed precision on CUDA (see :class:`~labelsieve.core.engine.Trainer`).
-    num_workers : int or None, default=None
-        Image-loading workers (None: 0 on CPU, up to 8 on GPU).
-    epochs : int or None, default=None
-        Alias of ``fft_epochs`` (what the CLI's ``--epochs`` sets); when given it replaces ``fft_epochs``.
+    Parameters are those of :data:`RECIPE` (``labelsieve detectors --show turn`` prints them with their
+    origin and source); ``epochs`` is an alias of ``fft_epochs`` (the CLI's ``--epochs``).
     """
 
     name = "turn"
-    summary = ("TURN: GCE linear probe, then full fine-tuning on per-class-GMM clean, class-balanced samples; "
+    summary = ("TURN: GCE linear probe, then full fine-tuning on per-class GMM clean, class-balanced samples; "
                "p_clean = per-class GMM posterior of the final CE loss")
     needs_text = False
+    recipe = RECIPE
 
-    def __init__(self, *, finetune: bool = True, lp_epochs: int = 20, fft_epochs: int = 4, tau: float = 0.6,
-                 q: float = 0.7, lp_lr: float = 1e-3, lr: float = 1e-3, head_lr: float = 1e-2,
-                 momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 64,
-                 image_size: int | None = None, freeze_bn: bool = True, gmm_min_samples: int = 8,
-                 amp: str = "auto", num_workers: int | None = None, epochs: int | None = None) -> None:
-        own = type(self).__name__
-        check_param(own, "finetune", finetune, isinstance(finetune, bool), "True or False")
-        check_param(own, "lp_epochs", lp_epochs, is_pos_int(lp_epochs), "an int >= 1")
-        check_param(own, "epochs", epochs, epochs is None or is_pos_int(epochs), "None or an int >= 1")
-        fft_epochs = epochs if epochs is not None else fft_epochs
-        check_param(own, "fft_epochs", fft_epochs, is_pos_int(fft_epochs), "an int >= 1")
-        check_param(own, "tau", tau, isinstance(tau, (int, float)) and 0.0 < tau < 1.0, "a float in (0, 1)")
-        check_param(own, "q", q, isinstance(q, (int, float)) and 0.0 < q <= 1.0, "a float in (0, 1]")
-        check_param(own, "lp_lr", lp_lr, is_pos_float(lp_lr), "a float > 0")
-        check_param(own, "gmm_min_samples", gmm_min_samples,
-                    is_pos_int(gmm_min_samples) and gmm_min_samples >= MIN_GMM_SAMPLES, f"an int >= {MIN_GMM_SAMPLES}")
-        self.finetune = finetune
-        self.lp_epochs = lp_epochs
-        self.fft_epochs = fft_epochs
-        self.tau = float(tau)
-        self.q = float(q)
-        self.lp_lr = float(lp_lr)
-        self.gmm_min_samples = gmm_min_samples
-        vars(self).update(check_finetune_params(own, lr=lr, head_lr=head_lr, momentum=momentum,
-                                                weight_decay=weight_decay, batch_size=batch_size,
-                                                image_size=image_size, freeze_bn=freeze_bn, amp=amp,
-                                                num_workers=num_workers))
+    def _check_params(self) -> None:
+        if self.epochs is not None:
+            self.fft_epochs = self.epochs
 
     # ------------------------------------------------------------------------------------------
     def _split(self, losses: np.ndarray, labels: np.ndarray, n_classes: int,
                seed: int) -> tuple[np.ndarray, dict[str, list[int]]]:
         return per_class_gmm_posterior(losses, labels, n_classes, min_samples=self.gmm_min_samples, seed=seed,
-                                       return_rules=True)  # type: ignore[return-value]
+                                       monotone=self.monotone, return_rules=True)  # type: ignore[return-value]
 
     def _select(self, losses: np.ndarray, labels: np.ndarray, n_classes: int, seed: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
@@ -219,7 +226,8 @@ class TurnDetector(Detector):
         lp_info = {"epochs": self.lp_epochs, "loss": f"gce(q={self.q})", "lr": self.lp_lr,
                    "train_acc": float((probe_logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
                    "seconds": time.perf_counter() - t}
-        info: dict[str, Any] = {"params": self.get_params(), "linear_probe": lp_info}
+        info: dict[str, Any] = {"params": self.get_params(), "linear_probe": lp_info,
+                                "recipe": RECIPE.rows(self.get_params())}
         if not self.finetune:
             post, rules = self._split(losses, labels, C, ctx.seed)
             info["final"] = self._summary(post, rules, labels, C)
@@ -239,13 +247,14 @@ class TurnDetector(Detector):
                                "seconds": time.perf_counter() - t, "root": str(setup.cache.root)}
         tower = copy.deepcopy(image_tower(ctx.encoder))
         model = TowerClassifier.from_probe(tower, probe, freeze_bn=self.freeze_bn)
-        trainer = finetune_trainer(model, lr=self.lr, head_lr=self.head_lr, momentum=self.momentum,
+        head_lr = self.head_lr if self.head_lr is not None else self.lr
+        trainer = finetune_trainer(model, lr=self.lr, head_lr=head_lr, momentum=self.momentum,
                                    weight_decay=self.weight_decay, epochs=self.fft_epochs, device=ctx.device,
-                                   amp=self.amp, progress=ctx.progress, desc="turn")
+                                   amp=self.amp, progress=ctx.progress, desc="turn", optimizer=self.optimizer)
         info["model"] = {"tower": "open_clip visual" if ctx.encoder.kind == "open_clip" else "timm",
                          "n_trainable": n_params(model), "amp": str(trainer.amp_dtype or "float32"),
                          "freeze_bn": self.freeze_bn,
-                         "optimizer": {"name": "sgd", "lr_tower": self.lr, "lr_head": self.head_lr,
+                         "optimizer": {"name": self.optimizer, "lr_tower": self.lr, "lr_head": head_lr,
                                        "momentum": self.momentum, "weight_decay": self.weight_decay,
                                        "schedule": "cosine per epoch", "batch_size": self.batch_size},
                          "num_workers": setup.num_workers}

@@ -3,7 +3,20 @@
 ``create_classifier(model, num_classes=...)`` is the one way in. ``model`` is any name the model
 loader understands (:mod:`labelsieve.models.loader`): a timm name or alias (``convnext_tiny.fb_in1k``,
 ``lite0``) gives that timm model with a new head; an open_clip model (``ViT-B-16``, a local open_clip
-folder) gives its image tower with a new linear head (full fine-tuning, DEFT's phase 2).
+folder) gives its image tower with a new linear head (DEFT's phase 2).
+
+CLIP heads (``clip_head``)
+    ``"linear"`` (default; the DEFT authors' phase 2, ``model/CLIP.py`` ``ViT_Tuner``): a fresh
+    ``nn.Linear`` (PyTorch's default initialisation) on the **pre-projection** features — ``ln_post`` of
+    the class token for a ViT tower, the pooled trunk features for a timm tower inside open_clip
+    (the mini CLIP's EfficientNet) — and only the tower's blocks and the head train: the ViT's
+    transformer blocks (its patch embedding, class and position embeddings, ``ln_pre``, ``ln_post`` stay
+    frozen and ``proj`` is dropped), a timm trunk's ``blocks`` (its stem and last conv/norm stay
+    frozen). Towers of any other kind (open_clip's ModifiedResNet) keep their projection and train
+    whole; ``CLIPImageClassifier.trainable`` says which rule applied.
+    ``"zero_shot"`` (labelsieve's option): a head on the projected image embedding initialised from
+    the class names' zero-shot text embeddings (``"a photo of a {}."``), so training starts from CLIP's
+    zero-shot prediction; the whole tower trains.
 Preprocessing (mean, std, size, interpolation, crop fraction) is read from the model, never guessed.
 ``pretrained`` means what it means everywhere (the loader's module docstring); with pretrained timm
 weights the new classification layer starts at zero (see :func:`_zero_head`).
@@ -34,6 +47,7 @@ from labelsieve.core.errors import ModelError, check_param
 from labelsieve.models.loader import ModelSpec, create_timm, load_open_clip, open_clip_from_config, parse_model
 
 __all__ = [
+    "CLIP_HEADS",
     "FALLBACK_DEFAULTS",
     "TRAIN_DEFAULTS",
     "CLIPImageClassifier",
@@ -98,35 +112,83 @@ class DataConfig:
         return d
 
 
-class CLIPImageClassifier(nn.Module):
-    """A CLIP image tower with a linear head on its (unnormalised, projected) image embedding.
+#: The heads a CLIP image tower can get (see the module docstring).
+CLIP_HEADS = ("linear", "zero_shot")
 
-    With zero-shot initialisation the head's weights are the normalised class text embeddings and
-    its bias zero, so before training ``logits = image_embedding @ text_embeddings.T`` — the zero-shot
-    ranking; DEFT's code initialises its head the same way.
+
+def _pre_projection(visual: nn.Module) -> tuple[int, list[nn.Module], str] | None:
+    """(pre-projection width, the modules the authors' phase 2 trains, rule) for the towers where both are
+    known; None otherwise. A ViT tower's ``proj`` is removed here (its output becomes ``ln_post`` of the
+    pooled token)."""
+    if isinstance(visual, open_clip.transformer.VisionTransformer) and getattr(visual, "attn_pool", None) is None \
+            and visual.proj is not None:
+        width = int(visual.proj.shape[0])
+        visual.proj = None
+        return width, [visual.transformer], "ViT: transformer blocks + head"
+    head = getattr(visual, "head", None)
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(head, nn.Sequential) and "pool" not in dict(head.named_children()) and hasattr(trunk, "blocks"):
+        return int(trunk.num_features), [trunk.blocks], "timm trunk: its blocks + head"
+    return None
+
+
+class CLIPImageClassifier(nn.Module):
+    """A CLIP image tower with a linear head (see the module docstring for ``head``).
 
     Parameters
     ----------
     visual : nn.Module
-        open_clip's ``model.visual`` (maps images to the joint embedding space).
+        open_clip's ``model.visual``.
     embed_dim : int
+        Width of the projected image embedding.
     num_classes : int
+    head : {"linear", "zero_shot"}, default "linear"
+        ``"linear"``: a fresh head on the pre-projection features, only the blocks and the head
+        trainable (``requires_grad``), as the DEFT authors' phase 2. ``"zero_shot"``: a head on the
+        projected embedding, the whole tower trainable.
     head_init : Tensor of shape (num_classes, embed_dim), optional
+        ``"zero_shot"``: the head's weights (normalised class text embeddings), bias zero, so that before
+        training ``logits = image_embedding @ text_embeddings.T`` — the zero-shot ranking.
+
+    Attributes
+    ----------
+    trainable : str
+        Which parameters train, in words (recorded in model.json).
     """
 
-    def __init__(self, visual: nn.Module, embed_dim: int, num_classes: int,
+    def __init__(self, visual: nn.Module, embed_dim: int, num_classes: int, *, head: str = "linear",
                  head_init: torch.Tensor | None = None) -> None:
         super().__init__()
+        check_param("CLIPImageClassifier", "head", head, head in CLIP_HEADS, f"one of {CLIP_HEADS}")
         self.visual = visual
-        self.head = nn.Linear(embed_dim, num_classes)
-        if head_init is not None:
+        self.head_kind = head
+        pre = _pre_projection(visual) if head == "linear" else None
+        self._trunk_only = False
+        if pre is None:
+            self.head = nn.Linear(embed_dim, num_classes)
+            self.trainable = "the whole tower + head (on the projected embedding)"
+            if head == "linear":
+                self.trainable += f"; {type(visual).__name__} has no known pre-projection features"
+        else:
+            width, blocks, self.trainable = pre
+            self.head = nn.Linear(width, num_classes)
+            self._trunk_only = not isinstance(visual, open_clip.transformer.VisionTransformer)
+            for p in visual.parameters():
+                p.requires_grad_(False)
+            for module in blocks:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        if head_init is not None and pre is None:
             with torch.no_grad():
                 self.head.weight.copy_(head_init.to(self.head.weight))
                 self.head.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.visual(x))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head reads: pre-projection features (``"linear"``) or the projected embedding."""
+        return self.visual.trunk(x) if self._trunk_only else self.visual(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 def train_defaults(spec: ModelSpec) -> dict[str, Any]:
@@ -175,8 +237,8 @@ def _zero_head(model: nn.Module) -> None:
 
 
 def _create_clip_classifier(spec: ModelSpec, *, num_classes: int, classnames: Sequence[str] | None,
-                            image_size: int | None,
-                            clip_config: dict[str, Any] | None) -> tuple[nn.Module, DataConfig]:
+                            image_size: int | None, clip_config: dict[str, Any] | None,
+                            clip_head: str) -> tuple[nn.Module, DataConfig]:
     folder = spec.local_dir
     head_init = None
     if clip_config is not None and folder is not None and not folder.exists():
@@ -195,7 +257,7 @@ def _create_clip_classifier(spec: ModelSpec, *, num_classes: int, classnames: Se
         size = getattr(clip.visual, "image_size", 224)
         native = int(size[0] if isinstance(size, (tuple, list)) else size)
         embed_dim = int(clip.text_projection.shape[-1])
-        if classnames is not None:
+        if classnames is not None and clip_head == "zero_shot":
             if len(classnames) != num_classes:
                 raise ModelError(f"{len(classnames)} class names given for {num_classes} classes; give one name "
                                  "per class.")
@@ -207,7 +269,7 @@ def _create_clip_classifier(spec: ModelSpec, *, num_classes: int, classnames: Se
     if size != native and isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ModelError(f"The CLIP image tower of {spec.name!r} is a ViT fixed at {native}px; it cannot train at "
                          f"--image-size {size}. Leave --image-size unset.")
-    model = CLIPImageClassifier(visual, embed_dim, num_classes, head_init=head_init)
+    model = CLIPImageClassifier(visual, embed_dim, num_classes, head=clip_head, head_init=head_init)
     data = DataConfig(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),  # type: ignore[arg-type]
                       image_size=size, interpolation="bicubic", crop_pct=1.0)
     return model, data
@@ -221,6 +283,7 @@ def create_classifier(
     classnames: Sequence[str] | None = None,
     image_size: int | None = None,
     clip_config: dict[str, Any] | None = None,
+    clip_head: str = "linear",
 ) -> tuple[nn.Module, DataConfig]:
     """Build an image classifier and say how it wants its images.
 
@@ -233,14 +296,16 @@ def create_classifier(
     pretrained : str, optional
         Weights, as for every model (ignored when ``model`` is already a spec).
     classnames : sequence of str, optional
-        CLIP towers: initialise the head from the zero-shot text embeddings of ``"a photo of a {}."``
-        (one name per class).
+        CLIP towers with ``clip_head="zero_shot"``: initialise the head from the zero-shot text
+        embeddings of ``"a photo of a {}."`` (one name per class).
     image_size : int, optional
         Train/evaluate at this size instead of the model's native one (timm ViTs have their
         position embeddings resampled; CNNs take any size; CLIP ViT towers refuse).
     clip_config : dict, optional
         ``open_clip_config.json`` contents used to rebuild a CLIP tower (random weights) when the local
         folder of ``model`` no longer exists (loading an exported classifier).
+    clip_head : {"linear", "zero_shot"}, default "linear"
+        CLIP towers: the head (see the module docstring); ignored for timm models.
 
     Returns
     -------
@@ -258,9 +323,10 @@ def create_classifier(
     check_param(owner, "num_classes", num_classes, isinstance(num_classes, int) and num_classes >= 1, "an int >= 1")
     check_param(owner, "image_size", image_size,
                 image_size is None or (isinstance(image_size, int) and image_size >= 16), "None or an int >= 16")
+    check_param(owner, "clip_head", clip_head, clip_head in CLIP_HEADS, f"one of {CLIP_HEADS}")
     spec = model if isinstance(model, ModelSpec) else parse_model(model, pretrained)
     if spec.family == "open_clip":
         return _create_clip_classifier(spec, num_classes=num_classes, classnames=classnames, image_size=image_size,
-                                       clip_config=clip_config)
+                                       clip_config=clip_config, clip_head=clip_head)
     return _create_timm_classifier(spec, num_classes=num_classes, image_size=image_size)
 

@@ -100,7 +100,10 @@ def load_classifier(model_dir: str | os.PathLike[str], *,
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{meta_path}: not a labelsieve model description ({exc}). Re-export the model with "
                          "'labelsieve train'.") from exc
-    model, _ = create_classifier(spec, num_classes=n_classes, image_size=size, clip_config=meta.get("clip_config"))
+    # exports made before the "linear" CLIP head existed put their head on the projected embedding
+    clip_head = (meta.get("training") or {}).get("clip_head", "zero_shot")
+    model, _ = create_classifier(spec, num_classes=n_classes, image_size=size, clip_config=meta.get("clip_config"),
+                                 clip_head=clip_head)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False, device="cpu")
     except Exception as exc:

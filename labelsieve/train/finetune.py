@@ -28,14 +28,17 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from labelsieve import __version__
+from labelsieve.audit.decisions import merge_reviews, read_reviews
 from labelsieve.audit.review import kept_rows, sheet_vs_record
 from labelsieve.audit.schema import audit_record, read_audit
 from labelsieve.core import distributed
@@ -308,7 +311,7 @@ def train_on_labels(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-    clip_zero_shot_head: bool = True,
+    clip_head: str = "linear",
     resume: bool = True,
     source: str | None = None,
 ) -> TrainReport:
@@ -360,8 +363,11 @@ def train_on_labels(
         Where the decoded-image cache lives (default :func:`labelsieve.features.default_cache_dir`).
     progress : bool
         Progress bars and per-epoch log lines.
-    clip_zero_shot_head : bool
-        CLIP towers: initialise the head from the class names' text embeddings.
+    clip_head : {"linear", "zero_shot"}
+        CLIP towers: ``"linear"`` (the DEFT authors' phase 2) a fresh head on the pre-projection features
+        with only the tower's blocks and the head trained; ``"zero_shot"`` a head on the projected
+        embedding initialised from the class names' text embeddings, the whole tower trained (see
+        :mod:`labelsieve.models.classifiers`).
     resume : bool
         Resume from ``out_dir/checkpoint.pt`` when it holds a run with the same settings and data.
     source : str, optional
@@ -387,10 +393,11 @@ def train_on_labels(
         train_set, val_set = images.subset(tr_idx), (images.subset(va_idx) if len(va_idx) else None)
     else:
         train_set, val_set = images, val_images
-    model, data = create_classifier(spec, num_classes=images.n_classes,
-                                    classnames=images.classnames if clip_zero_shot_head else None,
-                                    image_size=image_size)
+    model, data = create_classifier(spec, num_classes=images.n_classes, classnames=images.classnames,
+                                    image_size=image_size, clip_head=clip_head)
     cfg.update(image_size=data.image_size, resize_size=data.resize_size)
+    if spec.family == "open_clip":
+        cfg.update(clip_head=clip_head, trainable=model.trainable)
     workers = num_workers if num_workers is not None else default_num_workers(reserve=1)
     d = _prepare_data([train_set, val_set, test_images], data, cfg, seed=seed, n_classes=images.n_classes,
                       workers=workers, cache_dir=cache_dir, progress=progress)
@@ -496,6 +503,8 @@ def train_from_audit(
     warmup_epochs: float = 0,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     resume: bool = True,
+    reviews: Sequence[str | os.PathLike[str] | pd.DataFrame] = (),
+    clip_head: str = "linear",
 ) -> TrainReport:
     """Train a classifier on the rows a reviewed audit keeps, and export it to ``out_dir``.
 
@@ -545,6 +554,12 @@ def train_from_audit(
         Area range of the random resized crop.
     resume : bool
         Resume an interrupted run of the same settings from ``out_dir/checkpoint.pt``.
+    reviews : sequence of paths or DataFrames
+        Decisions made outside the audit's ``review`` column (reviews CSVs downloaded from audit.html),
+        merged onto it first as ``labelsieve apply --reviews`` does
+        (:func:`labelsieve.audit.decisions.merge_reviews`).
+    clip_head : {"linear", "zero_shot"}
+        CLIP towers: the head (see :func:`train_on_labels`).
 
     Returns
     -------
@@ -565,6 +580,9 @@ def train_from_audit(
     if cache_dir is not None:
         check_output_dir(cache_dir, what="the cache folder")
     table = read_audit(audit_path)
+    for extra in reviews:
+        frame = extra if isinstance(extra, pd.DataFrame) else read_reviews(extra)
+        table = merge_reviews(table, frame, where=str(audit_path))
     record = audit_record(audit_path)
     root = audit_image_root(audit_path, images_root, record)
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
@@ -610,7 +628,7 @@ def train_from_audit(
                            image_size=image_size, num_workers=num_workers, cache_dir=cache_dir, progress=progress,
                            source=str(audit_path.resolve()),
                            weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs,
-                           crop_scale=crop_scale, resume=resume)
+                           crop_scale=crop_scale, resume=resume, clip_head=clip_head)
 
 
 def audit_image_root(audit_csv: Path, images_root: str | os.PathLike[str] | None, record: dict[str, Any]) -> Path:

@@ -1,9 +1,11 @@
-"""audit.html: gallery thumbnails, escaping, confusion matrix, unreadable images, speed on big tables."""
+"""audit.html: embedded review rows and thumbnails, escaping, confusion matrix, unreadable images, size and speed on
+big tables. (The review tool itself runs in a browser: test_review_page.py.)"""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import time
@@ -19,7 +21,8 @@ from labelsieve.audit import html as report_html
 from labelsieve.audit.html import write_html
 from labelsieve.core.errors import DataError, ParameterError
 
-DATA_URI = re.compile(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
+DATA_URI = re.compile(r'"data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
+PAYLOAD = re.compile(r'<script type="application/json" id="ls-data">(.*?)</script>', re.S)
 UNREADABLE = "broken/empty.jpg"
 BROKEN_SINCE = "broken/emptied-later.jpg"
 
@@ -117,49 +120,64 @@ def cells_of(text: str) -> dict[tuple[str, str], int]:
     return parser.cells
 
 
-def test_gallery_thumbnails_placeholder_and_unreadable_list(image_root, tmp_path):
+def page_data(text: str) -> dict:
+    """The rows and thumbnails the page embeds for its review tool."""
+    (payload,) = PAYLOAD.findall(text)
+    return json.loads(payload)
+
+
+def thumbs_of(text: str) -> list[tuple[str, str | None]]:
+    """(path, data URI or None for a placeholder) of the rows embedded with a thumbnail, worst first."""
+    data = page_data(text)
+    return [(data["rows"]["path"][int(j)], uri) for j, uri in sorted(data["thumbs"].items(), key=lambda t: int(t[0]))]
+
+
+def test_thumbnails_placeholder_and_unreadable_list(image_root, tmp_path):
     root, rows = image_root
     table = make_audit(rows)
     out = write_html(table, make_summary(table), image_root=root, out_path=tmp_path / "audit.html",
                      max_gallery=10, thumb_size=48)
     assert out == tmp_path / "audit.html"
     text = out.read_text(encoding="utf-8")
-    cards = re.findall(r'<div class="card" title="([^"]*)"', text)
+    thumbs = thumbs_of(text)
     # Worst first, skipping the row marked unreadable (rank 1): ranks 2..11.
-    assert cards == table["path"].iloc[1:11].tolist()
-    assert cards[0] == BROKEN_SINCE
-    # The emptied file gets a placeholder; the other nine are embedded JPEG thumbnails.
-    uris = DATA_URI.findall(text)
-    assert len(uris) == 9
-    assert text.count('<div class="ph">unreadable</div>') == 1
+    assert [p for p, _ in thumbs] == table["path"].iloc[1:11].tolist()
+    assert thumbs[0] == (BROKEN_SINCE, None)  # emptied since the audit: a placeholder
+    uris = [u for _, u in thumbs if u is not None]
+    assert len(uris) == 9 and len(DATA_URI.findall(text)) == 9
     for uri in uris:
-        im = Image.open(io.BytesIO(base64.b64decode(uri)))
+        im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
         assert im.format == "JPEG" and max(im.size) == 48
-    # The file the audit marked unreadable is listed by path, outside the gallery.
+    # Every row is embedded for review, worst first, with its fields.
+    data = page_data(text)
+    assert data["rows"]["path"] == table["path"].tolist() and data["n_rows"] == data["n_embedded"] == len(table)
+    assert data["rows"]["flag"] == table["is_noisy"].astype(int).tolist()
+    assert [data["classes"][g] for g in data["rows"]["given"]] == table["given_label"].tolist()
+    # The file the audit marked unreadable is listed by path, apart.
     assert "<h2>Unreadable files (1)</h2>" in text and f"<li>{UNREADABLE}</li>" in text
     # Nothing but the page is left in the folder (the temp file was renamed).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.html"]
 
 
-def test_gallery_shows_all_flagged_rows_when_fewer_than_max(image_root, tmp_path):
+def test_all_flagged_rows_get_thumbnails_when_fewer_than_max(image_root, tmp_path):
     root, rows = image_root
     table = make_audit(rows)
     n_flagged = int((table["is_noisy"] & (table["issue"] != "unreadable")).sum())
     text = write_html(table, make_summary(table), image_root=root, out_path=tmp_path / "a.html",
                       max_gallery=500).read_text()
-    assert len(DATA_URI.findall(text)) == n_flagged - 1  # the emptied file has a placeholder
-    assert text.count('class="card"') == n_flagged
-    assert f"of {n_flagged:,} flagged images" in text
+    thumbs = thumbs_of(text)
+    assert len(thumbs) == n_flagged and sum(u is None for _, u in thumbs) == 1  # the emptied file
+    assert f"thumbnails for all {n_flagged:,} flagged images" in text
 
 
-def test_gallery_order_does_not_depend_on_table_order(image_root, tmp_path):
+def test_page_order_does_not_depend_on_table_order(image_root, tmp_path):
     root, rows = image_root
     table = make_audit(rows)
     shuffled = table.sample(frac=1.0, random_state=1)
     text = write_html(shuffled, make_summary(table), image_root=root, out_path=tmp_path / "a.html",
                       max_gallery=5).read_text()
-    titles = re.findall(r'<div class="card" title="([^"]*)"', text)
-    assert titles == table["path"].iloc[1:6].tolist()
+    assert [p for p, _ in thumbs_of(text)] == table["path"].iloc[1:6].tolist()
+    assert page_data(text)["rows"]["path"] == table["path"].tolist()
 
 
 def test_missing_and_undecodable_images_get_placeholders(image_root, tmp_path):
@@ -175,11 +193,10 @@ def test_missing_and_undecodable_images_get_placeholders(image_root, tmp_path):
     root2 = tmp_path / "img"
     text = write_html(table, make_summary(table), image_root=root2, out_path=tmp_path / "a.html",
                       max_gallery=3).read_text()
-    # Every gallery image is missing or broken under root2; none crashes the writer.
-    cards = re.findall(r'<div class="card" title="([^"]*)"', text)
-    assert cards[:2] == ["text.jpg", "does/not/exist.jpg"] and len(cards) == 3
-    assert DATA_URI.findall(text) == []
-    assert text.count('<div class="ph">unreadable</div>') == 3
+    # Every thumbnail image is missing or broken under root2; none crashes the writer.
+    thumbs = thumbs_of(text)
+    assert [p for p, _ in thumbs][:2] == ["text.jpg", "does/not/exist.jpg"] and len(thumbs) == 3
+    assert all(u is None for _, u in thumbs) and DATA_URI.findall(text) == []
 
 
 def test_class_names_and_paths_are_escaped(image_root, tmp_path):
@@ -188,15 +205,19 @@ def test_class_names_and_paths_are_escaped(image_root, tmp_path):
     nasty = 'Forest <b>&"x"'
     table["given_label"] = table["given_label"].replace("Forest", nasty)
     table["suggested_label"] = table["suggested_label"].replace("Forest", nasty)
+    table.loc[5, "path"] = "evil/</script><script>alert(1)</script>.jpg"
     summary = make_summary(table)
     summary["model"] = "<script>alert(1)</script>"
     text = write_html(table, summary, image_root=root, out_path=tmp_path / "a.html", max_gallery=300).read_text()
     assert "Forest &lt;b&gt;&amp;&quot;x&quot;" in text
     assert '<b>&"x"' not in text
-    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     # The escaped class name is one bar and at least one matrix row/column.
     assert text.count('<div class="name">Forest &lt;b&gt;&amp;&quot;x&quot;</div>') == 1
     assert any(nasty in key for key in cells_of(text))
+    # In the embedded rows, the names and the path come back exactly.
+    data = page_data(text)
+    assert nasty in data["classes"] and "evil/</script><script>alert(1)</script>.jpg" in data["rows"]["path"]
 
 
 def test_confusion_cells_match_pandas(image_root, tmp_path):
@@ -232,13 +253,15 @@ def test_header_and_noise_bars(image_root, tmp_path):
     root, rows = image_root
     table = make_audit(rows)
     summary = make_summary(table)
-    summary.update(noise_rate_expected=0.2049, decision_rule="p_clean < 0.5 (fixed)",
-                   class_counts=rows["label"].value_counts().to_dict(), n_duplicates=0)
+    summary.update(noise_rate_interval=[0.1004, 0.2049], decision_rule="p_clean < 0.5 (fixed)",
+                   class_counts=rows["label"].value_counts().to_dict(), n_duplicates=0,
+                   near_duplicates={"threshold": 0.94, "n_groups": 3, "n_conflicting_groups": 1})
     text = write_html(table, summary, image_root=root, out_path=tmp_path / "a.html", max_gallery=0).read_text()
     assert "method deft · model mini-clip (local)" in text
     assert "20.5%" in text and "Decision rule: p_clean &lt; 0.5 (fixed)" in text
     assert 'title="Forest: ' in text and "20 images" in text
-    assert "12.3%" in text  # overall noise estimate
+    assert "12.3% (10.0%–20.5%)" in text  # overall noise estimate with its interval
+    assert "near-duplicate groups (conflicting labels)" in text and ">3 (1)<" in text
     assert f">{summary['n_flagged']} (" in text
     widths = re.findall(r'<div class="bar" title="([^"]*)"><span style="width:([0-9.]+)%"></span></div>', text)
     assert len(widths) == len(summary["classes"])
@@ -265,7 +288,8 @@ def test_is_noisy_as_text_from_a_spreadsheet(image_root, tmp_path):
     as_text = table.assign(is_noisy=table["is_noisy"].map({True: "TRUE", False: "FALSE"}))
     text = write_html(as_text, make_summary(table), image_root=root, out_path=tmp_path / "a.html",
                       max_gallery=500).read_text()
-    assert text.count('class="card"') == int((table["is_noisy"] & (table["issue"] != "unreadable")).sum())
+    assert page_data(text)["rows"]["flag"] == table["is_noisy"].astype(int).tolist()
+    assert len(thumbs_of(text)) == int((table["is_noisy"] & (table["issue"] != "unreadable")).sum())
 
 
 def test_errors_leave_existing_page_untouched(image_root, tmp_path):
@@ -283,7 +307,7 @@ def test_errors_leave_existing_page_untouched(image_root, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.html"]
 
 
-def test_200k_rows_write_fast_and_decode_only_the_gallery(image_root, tmp_path, monkeypatch):
+def test_200k_rows_write_fast_decode_only_the_thumbnails_and_stay_bounded(image_root, tmp_path, monkeypatch):
     root, rows = image_root
     n, k = 200_000, 200
     rng = np.random.default_rng(0)
@@ -306,13 +330,13 @@ def test_200k_rows_write_fast_and_decode_only_the_gallery(image_root, tmp_path, 
                "threshold": 0.5, "noise_rate": float(noisy.mean()),
                "noise_rate_per_class": {c: 0.1 for c in classes}, "classes": classes}
     decoded: list[Path] = []
-    real_load = report_html.load_image
+    real_thumbnail = report_html._thumbnail
 
-    def counting_load(path):
+    def counting_thumbnail(path, size):
         decoded.append(Path(path))
-        return real_load(path)
+        return real_thumbnail(path, size)
 
-    monkeypatch.setattr(report_html, "load_image", counting_load)
+    monkeypatch.setattr(report_html, "_thumbnail", counting_thumbnail)
     t0 = time.perf_counter()
     out = write_html(table, summary, image_root=root, out_path=tmp_path / "big.html", max_gallery=k)
     elapsed = time.perf_counter() - t0
@@ -321,3 +345,9 @@ def test_200k_rows_write_fast_and_decode_only_the_gallery(image_root, tmp_path, 
     assert len(DATA_URI.findall(text)) == k
     assert sum(cells_of(text).values()) == int(noisy.sum())
     assert elapsed < 8.0, f"write_html took {elapsed:.1f} s for {n:,} rows"
+    # The page holds the first 50,000 rows by rank (every flagged row among them), whatever the audit's size.
+    data = page_data(text)
+    assert data["n_rows"] == n and data["n_embedded"] == 50_000
+    assert data["rows"]["rank"] == sorted(rank)[:50_000] and sum(data["rows"]["flag"]) == int(noisy.sum())
+    assert f"holds the 50,000 most suspicious of {n:,} rows" in text
+    assert out.stat().st_size < 5_000_000, out.stat().st_size

@@ -25,8 +25,14 @@ LAYERS = ["core", "data", "models", "features", "detectors", "audit", "train", "
 #: Modules placed by name rather than by folder.
 MODULE_LAYER = {"labelsieve.testing": "data", "labelsieve.api": "api", "labelsieve.cli": "cli",
                 "labelsieve.__main__": "cli", "labelsieve.demo": "cli", "labelsieve": "core"}
-#: Imports inside functions that have a measured start-up reason (docs/architecture.md, "Start-up").
-LAZY_ALLOWED = {("labelsieve.cli", "_api"), ("labelsieve.cli", "demo")}
+#: Imports inside functions (of any module, labelsieve's or not), each with its reason in docs/architecture.md,
+#: "Start-up": the API's and the demo's seconds of torch/open_clip; fcntl exists on POSIX only; scipy.stats
+#: serves one noise kind; the optional extras (fiftyone, label-studio-sdk) may be absent and are slow to import.
+LAZY_ALLOWED = {("labelsieve.cli", "_api"), ("labelsieve.cli", "demo"), ("labelsieve.data.imagecache", "_file_lock"),
+                ("labelsieve.data.noise", "instance_noise"), ("labelsieve.audit.handoff.fiftyone", "_fiftyone"),
+                ("labelsieve.audit.handoff.labelstudio", "_label_interface")}
+#: Optional extras: imported only inside the functions of LAZY_ALLOWED, never at a module's top.
+OPTIONAL = ("fiftyone", "label_studio_sdk", "selenium")
 
 
 def _module_name(path: Path) -> str:
@@ -102,10 +108,36 @@ def test_no_detector_imports_another_and_common_imports_none():
     assert not bad, "\n".join(bad)
 
 
+def _all_imports(tree: ast.Module) -> list[tuple[str, str | None]]:
+    """(imported module, enclosing function name) for every import, labelsieve's or not."""
+    out: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, func: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            f = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else func
+            if isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                out.append((child.module, f))
+            elif isinstance(child, ast.Import):
+                out.extend((a.name, f) for a in child.names)
+            visit(child, f)
+
+    visit(tree, None)
+    return out
+
+
 def test_imports_at_module_top_unless_a_start_up_reason_is_stated():
     inner = sorted({(name, func) for name, tree in MODULES.items() for _, func, typing_only in _imports(tree)
-                    if func is not None and not typing_only})
+                    if func is not None and not typing_only}
+                   | {(name, func) for name, tree in MODULES.items() for _, func in _all_imports(tree)
+                      if func is not None})
     assert set(inner) <= LAZY_ALLOWED, inner
+
+
+def test_optional_extras_are_imported_only_where_needed():
+    """fiftyone and label-studio-sdk are extras: importing labelsieve (any module) never imports them."""
+    bad = [f"{name} imports {mod} at module top" for name, tree in MODULES.items()
+           for mod, func in _all_imports(tree) if func is None and mod.split(".")[0] in OPTIONAL]
+    assert not bad, bad
 
 
 def test_a_detector_is_registered_by_its_decorator_alone(tmp_path, monkeypatch):

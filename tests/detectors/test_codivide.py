@@ -15,7 +15,9 @@ from helpers import inject_symmetric, make_context, scores, tiny_vit_encoder, wi
 
 from labelsieve.core.errors import ModelError, ParameterError
 from labelsieve.detectors import create_detector, list_detectors
-from labelsieve.detectors.codivide import CoDivideDetector, codivide_loss, strong_feature_view
+from labelsieve.detectors.codivide import RECIPE, CoDivideDetector, codivide_loss, strong_feature_view
+from labelsieve.detectors.common.views import strong_view, weak_view
+from labelsieve.detectors.ensemble import CODIVIDE_FAST
 
 # ---------------------------------------------------------------------------------------------------
 # the loss and the feature-space strong view
@@ -73,15 +75,25 @@ def test_strong_feature_view_is_normalised_seeded_and_identity_without_noise():
     assert strong_feature_view(x[:0], dropout=0.5, noise=0.5).shape == (0, 32)
 
 
-def test_registry_and_parameter_checks():
+def test_registry_recipe_and_parameter_checks():
     assert "codivide" in list_detectors()
     det = create_detector("codivide", frozen=True, epochs=3)
     assert isinstance(det, CoDivideDetector) and det.needs_text
-    assert det.get_params()["frozen"] is True and det.get_params()["warmup_epochs"] == 1
+    assert det.get_params()["frozen"] is True and det.get_params()["warmup_epochs"] == 0
+    rows = {r["name"]: r for r in RECIPE.rows(create_detector("codivide").get_params())}
+    paper = {"epochs": 60, "warmup_epochs": 0, "lr": 0.02, "batch_size": 64, "tau": 0.5, "monotone": False,
+             "weak": "flip_shift", "gmm_max_iter": 10, "confidence": 0.95}
+    for name, value in paper.items():
+        assert rows[name]["value"] == value and rows[name]["origin"] == "paper", name
+    for name in ("frozen", "lambda_u", "finetune_encoders", "max_steps", "feature_dropout"):
+        assert rows[name]["origin"] == "labelsieve" and (rows[name]["note"] or rows[name]["source"]), name
+    assert rows["finetune_encoders"]["paper"] is True and rows["frozen"]["paper"] is False
+    assert "J. Visual Communication and Image Representation" in RECIPE.reference
     bad = [({"frozen": "yes"}, "'frozen'"), ({"epochs": 2, "warmup_epochs": 2}, "'warmup_epochs'"),
            ({"tau": 1.5}, "'tau'"), ({"lr": 0}, "'lr'"), ({"batch_size": 1}, "'batch_size'"),
            ({"confidence": 0.0}, "'confidence'"), ({"feature_dropout": 1.0}, "'feature_dropout'"),
-           ({"amp": "fp8"}, "'amp'"), ({"epochs": True}, "'epochs'")]
+           ({"amp": "fp8"}, "'amp'"), ({"epochs": True}, "'epochs'"), ({"weak": "crop"}, "'weak'"),
+           ({"max_steps": 0}, "'max_steps'")]
     for kw, msg in bad:
         with pytest.raises(ParameterError, match=msg):
             create_detector("codivide", **kw)
@@ -104,11 +116,12 @@ def noisy_cifar(cifar_feats):
 @pytest.fixture(scope="module")
 def cifar_result(noisy_cifar, mini_clip):
     images, x, noisy, _ = noisy_cifar
-    return create_detector("codivide", frozen=True).detect(make_context(images, x, mini_clip, noisy, seed=1))
+    return create_detector("codivide", **CODIVIDE_FAST).detect(make_context(images, x, mini_clip, noisy, seed=1))
 
 
 def test_frozen_path_finds_40pc_noise_on_cifar(noisy_cifar, mini_clip, cifar_result):
-    """CIFAR-10 with mini CLIP (52.8 % zero-shot), 40 % symmetric noise, defaults (10 epochs). Measured:
+    """CIFAR-10 with mini CLIP (52.8 % zero-shot), 40 % symmetric noise, labelsieve's fast settings (10 epochs,
+    the default ensemble's member). Measured:
     AUROC 0.921, F1 0.828, clean-selection precision 0.896 vs a clean rate of 0.60 (label_match: AUROC 0.882,
     F1 0.709), ~13 s on one CPU thread."""
     images, x, noisy, truth = noisy_cifar
@@ -158,15 +171,16 @@ def test_frozen_path_imagenette_and_determinism(imagenette_feats, mini_clip):
     noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=5)
     truth = noisy != images.labels
     ctx = make_context(images, x, mini_clip, noisy, seed=2)
-    a = create_detector("codivide", frozen=True, epochs=3).detect(ctx)
+    fast = {**CODIVIDE_FAST, "epochs": 3}
+    a = create_detector("codivide", **fast).detect(ctx)
     f1, auroc = scores(a, truth)
     assert auroc > 0.97 and f1 > 0.9, (auroc, f1)
     assert _clean_precision(a, truth) > 0.95
     assert a.info["zero_shot_agreement"] > 0.5 and a.info["warnings"] == []
-    b = create_detector("codivide", frozen=True, epochs=3).detect(ctx)
+    b = create_detector("codivide", **fast).detect(ctx)
     np.testing.assert_array_equal(a.p_clean, b.p_clean)
     np.testing.assert_array_equal(a.probs, b.probs)
-    c = create_detector("codivide", frozen=True, epochs=3).detect(
+    c = create_detector("codivide", **fast).detect(
         make_context(images, x, mini_clip, noisy, seed=3))
     assert not np.array_equal(a.p_clean, c.p_clean)  # the seed matters
 
@@ -174,7 +188,7 @@ def test_frozen_path_imagenette_and_determinism(imagenette_feats, mini_clip):
 def test_degenerate_inputs_stay_finite(imagenette_feats, mini_clip):
     images, x = imagenette_feats
     # every label right
-    res = create_detector("codivide", frozen=True, epochs=2).detect(make_context(images, x, mini_clip))
+    res = create_detector("codivide", **{**CODIVIDE_FAST, "epochs": 2}).detect(make_context(images, x, mini_clip))
     assert np.all(np.isfinite(res.p_clean)) and np.all(np.isfinite(res.probs))
     assert res.is_noisy.mean() < 0.05  # measured 0.0025
     # a class with a single sample, and a tiny dataset smaller than two batches
@@ -192,7 +206,53 @@ def test_cnn_tower_needs_frozen(imagenette_feats, mini_clip):
     ctx = make_context(images, x, mini_clip)
     with pytest.raises(ModelError, match="--frozen"):
         create_detector("codivide", frozen=False).detect(ctx)
-    assert create_detector("codivide", frozen="auto").resolve_path(ctx) == "text_only_features"  # auto on a CNN
+    path, why = create_detector("codivide").resolve_path(ctx)  # the default, auto, on a CNN tower
+    assert path == "text_only_features" and "not a ViT" in why
+
+
+def test_paper_recipe_falls_back_to_the_frozen_path_on_a_cnn_and_max_steps_caps_the_rows(imagenette_feats,
+                                                                                          mini_clip):
+    """The paper's settings (lr 0.02, batch 64, no warm-up, raw GMM posterior) on the frozen fallback, shortened
+    to 3 epochs, with a budget of 4 steps per network and epoch: 256 of the 400 rows train each epoch."""
+    images, x = imagenette_feats
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=5)
+    ctx = make_context(images, x, mini_clip, noisy, seed=2)
+    res = create_detector("codivide", epochs=3, max_steps=12).detect(ctx)
+    info = res.info
+    assert info["path"] == "text_only_features" and "not a ViT" in info["path_reason"]
+    assert info["rows_per_epoch"] == 4 * 64
+    assert [h["phase"] for h in info["history"]] == ["codivide"] * 3  # no warm-up
+    assert all(h[k]["n"] == 256 for h in info["history"] for k in ("net1", "net2"))
+    rows = {r["name"]: r for r in info["recipe"]}
+    assert rows["frozen"]["resolved"] is True and rows["frozen"]["origin"] == "labelsieve"
+    assert rows["max_steps"]["origin"] == "user" and rows["lr"]["origin"] == "paper"
+    f1, auroc = scores(res, noisy != images.labels)
+    assert auroc > 0.95 and f1 > 0.85, (auroc, f1)
+
+
+def test_flip_shift_view_is_a_flip_and_a_translation(cache40):
+    """The papers' weak view: random horizontal flip + random translation by up to 1/8 of the side (zero padding);
+    the strong view adds RandAugment on top."""
+    torch.manual_seed(0)
+    img = cache40[3]
+    view = weak_view("flip_shift", 40, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    ref = img.float() / 255
+    found_shift = False
+    for _ in range(8):
+        out = view(img)
+        assert out.shape == (3, 40, 40)
+        matched = False
+        for cand in (ref, ref.flip(-1)):
+            for dy in range(-5, 6):
+                for dx in range(-5, 6):
+                    a = out[:, max(0, dy):40 + min(0, dy), max(0, dx):40 + min(0, dx)]
+                    b = cand[:, max(0, -dy):40 + min(0, -dy), max(0, -dx):40 + min(0, -dx)]
+                    if torch.allclose(a, b, atol=1e-6):
+                        matched, found_shift = True, found_shift or (dx, dy) != (0, 0)
+        assert matched  # every view is the image, maybe flipped, moved by at most 5 = 40 // 8 pixels
+    assert found_shift
+    strong = strong_view("flip_shift", 40, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(img)
+    assert strong.shape == (3, 40, 40) and torch.isfinite(strong).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,10 +269,11 @@ def test_image_level_maple_runs_end_to_end_and_trains_both_networks(imagenette_s
     enc = tiny_vit_encoder()
     ctx = make_context(sub, None, enc, noisy)
     ctx.cache_dir = tmp_path
-    det = create_detector("codivide", frozen="auto", epochs=2, warmup_epochs=1, batch_size=16, lr=0.05,
+    det = create_detector("codivide", frozen=False, epochs=2, warmup_epochs=1, batch_size=16, lr=0.05,
                           num_workers=0)
-    assert det.resolve_path(ctx) == "maple_images"  # auto on a ViT
-    assert create_detector("codivide").resolve_path(ctx) == "text_only_features"  # the default: cached features
+    assert det.resolve_path(ctx) == ("maple_images", "requested (frozen=False)")
+    path, why = create_detector("codivide").resolve_path(ctx)  # the default, auto: a ViT, but no GPU
+    assert path == "text_only_features" and "no GPU" in why
     res = det.detect(ctx)
     assert res.p_clean.shape == (64,) and res.probs.shape == (64, sub.n_classes)
     assert np.all(np.isfinite(res.p_clean)) and np.all(np.isfinite(res.probs))
@@ -232,3 +293,32 @@ def test_image_level_maple_runs_end_to_end_and_trains_both_networks(imagenette_s
         for name, p in trained.named_parameters():
             assert not torch.equal(p.detach(), start_sd[name].detach()), name
     assert not torch.equal(det.networks_[0].prompts.compound_text[0], det.networks_[1].prompts.compound_text[0])
+    # the two networks split the data differently, and each trained on the other's split
+    p1, p2 = res.columns["p_clean_net1"], res.columns["p_clean_net2"]
+    assert not np.allclose(p1, p2)
+    e = info["history"][1]
+    assert e["net1"]["n_labelled"] == e["net2"]["n_selected"] and e["net2"]["n_labelled"] == e["net1"]["n_selected"]
+    assert e["split_agreement"] < 1.0 or e["net1"]["n_selected"] != e["net2"]["n_selected"]
+
+
+def test_finetune_encoders_trains_a_copy_of_both_towers_per_network(imagenette_small, tmp_path):
+    from labelsieve.data import load_images
+
+    images = load_images(*imagenette_small)
+    sub = images.subset(np.concatenate([np.flatnonzero(images.labels == c)[:3] for c in range(images.n_classes)]))
+    enc = tiny_vit_encoder()
+    ctx = make_context(sub, None, enc, sub.labels)
+    ctx.cache_dir = tmp_path
+    before = {k: v.clone() for k, v in enc.model.state_dict().items()}
+    det = create_detector("codivide", frozen=False, epochs=1, batch_size=10, finetune_encoders=True, encoder_lr=0.01,
+                          num_workers=0)
+    det.detect(ctx)
+    for k, v in enc.model.state_dict().items():
+        assert torch.equal(before[k], v), k  # the caller's model is untouched
+    n1, n2 = det.networks_
+    assert n1.encoders is not None and n1.encoders is not n2.encoders
+    for net in (n1, n2):
+        moved = {name for name, p in net.encoders.named_parameters() if not torch.equal(p.detach(), before[name])}
+        assert any(n.startswith("visual.transformer") for n in moved)  # the image encoder trained
+        assert any(n.startswith("transformer.") for n in moved)  # and the text encoder
+        assert "logit_scale" not in moved

@@ -91,6 +91,9 @@ def test_members_are_built_and_validated():
     default = create_detector("ensemble")
     assert [m[0] for m in default.members] == ["codivide", "turn", "knn"]
     assert default.members[1][1]["finetune"] is False and len(DEFAULT_MEMBERS) == 3
+    # the members' parameters are spelled out: the paper recipes (the members' own defaults) do not leak in
+    assert default.members[0][1]["epochs"] == 10 and default.members[0][1]["frozen"] is True
+    assert default.members[0][1]["monotone"] is True and default.members[1][1]["monotone"] is True
     assert default.combine == "stack" and default.needs_text
     json.dumps(create_detector("ensemble").get_params())
     with pytest.raises(ParameterError, match="Unknown detector 'nope'"):
@@ -122,3 +125,24 @@ def test_default_ensemble_beats_each_member_on_cifar(cifar_ctx):
     assert f1 > max(s[0] for s in member.values()), (f1, member)
     assert auroc > max(s[1] for s in member.values()) - 0.01, (auroc, member)
     assert any("codivide" in w for w in res.info["warnings"])  # its text-side warning is passed on
+
+
+def test_stacking_takes_reviewer_confirmed_rows_as_ground_truth():
+    """Rows a reviewer kept although every member flagged them join the stacking fit as clean: the same
+    member evidence then scores higher, and only with the trusted rows' weight."""
+    rng = np.random.default_rng(0)
+    clean = rng.normal(1.5, 0.5, (300, 3))
+    noisy = rng.normal(-1.5, 0.5, (100, 3))
+    fooled = rng.normal([-1.0, -1.0, 0.5], 0.2, (40, 3))  # members 0 and 1 cry wolf; member 2 is right
+    z = np.vstack([clean, noisy, fooled])
+    flags = z < 0
+    trusted = np.zeros(len(z), dtype=bool)
+    trusted[400:420] = True  # the reviewer kept half of the fooled rows
+    plain, info0 = EnsembleDetector._stack(z, flags, 0)
+    taught, info = EnsembleDetector._stack(z, flags, 0, trusted, 5.0)
+    ignored, _ = EnsembleDetector._stack(z, flags, 0, trusted, 0.0)
+    assert info0["n_fit_trusted"] == 0 and info["n_fit_trusted"] == 20
+    # the other fooled rows (not reviewed) now look cleaner; clean and noisy rows keep their side
+    assert taught[420:].mean() > plain[420:].mean() + 0.2
+    assert (taught[:300] > 0.5).mean() > 0.95 and (taught[300:400] < 0.5).mean() > 0.95
+    assert np.allclose(ignored[420:], plain[420:], atol=0.05)

@@ -15,7 +15,7 @@ from labelsieve.detectors.common.losses import (
     NamedLoss,
     complementary_nll,
     cross_entropy,
-    dual_prompt_nll,
+    deft_dual_loss,
     gce_loss,
     get_loss,
     sce_loss,
@@ -88,16 +88,38 @@ def test_complementary_nll_value():
     assert big.item() == pytest.approx(2e4, rel=1e-6)
 
 
-def test_dual_prompt_nll_value():
-    pos = torch.tensor([2.0, 2.0, -1.0, 0.0])
-    neg = torch.tensor([0.0, 0.0, 3.0, 0.0])
-    yes = torch.tensor([True, False, True, False])
-    p_yes = np.exp([2, 2, -1, 0]) / (np.exp([2, 2, -1, 0]) + np.exp([0, 0, 3, 0]))
-    hand = [-np.log(p_yes[0]), -np.log(1 - p_yes[1]), -np.log(p_yes[2]), np.log(2)]
-    got = dual_prompt_nll(pos, neg, yes=yes, reduction="none")
-    np.testing.assert_allclose(got.numpy(), hand, rtol=1e-6)
-    # swapping the prompts and the answer gives the same loss
-    torch.testing.assert_close(dual_prompt_nll(neg, pos, yes=~yes, reduction="none"), got)
+def test_deft_dual_loss_equals_the_authors_formula_by_hand():
+    """L_dp = mean_i -log clamp(p_no[i, comp_i]) + w · mean_i -log clamp(p_yes[i, t_i]), with
+    p_yes = softmax([pos, neg])[0] per class and p clamped to >= 1e-5 (HotanLee/DeFT main_phase1.py L53-L74):
+    two batch means added, not one mean over the 2N terms."""
+    pos = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    neg = torch.tensor([[0.0, 1.0, 0.5], [1.0, -1.0, 30.0]])
+    target, comp = torch.tensor([0, 1]), torch.tensor([2, 0])
+    p_yes = 1.0 / (1.0 + np.exp(-(pos.numpy() - neg.numpy())))
+    p_no = 1.0 - p_yes
+    no_term = np.mean([-np.log(max(p_no[0, 2], 1e-5)), -np.log(max(p_no[1, 0], 1e-5))])
+    yes_term = np.mean([-np.log(max(p_yes[0, 0], 1e-5)), -np.log(max(p_yes[1, 1], 1e-5))])
+    got = deft_dual_loss(pos, neg, target, comp)
+    assert float(got) == pytest.approx(no_term + yes_term, rel=1e-6)
+    # the severe-noise weight scales the "yes" term only
+    assert float(deft_dual_loss(pos, neg, target, comp, positive_weight=0.25)) == pytest.approx(
+        no_term + 0.25 * yes_term, rel=1e-6)
+    # the clamp: a "yes" probability of e^-32 counts as 1e-5 (the loss stops at ln 1e5 and has no gradient)
+    far = deft_dual_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[32.0, 0.0]]), torch.tensor([0]),
+                         torch.tensor([1]))
+    assert float(far) == pytest.approx(-math.log(1e-5) + math.log(2.0), rel=1e-6)
+    # an empty batch gives 0, not NaN
+    assert float(deft_dual_loss(pos[:0], neg[:0], target[:0], comp[:0])) == 0.0
+
+
+def test_deft_dual_loss_trains_only_the_negative_logits():
+    pos = torch.randn(4, 3, requires_grad=True)
+    neg = torch.randn(4, 3, requires_grad=True)
+    deft_dual_loss(pos, neg, torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 2])).backward()
+    assert pos.grad is None  # the positive logits are detached (the authors' pos_outputs.detach())
+    assert neg.grad is not None and float(neg.grad.abs().sum()) > 0
+    # only the target and complementary columns receive gradient
+    assert float(neg.grad[0, 2].abs()) == 0.0 and float(neg.grad[0, 0].abs()) > 0
 
 
 @pytest.mark.parametrize("name", ["ce", "gce", "sce", "comp", "dual", "elr"])
@@ -105,8 +127,8 @@ def test_dual_prompt_nll_value():
 def test_finite_and_differentiable_for_extreme_logits(name, dtype):
     logits = EXTREME.to(dtype).clone().requires_grad_(True)
     if name == "dual":
-        loss = dual_prompt_nll(logits[:, 0], logits[:, 1], yes=torch.tensor([True, False, True, False]),
-                               reduction="none")
+        loss = deft_dual_loss(logits[:, :1].detach(), logits[:, 1:2], torch.zeros(4, dtype=torch.long),
+                              torch.zeros(4, dtype=torch.long))
     elif name == "elr":
         elr = ELRLoss(4, 3)
         elr(logits.detach(), EXTREME_T, torch.arange(4))  # targets now one-hot-like
@@ -210,7 +232,9 @@ def test_validation_messages():
         cross_entropy(logits, y[:3])
     with pytest.raises(ParameterError, match="log_clip"):
         sce_loss(logits, y, log_clip=0.0)
-    with pytest.raises(ParameterError, match="yes"):
-        dual_prompt_nll(logits[:, 0], logits[:, 1], yes=torch.ones(16))
+    with pytest.raises(ParameterError, match="pos_logits"):
+        deft_dual_loss(logits, logits[:, :2], y, y)
+    with pytest.raises(ParameterError, match="positive_weight"):
+        deft_dual_loss(logits, logits, y, y, positive_weight=-1.0)
     with pytest.raises(ParameterError, match="num_classes"):
         ELRLoss(10, 1)

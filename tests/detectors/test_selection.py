@@ -52,12 +52,20 @@ def test_gmm_separates_bimodal_losses():
     np.testing.assert_array_equal(fit_gmm_split(losses, seed=0).posterior, p)
 
 
-def test_monotone_posterior_fixes_the_wide_component_tail():
-    """A wide noisy component would otherwise claim the far low tail: zero-loss samples come out noisy."""
+def test_raw_posterior_by_default_and_monotone_option_fixes_the_wide_component_tail():
+    """By default the posterior is DivideMix's raw one, ``predict_proba[:, means_.argmin()]`` of a GMM on the
+    min-max normalised losses; ``monotone=True`` (labelsieve's option) fixes the far low tail, which a wide
+    noisy component otherwise claims: zero-loss samples come out noisy."""
+    from sklearn.mixture import GaussianMixture
+
     rng = np.random.default_rng(0)
     losses = np.r_[rng.normal(0.3, 0.03, 800), rng.normal(0.8, 0.2, 200), np.zeros(5)]
-    raw = fit_gmm_split(losses, monotone=False).posterior
-    mono = fit_gmm_split(losses).posterior
+    raw = fit_gmm_split(losses).posterior
+    norm = (losses - losses.min()) / (losses.max() - losses.min())
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(norm[:, None])
+    np.testing.assert_allclose(raw, gmm.predict_proba(norm[:, None])[:, gmm.means_.argmin()], atol=1e-12)
+    assert fit_gmm_split(losses, monotone=False).posterior.tolist() == raw.tolist()
+    mono = fit_gmm_split(losses, monotone=True).posterior
     assert raw[-5:].max() < 0.01  # raw DivideMix posterior: the lowest losses are "noisy"
     assert mono[-5:].min() > 0.99  # fixed
     order = np.argsort(losses, kind="stable")

@@ -16,7 +16,7 @@ from labelsieve.core.errors import DataError, ModelError, ParameterError
 from labelsieve.data import load_images
 from labelsieve.data.imagecache import decode_resized
 from labelsieve.data.transforms import eval_transform
-from labelsieve.models.classifiers import FALLBACK_DEFAULTS, create_classifier
+from labelsieve.models.classifiers import FALLBACK_DEFAULTS, CLIPImageClassifier, create_classifier
 from labelsieve.models.encoders import create_encoder
 from labelsieve.models.loader import parse_model
 from labelsieve.train import TrainReport, load_classifier, predict, train_from_audit, train_on_labels
@@ -249,7 +249,7 @@ def test_clip_backbone_zero_shot_head_and_export(nette, mini_clip_dir, tmp_path)
     """The CLIP image tower + head initialised from text embeddings predicts like zero-shot CLIP, and the
     exported classifier reloads (also after the CLIP folder is gone, from the config kept in model.json)."""
     spec = parse_model(str(mini_clip_dir))
-    model, data = create_classifier(spec, num_classes=10, classnames=nette.classnames)
+    model, data = create_classifier(spec, num_classes=10, classnames=nette.classnames, clip_head="zero_shot")
     assert (data.image_size, data.crop_pct) == (224, 1.0)
     idx = np.arange(0, 400, 40)
     tf = eval_transform(224, mean=data.mean, std=data.std)
@@ -273,3 +273,51 @@ def test_clip_backbone_zero_shot_head_and_export(nette, mini_clip_dir, tmp_path)
         loaded, _ = load_classifier(tmp_path / "m")
         with torch.no_grad():
             assert torch.allclose(loaded(x), logits, atol=1e-4)
+
+
+def test_clip_backbone_linear_head_on_pre_projection_features(nette, mini_clip_dir, tmp_path):
+    """The default CLIP head is the DEFT authors' phase 2: a fresh linear layer on the pre-projection features
+    (the mini CLIP's EfficientNet trunk, 1280-d, before open_clip's projection to 512), with only the trunk's
+    blocks and the head trainable; it exports and reloads."""
+    spec = parse_model(str(mini_clip_dir))
+    model, data = create_classifier(spec, num_classes=10, classnames=nette.classnames)
+    assert model.head_kind == "linear" and model.head.in_features == 1280 and "blocks" in model.trainable
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "head.weight" in trainable and all(n.startswith(("visual.trunk.blocks.", "head.")) for n in trainable)
+    assert not any(p.requires_grad for p in model.visual.trunk.conv_stem.parameters())
+    tf = eval_transform(224, mean=data.mean, std=data.std)
+    x = torch.stack([tf(torch.from_numpy(decode_resized(nette.abspath(i), 224)).permute(2, 0, 1)) for i in (0, 50)])
+    enc = create_encoder(str(mini_clip_dir), device="cpu")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), enc.model.visual.trunk(x))
+        logits = model(x)
+    meta = {"spec": spec.to_dict(), "num_classes": 10, "classes": nette.classes, "preprocessing": data.to_dict(),
+            "clip_config": json.loads((mini_clip_dir / "open_clip_config.json").read_text()),
+            "training": {"clip_head": "linear"}}
+    export_classifier(model, tmp_path / "m", meta)
+    loaded, _ = load_classifier(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), logits, atol=1e-4)
+
+
+def test_clip_vit_linear_head_trains_only_the_blocks():
+    """On a ViT tower (a tiny open_clip ViT): the head reads ln_post of the class token (``proj`` dropped); patch
+    embedding, class and position embeddings, ln_pre and ln_post stay frozen (model/CLIP.py ViT_Tuner)."""
+    from helpers import tiny_clip
+
+    clip = tiny_clip()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        projected = clip.visual(x)
+        pre = projected @ torch.linalg.pinv(clip.visual.proj)  # ln_post(CLS) = projected @ proj^+ (proj 64x64)
+    model = CLIPImageClassifier(clip.visual, 64, 5)
+    assert model.visual.proj is None and model.head.in_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), pre, rtol=1e-3, atol=1e-3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("visual.transformer.resblocks.", "head.")) for n in trainable)
+    assert any(n.startswith("visual.transformer.resblocks.") for n in trainable)
+    for frozen in ("visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+                   "visual.ln_pre.weight", "visual.ln_post.weight"):
+        assert frozen not in trainable

@@ -10,7 +10,7 @@ the input rows.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from labelsieve.data import LabeledImages
+from labelsieve.detectors.common.recipe import Recipe
 from labelsieve.models.encoders import Encoder
 
 
@@ -29,7 +30,7 @@ class DetectionResult:
     ----------
     p_clean : ndarray of shape (n,), float64 in [0, 1]
         Probability that the given label is right.
-    probs : ndarray of shape (n, n_classes), float64, rows sum to 1
+    probs : ndarray of shape (n, n_classes), float32, rows sum to 1
         Class probabilities; ``argmax`` is the suggested label, ``max`` its probability.
     threshold : float
         The decision: a sample is flagged noisy iff ``p_clean < threshold``.
@@ -56,13 +57,13 @@ class DetectionResult:
 
     def __post_init__(self) -> None:
         self.p_clean = np.asarray(self.p_clean, dtype=np.float64).reshape(-1)
-        self.probs = np.asarray(self.probs, dtype=np.float64)
+        self.probs = np.asarray(self.probs, dtype=np.float32)  # 4 GB for 10M rows x 100 classes, not 8
         if self.probs.ndim != 2 or self.probs.shape[0] != self.p_clean.shape[0]:
             raise ValueError(
                 f"probs must have shape (n, n_classes) with n = {self.p_clean.shape[0]}; "
                 f"got {self.probs.shape}"
             )
-        if not np.all(np.isfinite(self.p_clean)) or not np.all(np.isfinite(self.probs)):
+        if not np.isfinite(self.p_clean).all() or not np.isfinite(self.probs.sum(axis=1)).all():
             raise ValueError("a detector produced NaN or infinite scores")
         self.p_clean = np.clip(self.p_clean, 0.0, 1.0)
 
@@ -84,6 +85,11 @@ class DetectionResult:
         return self.probs.max(axis=1)
 
 
+#: Largest float32 feature matrix a detector holds in memory (1 GiB: 500k x 512); larger collections are read
+#: from the (memory-mapped, float16) store a block at a time.
+FEATURES_IN_MEMORY_BYTES = 1 << 30
+
+
 @dataclass
 class DetectionContext:
     """Everything a detector may use, computed lazily so that cheap detectors stay cheap.
@@ -98,15 +104,23 @@ class DetectionContext:
         The readable images (same order as ``labels``), for detectors that train the image tower.
     encoder : Encoder
         The loaded model (``encoder.has_text`` says whether it can encode text).
-    features_fn : callable returning ndarray of shape (n, d)
-        Produces L2-normalised image features of the readable images from the feature store. Called
-        at most once; see :meth:`features`.
+    features_fn : callable returning an array-like of shape (n, d)
+        Produces the image features of the readable images, e.g. the feature store's float16 memory-mapped
+        view (not necessarily normalised, any float dtype, only read). Called at most once; see
+        :meth:`features` for the whole matrix and :meth:`feature_batches` / :meth:`feature_rows` for
+        bounded-memory access (what detectors use so that 10M rows need no float32 copy).
     device : torch.device
     seed : int
     cache_dir : path-like
         Where detectors may cache their own intermediate artefacts (decoded-image caches, …).
     progress : bool
         Whether to show progress bars.
+    trusted : ndarray of shape (n,), bool, optional
+        Rows whose label a person confirmed or corrected (``labelsieve audit --reviewed``): ``labels``
+        already holds their corrected label, and rows a reviewer dropped are not in the context at
+        all. Every detector fits on ``labels``; those that can weigh evidence use the trusted rows as
+        ground truth (the ensemble's stacking). None when nothing was reviewed; see
+        :meth:`trusted_mask`.
     """
 
     labels: np.ndarray
@@ -118,14 +132,41 @@ class DetectionContext:
     seed: int = 0
     cache_dir: Any = None
     progress: bool = True
+    trusted: np.ndarray | None = None
     _features: np.ndarray | None = field(default=None, init=False, repr=False)
+    _raw: Any = field(default=None, init=False, repr=False)
+    _raw_read: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.trusted is not None:
+            self.trusted = np.asarray(self.trusted, dtype=bool).reshape(-1)
+            if len(self.trusted) != len(self.labels):
+                raise ValueError(f"trusted must have one entry per label ({len(self.labels)}); "
+                                 f"got {len(self.trusted)}")
 
     @property
     def n_classes(self) -> int:
         return len(self.classnames)
 
+    def trusted_mask(self) -> np.ndarray:
+        """Boolean array of shape (n,): the rows a reviewer confirmed (all False when none were)."""
+        return np.zeros(len(self.labels), dtype=bool) if self.trusted is None else self.trusted
+    @property
+    def n_samples(self) -> int:
+        return len(self.labels)
+
+    def raw_features(self) -> Any:
+        """The features as ``features_fn`` gives them (array-like (n, d), e.g. float16 memory-mapped), or None."""
+        if not self._raw_read:
+            self._raw, self._raw_read = self.features_fn(), True
+        return self._raw
+
     def features(self) -> np.ndarray:
-        """L2-normalised image features, float32, shape (n, d); extracted or read from the cache once."""
+        """L2-normalised image features, float32, shape (n, d), in memory; read once.
+
+        This is ``4 n d`` bytes (20 GB for 10M x 512): detectors that must run on collections of any size
+        read :meth:`feature_batches` or :meth:`feature_rows` instead.
+        """
         feats = self.optional_features()
         if feats is None:
             raise ValueError("This DetectionContext has no image features (its features_fn returned None).")
@@ -135,13 +176,65 @@ class DetectionContext:
         """:meth:`features`, or None when ``features_fn`` gives none (a context built for image-level
         training only)."""
         if self._features is None:
-            raw = self.features_fn()
+            raw = self.raw_features()
             if raw is None:
                 return None
-            feats = np.asarray(raw, dtype=np.float32)
-            norms = np.linalg.norm(feats, axis=1, keepdims=True)
-            self._features = feats / np.maximum(norms, 1e-12)
+            self._features = normalize_rows(raw)
         return self._features
+
+    def feature_rows(self, index: np.ndarray | slice) -> np.ndarray:
+        """L2-normalised float32 features of the rows ``index``, read from the source (no full copy)."""
+        if self._features is not None:
+            return self._features[index]
+        raw = self.raw_features()
+        if raw is None:
+            raise ValueError("This DetectionContext has no image features (its features_fn returned None).")
+        if isinstance(index, np.ndarray) and index.dtype != bool and len(index) > 1:
+            order = np.argsort(index, kind="stable")  # sorted reads are sequential on a memory map
+            out = np.empty((len(index), raw.shape[1]), dtype=np.float32)
+            out[order] = normalize_rows(raw[index[order]])
+            return out
+        return normalize_rows(raw[index])
+
+    def fits_in_memory(self) -> bool:
+        """Whether a float32 copy of the features stays under :data:`FEATURES_IN_MEMORY_BYTES`; above it,
+        detectors read the features a block at a time."""
+        raw = self.raw_features()
+        return raw is None or self._features is not None or (
+            self.n_samples * int(raw.shape[1]) * 4 <= FEATURES_IN_MEMORY_BYTES)
+
+    def feature_batches(self, batch_size: int = 1 << 16) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, rows)`` blocks of L2-normalised float32 features in row order, ``batch_size`` rows each."""
+        for start in range(0, self.n_samples, batch_size):
+            yield start, self.feature_rows(slice(start, min(start + batch_size, self.n_samples)))
+
+
+def normalize_rows(x: Any) -> np.ndarray:
+    """Rows of ``x`` (any float array-like) as float32, each scaled to unit L2 norm (zero rows stay zero)."""
+    feats = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(feats, axis=1, keepdims=True)
+    return feats / np.maximum(norms, 1e-12)
+
+
+class RowSubset:
+    """Rows ``index`` of an array-like (e.g. a memory-mapped view), indexed lazily: ``RowSubset(a, idx)[i]`` is
+    ``a[idx[i]]`` without copying ``a``; what :func:`labelsieve.api.run_detector` hands detectors when some
+    images were unreadable."""
+
+    def __init__(self, array: Any, index: np.ndarray) -> None:
+        self.array, self.index = array, np.asarray(index, dtype=np.int64)
+        self.shape = (len(self.index), *array.shape[1:])
+        self.dtype = array.dtype
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.array[self.index[key]])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.asarray(self.array[self.index])
+        return out.astype(dtype) if dtype is not None else out
 
 
 class Detector(ABC):
@@ -151,11 +244,26 @@ class Detector(ABC):
     ``needs_text`` (True when the encoder must have a text tower), and implement :meth:`detect`.
     ``__init__`` takes keyword-only parameters, validates them with
     :func:`labelsieve.core.errors.check_param` and stores them; learned state ends in ``_``.
+
+    A detector that declares a :class:`~labelsieve.detectors.common.recipe.Recipe` as ``recipe`` (and no
+    ``__init__``) gets its ``__init__`` from it (:meth:`Recipe.init_method`): the recipe is then the one
+    place its parameters, defaults, checks and provenance are written; cross-parameter checks go in
+    :meth:`_check_params`.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
+    recipe: ClassVar[Recipe | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        recipe = cls.__dict__.get("recipe")
+        if recipe is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = recipe.init_method()  # type: ignore[method-assign]
+
+    def _check_params(self) -> None:  # noqa: B027 - a hook: most detectors have no cross-parameter check
+        """Checks that involve several parameters, after a recipe bound them (none by default)."""
 
     @abstractmethod
     def detect(self, ctx: DetectionContext) -> DetectionResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,44 @@ from labelsieve.detectors.common.base import DetectionContext
 from labelsieve.detectors.common.losses import gce_loss
 
 
+class Rows:
+    """Rows of L2-normalised features, fetched on demand: from an in-memory array, or from a
+    :class:`~labelsieve.detectors.common.base.DetectionContext` (a float16 memory map read a batch at a time), so
+    a probe trains on 10M rows without a float32 copy of them. ``Rows(x)[idx]`` is float32 (len(idx), d)."""
+
+    def __init__(self, source: Any, index: np.ndarray | None = None) -> None:
+        self.source = source.source if isinstance(source, Rows) else source
+        base = source.index if isinstance(source, Rows) else None
+        if index is not None:
+            index = np.asarray(index, dtype=np.int64)
+            index = base[index] if base is not None else index
+        else:
+            index = base
+        self.index = index
+        n_all = self.source.n_samples if hasattr(self.source, "feature_rows") else len(self.source)
+        self.n = len(index) if index is not None else n_all
+
+    @staticmethod
+    def of(ctx: DetectionContext) -> Any:
+        """The features of ``ctx`` for a probe: the in-memory float32 matrix when it fits
+        (:meth:`~labelsieve.detectors.common.base.DetectionContext.fits_in_memory`), else :class:`Rows`."""
+        return ctx.features() if ctx.fits_in_memory() else Rows(ctx)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def subset(self, idx: np.ndarray) -> Rows:
+        return Rows(self, idx)
+
+    def __getitem__(self, idx: np.ndarray | slice) -> np.ndarray:
+        rows = np.arange(self.n)[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64)
+        if self.index is not None:
+            rows = self.index[rows]
+        if hasattr(self.source, "feature_rows"):
+            return self.source.feature_rows(rows)
+        return np.asarray(self.source[rows], dtype=np.float32)
+
+
 @dataclass
 class LinearProbe:
     """A trained linear head (weights on CPU)."""
@@ -29,16 +68,21 @@ class LinearProbe:
     bias: torch.Tensor  # (C,)
     scale: float
 
-    def logits(self, x: np.ndarray, *, batch_size: int = 65536) -> np.ndarray:
-        """Float32 logits (n, C) for features ``x`` (n, d)."""
-        out = []
+    def logits(self, x: Any, *, batch_size: int = 65536) -> np.ndarray:
+        """Float32 logits (n, C) for features ``x`` (n, d): an array, or :class:`Rows`."""
+        out = np.empty((len(x), self.weight.shape[0]), dtype=np.float32)
         for i in range(0, len(x), batch_size):
             xb = torch.as_tensor(np.asarray(x[i : i + batch_size], dtype=np.float32))
-            out.append((self.scale * xb @ self.weight.T + self.bias).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.weight.shape[0]), np.float32)
+            out[i : i + len(xb)] = (self.scale * xb @ self.weight.T + self.bias).numpy()
+        return out
 
-    def probs(self, x: np.ndarray) -> np.ndarray:
-        return torch.softmax(torch.as_tensor(self.logits(x)), dim=1).double().numpy()
+    def probs(self, x: Any, *, batch_size: int = 65536) -> np.ndarray:
+        """Softmax probabilities (n, C), float32, computed a block at a time."""
+        out = np.empty((len(x), self.weight.shape[0]), dtype=np.float32)
+        for i in range(0, len(x), batch_size):
+            lg = torch.as_tensor(self.logits(x[i : i + batch_size]))
+            out[i : i + len(lg)] = torch.softmax(lg.double(), dim=1).numpy()
+        return out
 
 
 def fit_linear_probe(
@@ -61,8 +105,8 @@ def fit_linear_probe(
 
     Parameters
     ----------
-    x : ndarray of shape (n, d)
-        L2-normalised features.
+    x : ndarray of shape (n, d), or Rows
+        L2-normalised features (:class:`Rows` reads them a batch at a time).
     y : ndarray of shape (n,)
         Targets in ``[0, n_classes)``.
     loss : {"ce", "gce"} or callable
@@ -78,9 +122,10 @@ def fit_linear_probe(
         check_param("fit_linear_probe", "loss", loss, loss in ("ce", "gce"), "'ce', 'gce' or a callable")
     gen = torch.Generator().manual_seed(seed)
     dev = torch.device(device)
-    X = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    X = x if isinstance(x, Rows) else torch.as_tensor(np.asarray(x, dtype=np.float32))
     Y = torch.as_tensor(np.asarray(y, dtype=np.int64))
-    Wt = torch.as_tensor(init, dtype=torch.float32).clone() if init is not None else torch.zeros(n_classes, X.shape[1])
+    d = X[np.arange(1)].shape[1] if isinstance(X, Rows) else X.shape[1]
+    Wt = torch.as_tensor(init, dtype=torch.float32).clone() if init is not None else torch.zeros(n_classes, d)
     W = torch.nn.Parameter(Wt.to(dev))
     b = torch.nn.Parameter(torch.zeros(n_classes, device=dev))
     opt = torch.optim.AdamW([W, b], lr=lr, weight_decay=weight_decay)
@@ -98,9 +143,14 @@ def fit_linear_probe(
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
-            xb, yb = X[idx].to(dev), Y[idx].to(dev)
+            xb = torch.as_tensor(X[np.sort(idx.numpy())] if isinstance(X, Rows) else X[idx]).to(dev)
+            yb = (Y[np.sort(idx.numpy())] if isinstance(X, Rows) else Y[idx]).to(dev)
             per = loss_fn(scale * xb @ W.T + b, yb)
-            lossv = (per * sw[idx].to(dev)).sum() / sw[idx].sum().clamp_min(1e-12) if sw is not None else per.mean()
+            if sw is not None:
+                wb = (sw[np.sort(idx.numpy())] if isinstance(X, Rows) else sw[idx]).to(dev)
+                lossv = (per * wb).sum() / wb.sum().clamp_min(1e-12)
+            else:
+                lossv = per.mean()
             opt.zero_grad(set_to_none=True)
             lossv.backward()
             opt.step()
@@ -109,17 +159,19 @@ def fit_linear_probe(
 
 
 def out_of_fold_probs(
-    x: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0, **probe_kw
+    x: Any, y: np.ndarray, n_classes: int, *, folds: int = 5, seed: int = 0, **probe_kw: Any
 ) -> np.ndarray:
-    """Out-of-fold class probabilities (n, C) from a stratified K-fold linear probe: each sample is
-    scored by a probe that never saw it."""
+    """Out-of-fold class probabilities (n, C), float32, from a stratified K-fold linear probe: each sample is
+    scored by a probe that never saw it. ``x``: an array or :class:`Rows`."""
     counts = np.bincount(y, minlength=n_classes)
     k = int(min(folds, max(2, counts[counts > 0].min())))
-    probs = np.zeros((len(y), n_classes), dtype=np.float64)
+    probs = np.zeros((len(y), n_classes), dtype=np.float32)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    rows = x if isinstance(x, Rows) else None
     for f, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
-        probe = fit_linear_probe(x[tr], y[tr], n_classes, seed=seed + f, **probe_kw)
-        probs[te] = probe.probs(x[te])
+        xtr, xte = (rows.subset(tr), rows.subset(te)) if rows is not None else (x[tr], x[te])
+        probe = fit_linear_probe(xtr, y[tr], n_classes, seed=seed + f, **probe_kw)
+        probs[te] = probe.probs(xte)
     return probs
 
 
@@ -138,10 +190,10 @@ def oof_probe_losses(ctx: DetectionContext, *, folds: int, epochs: int) -> tuple
     Returns
     -------
     losses : ndarray of shape (n,), float64, finite
-    probs : ndarray of shape (n, C), float64
+    probs : ndarray of shape (n, C), float32
     """
     labels = np.asarray(ctx.labels, dtype=np.int64)
-    probs = out_of_fold_probs(ctx.features(), labels, ctx.n_classes, folds=folds, seed=ctx.seed, epochs=epochs,
+    probs = out_of_fold_probs(Rows.of(ctx), labels, ctx.n_classes, folds=folds, seed=ctx.seed, epochs=epochs,
                               device=ctx.device)
     p_given = probs[np.arange(len(labels)), labels]
     return -np.log(np.clip(p_given, 1e-12, 1.0)), probs

@@ -39,7 +39,7 @@ __all__ = [
     "NamedLoss",
     "complementary_nll",
     "cross_entropy",
-    "dual_prompt_nll",
+    "deft_dual_loss",
     "gce_loss",
     "get_loss",
     "sce_loss",
@@ -220,43 +220,56 @@ def complementary_nll(logits: Tensor, comp_targets: Tensor, *, reduction: str = 
     return _reduce(loss, reduction)
 
 
-def dual_prompt_nll(pos_logit: Tensor, neg_logit: Tensor, *, yes: Tensor, reduction: str = "mean") -> Tensor:
-    """DEFT's dual-prompt term for one class per sample.
+def deft_dual_loss(pos_logits: Tensor, neg_logits: Tensor, targets: Tensor, comp_targets: Tensor, *,
+                   positive_weight: float = 1.0, clamp: float = 1e-5) -> Tensor:
+    """DEFT's dual-prompt loss L_dp, as the authors compute it (``main_phase1.py`` L53-L74).
 
-    With ``p_yes = softmax([pos, neg])[0] = sigmoid(pos - neg)``, the loss is ``-log p_yes`` where
-    ``yes`` is True (the image shows the class) and ``-log(1 - p_yes)`` where it is False, computed
-    with ``logsigmoid`` (finite for any logits).
+    For every sample and class a two-way softmax over the positive and the negative prompt's logit
+    gives ``p_yes = softmax([pos, neg])[0]`` and ``p_no = 1 - p_yes``. With the probabilities clamped to
+    ``[clamp, 1]`` before the log (so each term is at most ``-log clamp`` and stops giving gradient
+    below it)::
+
+        L_dp = mean_i[-log p_no(i, comp_i)] + positive_weight · mean_i[-log p_yes(i, target_i)]
+
+    two batch means added, not one mean over the 2N terms. The positive logits are **detached**
+    here (the authors' ``pos_outputs.detach()``): L_dp never moves the positive prompt, nor the image
+    side through the positive logits. Pass negative logits computed on detached image features to
+    keep L_dp off the image side altogether, as the authors do (``image_features.detach()``).
 
     Parameters
     ----------
-    pos_logit : Tensor of shape (N,)
-        Scaled cosine similarity of each image with the positive prompt of its class.
-    neg_logit : Tensor of shape (N,)
-        The same for the negative prompt of that class.
-    yes : bool Tensor of shape (N,)
-    reduction : {"mean", "sum", "none"}, default "mean"
-
-    Notes
-    -----
-    DEFT trains only the negative context with this term: pass ``pos_logit.detach()`` for that.
+    pos_logits, neg_logits : Tensor of shape (N, C)
+        ``s · cos(image, positive prompt of class k)`` and the same for the negative prompts.
+    targets : int Tensor of shape (N,)
+        The "yes" class per sample (the given label, or a pseudo-label).
+    comp_targets : int Tensor of shape (N,)
+        The "no" class per sample (a complementary label).
+    positive_weight : float >= 0, default 1.0
+        Weight of the "yes" term: 1 in the authors' code; the paper's severe-noise setting uses 0.25.
+    clamp : float in (0, 1), default 1e-5
+        Floor of the probabilities before the log (the authors').
 
     Returns
     -------
     Tensor
-        Scalar, or shape (N,) for ``reduction="none"``.
+        Scalar; 0 (attached to the graph) for an empty batch.
     """
-    _check_reduction("dual_prompt_nll", reduction)
-    ok = (isinstance(pos_logit, Tensor) and isinstance(neg_logit, Tensor) and pos_logit.ndim == 1
-          and pos_logit.shape == neg_logit.shape and pos_logit.is_floating_point()
-          and neg_logit.is_floating_point())
-    check_param("dual_prompt_nll", "pos_logit", _shape(pos_logit), ok,
-                f"a floating tensor of shape (N,), the shape of neg_logit {_shape(neg_logit)}")
-    check_param("dual_prompt_nll", "yes", _shape(yes),
-                isinstance(yes, Tensor) and yes.dtype == torch.bool and yes.shape == pos_logit.shape,
-                f"a bool tensor of shape {tuple(pos_logit.shape)}")
-    diff = _as_float(pos_logit) - _as_float(neg_logit)
-    signed = torch.where(yes, diff, -diff)
-    return _reduce(-F.logsigmoid(signed), reduction)
+    owner = "deft_dual_loss"
+    check_param(owner, "pos_logits", _shape(pos_logits),
+                isinstance(pos_logits, Tensor) and isinstance(neg_logits, Tensor) and pos_logits.ndim == 2
+                and pos_logits.shape == neg_logits.shape and pos_logits.is_floating_point(),
+                f"a floating tensor of shape (N, C), the shape of neg_logits {_shape(neg_logits)}")
+    check_param(owner, "positive_weight", positive_weight,
+                isinstance(positive_weight, (int, float)) and positive_weight >= 0, "a float >= 0")
+    check_param(owner, "clamp", clamp, isinstance(clamp, float) and 0.0 < clamp < 1.0, "a float in (0, 1)")
+    pos, targets = _prepare(owner, pos_logits.detach(), targets)
+    _, comp = _prepare(owner, pos, comp_targets, name="comp_targets")
+    pair = torch.stack([pos, _as_float(neg_logits)], dim=-1)  # (N, C, 2)
+    p = F.softmax(pair, dim=-1).clamp(min=clamp, max=1.0)
+    log_yes, log_no = torch.log(p[..., 0]), torch.log(p[..., 1])
+    no_term = -log_no.gather(1, comp[:, None]).squeeze(1)
+    yes_term = -log_yes.gather(1, targets[:, None]).squeeze(1)
+    return _reduce(no_term, "mean") + positive_weight * _reduce(yes_term, "mean")
 
 
 class ELRLoss(torch.nn.Module):

@@ -149,7 +149,7 @@ def fit_gmm_split(
     reg_covar: float = 5e-4,
     tol: float = 1e-2,
     seed: int = 0,
-    monotone: bool = True,
+    monotone: bool = False,
 ) -> GMMSplit:
     """Fit DivideMix's 2-component 1-D GMM to per-sample losses and return the clean posterior.
 
@@ -175,10 +175,11 @@ def fit_gmm_split(
         EM convergence tolerance.
     seed : int, default 0
         Seed of the k-means initialisation (``random_state``).
-    monotone : bool, default True
-        Make the posterior non-increasing in the loss in both tails, so that a loss beyond the noisy
-        mean is never more "clean" than the noisy mean and a loss below the clean mean never less;
-        False returns the raw mixture posterior as DivideMix does.
+    monotone : bool, default False
+        False: the raw mixture posterior, ``predict_proba[:, means_.argmin()]``, as DivideMix (and
+        the papers built on it) use it. True (labelsieve's option): make the posterior
+        non-increasing in the loss in both tails, so that a loss beyond the noisy mean is never more
+        "clean" than the noisy mean and a loss below the clean mean never less.
 
     Returns
     -------
@@ -228,7 +229,7 @@ def per_class_gmm_posterior(
     reg_covar: float = 5e-4,
     tol: float = 1e-2,
     seed: int = 0,
-    monotone: bool = True,
+    monotone: bool = False,
     return_rules: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, list[int]]]:
     """TURN's per-class split: one 2-component GMM on the losses of each given class.

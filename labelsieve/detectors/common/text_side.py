@@ -10,8 +10,8 @@ import numpy as np
 
 from labelsieve.detectors.common.base import DetectionContext
 
-__all__ = ["ENSEMBLE_TEMPLATES", "LOW_AGREEMENT", "SINGLE_TEMPLATE", "resolve_templates", "text_side_info",
-           "zero_shot_check", "zero_shot_logits"]
+__all__ = ["ENSEMBLE_TEMPLATES", "LOW_AGREEMENT", "SINGLE_TEMPLATE", "agreement_info", "resolve_templates",
+           "text_side_info", "zero_shot", "zero_shot_check", "zero_shot_logits"]
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 # open_clip's SIMPLE_IMAGENET_TEMPLATES (CLIP's 7 "best" ImageNet templates).
@@ -37,10 +37,40 @@ def resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def zero_shot_logits(ctx: DetectionContext, templates: Sequence[str]) -> np.ndarray:
-    """Scaled cosine logits (n, C) between image features and per-class text embeddings."""
+    """Scaled cosine logits (n, C) between image features and per-class text embeddings (in memory: for
+    collections of any size use :func:`zero_shot`)."""
     ctx.encoder.require_text("Zero-shot classification")
     text = ctx.encoder.class_text_embeddings(ctx.classnames, templates)
     return ctx.encoder.logit_scale * (ctx.features() @ text.T)
+
+
+def zero_shot(ctx: DetectionContext, templates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float]:
+    """The zero-shot classifier on every row, block by block (bounded memory for any n).
+
+    Returns
+    -------
+    probs : ndarray of shape (n, C), float32
+        ``softmax(s · cos(image, class text))``, s = the model's logit scale.
+    p_given : ndarray of shape (n,), float64
+        The probability of the given label.
+    agreement : float
+        Share of rows whose top class is the given label (see :func:`text_side_info`).
+    """
+    ctx.encoder.require_text("Zero-shot classification")
+    text = ctx.encoder.class_text_embeddings(ctx.classnames, templates)
+    labels = np.asarray(ctx.labels)
+    probs = np.empty((ctx.n_samples, len(text)), dtype=np.float32)
+    p_given = np.empty(ctx.n_samples, dtype=np.float64)
+    agree = 0
+    for s, rows in ctx.feature_batches():
+        logits = ctx.encoder.logit_scale * (rows @ text.T)
+        z = logits.astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        pb = z / z.sum(axis=1, keepdims=True)
+        lab = labels[s : s + len(rows)]
+        probs[s : s + len(rows)], p_given[s : s + len(rows)] = pb, pb[np.arange(len(rows)), lab]
+        agree += int((logits.argmax(1) == lab).sum())
+    return probs, p_given, agree / len(labels) if len(labels) else 1.0
 
 
 #: Below this zero-shot agreement with the given labels, text-guided detectors warn (see
@@ -59,6 +89,11 @@ def text_side_info(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     (deft, label_match, codivide) is then weak; image-feature detectors are not affected.
     """
     agreement = float((np.asarray(logits).argmax(1) == np.asarray(labels)).mean()) if len(labels) else 1.0
+    return agreement_info(agreement)
+
+
+def agreement_info(agreement: float) -> dict[str, Any]:
+    """``{"zero_shot_agreement", "warnings"}`` for a zero-shot agreement already computed."""
     warnings = []
     if agreement < LOW_AGREEMENT:
         warnings.append(
@@ -72,6 +107,6 @@ def text_side_info(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def zero_shot_check(ctx: DetectionContext) -> dict[str, Any]:
     """:func:`text_side_info` of the "a photo of a {}." zero-shot classifier on the cached image
     features; empty when the context has no cached features."""
-    if ctx.optional_features() is None:
+    if ctx.raw_features() is None:
         return {}
-    return text_side_info(zero_shot_logits(ctx, SINGLE_TEMPLATE), ctx.labels)
+    return agreement_info(zero_shot(ctx, SINGLE_TEMPLATE)[2])

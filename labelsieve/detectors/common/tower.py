@@ -193,18 +193,20 @@ def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_siz
 
 
 def finetune_trainer(model: TowerClassifier, *, lr: float, head_lr: float, momentum: float, weight_decay: float,
-                     epochs: int, device: torch.device, amp: str, progress: bool, desc: str) -> Trainer:
+                     epochs: int, device: torch.device, amp: str, progress: bool, desc: str,
+                     optimizer: str = "sgd") -> Trainer:
     """A :class:`~labelsieve.core.engine.Trainer` for full fine-tuning of ``model``.
 
-    SGD over two parameter groups (tower at ``lr``, head at ``head_lr``), cosine decay over
-    ``epochs`` stepped once per epoch (the number of steps per epoch may change between epochs).
-    Every tower parameter is made trainable (the encoder may have frozen them).
+    ``optimizer`` (SGD with ``momentum``, or AdamW) over two parameter groups (tower at ``lr``, head at
+    ``head_lr``), cosine decay over ``epochs`` stepped once per epoch (the number of steps per epoch
+    may change between epochs). Every tower parameter is made trainable (the encoder may have frozen
+    them).
     """
     for p in model.parameters():
         p.requires_grad_(True)
     groups = [{"params": list(model.tower.parameters()), "lr": lr},
               {"params": list(model.head.parameters()), "lr": head_lr}]
-    opt = make_optimizer(groups, name="sgd", lr=lr, weight_decay=weight_decay, momentum=momentum)
+    opt = make_optimizer(groups, name=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
     sched = cosine_schedule(opt, epochs=epochs, steps_per_epoch=1)
     return Trainer(model, optimizer=opt, scheduler=sched, scheduler_interval="epoch", device=device, amp=amp,
                    progress=progress, desc=desc)

@@ -1,0 +1,67 @@
+"""What both hand-offs share: which audit rows go to the tool, and the audit's values as plain Python."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from labelsieve.audit.schema import flagged_mask
+from labelsieve.core.errors import DataError, LabelsieveError
+
+__all__ = ["export_rows", "missing_extra", "number", "row_values", "text"]
+
+
+def export_rows(table: pd.DataFrame, *, all_rows: bool, where: str) -> pd.DataFrame:
+    """The rows a reviewer gets in the tool: the flagged ones (every readable one with ``all_rows``),
+    worst first. Unreadable rows are left out: no tool can show them, and ``apply`` drops them."""
+    unreadable = (text(table, "issue") == "unreadable").to_numpy()
+    keep = ~unreadable & (np.ones(len(table), dtype=bool) if all_rows else flagged_mask(table, where=where))
+    rows = table.loc[keep]
+    if "rank" in rows.columns:
+        rank = pd.to_numeric(rows["rank"], errors="coerce")
+        rows = rows.iloc[np.argsort(rank.fillna(np.inf).to_numpy(), kind="stable")]
+    if rows.empty:
+        raise DataError(f"{where}: no {'readable' if all_rows else 'flagged readable'} rows to export"
+                        + ("" if all_rows else "; pass --all-rows to export every readable row") + ".")
+    return rows
+
+
+def text(table: pd.DataFrame, column: str) -> pd.Series:
+    """A column as stripped strings ("" for missing values or an absent column)."""
+    if column not in table.columns:
+        return pd.Series("", index=table.index, dtype=object)
+    col = table[column]
+    return col.astype(object).where(col.notna(), "").astype(str).str.strip()
+
+
+def number(value: Any) -> float | None:
+    """A finite float, or None (JSON has no NaN)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def missing_extra(package: str, extra: str, exc: ImportError, hint: str = "") -> LabelsieveError:
+    """The error for an optional dependency that is not installed."""
+    return LabelsieveError(f"{package} is not installed ({exc}). Install it with: pip install 'labelsieve[{extra}]'"
+                           + (f" {hint}" if hint else "") + ".")
+
+
+def row_values(rows: pd.DataFrame) -> dict[str, list[Any]]:
+    """The audit fields a tool shows, as plain Python lists: ``path``, ``given``, ``sugg``, ``issue``, ``review``
+    (strings), ``p_clean``, ``s_prob``, ``agreement`` (floats or None) and ``rank`` (ints)."""
+    n = len(rows)
+
+    def numbers(column: str) -> list[float | None]:
+        return [number(v) for v in rows[column].tolist()] if column in rows.columns else [None] * n
+
+    rank = numbers("rank") if "rank" in rows.columns else list(range(1, n + 1))
+    return {"path": text(rows, "path").tolist(), "given": text(rows, "given_label").tolist(),
+            "sugg": text(rows, "suggested_label").tolist(), "issue": text(rows, "issue").tolist(),
+            "review": text(rows, "review").tolist(), "p_clean": numbers("p_clean"), "s_prob": numbers("suggested_prob"),
+            "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank]}

@@ -1,0 +1,213 @@
+"""Reviewed rows sharpen the next audit: ``labelsieve audit ... --reviewed FILE``.
+
+A reviewed file is any table of decisions :func:`labelsieve.audit.decisions.read_reviews` reads: an
+earlier ``audit.csv`` with its ``review`` column filled, or a reviews CSV downloaded from
+``audit.html``. Each decision is read by the one review rule
+(:func:`labelsieve.audit.review.kept_rows`) against the audit it was made on (its ``given_label``
+and ``suggested_label``), and becomes, for the new audit:
+
+========================  =====================================================================
+decision                  in the next audit
+========================  =====================================================================
+``keep``                  a trusted row with its label
+``relabel`` / ``:<c>``    a trusted row with the new label (the detector fits on it)
+``drop``                  left out of the detector's fit
+========================  =====================================================================
+
+Every detector then fits on the corrected labels (probes, kNN votes, prompts), and the ensemble's
+stacking takes the trusted rows as ground truth (``DetectionContext.trusted``). In the new audit
+table a reviewed row keeps its decision in ``review`` (written in the new audit's terms:
+``keep``, ``relabel:<class>`` or ``drop``, so ``apply`` gives the same label even where the new
+suggestion differs), gets ``issue = "reviewed"`` and a ``p_clean`` that reports the review (1 for a
+kept label, 0 for a relabelled or dropped one; ``suggested_label`` is the reviewer's label), and
+ranks after every row still to review. Decisions for paths the new input does not hold are not
+lost silently: they are counted and listed in ``audit.json`` (``reviewed``) and in a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from labelsieve.audit.review import kept_rows
+from labelsieve.core.errors import DataError
+from labelsieve.data import LabeledImages
+from labelsieve.detectors.common.base import DetectionResult
+
+__all__ = ["REVIEWED_ISSUE", "ReviewedRows", "check_reviewed_frames", "mark_reviewed", "resolve_reviewed",
+           "reviewed_warning", "widen_result"]
+
+#: The ``issue`` of a row a reviewer decided on, in an audit made with ``--reviewed``.
+REVIEWED_ISSUE = "reviewed"
+_MAX_LISTED = 20
+
+
+@dataclass
+class ReviewedRows:
+    """Earlier decisions mapped onto the rows of a new input.
+
+    Attributes
+    ----------
+    labels : ndarray of shape (n,), int64
+        Corrected label per input row (the given label where nobody decided, and for dropped rows).
+    trusted : ndarray of shape (n,), bool
+        Rows kept or relabelled by a reviewer.
+    dropped : ndarray of shape (n,), bool
+        Rows a reviewer dropped.
+    review : ndarray of shape (n,), object
+        The decision to write in the new audit's ``review`` column ("" where none).
+    sources : list of str
+        The files the decisions came from.
+    not_in_input : list of str
+        Paths with a decision that the new input does not hold.
+    """
+
+    labels: np.ndarray
+    trusted: np.ndarray
+    dropped: np.ndarray
+    review: np.ndarray
+    sources: list[str] = field(default_factory=list)
+    not_in_input: list[str] = field(default_factory=list)
+
+    @property
+    def decided(self) -> np.ndarray:
+        return self.trusted | self.dropped
+
+    def describe(self) -> dict:
+        """What audit.json records under ``reviewed``."""
+        n_relabel = int(np.char.startswith(self.review.astype(str), "relabel:").sum())
+        return {"files": self.sources, "n_decided": int(self.decided.sum()), "n_trusted": int(self.trusted.sum()),
+                "n_kept": int(self.trusted.sum()) - n_relabel, "n_relabelled": n_relabel,
+                "n_dropped": int(self.dropped.sum()), "n_not_in_input": len(self.not_in_input),
+                "not_in_input": self.not_in_input[:_MAX_LISTED]}
+
+
+def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> ReviewedRows:
+    """Map decisions (tables from :func:`~labelsieve.audit.decisions.read_reviews`) onto ``images``.
+
+    Raises
+    ------
+    DataError
+        An unknown review value or class (as ``labelsieve apply`` would say), or two files giving one
+        image different outcomes.
+    """
+    n = len(images)
+    pos = {p: i for i, p in enumerate(images.paths)}
+    given = np.asarray(images.label_names(), dtype=object)
+    outcome = np.full(n, None, dtype=object)  # class name, or "" for drop
+    origin = np.full(n, "", dtype=object)
+    not_in: list[str] = []
+    sources: list[str] = []
+    for frame in reviews:
+        source = str(frame.attrs.get("source", "reviews"))
+        sources.append(source)
+        inside = frame["path"].astype(str).isin(pos)
+        not_in += [p for p in frame.loc[~inside, "path"].astype(str) if p not in not_in]
+        f = frame.loc[inside].copy()
+        if f.empty:
+            continue
+        at = np.array([pos[p] for p in f["path"].astype(str)], dtype=np.int64)
+        g = f["given_label"].astype(str).to_numpy(dtype=object) if "given_label" in f.columns else given[at]
+        f["given_label"] = np.where(g == "", given[at], g)
+        if "suggested_label" not in f.columns:
+            f["suggested_label"] = ""
+        f["is_noisy"] = False
+        kept = kept_rows(f[["path", "given_label", "suggested_label", "is_noisy", "review"]],
+                         classes=images.classes, source=source)
+        label_of = dict(zip(kept["path"], kept["label"], strict=True))
+        new = np.array([label_of.get(p, "") for p in f["path"].astype(str)], dtype=object)
+        clash = [f"{images.paths[i]}: {outcome[i] or 'drop'!r} from {origin[i]}, {new[k] or 'drop'!r} from {source}"
+                 for k, i in enumerate(at) if outcome[i] is not None and outcome[i] != new[k]]
+        if clash:
+            shown = "; ".join(clash[:5]) + (" …" if len(clash) > 5 else "")
+            raise DataError(f"{len(clash)} image(s) have different decisions in two reviewed files ({shown}). "
+                            "Keep one decision per image.")
+        outcome[at] = new
+        origin[at] = source
+    decided = np.array([o is not None for o in outcome], dtype=bool)
+    dropped = decided & np.array([o == "" for o in outcome], dtype=bool)
+    trusted = decided & ~dropped
+    index = {c: i for i, c in enumerate(images.classes)}
+    labels = images.labels.copy()
+    labels[trusted] = [index[c] for c in outcome[trusted]]
+    review = np.full(n, "", dtype=object)
+    review[dropped] = "drop"
+    same = trusted & (outcome == given)
+    review[same] = "keep"
+    changed = trusted & ~same
+    review[changed] = ["relabel:" + str(c) for c in outcome[changed]]
+    return ReviewedRows(labels=labels, trusted=trusted, dropped=dropped, review=review, sources=sources,
+                        not_in_input=not_in)
+
+
+def widen_result(result: DetectionResult, fitted: np.ndarray) -> DetectionResult:
+    """A result over the rows of ``fitted`` (bool mask) from one over its True rows; the other rows
+    (dropped by a reviewer) get ``p_clean`` 0, uniform ``probs`` and empty extra columns."""
+    fitted = np.asarray(fitted, dtype=bool)
+    if fitted.all():
+        return result
+    n, k = len(fitted), result.probs.shape[1]
+    p = np.zeros(n)
+    p[fitted] = result.p_clean
+    probs = np.full((n, k), 1.0 / k)
+    probs[fitted] = result.probs
+    columns = {}
+    for name, col in result.columns.items():
+        full = np.full(n, np.nan)
+        full[fitted] = col
+        columns[name] = full
+    flags = None
+    if result.flags is not None:
+        flags = np.ones(n, dtype=bool)
+        flags[fitted] = result.flags
+    return DetectionResult(p_clean=p, probs=probs, threshold=result.threshold, rule=result.rule, info=result.info,
+                           columns=columns, flags=flags)
+
+
+def mark_reviewed(table: pd.DataFrame, images: LabeledImages, rows: ReviewedRows) -> pd.DataFrame:
+    """The audit table with the reviewed rows reported as reviewed (see the module docstring), re-ranked."""
+    pos = {p: i for i, p in enumerate(images.paths)}
+    at = np.array([pos[p] for p in table["path"]], dtype=np.int64)
+    decided = rows.decided[at]
+    if not decided.any():
+        return table
+    out = table.copy()
+    unreadable = (out["issue"] == "unreadable").to_numpy()
+    out.loc[decided, "review"] = rows.review[at][decided]
+    done = decided & ~unreadable
+    trusted = rows.trusted[at] & done
+    final = np.asarray(images.classes, dtype=object)[rows.labels[at]]
+    kept_same = trusted & (final == out["given_label"].to_numpy(dtype=object))
+    out.loc[done, "p_clean"] = np.where(kept_same[done], 1.0, 0.0)
+    out.loc[done, "is_noisy"] = ~kept_same[done]
+    out.loc[trusted, "suggested_label"] = final[trusted]
+    out.loc[trusted, "suggested_prob"] = 1.0
+    dropped = done & ~trusted
+    out.loc[dropped, "suggested_label"] = ""
+    out.loc[dropped, "suggested_prob"] = np.nan
+    out.loc[done, "issue"] = REVIEWED_ISSUE
+    group = np.where(unreadable, 0, np.where(done, 3, np.where(out["is_noisy"].to_numpy(dtype=bool), 1, 2)))
+    order = np.lexsort((out["rank"].to_numpy(), group))
+    out = out.iloc[order].reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+def reviewed_warning(rows: ReviewedRows) -> str | None:
+    """A warning for audit.json when decisions name paths the input does not hold."""
+    if not rows.not_in_input:
+        return None
+    shown = ", ".join(rows.not_in_input[:5]) + (" …" if len(rows.not_in_input) > 5 else "")
+    return (f"{len(rows.not_in_input)} reviewed decision(s) name paths not in this input ({shown}); they are "
+            "listed in audit.json under 'reviewed' and were not used. Keep the reviewed file to apply them later.")
+
+
+def check_reviewed_frames(frames: Sequence[pd.DataFrame]) -> None:
+    """Refuse a reviewed file with no decision at all (probably the wrong file)."""
+    for f in frames:
+        if f.empty:
+            raise DataError(f"{f.attrs.get('source', 'reviews')}: no decisions (every review cell is empty). Give "
+                            "the reviewed audit.csv or the reviews CSV downloaded from audit.html.")

@@ -1,0 +1,191 @@
+"""audit.html as a review tool, in a real browser (headless Chromium through Selenium and the packaged driver):
+keyboard review, reload, a second audit's page, download, and `labelsieve apply` on the downloaded file.
+
+Skipped where Chromium, its driver or selenium is missing, except in CI (LABELSIEVE_CI=1), where it fails.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import unavailable
+
+from labelsieve.audit.html import write_html
+from labelsieve.audit.writers import write_csv
+from labelsieve.cli import main
+
+DEMO = Path(__file__).resolve().parents[2] / "labelsieve" / "demo" / "data"
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1280,900")
+
+
+def _binary(*names: str) -> str | None:
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed (pip install -e '.[dev]')")
+    chrome = _binary("chromium", "chromium-browser", "google-chrome")
+    driver_bin = _binary("chromedriver")
+    if not chrome or not driver_bin:
+        unavailable("no Chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    for flag in CHROME_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument("--user-data-dir=" + tempfile.mkdtemp(dir=tmp_path_factory.mktemp("chrome")))
+    opts.binary_location = chrome
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(driver_bin))
+    downloads = tmp_path_factory.mktemp("downloads")
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    yield driver, downloads
+    driver.quit()
+
+
+def demo_audit(out: Path, *, created: str) -> tuple[Path, Path, pd.DataFrame]:
+    """audit.csv + audit.html over the bundled demo images: 40 flagged rows with suggestions, members, ranks."""
+    lab = pd.read_csv(DEMO / "labels.csv")
+    classes = sorted(lab["label"].unique())
+    rng = np.random.default_rng(0)
+    n = len(lab)
+    noisy = np.zeros(n, dtype=bool)
+    noisy[rng.choice(n, 40, replace=False)] = True
+    given = lab["label"].to_numpy(dtype=object)
+    sugg = np.array([classes[(classes.index(g) + 1) % len(classes)] if f else g
+                     for g, f in zip(given, noisy, strict=True)], dtype=object)
+    p = np.where(noisy, rng.uniform(0.0, 0.4, n), rng.uniform(0.6, 1.0, n))
+    table = pd.DataFrame({"path": lab["path"], "given_label": given, "p_clean": p, "is_noisy": noisy,
+                          "suggested_label": sugg, "suggested_prob": rng.uniform(0.5, 1.0, n),
+                          "issue": np.where(noisy, "label", ""), "review": ""})
+    for m in ("codivide", "knn"):
+        table[f"is_noisy_{m}"] = (noisy & (rng.random(n) < 0.8)).astype(float)
+    table["agreement"] = table[["is_noisy_codivide", "is_noisy_knn"]].mean(axis=1)
+    table = table.iloc[np.lexsort((p, ~noisy))].reset_index(drop=True)
+    table.insert(table.columns.get_loc("issue") + 1, "rank", np.arange(1, n + 1))
+    summary = {"method": "ensemble", "n_images": n, "n_flagged": int(noisy.sum()), "threshold": 0.5,
+               "classes": classes, "input": {"input_hash": "demo-input-hash"}, "created": created}
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = write_csv(table, out / "audit.csv")
+    html = write_html(table, summary, image_root=DEMO, out_path=out / "audit.html", max_gallery=60)
+    return csv_path, html, table
+
+
+def load(driver, page: Path, ready_timeout: float = 20.0) -> int:
+    driver.get(page.as_uri())
+    deadline = time.time() + ready_timeout
+    while time.time() < deadline:
+        ready = driver.find_element("tag name", "html").get_attribute("data-review-ready")
+        if ready is not None:
+            return int(ready)
+        time.sleep(0.05)
+    raise AssertionError(f"{page.name} did not start its review script: {driver.get_log('browser')}")
+
+
+def keys(driver, *seq: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    for k in seq:
+        ActionChains(driver).send_keys(k).perform()
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def test_keyboard_review_survives_reload_and_a_second_audit_and_applies(browser, tmp_path):
+    driver, downloads = browser
+    audit_csv, page, table = demo_audit(tmp_path / "first", created="2026-11-30T10:00:00+0000")
+    assert load(driver, page) == 0
+    assert text(driver, "ls-progress-text") == "0 of 40 flagged reviewed"
+    first4 = table.iloc[:4]
+    # focus starts on the worst row; each decision moves to the next
+    keys(driver, "k", "r")
+    classes = sorted(table["given_label"].unique())
+    target = next(c for c in classes if c not in (first4.iloc[2]["given_label"], first4.iloc[2]["suggested_label"]))
+    keys(driver, "c")
+    keys(driver, target[:5], "\ue007")  # type part of the name, Enter
+    keys(driver, "d")
+    assert text(driver, "ls-progress-text") == "4 of 40 flagged reviewed"
+
+    # reload: the decisions come back from local storage
+    assert load(driver, page) == 4
+    assert text(driver, "ls-progress-text") == "4 of 40 flagged reviewed"
+    cards = driver.find_elements("css selector", ".rc .dec")
+    assert [c.text for c in cards[:4]] == [f"keep {first4.iloc[0]['given_label']}",
+                                           f"relabel → {first4.iloc[1]['suggested_label']}",
+                                           f"relabel → {target}", "drop"]
+
+    # save the decisions, and apply them
+    driver.find_element("id", "ls-download").click()
+    saved = downloads / "reviews.csv"
+    deadline = time.time() + 15
+    while not saved.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert saved.exists(), f"no download in {downloads}: {list(downloads.iterdir())}"
+    reviews = pd.read_csv(saved, keep_default_na=False)
+    assert list(reviews.columns) == ["path", "given_label", "suggested_label", "review"]
+    assert reviews["path"].tolist() == first4["path"].tolist()
+    clean = tmp_path / "labels.clean.csv"
+    assert main(["apply", str(audit_csv), "--reviews", str(saved), "-o", str(clean)]) == 0
+    labels = pd.read_csv(clean).set_index("path")["label"]
+    assert labels[first4.iloc[0]["path"]] == first4.iloc[0]["given_label"]
+    assert labels[first4.iloc[1]["path"]] == first4.iloc[1]["suggested_label"]
+    assert labels[first4.iloc[2]["path"]] == target
+    assert first4.iloc[3]["path"] not in labels.index
+    assert len(labels) == len(table) - 1
+
+    # a second audit of the same input: its page starts empty, leaves the first page's decisions alone and
+    # offers to import them
+    _, page2, _ = demo_audit(tmp_path / "second", created="2026-11-30T11:00:00+0000")
+    before = driver.execute_script("return localStorage.getItem('labelsieve-review:v1:demo-input-hash:"
+                                   "2026-11-30T10:00:00+0000')")
+    assert load(driver, page2) == 0
+    assert text(driver, "ls-progress-text") == "0 of 40 flagged reviewed"
+    banner = driver.find_element("css selector", "#ls-banners .banner")
+    assert "earlier audit of the same input" in banner.text and "4 fit rows here" in banner.text
+    banner.find_element("css selector", "button.primary").click()
+    assert text(driver, "ls-progress-text") == "4 of 40 flagged reviewed"
+    after = driver.execute_script("return localStorage.getItem('labelsieve-review:v1:demo-input-hash:"
+                                  "2026-11-30T10:00:00+0000')")
+    assert after == before and '"drop"' in after
+    assert load(driver, page) == 4  # the first page still has its own
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_filters_sort_and_pages(browser, tmp_path):
+    driver, _ = browser
+    _, page, table = demo_audit(tmp_path / "a", created="2026-11-30T12:00:00+0000")
+    load(driver, page)
+    from selenium.webdriver.support.ui import Select
+
+    assert text(driver, "pg-where").startswith("page 1 of 1 · rows 1–40 of 40")
+    Select(driver.find_element("id", "f-show")).select_by_value("all")
+    assert "of 300 shown" in text(driver, "pg-where")
+    keys(driver, "n")
+    assert text(driver, "pg-where").startswith("page 2 of 7")
+    Select(driver.find_element("id", "f-members")).select_by_value("disagree")
+    disagree = int(((table["agreement"] > 0) & (table["agreement"] < 1)).sum())
+    assert text(driver, "pg-where").endswith(f"of {disagree} shown")
+    Select(driver.find_element("id", "f-members")).select_by_value("")
+    Select(driver.find_element("id", "f-show")).select_by_value("flagged")
+    cls = table.loc[table["is_noisy"], "given_label"].iloc[0]
+    Select(driver.find_element("id", "f-given")).select_by_value(cls)
+    n_cls = int((table["is_noisy"] & (table["given_label"] == cls)).sum())
+    assert text(driver, "pg-where").endswith(f"of {n_cls} shown")
+    Select(driver.find_element("id", "f-sort")).select_by_value("p_desc")
+    shown = [float(c.text.split("p_clean ")[1].split()[0]) for c in
+             driver.find_elements("css selector", ".rc > div:nth-child(2)")]
+    assert shown == sorted(shown, reverse=True) and len(shown) == n_cls

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "audit": "labelsieve.api",
     "detect": "labelsieve.api",
+    "audit_features": "labelsieve.api",
     "apply_review": "labelsieve.api",
     "evaluate_audit": "labelsieve.api",
     "predict": "labelsieve.api",

@@ -46,7 +46,7 @@ from labelsieve.core.defaults import (
     DEFAULT_OUTLIER_PROB,
     default_cache_dir,
 )
-from labelsieve.core.errors import ParameterError, check_param
+from labelsieve.core.errors import DataError, ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
@@ -62,10 +62,11 @@ from labelsieve.train.finetune import audit_image_root, audit_record
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
-#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``); ``detect`` is the
-#: "bring your own features" entry; ``run_detector`` is :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "describe_detector", "describe_detectors", "detect", "evaluate_audit",
-           "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
+#: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``), ``audit_features``
+#: (``audit --features``); ``detect`` is the "bring your own features" entry in Python; ``run_detector`` is
+#: :func:`audit` on images and a model already loaded.
+__all__ = ["add_noise", "apply_review", "audit", "audit_features", "describe_detector", "describe_detectors", "detect",
+           "evaluate_audit", "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
 
 #: What ``labelsieve export --to`` accepts.
 EXPORT_TARGETS = ("fiftyone", "labelstudio")
@@ -222,11 +223,7 @@ def run_detector(
     timings["calibrate"] = time.perf_counter() - t
     if rev is not None:  # rows a reviewer dropped come back, reported as dropped
         result = widen_result(result, fit[readable])
-    if threshold is not None:
-        check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
-        result.threshold = threshold
-        result.flags = None
-        result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
+    _override_threshold(result, threshold)
     groups = None
     if duplicate_threshold is not None:
         check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
@@ -374,11 +371,18 @@ def audit(
     if result is None:  # a rank other than 0 under torchrun: rank 0 writes
         return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
+    _finish_audit(result, images, out_dir=out_dir, html=html, xlsx=xlsx, quiet=quiet, t0=t0)
+    return result
+
+
+def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.PathLike[str] | None, html: bool,
+                  xlsx: bool, quiet: bool, t0: float) -> None:
+    """The run record (versions, input hashes) and the files of an audit, then the printed summary."""
     result.summary.update({
         "version": __version__,
         "versions": versions(),
         "input": {"root": str(images.root), "labels": images.source, "input_hash": images.content_hash(),
-                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash")},
+                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     if out_dir is not None:
@@ -398,7 +402,115 @@ def audit(
         result.out_dir, result.files = out, files
     if not quiet:
         print_summary(result.summary, result.files)
-    return result
+
+
+def audit_features(
+    features: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    *,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    classnames: str | os.PathLike[str] | dict[str, str] | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    threshold: float | None = None,
+    outlier_prob: float = DEFAULT_OUTLIER_PROB,
+    seed: int = 0,
+    device: str | None = None,
+    html: bool = True,
+    xlsx: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    force: bool = False,
+) -> Audit:
+    """Audit labels from features you already have (``labelsieve audit --features FEATS.npy LABELS.csv``).
+
+    The same audit files as :func:`audit`, without reading any image: row ``i`` of ``features`` (an
+    ``(n, d)`` ``.npy`` array of any float dtype, memory-mapped, read a block at a time) is the image on
+    line ``i`` of ``labels_csv`` (``path,label``; the paths, relative to the CSV's folder, name the rows
+    and are shown in the audit, and need not exist; audit.html shows thumbnails of those that do). No
+    near-duplicate search (it needs the images). The detector defaults as in :func:`detect`: the audit's
+    default with a vision-language ``model`` (the one the features came from), else TURN's probe.
+    """
+    if out_dir is not None:
+        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+    t0 = time.perf_counter()
+    csv = Path(labels_csv).expanduser()
+    if not csv.is_file():
+        raise DataError(f"Labels file not found: {csv}. Give the path,label CSV whose rows match the features.")
+    x = _load_features_file(features)
+    images = load_images(csv.parent, csv, path_column=path_column, label_column=label_column,
+                         classnames=classnames, must_exist=False)
+    if x.shape[0] != len(images):
+        raise DataError(f"{features}: {x.shape[0]} rows of features for the {len(images)} rows of {csv}. Row i of "
+                        "the features must be the image on row i of the labels CSV.")
+    timings = {"load": time.perf_counter() - t0}
+    encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device)) if model else None
+    if method is None:
+        method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
+        params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
+    detector = create_detector(method, **(params or {}))
+    if detector.needs_text:
+        if encoder is None:
+            raise ParameterError(f"The {method!r} detector reads class names through a vision-language model's text "
+                                 "side: pass the model the features came from (--model), or choose an image-feature "
+                                 "detector (turn, knn, confident_learning, small_loss, gmm).")
+        encoder.require_text(f"The {method!r} detector")
+    dev = encoder.device if encoder is not None else resolve_device(device)
+    ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=None, encoder=encoder,
+                           features_fn=lambda: x, device=dev, seed=seed, progress=progress)
+    seed_everything(seed)
+    t = time.perf_counter()
+    result = detector.detect(ctx)
+    timings["detect"] = time.perf_counter() - t
+    result = calibrate(result, labels=ctx.labels)
+    _override_threshold(result, threshold)
+    readable = np.ones(len(images), dtype=bool)
+    table = build_table(images, readable, result, outlier_prob=outlier_prob)
+    summary = summarise(table, images, result)
+    summary.update({
+        "method": method,
+        "parameters": detector.get_params(),
+        "detector_info": result.info,
+        "model": encoder.describe() if encoder is not None else None,
+        "features": {"file": str(Path(features).resolve()), "shape": list(x.shape), "dtype": str(x.dtype)},
+        "seed": seed,
+        "outlier_prob": outlier_prob,
+        "unreadable": {},
+        "timings": timings,
+        "device": str(dev),
+    })
+    out = Audit(table=table, summary=summary)
+    _finish_audit(out, images, out_dir=out_dir, html=html, xlsx=xlsx, quiet=quiet, t0=t0)
+    return out
+
+
+def _load_features_file(features: str | os.PathLike[str]) -> np.ndarray:
+    """``features`` memory-mapped, checked to be an (n, d) float array (DataError naming the file otherwise)."""
+    f = Path(features).expanduser()
+    if not f.is_file():
+        raise DataError(f"Features file not found: {f}. Give a .npy file of shape (n, d), one row per image.")
+    try:
+        x = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{f}: not a .npy array ({exc}). Save the features with numpy.save.") from exc
+    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{f}: features must be a non-empty float array of shape (n, d); this one is "
+                        f"{x.dtype} of shape {x.shape}.")
+    return x
+
+
+def _override_threshold(result: DetectionResult, threshold: float | None) -> None:
+    """The user's threshold on the calibrated p_clean replaces the detector's decision."""
+    if threshold is None:
+        return
+    check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
+    result.threshold = threshold
+    result.flags = None
+    result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
 
 
 def apply_review(

@@ -105,20 +105,38 @@ def cli() -> None:
 @click.option("--reviewed", multiple=True, type=click.Path(path_type=Path),
               help="A reviewed audit.csv or a reviews CSV from audit.html (repeatable): its decisions are trusted "
                    "labels for the detector and are kept in the new audit's review column.")
+@click.option("--features", "features", type=click.Path(path_type=Path),
+              help="Audit features computed elsewhere: a .npy array (n, d), row i = line i of the labels CSV, "
+                   "given as ROOT (e.g. 'labelsieve audit --features feats.npy labels.csv'). No image is read; "
+                   "default method turn (its probe), or the default ensemble with --model.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
-def audit(root: Path, labels: Path | None, method: str, model: str, pretrained: str, out_dir: Path,
+@click.pass_context
+def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, model: str, pretrained: str, out_dir: Path,
           classnames: Path | None, path_column: str, label_column: str, params: tuple[str, ...], peft: str | None,
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
-          reviewed: tuple[Path, ...], no_progress: bool, force: bool) -> None:
-    """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv)."""
+          reviewed: tuple[Path, ...], features: Path | None, no_progress: bool, force: bool) -> None:
+    """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv); with --features,
+    of the rows of the labels CSV given as ROOT."""
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
                  "finetune": False if no_finetune else None}
     p.update({k: v for k, v in shortcuts.items() if v is not None})
+    if features is not None:
+        if labels is not None or reviewed:
+            raise click.UsageError("with --features give one labels CSV (labelsieve audit --features FEATS.npy "
+                                   "LABELS.csv); --reviewed needs images")
+        given = {name: cctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+                 for name in ("method", "model")}
+        _api().audit_features(features, root, method=method if given["method"] else None, params=p,
+                              model=model if given["model"] else None, pretrained=pretrained, out_dir=out_dir,
+                              classnames=classnames, path_column=path_column, label_column=label_column,
+                              threshold=threshold, seed=seed, device=device, html=not no_html, xlsx=xlsx,
+                              progress=not no_progress, force=force)
+        return
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,

@@ -104,7 +104,9 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
               show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("model", escape(str(summary.get("model", {}).get("name"))))
+    model = summary.get("model") or {}
+    feats = summary.get("features") or {}
+    t.add_row("model", escape(str(model.get("name") if model else f"none: features from {feats.get('file')}")))
     t.add_row("flagged", f"{summary['n_flagged']} ({summary['flag_rate']:.1%} of readable images): rows to review")
     t.add_row("estimated noise", f"{summary['noise_rate']:.1%}{_interval(summary.get('noise_rate_interval'), summary)}"
               " of the labels are wrong (mean of 1 − calibrated p_clean)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def inside_root(root: Path, path: str) -> Path | None:
 
 
 def check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] | None = None, where: str,
-                      must_exist: bool = True) -> list[Path]:
-    """The files ``paths`` name under ``root``: the rule every command applies to image paths it is given.
+                      must_exist: bool = True) -> None:
+    """Check the files ``paths`` name under ``root``: the rule every command applies to image paths it is given.
 
     Parameters
     ----------
@@ -57,24 +58,50 @@ def check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] 
     must_exist : bool, default True
         Also refuse paths that name no file.
 
-    Returns
-    -------
-    list of Path
-        ``root / path`` for each path (not resolved: the name the user gave, under the root).
-
     Raises
     ------
     DataError
         Naming the lines whose path leaves the root (``..``, an absolute path, a symbolic link to
         elsewhere), or, with ``must_exist``, names no file.
+
+    Notes
+    -----
+    Fast on millions of paths (about 1 µs of Python and one ``lstat`` per path): each distinct folder
+    is resolved once; a file itself is resolved only when it is a symbolic link, and a path with an odd
+    last part (empty, ``.``, ``..``) goes through :func:`inside_root` whole. The result is the same as
+    resolving every path.
     """
     lines = list(lines) if lines is not None else list(range(1, len(paths) + 1))
     outside, missing = [], []
+    folders: dict[str, bool] = {}  # a folder as written -> it resolves inside the root
+    root_s = str(root).rstrip(os.sep) + os.sep
+    simple = os.altsep is None  # one separator: split on it without pathlib (POSIX)
     for path, line in zip(paths, lines, strict=True):
-        full = inside_root(root, path)
-        if full is None:
+        if simple:
+            folder, _, name = path.rpartition(os.sep)
+            ok = folders.get(folder)
+            if ok is None:
+                ok = folders[folder] = folder == "" or inside_root(root, folder) is not None
+            if not ok or name in ("", ".", "..") or os.path.isabs(path):
+                ok = inside_root(root, path) is not None
+        else:
+            ok = inside_root(root, path) is not None
+        if not ok:
             outside.append(f"line {line}: {path}")
-        elif must_exist and not full.is_file():
+            continue
+        full = root_s + path
+        try:
+            st = os.lstat(full)
+        except (OSError, ValueError):
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):  # a link: where it points must be inside too
+            if inside_root(root, path) is None:
+                outside.append(f"line {line}: {path}")
+                continue
+            exists = os.path.isfile(full)
+        else:
+            exists = st is not None and stat.S_ISREG(st.st_mode)
+        if must_exist and not exists:
             missing.append(f"line {line}: {path}")
     if outside:
         raise DataError(f"{where}: {len(outside)} path(s) point outside the image folder {root} ({listed(outside)}). "
@@ -82,7 +109,6 @@ def check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] 
     if missing:
         raise DataError(f"{where}: {len(missing)} image file(s) not found under {root} ({listed(missing)}). "
                         "Fix the paths or remove those rows.")
-    return [root / p for p in paths]
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -25,6 +25,10 @@ from labelsieve.data.images import LabeledImages
 _MAX_LISTED = 5
 
 
+#: First characters of a cell that :func:`restore_cell` or :func:`is_spreadsheet_error` may act on.
+_SPECIAL_FIRST = frozenset("'#Ee")
+
+
 def read_labels_csv(
     csv_path: str | os.PathLike[str], *, path_column: str = "path", label_column: str = "label"
 ) -> tuple[list[str], list[str], list[int]]:
@@ -68,8 +72,10 @@ def read_labels_csv(
         if len(row) <= max(ip, il):
             raise DataError(f"{p}, line {line_no}: expected {len(header)} fields, got {len(row)} "
                             f"({row!r}). Check the delimiter and quoting of that row.")
-        path, label = restore_cell(row[ip].strip()), restore_cell(row[il].strip())
-        errors.extend(f"line {line_no}: {v!r}" for v in (path, label) if is_spreadsheet_error(v))
+        path, label = row[ip].strip(), row[il].strip()
+        if path[:1] in _SPECIAL_FIRST or label[:1] in _SPECIAL_FIRST:  # rare: a neutralised cell, an error value
+            path, label = restore_cell(path), restore_cell(label)
+            errors.extend(f"line {line_no}: {v!r}" for v in (path, label) if is_spreadsheet_error(v))
         if not path:
             raise DataError(f"{p}, line {line_no}: the '{path_column}' field is empty. "
                             "Give the image path or delete the row.")
@@ -145,7 +151,9 @@ def check_unique_paths(root: Path, paths: Sequence[str], labels: Sequence[str], 
     dups: list[str] = []
     conflicting = 0
     for i, path in enumerate(paths):
-        key = os.path.normpath(root / path)
+        # only a path with "." or ".." parts, a doubled or trailing separator, needs normalising to compare
+        odd = "//" in path or path.endswith("/") or "./" in path or path.endswith(".") or os.altsep is not None
+        key = os.path.normpath(path) if odd else path
         j = seen.setdefault(key, i)
         if j != i:
             differ = labels[j] != labels[i]
@@ -167,6 +175,7 @@ def load_images(
     classnames: str | os.PathLike[str] | dict[str, str] | None = None,
     classes: Sequence[str] | None = None,
     allow_single_class: bool = False,
+    must_exist: bool = True,
 ) -> LabeledImages:
     """Read and validate a labelled image collection.
 
@@ -185,6 +194,9 @@ def load_images(
         The full class list (e.g. from a trained model); labels outside it are an error.
     allow_single_class : bool
         Detectors need at least two classes; ``predict`` does not.
+    must_exist : bool, default True
+        Refuse paths that name no file (False for an audit of features computed elsewhere, where a path
+        only names the row; it must still stay inside ``root``).
     """
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
@@ -203,7 +215,7 @@ def load_images(
 
     where = source if labels_csv is not None else "the image folder"
     # Paths: inside the root (the one rule of labelsieve.core.paths), existing, and each listed once.
-    check_image_paths(root_p, paths, lines=lines, where=where)
+    check_image_paths(root_p, paths, lines=lines, where=where, must_exist=must_exist)
     check_unique_paths(root_p, paths, raw, lines, where=where)
     if empty_dirs:
         raise DataError(f"{root_p}: class folder(s) with no images: {', '.join(empty_dirs[:_MAX_LISTED])}. "

@@ -36,6 +36,7 @@ from labelsieve.audit.reviewed import (
 from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, paths_hash, read_audit
 from labelsieve.audit.table import Audit, build_table, summarise
 from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
+from labelsieve.core import distributed
 from labelsieve.core.defaults import (
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_FEATURES_METHOD,
@@ -177,7 +178,7 @@ def run_detector(
     threshold: float | None = None,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     reviewed: Sequence[pd.DataFrame] = (),
-) -> Audit:
+) -> Audit | None:
     """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
     and summary.
 
@@ -185,6 +186,9 @@ def run_detector(
     the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
     near-duplicate search. ``reviewed`` holds earlier decisions (tables from
     :func:`labelsieve.audit.decisions.read_reviews`); see :mod:`labelsieve.audit.reviewed`.
+    Under torchrun every rank extracts its share of the features and rank 0 alone runs the detector
+    (:func:`labelsieve.core.distributed.run_on_main`; the other ranks wait); it returns the audit on rank 0
+    and None on the others.
     """
     timings: dict[str, float] = {}
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -209,7 +213,10 @@ def run_detector(
                            trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)
     t = time.perf_counter()
-    result = detector.detect(ctx)
+    result = distributed.run_on_main(detector.detect, ctx)
+    if not distributed.is_main():
+        return None
+    assert result is not None
     timings["detect"] = time.perf_counter() - t
     t = time.perf_counter()
     result = calibrate(result, labels=ctx.labels)  # fitted on the rows the detector saw
@@ -258,6 +265,7 @@ def run_detector(
         "images_per_second": {k: (len(images) / v if v > 0 else None) for k, v in timings.items()},
         "peak_memory_mb": peak_memory_mb(encoder.device),
         "device": str(encoder.device),
+        "processes": distributed.world_size(),
     })
     return Audit(table=table, summary=summary)
 
@@ -288,8 +296,12 @@ def audit(
     quiet: bool = False,
     force: bool = False,
     reviewed: Sequence[str | os.PathLike[str]] = (),
-) -> Audit:
+) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
+
+    Under ``torchrun --nproc-per-node=N -m labelsieve audit …`` (or a script torchrun starts) the N
+    processes share the feature extraction and rank 0 writes the audit; on the other ranks this returns
+    None (see :func:`run_detector`).
 
     Parameters
     ----------
@@ -341,6 +353,8 @@ def audit(
     if out_dir is not None:
         check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
+    dev = resolve_device(device)
+    distributed.init(dev)
     t0 = time.perf_counter()
     frames = [read_reviews(f) for f in reviewed]
     check_reviewed_frames(frames)
@@ -348,12 +362,14 @@ def audit(
                          classnames=classnames)
     t_load = time.perf_counter() - t0
     t = time.perf_counter()
-    encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
+    encoder = create_encoder(model, pretrained=pretrained, device=dev)
     t_model = time.perf_counter() - t
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
                           outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold,
                           reviewed=frames)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 writes
+        return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
     _finish_audit(result, images, out_dir=out_dir, html=html, xlsx=xlsx, quiet=quiet, t0=t0)
     return result

@@ -227,6 +227,8 @@ def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: 
                            image_size=image_size, num_workers=workers, freeze_bn=freeze_bn,
                            drop_unreviewed_flagged=not (keep_flagged or accept_suggestions),
                            accept_suggestions=accept_suggestions, reviews=reviews, clip_head=clip_head)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     acc = ("no validation set" if rep.best_val_acc is None or rep.last_val_acc is None
            else f"best val acc {rep.best_val_acc:.4f}, last {rep.last_val_acc:.4f}")
     click.echo(f"trained on {rep.n_train} images, validated on {rep.n_val}: {acc} -> {out_dir}")

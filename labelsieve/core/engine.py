@@ -17,6 +17,19 @@ What it does for every caller:
 * **resume** — :meth:`Trainer.fit` writes a checkpoint after every epoch (model, optimizer,
   scheduler, scaler, history, best weights, :attr:`Trainer.state`, RNG states; atomic replace) and
   continues from it, giving the same weights as an uninterrupted run.
+* **several processes** (torchrun, :mod:`labelsieve.core.distributed`) — :func:`make_loader` gives each
+  rank its share of a dataset of images (a ``DistributedSampler``, shuffled from the per-epoch seed; each
+  rank loads ``batch_size // world size`` images per step, so ``batch_size`` stays the batch of one
+  optimizer step and the methods' schedules keep their meaning). A Trainer fed such a loader trains under
+  ``torch.nn.parallel.DistributedDataParallel``: DDP wraps the *step* (the default step, or the method's
+  ``step_fn``), so it sees every parameter the step uses, whether it calls the model's ``forward`` or
+  another of its methods (DEFT's ``cosines``, co-divide's ``views``); gradients are averaged over the
+  ranks during backward, BatchNorm statistics follow rank 0. A batch is skipped on every rank when it
+  cannot be used on one (no readable image, non-finite loss). :meth:`Trainer.predict` and
+  :meth:`Trainer.evaluate` gather every rank's rows, so each rank gets the whole dataset, in dataset
+  order. Only rank 0 writes checkpoints and prints. Datasets held in memory (a ``TensorDataset`` of
+  cached features) are not split, and nothing is split inside
+  :func:`labelsieve.core.distributed.run_on_main` (detectors run there, on rank 0 alone).
 
 A method plugs in by passing its own model (any ``nn.Module`` mapping a batch of images to logits),
 optimizer and per-sample loss ``loss_fn(logits, targets, index)``; or, for steps that are not
@@ -38,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelsieve.core import distributed
 from labelsieve.core.checkpoint import load_checkpoint, save_checkpoint
 from labelsieve.core.errors import ParameterError, check_param
 from labelsieve.core.inference import in_dataset_order, infer, loss_and_accuracy
@@ -67,6 +81,24 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+class _Step(nn.Module):
+    """What ``DistributedDataParallel`` wraps: one training step as a forward pass.
+
+    Its only submodule is the trainer's model, so DDP averages the gradients of every trainable
+    parameter of the model that the step used, however the step reached it.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__()
+        self.model = trainer.model
+        self.trainer = [trainer]  # a list: not a submodule, not a parameter
+        self.step_fn: StepFn | None = None
+
+    def forward(self, batch: Sequence[Any]) -> tuple[torch.Tensor | None, int, int]:
+        trainer = self.trainer[0]
+        return trainer._default_step(batch) if self.step_fn is None else self.step_fn(trainer, batch)
 
 
 def freeze_batchnorm(model: nn.Module) -> int:
@@ -112,7 +144,7 @@ class Trainer:
     grad_clip : float, optional
         Clip the global gradient norm to this value (after unscaling).
     progress : bool
-        Show a progress bar per epoch and log one line per epoch.
+        Show a progress bar per epoch and log one line per epoch (on rank 0 only, under torchrun).
     desc : str
         Name shown on progress bars and log lines.
     scheduler_interval : {"step", "epoch"}
@@ -182,7 +214,7 @@ class Trainer:
         if isinstance(self.loss_fn, nn.Module):  # stateful losses (ELR) keep their buffers beside the model
             self.loss_fn.to(self.device)
         self.grad_clip = grad_clip
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.desc = desc
         self.scheduler_interval = scheduler_interval
         self.freeze_bn = freeze_bn
@@ -194,6 +226,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.state: dict[str, Any] = {}
         self.global_step = 0
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._ddp_params: tuple[int, ...] = ()
 
     # -- setup -------------------------------------------------------------------------------------
     @staticmethod
@@ -236,10 +270,26 @@ class Trainer:
             correct = int((logits.argmax(1) == y).sum())
         return loss, correct, int(x.shape[0])
 
-    def _optimize(self, loss: torch.Tensor) -> bool:
+    def _distributed_step(self, step_fn: StepFn | None) -> nn.parallel.DistributedDataParallel | None:
+        """The DDP-wrapped step for a sharded loader (built once, again if the trainable set changes);
+        None when the model has nothing to train."""
+        trainable = tuple(i for i, p in enumerate(self.model.parameters()) if p.requires_grad)
+        if not trainable:
+            return None
+        if self._ddp is None or trainable != self._ddp_params:
+            ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            # static_graph: a step may leave some trainable parameters unused (the same ones every step;
+            # DDP stops with an error if that set changes), without a search of the graph at every step
+            self._ddp = nn.parallel.DistributedDataParallel(_Step(self), device_ids=ids, static_graph=True)
+            self._ddp_params = trainable
+        self._ddp.module.step_fn = step_fn
+        return self._ddp
+
+    def _optimize(self, loss: torch.Tensor, finite: bool) -> bool:
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(loss.detach())):
+        if not finite:
             return False
         self.scaler.scale(loss).backward()
         if self.grad_clip is not None:
@@ -290,18 +340,26 @@ class Trainer:
         t0 = time.perf_counter()
         n_batches = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
         label = f"{self.desc} {epoch + 1}" + (f"/{epochs}" if epochs else "")
+        sharded = distributed.is_sharded(loader)
+        ddp = self._distributed_step(step_fn) if sharded else None
         with progress_bar(n_batches, label, enabled=self.progress, unit="batch") as advance:
             for batch in loader:
                 batch = self.to_device(batch)
                 with self.autocast():
-                    if step_fn is None:
+                    if ddp is not None:
+                        loss, n_correct, n = ddp(batch)
+                    elif step_fn is None:
                         loss, n_correct, n = self._default_step(batch)
                     else:
                         loss, n_correct, n = step_fn(self, batch)
-                if loss is None or n == 0:
+                usable = loss is not None and n > 0
+                finite = usable and bool(torch.isfinite(loss.detach()))
+                if sharded:  # every rank steps, or none (DDP's backward waits for all ranks)
+                    usable, finite = distributed.all_true(usable, finite)
+                if not usable:
                     advance(1)
                     continue
-                if not self._optimize(loss):
+                if not self._optimize(loss, finite):
                     skipped += 1
                     advance(1)
                     continue
@@ -309,6 +367,10 @@ class Trainer:
                 correct += int(n_correct)
                 seen += int(n)
                 advance(1, loss=f"{total_loss / max(seen, 1):.4f}")
+        if sharded:
+            total_loss, correct, seen = distributed.sum_over_ranks([total_loss, correct, seen])
+            correct, seen = int(correct), int(seen)
+            distributed.broadcast_buffers(self.model)  # one model on every rank for what follows
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
         seconds = time.perf_counter() - t0
@@ -320,8 +382,13 @@ class Trainer:
                 "lr": self.lr, "skipped": skipped}
 
     def _infer(self, loader: Iterable[Any], what: str) -> tuple[np.ndarray, ...]:
-        return infer(self.model, loader, device=self.device, autocast=self.autocast, progress=self.progress,
-                     desc=f"{self.desc}: {what}")
+        out = infer(self.model, loader, device=self.device, autocast=self.autocast, progress=self.progress,
+                    desc=f"{self.desc}: {what}")
+        if distributed.is_sharded(loader):  # every rank's share; the sampler's padding repeats a few items
+            out = distributed.gather_rows(*out)
+            first = np.sort(np.unique(out[2], return_index=True)[1])
+            out = tuple(a[first] for a in out)
+        return out
 
     def predict(self, loader: torch.utils.data.DataLoader) -> tuple[np.ndarray, np.ndarray]:
         """Logits of every item of ``loader.dataset``, in dataset order.
@@ -333,7 +400,8 @@ class Trainer:
             ``loader.dataset``: the item whose yielded ``index`` is ``dataset.index[k]`` when the
             dataset has an ``index`` array (as :class:`~labelsieve.data.datasets.ImageDataset` and
             :class:`~labelsieve.data.imagecache.CachedImageDataset` do), else the item yielding ``k``.
-            Any sampler order works; every item must be visited once.
+            Any sampler order works; every item must be visited once (under torchrun, once over all
+            ranks: a loader from :func:`make_loader` gives each rank a share, and the rows are gathered).
 
         Returns
         -------
@@ -390,8 +458,8 @@ class Trainer:
             ``on_epoch_end(trainer, epoch, record)`` after each epoch and its validation, before the
             checkpoint is written; it may add JSON-able entries to ``record``.
         checkpoint_path : path, optional
-            Written (atomically) after every epoch; if it exists when ``fit`` starts, training
-            resumes from it.
+            Written (atomically, by rank 0) after every epoch; if it exists when ``fit`` starts,
+            training resumes from it.
         checkpoint_key : str, optional
             Identifies the run configuration; an existing checkpoint with a different key is
             ignored (and overwritten) instead of resumed.
@@ -425,7 +493,7 @@ class Trainer:
                 on_epoch_end(self, epoch, record)
             self.history.append(record)
             self._log(record, epochs)
-            if ckpt is not None:
+            if ckpt is not None and distributed.is_main():
                 self.save_checkpoint(ckpt, epoch=epoch + 1, key=checkpoint_key)
         return self.history
 
@@ -460,6 +528,12 @@ def make_loader(dataset: Any, *, batch_size: int, shuffle: bool = False, seed: i
     Build one per epoch with ``seed = hash of (run seed, epoch)`` inside the callable form of
     :meth:`Trainer.fit` and a resumed run draws exactly the batches of an uninterrupted one.
 
+    Under torchrun (several ranks) a dataset that is not a ``TensorDataset`` is split between the ranks
+    (see the module docstring): each rank gets a ``DistributedSampler`` share (or its share of
+    ``sampler``'s draws, made on rank 0) and loads ``batch_size // world size`` (at least 1) images per
+    step; a shuffled (training) loader drops a last batch of a single image, which BatchNorm cannot
+    train on. Inside :func:`labelsieve.core.distributed.run_on_main` (rank 0 alone) nothing is split.
+
     Parameters
     ----------
     dataset : Dataset
@@ -485,6 +559,11 @@ def make_loader(dataset: Any, *, batch_size: int, shuffle: bool = False, seed: i
                 "an int >= 0")
     g = torch.Generator()
     g.manual_seed(int(seed))
+    if distributed.sharding() and not isinstance(dataset, torch.utils.data.TensorDataset):
+        training = shuffle or sampler is not None
+        sampler = distributed.shard_sampler(dataset, shuffle=shuffle, seed=seed, sampler=sampler)
+        batch_size = max(1, batch_size // distributed.world_size())
+        drop_last = drop_last or (training and len(sampler) > batch_size and len(sampler) % batch_size == 1)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                                        generator=g, pin_memory=torch.cuda.is_available(),

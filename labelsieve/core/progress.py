@@ -15,7 +15,8 @@
   A stage therefore prints at most ``2 + 1/PLAIN_EVERY_FRACTION`` lines plus one per
   :data:`PLAIN_EVERY_SECONDS` of its duration.
 
-User text (file, class and model names) never reaches rich as markup: a class named ``[/bold]`` is
+Under torchrun only rank 0 shows progress and warnings (the other ranks do the same work in step with it,
+or wait). User text (file, class and model names) never reaches rich as markup: a class named ``[/bold]`` is
 printed as written (:func:`rich.markup.escape`, or :class:`rich.text.Text`, which is not parsed).
 """
 
@@ -39,6 +40,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from labelsieve.core.distributed import is_main
+
 __all__ = ["PLAIN_EVERY_FRACTION", "PLAIN_EVERY_SECONDS", "PLAIN_MIN_SECONDS", "RateColumn", "console", "escape",
            "format_duration", "is_interactive", "progress_bar", "warn"]
 
@@ -54,7 +57,9 @@ PLAIN_MIN_SECONDS = 5.0
 
 def warn(message: str) -> None:
     """Print ``warning: <message>`` on stderr, on one line (not wrapped, so logs can be searched);
-    ``message`` is plain text (not rich markup)."""
+    ``message`` is plain text (not rich markup). Rank 0 only under torchrun."""
+    if not is_main():
+        return
     console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
 
 
@@ -105,9 +110,10 @@ def progress_bar(
     """Context manager yielding ``advance(n=1, **fields)``; a no-op when ``enabled`` is False.
 
     ``fields`` (for example ``loss=0.41``) are shown after the count. The display is a rich bar on an
-    interactive terminal and plain periodic lines elsewhere (see the module docstring).
+    interactive terminal and plain periodic lines elsewhere (see the module docstring). Under torchrun,
+    ranks other than 0 show nothing.
     """
-    if not enabled:
+    if not enabled or not is_main():
         yield lambda n=1, **_: None
         return
     if not is_interactive():

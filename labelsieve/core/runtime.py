@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from labelsieve.core.defaults import AMP_MODES
+from labelsieve.core.distributed import env_world_size, local_rank
 from labelsieve.core.errors import ParameterError, check_param
 
 
@@ -21,7 +22,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     ----------
     device : str or torch.device, optional
         ``None`` or ``"auto"``: CUDA if available, else CPU. Otherwise any torch device string
-        (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+        (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``). Under torchrun (``WORLD_SIZE`` > 1), ``auto``
+        and ``"cuda"`` mean this process's GPU, ``cuda:LOCAL_RANK``.
 
     Returns
     -------
@@ -33,12 +35,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         For an unknown device string, or a CUDA/MPS device this machine does not have.
     """
     if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ParameterError(f"The 'device' parameter must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'. "
                              f"Got {device!r} instead.") from exc
+    if dev.type == "cuda" and dev.index is None and env_world_size() > 1:
+        dev = torch.device("cuda", local_rank())
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ParameterError(f"Device {str(device)!r} was requested but CUDA is not available on this "

@@ -17,6 +17,13 @@ without a manifest are an interrupted commit, ignored and removed after an hour.
 Chunks are named by time and a random id and never rewritten, so several processes (one per GPU, say) may
 extract into the same store at once: each commits its own chunks, and every reader sees all of them.
 
+**Several ranks** (torchrun, :mod:`labelsieve.core.distributed`). The ranks of one job split the work: each
+hashes its block of the files, rank 0 decides from the store which images are missing, and each rank
+extracts its contiguous block of those into chunks of its own, so no two ranks write the same entry
+(the store must be on a filesystem every rank sees). A rank that dies loses only the chunk it had not
+committed; rerunning the command extracts only what no chunk holds. When every rank is done, rank 0
+builds the view and the others open it (checked like any view).
+
 **Checked on read.** Every ``get`` verifies each chunk's digests file against its manifest (size and
 SHA-256: cheap, 16 bytes per image) and the size of its vectors file; a chunk's vectors are verified in
 full (SHA-256 of the file) whenever they are read to build a view, and a view in full whenever it is
@@ -51,6 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from labelsieve.core import distributed
 from labelsieve.core.defaults import (
     DEFAULT_COMMIT_SECONDS,
     default_cache_dir,
@@ -323,7 +331,9 @@ class FeatureStore:
         """
         t0 = time.perf_counter()
         files = list(files)
-        digests = self.hasher.digests(files)
+        # each rank hashes its block of the files (one rank: all of them)
+        digests = [d for part in distributed.all_gather_object(self.hasher.digests(distributed.share(files)))
+                   for d in part]
         n_extracted = 0
         for _attempt in range(5):
             chunks, keys, cid, rows, bad = self._index()
@@ -336,21 +346,31 @@ class FeatureStore:
                 q = np.array(ulist, dtype=_KEY_DTYPE)
                 pos = np.clip(np.searchsorted(keys, q), 0, len(keys) - 1)
                 have = keys[pos] == q
-            missing = [uniq[d] for d, h in zip(ulist, have, strict=True) if not h]
+            # rank 0's reading of the store decides, so every rank splits the same list
+            missing = distributed.broadcast_object([uniq[d] for d, h in zip(ulist, have, strict=True) if not h])
             if missing:
-                changed = self._extract([files[i] for i in missing], [digests[i] for i in missing], encode,
-                                        transform, image_shape=image_shape, batch_size=batch_size,
-                                        num_workers=num_workers, chunk_images=chunk_images,
-                                        commit_seconds=commit_seconds, progress=progress, on_batch=on_batch)
-                n_extracted += len(missing)
-                for j, actual in changed.items():
-                    digests[missing[j]] = actual
+                mine = distributed.share(missing)
+                changed = self._extract([files[i] for i in mine], [digests[i] for i in mine], encode,
+                                        transform, image_shape=image_shape,
+                                        batch_size=batch_size, num_workers=num_workers, chunk_images=chunk_images,
+                                        commit_seconds=commit_seconds, progress=progress,
+                                        on_batch=on_batch) if mine else {}
                 if changed:
-                    self.hasher.forget([files[missing[j]] for j in changed])
+                    self.hasher.forget([files[mine[j]] for j in changed])
+                n_extracted += len(missing)
+                # every rank waits here for the others, and learns which of their files changed
+                for part in distributed.all_gather_object({mine[j]: d for j, d in changed.items()}):
+                    for i, actual in part.items():
+                        digests[i] = actual
                 continue  # index again: the new chunks, and rows that shared a digest that changed
-            view = self._view(digests, chunks, keys, cid, rows)
-            if view is None:
+            view = self._view(digests, chunks, keys, cid, rows) if distributed.is_main() else None
+            if not distributed.broadcast_object(view is not None):
                 continue  # a chunk was damaged and removed: extract its images again
+            if view is None:  # another rank: open the view rank 0 built (checked like any view)
+                view = self._view(digests, chunks, keys, cid, rows)
+                if view is None:
+                    raise RuntimeError(f"feature store {self.root}: a chunk rank 0 had just read failed its checks "
+                                       "on this rank (is the store on a filesystem every rank sees?)")
             ok = np.array([d not in bad for d in digests], dtype=bool)
             errors = {i: bad[d] for i, d in enumerate(digests) if d in bad}
             return Features(vectors=view, ok=ok, errors=errors, digests=digests, n_extracted=n_extracted,

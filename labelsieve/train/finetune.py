@@ -41,13 +41,14 @@ from labelsieve import __version__
 from labelsieve.audit.decisions import merge_reviews, read_reviews
 from labelsieve.audit.review import kept_rows, sheet_vs_record
 from labelsieve.audit.schema import audit_record, read_audit
+from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, ModelError, check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
 from labelsieve.core.paths import check_image_paths, check_output_dir, listed
 from labelsieve.core.progress import console, escape, warn
-from labelsieve.core.runtime import seed_everything
+from labelsieve.core.runtime import resolve_device, seed_everything
 from labelsieve.data import LabeledImages, default_classname, load_images
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform, train_transform
@@ -223,8 +224,15 @@ def _prepare_data(parts: list[LabeledImages | None], data: DataConfig, cfg: dict
     present = [p for p in parts if p is not None]
     files = [str(p.abspath(i)) for p in present for i in range(len(p))]
     labels = np.concatenate([p.labels for p in present]).astype(np.int64)
-    cache = DecodedImageCache.open(files, size=data.resize_size, mode="crop", cache_dir=cache_dir,
-                                   num_workers=workers, progress=progress)
+
+    def open_cache() -> DecodedImageCache:
+        return DecodedImageCache.open(files, size=data.resize_size, mode="crop", cache_dir=cache_dir,
+                                      num_workers=workers, progress=progress)
+
+    # under torchrun rank 0 decodes while the others wait, then they open what it wrote
+    cache = distributed.run_on_main(open_cache)
+    if cache is None:
+        cache = open_cache()
     n_tr, n_val = len(train_set), len(val_set) if val_set is not None else 0
     rows_tr = np.arange(n_tr)
     kw = {"mean": data.mean, "std": data.std, "interpolation": data.interpolation}
@@ -372,6 +380,8 @@ def train_on_labels(
     _check_train_args(images, val_images, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                       seed=seed, num_workers=num_workers, crop_scale=crop_scale)
     t0 = time.perf_counter()
+    device = resolve_device(device)
+    distributed.init(device)  # under torchrun: every rank trains its share of each batch (DDP)
     seed_everything(seed)
     spec = resolve_backbone(backbone, pretrained)
     cfg = _training_config(spec, optimizer=optimizer, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
@@ -401,8 +411,9 @@ def train_on_labels(
     cfg["amp"] = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
     ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
     key = _config_key({**cfg, "backbone": spec.to_dict(), "classes": images.classes}, d.files, d.labels)
-    if ckpt is not None and not resume and ckpt.exists():
+    if ckpt is not None and not resume and ckpt.exists() and distributed.is_main():
         ckpt.unlink()
+    distributed.barrier()  # no rank reads a checkpoint rank 0 is removing
     history = trainer.fit(d.loader_for, epochs=cfg["epochs"],
                           val_loader=d.eval_loader(np.arange(d.n_train, d.n_train + d.n_val)) if d.n_val else None,
                           checkpoint_path=ckpt, checkpoint_key=key)
@@ -416,7 +427,7 @@ def train_on_labels(
                          out_dir=Path(out_dir) if out_dir is not None else None, history=history,
                          best_epoch=trainer.best_epoch, exported=exported, test_acc=test_acc, images_per_s=ips,
                          config=cfg)
-    if out_dir is not None:
+    if out_dir is not None and distributed.is_main():
         meta = _model_meta(spec, weights, images, data, cfg, report, source=source,
                            val_source=val_images.source if val_images is not None
                            else f"stratified {val_fraction:g} split")

@@ -1,0 +1,119 @@
+"""Work tests/test_distributed.py runs under torchrun (2 CPU processes, gloo), and in one process for
+the reference it is compared with.
+
+    python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py train OUT [AUDIT_CSV]
+    python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py extract CACHE K
+
+``train`` trains a linear model through the Trainer (the default step, and a ``step_fn`` that calls a
+method of the model other than ``forward``; ordered and shuffled) and writes each rank's weights and
+predictions to ``OUT/train-<rank>.npz``; given AUDIT_CSV, it then trains EfficientNet-Lite0 for one epoch on
+the audit's kept rows (:func:`labelsieve.train.train_from_audit`) into ``OUT/model``. ``extract`` extracts
+mini-CLIP features of :data:`SUBSET` into CACHE, committing every 8 images; rank 1 dies after K images of
+its share.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from labelsieve import testing
+from labelsieve.core import distributed
+from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.data import load_images
+from labelsieve.features import extract_features
+from labelsieve.models.encoders import create_encoder
+from labelsieve.train import train_from_audit
+
+N, DIM, CLASSES, BATCH, EPOCHS = 40, 6, 3, 8, 3
+#: The images of the audit tests: 5 Imagenette training images per class (50).
+SUBSET = {"name": "imagenette", "per_class": 5, "seed": 0}
+
+
+class Points(torch.utils.data.Dataset):
+    """A fixed labelled point cloud as ``(x, label, index, ok)`` (not a TensorDataset, so it is sharded)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(N) % CLASSES
+        self.x = torch.randn(N, DIM, generator=g) + 2.0 * nn.functional.one_hot(self.y, DIM).float()
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i]), i, True
+
+
+class Scorer(nn.Module):
+    """A linear classifier whose training step calls :meth:`scores`; ``unused`` never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(DIM, CLASSES)
+        self.unused = nn.Linear(DIM, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * self.linear(x)
+
+
+def method_step(tr: Trainer, batch):
+    x, y, _idx, _ok = batch
+    logits = tr.model.scores(x)
+    return nn.functional.cross_entropy(logits, y), int((logits.argmax(1) == y).sum()), len(y)
+
+
+def train(step: str, shuffle: bool) -> dict[str, np.ndarray]:
+    """Weights and dataset-order logits after training (same on every rank, and in one process)."""
+    torch.manual_seed(distributed.rank())  # a different start on each rank: DDP must broadcast rank 0's
+    model = Scorer()
+    opt = torch.optim.SGD([p for p in model.parameters()], lr=0.3, momentum=0.9)
+    trainer = Trainer(model, optimizer=opt, device="cpu", progress=False)
+    ds = Points()
+    history = trainer.fit(lambda epoch: make_loader(ds, batch_size=BATCH, shuffle=shuffle, seed=epoch),
+                          epochs=EPOCHS, step_fn=method_step if step == "method" else None)
+    logits, ok = trainer.predict(make_loader(ds, batch_size=7))
+    return {"weight": model.linear.weight.detach().numpy().copy(), "bias": model.linear.bias.detach().numpy().copy(),
+            "logits": logits, "ok": ok, "n": np.array([h["n"] for h in history]),
+            "loss": np.array([h["loss"] for h in history])}
+
+
+def run_train(out: Path, audit_csv: Path | None) -> None:
+    distributed.init("cpu")
+    res = {f"{step}_{'shuffled' if shuffle else 'ordered'}_{k}": v
+           for step in ("default", "method") for shuffle in (False, True)
+           for k, v in train(step, shuffle).items()}
+    np.savez(out / f"train-{distributed.rank()}.npz", **res)
+    if audit_csv is not None:
+        train_from_audit(audit_csv, backbone="lite0", pretrained=str(testing.shared_dir() / "models" /
+                                                                     "tf_efficientnet_lite0.safetensors"),
+                         out_dir=out / "model", epochs=1, image_size=32, val_fraction=0.2, num_workers=0,
+                         drop_unreviewed_flagged=False, cache_dir=out / "cache", progress=False)
+
+
+def run_extract(cache: Path, die_after: int) -> None:
+    distributed.init("cpu")
+    images = load_images(*testing.extract_subset(SUBSET["name"], per_class=SUBSET["per_class"], seed=SUBSET["seed"]))
+    encoder = create_encoder(str(testing.mini_clip_dir()), device="cpu")
+
+    def on_batch(done: int) -> None:
+        if distributed.rank() == 1 and done >= die_after:
+            raise SystemExit(3)  # rank 1 dies; torchrun stops rank 0
+
+    extract_features(images, encoder, cache_dir=cache, batch_size=4, num_workers=0, chunk_images=8,
+                     progress=False, on_batch=on_batch)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[1] == "train":
+        run_train(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    else:
+        run_extract(Path(sys.argv[2]), int(sys.argv[3]))

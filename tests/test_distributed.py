@@ -1,0 +1,92 @@
+"""Several processes under torchrun (2 CPU processes, gloo): the audit equals the one-process audit, a rank
+that dies loses only its unfinished chunk, and training under DDP equals training in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dist_job import SUBSET
+from dist_job import train as train_linear
+
+from labelsieve import api, testing
+from labelsieve.data import load_images
+from labelsieve.features import extract_features
+from labelsieve.models.encoders import create_encoder
+
+JOB = Path(__file__).with_name("dist_job.py")
+
+
+def torchrun(*args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node=2 ARGS`` with this interpreter and this checkout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(JOB.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                         env=env, capture_output=True, text=True, timeout=300)
+    if expect_ok:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def audits(mini_clip_dir, tmp_path_factory):
+    """(images, 1-process audit folder and cache, 2-process audit folder and cache); the 2-process audit
+    finishes an extraction that a dying rank interrupted."""
+    tmp = tmp_path_factory.mktemp("dist")
+    root, csv = testing.extract_subset(SUBSET["name"], per_class=SUBSET["per_class"], seed=SUBSET["seed"])
+    common = {"method": "turn", "model": str(mini_clip_dir), "num_workers": 0, "progress": False, "quiet": True}
+    api.audit(root, csv, out_dir=tmp / "one", cache_dir=tmp / "cache1", params={"finetune": False}, **common)
+    died = torchrun(str(JOB), "extract", str(tmp / "cache2"), "8", expect_ok=False)
+    assert died.returncode != 0
+    torchrun("-m", "labelsieve", "audit", str(root), str(csv), "-o", str(tmp / "two"), "--method", "turn",
+             "--no-finetune", "--model", str(mini_clip_dir), "--cache-dir", str(tmp / "cache2"), "--workers", "0",
+             "--no-progress")
+    return load_images(root, csv), tmp
+
+
+def test_two_process_audit_equals_one_process_audit(audits, mini_clip_dir):
+    images, tmp = audits
+    one, two = (json.loads((tmp / d / "audit.json").read_text()) for d in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # the dying rank's committed chunks were kept: the rerun extracted only the rest
+    assert one["n_extracted"] == len(images) and 0 < two["n_extracted"] < len(images)
+    encoder = create_encoder(str(mini_clip_dir), device="cpu")
+    f1, f2 = (extract_features(images, encoder, cache_dir=tmp / c, num_workers=0, progress=False)
+              for c in ("cache1", "cache2"))
+    assert f2.n_extracted == 0 and f2.ok.all()
+    # no two ranks (nor the run that died and its rerun) wrote the same entry
+    stored = np.concatenate([np.load(p) for p in (tmp / "cache2").rglob("chunk-*.digests.npy")])
+    assert len(stored) == len(np.unique(stored)) == len(images)
+    v1, v2 = np.asarray(f1.vectors, dtype=np.float32), np.asarray(f2.vectors, dtype=np.float32)
+    assert np.abs(v1 - v2).max() <= 2e-3  # the same features to fp16 precision (|v| <= 1)
+    a1, a2 = (pd.read_csv(tmp / d / "audit.csv") for d in ("one", "two"))
+    assert list(a1["path"]) == list(a2["path"]) and len(a1) == len(images)
+    assert list(a1["is_noisy"]) == list(a2["is_noisy"]) and 0 < a1["is_noisy"].sum() < len(a1)
+    assert list(a1["suggested_label"]) == list(a2["suggested_label"])
+    assert np.allclose(a1["p_clean"], a2["p_clean"], atol=1e-3)
+
+
+def test_training_under_ddp_equals_one_process(audits):
+    _images, tmp = audits
+    out = tmp / "train"
+    out.mkdir()
+    torchrun(str(JOB), "train", str(out), str(tmp / "two" / "audit.csv"))
+    r0, r1 = (dict(np.load(out / f"train-{r}.npz")) for r in (0, 1))
+    for key in r0:  # every rank ends with the same model and the same gathered predictions
+        assert np.allclose(r0[key], r1[key], atol=1e-6), key
+    for step in ("default", "method"):
+        ref = train_linear(step, shuffle=False)  # one process: each 8-image batch is the two ranks' 4 + 4
+        for key in ("weight", "bias", "logits", "loss"):
+            assert np.allclose(r0[f"{step}_ordered_{key}"], ref[key], atol=1e-5), (step, key)
+        assert list(r0[f"{step}_ordered_n"]) == [40] * 3 and list(r0[f"{step}_shuffled_n"]) == [40] * 3
+        assert r0[f"{step}_shuffled_loss"][-1] < r0[f"{step}_shuffled_loss"][0]  # it learns when shuffled too
+    # labelsieve train under DDP: rank 0 alone exports, and counts every rank's images
+    meta = json.loads((out / "model" / "model.json").read_text())
+    assert meta["training"]["n_train"] + meta["training"]["n_val"] == 50
+    assert (out / "model" / "model.safetensors").is_file()

@@ -35,7 +35,7 @@ def test_features_audit_equals_the_image_audit_and_finds_the_noise(imagenette_sm
     np.save(tmp_path / "feats.npy", np.asarray(feats.vectors))  # the store's own float16 rows, in CSV order
     common = ["--no-progress", "--method", "turn", "--no-finetune", "--no-near-duplicates"]
     assert main(["audit", str(root), str(labels), "--model", str(mini_clip_dir), "--cache-dir", str(feature_cache),
-                 "-o", str(tmp_path / "images"), *common]) == 0
+                 "-o", str(tmp_path / "images"), "--no-html", *common]) == 0
     assert main(["audit", "--features", str(tmp_path / "feats.npy"), str(labels), "-o", str(tmp_path / "feats"),
                  *common]) == 0
     a = pd.read_csv(tmp_path / "images" / "audit.csv").set_index("path")

@@ -58,7 +58,7 @@ __all__ = ["CODIVIDE_FAST", "DEFAULT_MEMBERS", "TURN_PROBE", "EnsembleDetector",
 #: codivide's default), and at most 3,200 optimisation steps per network (issue 13): every row trains in
 #: every epoch up to 10,240 rows (so every benchmark set of docs/benchmarks.md §1 runs exactly as before),
 #: above that each epoch trains on a fresh random 10,240 rows while the GMM split still scores every row, so
-#: the prompt training costs the same at 100k or 10M rows (docs/benchmarks.md §10 measures what it costs in
+#: the prompt training costs the same at 100k or 10M rows (docs/benchmarks.md §11 measures what it costs in
 #: AUROC).
 CODIVIDE_FAST: dict[str, Any] = {"frozen": True, "epochs": 10, "warmup_epochs": 1, "lr": 0.002, "batch_size": 32,
                                  "monotone": True, "max_steps": 3200}

@@ -69,7 +69,7 @@ from labelsieve.core.engine import Trainer
 from labelsieve.core.io import to_jsonable
 from labelsieve.core.runtime import seed_everything
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
-from labelsieve.detectors.common.linear_probe import LinearProbe, fit_linear_probe
+from labelsieve.detectors.common.linear_probe import LinearProbe, Rows, fit_linear_probe
 from labelsieve.detectors.common.losses import gce_loss
 from labelsieve.detectors.common.recipe import (
     UNKNOWN,
@@ -217,7 +217,7 @@ class TurnDetector(Detector):
         seed_everything(ctx.seed)
         labels = np.asarray(ctx.labels, dtype=np.int64)
         C = ctx.n_classes
-        x = ctx.features()
+        x = Rows.of(ctx)  # the float32 matrix when it fits in memory, else read a batch at a time
         t = time.perf_counter()
         probe = fit_linear_probe(x, labels, C, loss=lambda lg, y: _gce(lg, y, self.q), epochs=self.lp_epochs,
                                  lr=self.lp_lr, seed=ctx.seed, device=ctx.device)

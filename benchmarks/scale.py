@@ -58,9 +58,11 @@ DETECTORS = [
     ("label_match", "label_match", {}),
     ("deft frozen", "deft", {"peft": "none"}),
     ("codivide fast (ensemble member)", "codivide", CODIVIDE_FAST),
-    ("codivide fast, no step cap", "codivide", {**CODIVIDE_FAST, "max_steps": None}),
+    ("codivide fast without step cap", "codivide", {**CODIVIDE_FAST, "max_steps": None}),
     ("ensemble (default)", "ensemble", {}),
 ]
+# --detectors is a comma-separated list of these names, so they hold no comma
+assert not any("," in d[0] for d in DETECTORS)
 
 
 def make_dataset(work: Path, n: int, *, n_classes: int, spread: float, noise: float, seed: int,
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wall = time.perf_counter() - t
             if proc.returncode != 0:
-                rec = {"detector": row, "n": n, "failed": proc.stderr.strip().splitlines()[-1][:300], "wall": wall,
+                why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:300]
+                rec = {"detector": row, "n": n, "failed": why, "wall": wall,
                        "host": host}
             else:
                 rec = {"detector": row, "registry": reg, "params": params, "n": n, "classes": args.classes,

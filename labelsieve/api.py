@@ -146,6 +146,18 @@ def detect(
         names = [c.replace("_", " ") for c in classes]
     if encoder is None and model is not None:
         encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
+    method, detector = _features_detector(method, params, encoder, how="encoder=… or model=…")
+    ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
+                           device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
+                           progress=progress)
+    seed_everything(seed)
+    return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
+
+
+def _features_detector(method: str | None, params: dict[str, Any] | None, encoder: Encoder | None, *,
+                       how: str) -> tuple[str, Any]:
+    """The detector for features given by the user: ``method`` or the default (the audit's with a
+    vision-language ``encoder``, else TURN's probe), checked to have the text side it needs."""
     if method is None:
         method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
         params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
@@ -153,14 +165,10 @@ def detect(
     if detector.needs_text:
         if encoder is None:
             raise ParameterError(f"The {method!r} detector reads class names through a vision-language model's text "
-                                 "side: pass the model the features came from (encoder=… or model=…), or choose "
-                                 "an image-feature detector (turn, knn, confident_learning, small_loss, gmm).")
+                                 f"side: pass the model the features came from ({how}), or choose an image-feature "
+                                 "detector (turn, knn, confident_learning, small_loss, gmm).")
         encoder.require_text(f"The {method!r} detector")
-    ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
-                           device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
-                           progress=progress)
-    seed_everything(seed)
-    return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
+    return method, detector
 
 
 def run_detector(
@@ -449,16 +457,7 @@ def audit_features(
                         "the features must be the image on row i of the labels CSV.")
     timings = {"load": time.perf_counter() - t0}
     encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device)) if model else None
-    if method is None:
-        method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
-        params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
-    detector = create_detector(method, **(params or {}))
-    if detector.needs_text:
-        if encoder is None:
-            raise ParameterError(f"The {method!r} detector reads class names through a vision-language model's text "
-                                 "side: pass the model the features came from (--model), or choose an image-feature "
-                                 "detector (turn, knn, confident_learning, small_loss, gmm).")
-        encoder.require_text(f"The {method!r} detector")
+    method, detector = _features_detector(method, params, encoder, how="--model")
     dev = encoder.device if encoder is not None else resolve_device(device)
     ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=None, encoder=encoder,
                            features_fn=lambda: x, device=dev, seed=seed, progress=progress)

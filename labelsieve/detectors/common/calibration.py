@@ -95,7 +95,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 def _bounded(z: np.ndarray, bound: float) -> np.ndarray:
     """Log-odds ``z`` softly bounded to (−bound, bound): ``z / sqrt(1 + (z/bound)²)``, strictly increasing."""
     z = np.asarray(z, dtype=np.float64)
-    return z / np.sqrt(1.0 + (z / bound) ** 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = z / np.sqrt(1.0 + (z / bound) ** 2)
+    far = np.abs(z) > 1e100 * bound  # (z/bound)² overflows, or z is infinite: the bound itself
+    return np.where(far, np.sign(z) * bound, out)
 
 
 def log_odds_bound(n: int) -> float:

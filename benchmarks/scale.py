@@ -220,8 +220,11 @@ def render(jsonl: Path, md: Path) -> None:
                 cells.append("–")
             elif "seconds" in r:
                 cells.append(f"{r['seconds']:.1f} s, {r['peak_rss_gb']:.2f} GB, AUROC {r['auroc']:.3f}")
-            else:
-                cells.append("skipped" if "skipped" in r else "failed")
+            elif "skipped" in r:
+                cells.append("skipped")
+            else:  # a run that failed or was stopped: say what happened
+                cells.append(("stopped: " if r["failed"].startswith("stopped") else "failed: ")
+                             + f"{r.get('wall', 0) / 60:.0f} min")
         measured = sorted((r for r in rs.values() if "seconds" in r), key=lambda r: r["n"])
         exps = [f"{_exponent(measured[i:i + 2]):.2f}" for i in range(len(measured) - 1)]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(exps) or '–'} |")

@@ -121,7 +121,7 @@ def detect(
         ``p_clean`` (calibrated as in an audit; the detector's raw score in ``columns["p_clean_raw"]``),
         ``is_noisy``, ``suggested``, ``suggested_prob`` per row, ``rule`` and ``info``.
     """
-    x = np.load(features, mmap_mode="r") if isinstance(features, (str, os.PathLike)) else features
+    x = _load_features_file(features) if isinstance(features, (str, os.PathLike)) else features
     check_param("detect", "features", getattr(x, "shape", None), getattr(x, "ndim", 0) == 2,
                 "an array of shape (n, d) or a .npy file holding one")
     raw = list(labels) if not isinstance(labels, np.ndarray) else labels

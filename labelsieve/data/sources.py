@@ -150,9 +150,10 @@ def check_unique_paths(root: Path, paths: Sequence[str], labels: Sequence[str], 
     seen: dict[str, int] = {}
     dups: list[str] = []
     conflicting = 0
+    always = os.altsep is not None  # two separators (Windows): normalise every path
     for i, path in enumerate(paths):
         # only a path with "." or ".." parts, a doubled or trailing separator, needs normalising to compare
-        odd = "//" in path or path.endswith("/") or "./" in path or path.endswith(".") or os.altsep is not None
+        odd = always or "//" in path or path.endswith("/") or "./" in path or path.endswith(".")
         key = os.path.normpath(path) if odd else path
         j = seen.setdefault(key, i)
         if j != i:

@@ -7,10 +7,13 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from openpyxl import load_workbook
 
+from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
 from labelsieve.audit.writers import write_xlsx
 from labelsieve.cli import main
+from labelsieve.core.errors import OutputError
 
 
 def test_audit_xlsx_round_trip_through_apply(imagenette_small, mini_clip_dir, feature_cache, tmp_path, capsys):
@@ -69,3 +72,17 @@ def test_xlsx_text_is_never_a_formula(tmp_path):
     assert cells["A2"].value == table.loc[0, "path"] and cells["B2"].value == "-2+3"
     assert cells["C3"].value is None and cells["C2"].number_format == "0.000"
     assert [cells["E2"].value, cells["E3"].value] == [1, None]
+
+
+def test_a_reviewed_audit_xlsx_is_protected_like_audit_csv(tmp_path):
+    """An audit that would write audit.xlsx over one holding review decisions is refused before any work; with
+    --force a dated copy is kept first."""
+    table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "given_label": ["cat", "dog"], "review": ["drop", ""]})
+    write_xlsx(table, tmp_path / "audit.xlsx")
+    check_audit_output(tmp_path, force=False)  # not written by this audit (no --xlsx): nothing to protect
+    with pytest.raises(OutputError, match=r"audit\.xlsx holds 1 review decision"):
+        check_audit_output(tmp_path, force=False, files=("audit.csv", "audit.xlsx"))
+    check_audit_output(tmp_path, force=True, files=("audit.csv", "audit.xlsx"))
+    copy = keep_reviewed_copy(tmp_path / "audit.xlsx")
+    assert copy is not None and copy.name.startswith("audit.reviewed-") and copy.suffix == ".xlsx"
+    assert pd.read_excel(copy, dtype=str, keep_default_na=False)["review"].tolist() == ["drop", ""]

@@ -238,12 +238,12 @@ def run_detector(
                     "a float in (0, 1], or None to skip the near-duplicate search")
         t = time.perf_counter()
         if (fit == readable).all():
-            dup_images, dup_features = sub, ctx.features()
+            dup_images, dup_features = sub, ctx  # read a block at a time, no float32 copy
         else:  # every readable row, the ones a reviewer dropped included
             ok = np.nonzero(readable)[0]
             dup_images, dup_features = images.subset(ok), np.asarray(feats.vectors[ok], dtype=np.float32)
         groups = near_duplicate_groups(dup_images, dup_features, threshold=duplicate_threshold, seed=seed,
-                                       progress=progress)
+                                       progress=progress, work_dir=cache)
         timings["near_duplicates"] = time.perf_counter() - t
     t = time.perf_counter()
     table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,

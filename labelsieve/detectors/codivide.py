@@ -74,7 +74,13 @@ from labelsieve.core.errors import ModelError, check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
 from labelsieve.data.imagecache import CachedImageDataset, CachedTwoViewDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
-from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.base import (
+    DetectionContext,
+    DetectionResult,
+    Detector,
+    feature_dataset,
+    softmax,
+)
 from labelsieve.detectors.common.recipe import (
     UNKNOWN,
     Param,
@@ -385,9 +391,7 @@ class _CoDivideRun:
         ctx, det = self.ctx, self.det
         labels = torch.as_tensor(ctx.labels, dtype=torch.long)
         if self.path == PATH_FEATURES:
-            feats = torch.as_tensor(ctx.features())
-            ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(self.n),
-                                                torch.ones(self.n, dtype=torch.bool))
+            ds = feature_dataset(ctx, labels)
             return ds, ds, ds, 0
         workers = det.num_workers if det.num_workers is not None else default_num_workers(4)
         size = ctx.encoder.image_size

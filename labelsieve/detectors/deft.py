@@ -59,7 +59,13 @@ from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.optim import cosine_schedule, make_optimizer
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
-from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector
+from labelsieve.detectors.common.base import (
+    DetectionContext,
+    DetectionResult,
+    Detector,
+    feature_cosines,
+    feature_dataset,
+)
 from labelsieve.detectors.common.losses import deft_dual_loss, sce_loss
 from labelsieve.detectors.common.recipe import Param, Recipe, amp_param, is_float, is_int, one_of, workers_param
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
@@ -357,12 +363,11 @@ class DeftDetector(Detector):
     def _data(self, ctx: DetectionContext, peft: str, clip_model: nn.Module
               ) -> tuple[nn.Module, Any, Any, int, dict[str, Any]]:
         """(image module, training dataset, evaluation dataset, loader workers, PEFT info)."""
-        n = len(ctx.labels)
         labels = torch.as_tensor(ctx.labels, dtype=torch.long)
         if peft in FEATURE_PATHS:
-            feats = torch.as_tensor(ctx.features())
-            module: nn.Module = FeatureAdapter(feats.shape[1]) if peft == "feature_adapter" else nn.Identity()
-            ds = torch.utils.data.TensorDataset(feats, labels, torch.arange(n), torch.ones(n, dtype=torch.bool))
+            dim = int(ctx.raw_features().shape[1])
+            module: nn.Module = FeatureAdapter(dim) if peft == "feature_adapter" else nn.Identity()
+            ds = feature_dataset(ctx, labels)
             return module, ds, ds, 0, {}
         info = apply_peft(clip_model, peft)
         size = self.image_size or ctx.encoder.image_size
@@ -458,7 +463,7 @@ class DeftDetector(Detector):
     def _scale(self, ctx: DetectionContext) -> tuple[float, str, dict[str, Any]]:
         """(logit scale, how it was set, :func:`~labelsieve.detectors.common.text_side.text_side_info`)."""
         text = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
-        cos = ctx.features() @ text.T  # unscaled: the calibration fits the scale to these
+        cos = feature_cosines(ctx, text)  # unscaled: the calibration fits the scale to these
         text_info = text_side_info(cos, ctx.labels)
         if self.logit_scale == "model":
             return ctx.encoder.logit_scale, "the model's learned scale (the paper's)", text_info

@@ -29,7 +29,7 @@ from labelsieve.core.errors import check_param
 from labelsieve.core.runtime import seed_everything
 from labelsieve.detectors.common import tower
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
-from labelsieve.detectors.common.linear_probe import fit_linear_probe, oof_probe_losses
+from labelsieve.detectors.common.linear_probe import Rows, fit_linear_probe, oof_probe_losses
 from labelsieve.detectors.common.selection import fit_gmm_split, per_class_gmm_posterior
 from labelsieve.detectors.common.tower import check_finetune_params, is_pos_float, is_pos_int
 from labelsieve.detectors.registry import register_detector
@@ -102,7 +102,7 @@ class GMMDetector(Detector):
 
     def _finetuned_losses(self, ctx: DetectionContext, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(ctx.labels, dtype=np.int64)
-        probe = fit_linear_probe(ctx.features(), labels, ctx.n_classes, loss="ce", epochs=self.probe_epochs,
+        probe = fit_linear_probe(Rows.of(ctx), labels, ctx.n_classes, loss="ce", epochs=self.probe_epochs,
                                  seed=ctx.seed, device=ctx.device)
         t = time.perf_counter()
         setup = tower.prepare_finetune(ctx, image_size=self.image_size, batch_size=self.batch_size,

@@ -15,6 +15,7 @@ from labelsieve.audit.table import build_table, near_duplicate_summary
 from labelsieve.core.defaults import DEFAULT_DUPLICATE_THRESHOLD
 from labelsieve.data import LabeledImages
 from labelsieve.detectors import DetectionResult
+from labelsieve.detectors.common import duplicates
 from labelsieve.detectors.common.duplicates import connected_groups, near_duplicate_groups
 from labelsieve.features import extract_features
 
@@ -100,3 +101,26 @@ def test_connected_groups_joins_chains():
     pairs = np.array([[0, 3], [3, 5], [2, 6]])
     assert connected_groups(8, pairs).tolist() == [0, -1, 1, 0, -1, 0, 1, -1]
     assert connected_groups(3, np.zeros((0, 2), dtype=np.int64)).tolist() == [-1, -1, -1]
+
+
+def test_large_collections_keep_thumbnails_on_disk_and_find_the_same_groups(with_copies, tmp_path, monkeypatch):
+    """Above THUMBS_IN_MEMORY_BYTES the uint8 thumbnails go to a memory map in ``work_dir`` (removed after) and
+    pairs are scored a block at a time: the groups are those found in memory."""
+    images, x, source = with_copies
+    ref = near_duplicate_groups(images, x, threshold=DEFAULT_DUPLICATE_THRESHOLD, progress=False)
+    made = []
+    real = np.lib.format.open_memmap
+
+    def spy(path, *a, **kw):
+        made.append(Path(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(duplicates, "THUMBS_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(np.lib.format, "open_memmap", spy)
+    big = near_duplicate_groups(images, x, threshold=DEFAULT_DUPLICATE_THRESHOLD, progress=False, work_dir=tmp_path)
+    assert made and made[0].is_relative_to(tmp_path) and not made[0].exists()
+    assert np.array_equal(big, ref)
+    thumbs, ok = duplicates.thumbnails(images, np.arange(len(images)), progress=False)
+    assert thumbs.dtype == np.uint8 and ok.all()
+    pairs = duplicates.candidate_pairs(x, 8)[0]
+    assert np.array_equal(duplicates.pair_similarity(thumbs, pairs, block=7), duplicates.pair_similarity(thumbs, pairs))

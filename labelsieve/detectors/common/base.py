@@ -209,6 +209,46 @@ class DetectionContext:
             yield start, self.feature_rows(slice(start, min(start + batch_size, self.n_samples)))
 
 
+class FeatureRowsDataset(torch.utils.data.Dataset):
+    """``(feature, label, row, ok)`` per row of a context's features, like ``TensorDataset(features, labels,
+    arange(n), ones(n))`` but read from the source a batch at a time (``__getitems__``: one sorted read of a
+    float16 memory map per batch), so prompt training on 10M rows needs no float32 copy of them. Use
+    :func:`feature_dataset`, which keeps the in-memory dataset for collections that fit."""
+
+    def __init__(self, ctx: DetectionContext, labels: torch.Tensor) -> None:
+        self.ctx, self.labels = ctx, labels
+
+    def __len__(self) -> int:
+        return self.ctx.n_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int, bool]]:
+        rows = torch.from_numpy(self.ctx.feature_rows(np.asarray(idx, dtype=np.int64)))
+        return [(rows[j], self.labels[i], int(i), True) for j, i in enumerate(idx)]
+
+
+def feature_dataset(ctx: DetectionContext, labels: torch.Tensor) -> torch.utils.data.Dataset:
+    """The features of ``ctx`` as a dataset of ``(feature, label, row, ok)``: in memory when a float32 copy fits
+    (:meth:`DetectionContext.fits_in_memory`), else :class:`FeatureRowsDataset` (same items, same batches)."""
+    if ctx.fits_in_memory():
+        n = ctx.n_samples
+        return torch.utils.data.TensorDataset(torch.as_tensor(ctx.features()), labels, torch.arange(n),
+                                              torch.ones(n, dtype=torch.bool))
+    return FeatureRowsDataset(ctx, labels)
+
+
+def feature_cosines(ctx: DetectionContext, text: np.ndarray, *, batch_size: int = 1 << 16) -> np.ndarray:
+    """Cosines (n, C) float32 between the L2-normalised image features and the rows of ``text`` (C, d, unit
+    rows), computed a block of rows at a time (no (n, d) float32 copy)."""
+    text = np.asarray(text, dtype=np.float32)
+    out = np.empty((ctx.n_samples, len(text)), dtype=np.float32)
+    for start, rows in ctx.feature_batches(batch_size):
+        out[start : start + len(rows)] = rows @ text.T
+    return out
+
+
 def normalize_rows(x: Any) -> np.ndarray:
     """Rows of ``x`` (any float array-like) as float32, each scaled to unit L2 norm (zero rows stay zero)."""
     feats = np.asarray(x, dtype=np.float32)

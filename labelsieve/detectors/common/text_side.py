@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from labelsieve.detectors.common.base import DetectionContext
+from labelsieve.detectors.common.base import DetectionContext, feature_cosines
 
 __all__ = ["ENSEMBLE_TEMPLATES", "LOW_AGREEMENT", "SINGLE_TEMPLATE", "agreement_info", "resolve_templates",
            "text_side_info", "zero_shot", "zero_shot_check", "zero_shot_logits"]
@@ -41,7 +41,7 @@ def zero_shot_logits(ctx: DetectionContext, templates: Sequence[str]) -> np.ndar
     collections of any size use :func:`zero_shot`)."""
     ctx.encoder.require_text("Zero-shot classification")
     text = ctx.encoder.class_text_embeddings(ctx.classnames, templates)
-    return ctx.encoder.logit_scale * (ctx.features() @ text.T)
+    return ctx.encoder.logit_scale * feature_cosines(ctx, text)
 
 
 def zero_shot(ctx: DetectionContext, templates: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float]:

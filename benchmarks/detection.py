@@ -81,6 +81,9 @@ EXTRA_DETECTORS = [
     ("deft lora (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True),
     # the authors' real-world variant: for real noise (CIFAR-10N)
     ("deft + calibrated real-world variant", "deft", {"logit_scale": "calibrated", "consistency": True}, True),
+    # appendix A.1's severe-noise setting (weight 0.25 on the "yes" term)
+    ("deft + calibrated + positive weight 0.25", "deft", {"logit_scale": "calibrated", "positive_weight": 0.25},
+     True),
     ("turn paper recipe fine-tune 128 px", "turn", {"image_size": 128}, False),
     ("turn sgd (labelsieve) fine-tune 128 px", "turn",
      {"image_size": 128, "optimizer": "sgd", "lr": 1e-3, "head_lr": 1e-2, "weight_decay": 5e-4, "batch_size": 64},

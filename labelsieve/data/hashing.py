@@ -7,6 +7,12 @@ change its ctime or inode, which no user command can set back. Files changed in 
 :data:`RACY_SECONDS` before they were hashed are not memoised (they could still change within the
 clock's granularity). A memo database that cannot be read (truncated, corrupted) is rebuilt with a
 warning.
+
+Speed (``benchmarks/hashing.py``, docs/benchmarks.md §12): files are hashed on a thread pool, 256 files per
+task, and the new digests written in one transaction; 100,000 files of 2 KB take ~11 s with an empty memo and
+~2 s when every digest is memoised (a stat and one indexed lookup per 900 paths). The memo keeps SQLite's
+rollback journal rather than WAL: WAL needs shared memory between processes, which the network filesystems
+that hold a multi-machine job's cache do not provide; each process writes once, so the journal costs nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ RACY_SECONDS = 2.0
 _TABLE = "file_digests"
 _STAMP = struct.Struct("<5q")
 _BLOCK = 1 << 20
+#: Files hashed per thread-pool task.
+_TASK = 256
 
 
 def digest_bytes(data: bytes) -> bytes:
@@ -144,9 +152,15 @@ class ContentHasher:
             else:
                 todo.append(i)
         if todo:
+            # threads overlap the reads of a slow disk or a network filesystem; each task hashes a block of
+            # files, since one task per file costs more in the pool than hashing a small file (100,000 files of
+            # 2 KB: 12 s one per task, 3.4 s by blocks of 256; benchmarks/hashing.py)
+            blocks = [todo[i : i + _TASK] for i in range(0, len(todo), _TASK)]
             with ThreadPoolExecutor(max_workers=threads) as ex:
-                for i, d in zip(todo, ex.map(lambda j: self._digest_file(keys[j]), todo), strict=True):
-                    out[i] = d
+                for block, ds in zip(blocks, ex.map(lambda b: [self._digest_file(keys[j]) for j in b], blocks),
+                                     strict=True):
+                    for i, d in zip(block, ds, strict=True):
+                        out[i] = d
             racy = started - int(RACY_SECONDS * 1e9)
             rows = []
             for i in todo:

@@ -68,7 +68,7 @@ import torch
 from labelsieve.core.engine import Trainer
 from labelsieve.core.io import to_jsonable
 from labelsieve.core.runtime import seed_everything
-from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult, Detector, softmax_blocks
 from labelsieve.detectors.common.linear_probe import LinearProbe, Rows, fit_linear_probe
 from labelsieve.detectors.common.losses import gce_loss
 from labelsieve.detectors.common.recipe import (
@@ -221,7 +221,7 @@ class TurnDetector(Detector):
         t = time.perf_counter()
         probe = fit_linear_probe(x, labels, C, loss=lambda lg, y: _gce(lg, y, self.q), epochs=self.lp_epochs,
                                  lr=self.lp_lr, seed=ctx.seed, device=ctx.device)
-        probe_logits = probe.logits(x).astype(np.float64)
+        probe_logits = probe.logits(x)  # float32 (n, C); losses and probabilities are taken from it by blocks
         losses = ce_losses(probe_logits, labels)
         lp_info = {"epochs": self.lp_epochs, "loss": f"gce(q={self.q})", "lr": self.lp_lr,
                    "train_acc": float((probe_logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
@@ -232,7 +232,7 @@ class TurnDetector(Detector):
             post, rules = self._split(losses, labels, C, ctx.seed)
             info["final"] = self._summary(post, rules, labels, C)
             info["seconds"] = time.perf_counter() - t_start
-            return DetectionResult(p_clean=post, probs=softmax(probe_logits, axis=1), threshold=self.tau,
+            return DetectionResult(p_clean=post, probs=softmax_blocks(probe_logits), threshold=self.tau,
                                    rule=self._rule(False), info=info)
         return self._finetune(ctx, probe, losses, info, t_start)
 
@@ -298,7 +298,7 @@ class TurnDetector(Detector):
         info["fft_train_images"] = int(sum(r["n"] for r in history))
         info["seconds"] = time.perf_counter() - t_start
         del trainer, model, tower
-        return DetectionResult(p_clean=post, probs=softmax(logits, axis=1), threshold=self.tau,
+        return DetectionResult(p_clean=post, probs=softmax_blocks(logits), threshold=self.tau,
                                rule=self._rule(True), info=info)
 
 

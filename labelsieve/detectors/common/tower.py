@@ -119,12 +119,17 @@ class TowerClassifier(nn.Module):
         return self.head(F.normalize(self.tower(x).float(), dim=-1))
 
 
-def ce_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-sample cross-entropy ``-log softmax(logits)[i, labels[i]]`` (float64, finite)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return lse - z[np.arange(len(labels)), np.asarray(labels)]
+def ce_losses(logits: np.ndarray, labels: np.ndarray, *, block: int = 1 << 16) -> np.ndarray:
+    """Per-sample cross-entropy ``-log softmax(logits)[i, labels[i]]`` (float64, finite), computed in float64 a
+    block of rows at a time (float32 logits of 10M rows x 100 classes are never copied whole to float64)."""
+    labels = np.asarray(labels)
+    out = np.empty(len(labels), dtype=np.float64)
+    for i in range(0, len(labels), block):
+        z = np.asarray(logits[i : i + block], dtype=np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        out[i : i + len(z)] = lse - z[np.arange(len(z)), labels[i : i + block]]
+    return out
 
 
 @dataclass

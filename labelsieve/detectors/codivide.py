@@ -79,7 +79,7 @@ from labelsieve.detectors.common.base import (
     DetectionResult,
     Detector,
     feature_dataset,
-    softmax,
+    softmax_blocks,
 )
 from labelsieve.detectors.common.recipe import (
     UNKNOWN,
@@ -415,7 +415,7 @@ class _CoDivideRun:
         split = fit_gmm_split(ev["losses"][ok], max_iter=det.gmm_max_iter, reg_covar=det.gmm_reg_covar,
                               seed=self.ctx.seed, monotone=det.monotone)
         posterior[ok] = split.posterior
-        probs = softmax(ev["logits"], axis=1)
+        probs = softmax_blocks(ev["logits"])  # float32, computed in float64 by blocks
         probs[~ok] = 1.0 / probs.shape[1]
         return {"posterior": posterior, "probs": probs, "ok": ok, "loss": ev["loss"], "acc": ev["acc"],
                 "rule": split.rule, "means": split.means, "weights": split.weights}

@@ -213,6 +213,10 @@ class _Encoded(nn.Module):
         return self.clip_model.encode_image(x)
 
 
+#: Rows per block when the evaluation pass's outputs are turned into probabilities.
+_EVAL_BLOCK = 1 << 16
+
+
 @dataclass
 class _State:
     """What the step function reads and writes for the current epoch.
@@ -475,12 +479,15 @@ class DeftDetector(Detector):
     def _evaluate(self, trainer: Trainer, loader: Any,
                   labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Evaluation pass over all samples: (clean mask, p_clean of the given label, class probs)."""
-        out, _ = trainer.predict(loader)
-        out_t = torch.as_tensor(out, dtype=torch.float64)
-        C = out_t.shape[1] // 2
-        logits, dual = out_t[:, :C], out_t[:, C:]
-        p_yes = torch.sigmoid(dual)
+        out, _ = trainer.predict(loader)  # float32 (n, 2C): positive logits, then the dual logits
+        n, C = len(out), out.shape[1] // 2
         lab = labels.cpu()
-        clean = clean_rule(p_yes, lab, consistency=self.consistency)
-        p_clean = p_yes.gather(1, lab[:, None]).squeeze(1)
-        return clean.numpy(), p_clean.numpy(), torch.softmax(logits, dim=1).numpy()
+        clean, p_clean = np.empty(n, dtype=bool), np.empty(n, dtype=np.float64)
+        probs = np.empty((n, C), dtype=np.float32)
+        for i in range(0, n, _EVAL_BLOCK):  # float64 a block at a time: no (n, 2C) float64 copy at 10M rows
+            o = torch.as_tensor(np.asarray(out[i : i + _EVAL_BLOCK]), dtype=torch.float64)
+            p_yes, y = torch.sigmoid(o[:, C:]), lab[i : i + _EVAL_BLOCK]
+            clean[i : i + len(o)] = clean_rule(p_yes, y, consistency=self.consistency).numpy()
+            p_clean[i : i + len(o)] = p_yes.gather(1, y[:, None]).squeeze(1).numpy()
+            probs[i : i + len(o)] = torch.softmax(o[:, :C], dim=1).numpy()
+        return clean, p_clean, probs

@@ -18,7 +18,6 @@ from tests.helpers import make_context
 DETECTORS = [
     ("turn", {"finetune": False}),
     ("deft", {"epochs": 2}),
-    ("deft", {"epochs": 2, "logit_scale": "calibrated", "peft": "feature_adapter"}),
     ("codivide", {**CODIVIDE_FAST, "epochs": 2, "max_steps": 40}),
     ("label_match", {}),
 ]

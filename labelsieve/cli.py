@@ -205,7 +205,7 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @click.option("--clip-head", type=click.Choice(["linear", "zero_shot"]), default="linear", show_default=True,
               help="CLIP backbones: a fresh head on the pre-projection features, blocks + head trained (DEFT's phase "
                    "2), or a head initialised from the zero-shot text embeddings, whole tower trained: much better "
-                   "with few images or epochs (500 Imagenette images, 3 epochs: 85 %% vs 12 %%; docs/methods.md).")
+                   "with few images or epochs (500 Imagenette images, 3 epochs: 85 % vs 12 %; docs/methods.md).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device")
 @click.option("--workers", type=int)

@@ -394,7 +394,13 @@
       return "<li data-c=\"" + esc(c) + "\" class=\"" + (k === pickHi ? "hi" : "") + "\">" + esc(c) + "</li>"; }).join("");
   }
   function openOverlay(id) { $(id).classList.add("open"); }
-  function closeOverlays() { document.querySelectorAll(".overlay.open").forEach(function (o) { o.classList.remove("open"); }); }
+  function closeOverlays() {
+    // Give the focus back before hiding: the browser moves focus out of a hidden input only at its next style
+    // update, and a key pressed before that (a fast typist, a loaded machine) would go into the hidden input.
+    var a = document.activeElement;
+    if (a && a.closest && a.closest(".overlay")) a.blur();
+    document.querySelectorAll(".overlay.open").forEach(function (o) { o.classList.remove("open"); });
+  }
   function choose(c) { closeOverlays(); if (c !== undefined && pickPos >= 0) act("class:" + c, pickPos); }
 
   function onKey(e) {

@@ -91,6 +91,15 @@ EXTRA_DETECTORS = [
     ("ensemble (codivide paper+turn+knn stacked)", "ensemble",
      {"members": ["codivide", ["turn", TURN_PROBE], "knn"]}, True),
     ("ensemble (codivide+turn+knn mean)", "ensemble", {"combine": "mean_logit"}, True),
+    # issue 13: co-divide's text budget forced to k = 10 on 10 classes (the default budget leaves 10 classes at
+    # k = 1; at 100 classes it gives k = 10): batch 320 at lr .02 for a tenth of the steps. Budgets are per set
+    # size: 790 = 10 epochs x 79 steps x 10 classes / 10 (Imagenette, 2,500 rows), 3130 (CIFAR-10N, 10,000)
+    ("codivide fast + text budget k 10 (Imagenette)", "codivide", {**CODIVIDE_FAST, "text_budget": 790}, True),
+    ("codivide fast + text budget k 10 (CIFAR)", "codivide", {**CODIVIDE_FAST, "text_budget": 3130}, True),
+    ("codivide fast + text budget k 10 lr unscaled (Imagenette)", "codivide",
+     {**CODIVIDE_FAST, "text_budget": 790, "lr": 0.0002}, True),
+    ("codivide fast + text budget k 10 lr unscaled (CIFAR)", "codivide",
+     {**CODIVIDE_FAST, "text_budget": 3130, "lr": 0.0002}, True),
 ]
 #: Rows measured before issue 10 (seeds 0-2 for the trained detectors), kept to compare with the rerun;
 #: their names say so. The DEFT loss and gradient routing changed, co-divide's and TURN's defaults became the

@@ -52,6 +52,13 @@ The image side (``frozen``):
 ``max_steps`` (labelsieve's option for large datasets) caps the optimisation steps of each network over
 the whole run: each epoch trains on a random subset of ``ceil(max_steps / epochs) · batch_size`` rows
 instead of all of them (the evaluation passes and GMM still see every row).
+
+``text_budget`` (labelsieve's option for many classes) caps steps × classes: every optimisation step runs all
+``C`` class prompts through the text tower, which on a CPU costs about 2.4 ms per class and step with the mini
+CLIP, whatever the batch. Above the cap the batch size and the learning rate are multiplied by
+``k = ceil(steps · C / text_budget)`` and the steps divided by ``k``: the same rows are seen, in ``k`` times
+fewer, larger steps (the linear scaling rule of Goyal et al. 2017). ``k`` is at most the number of batches
+of an epoch.
 """
 
 from __future__ import annotations
@@ -157,6 +164,12 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           paper=UNKNOWN, check=is_float(0, lo_open=True, none=True), expected="None or a float > 0"),
     Param("max_steps", None, "labelsieve", note="cap on each network's optimisation steps over the run (each "
           "epoch trains on a random subset of rows); None: every row every epoch",
+          check=is_int(1, none=True), expected="None or an int >= 1"),
+    Param("text_budget", None, "labelsieve",
+          note="cap on each network's optimisation steps × classes over the run (each step runs every class's "
+          "prompt through the text tower, so a step costs in proportion to the classes); above it the batch and "
+          "the learning rate grow by the same factor k and the steps shrink by k (rows seen unchanged; linear "
+          "scaling rule). None: no cap",
           check=is_int(1, none=True), expected="None or an int >= 1"),
     Param("feature_dropout", 0.3, "labelsieve", note="frozen path: coordinate dropout of the feature-space strong "
           "view", check=is_float(0, 1, hi_open=True), expected="a float in [0, 1)", convert=float),
@@ -347,6 +360,30 @@ def codivide_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor | None,
 # --------------------------------------------------------------------------------------------------- training
 
 
+def text_budget_scale(*, steps_per_epoch: int, epochs: int, n_classes: int, budget: int | None) -> int:
+    """The factor ``k`` by which ``text_budget`` grows the batch and the learning rate and shrinks the steps.
+
+    Parameters
+    ----------
+    steps_per_epoch : int
+        Optimisation steps of one epoch at the requested batch size.
+    epochs, n_classes : int
+    budget : int or None
+        Cap on steps × classes over the run; None: no cap (``k = 1``).
+
+    Returns
+    -------
+    int
+        ``ceil(epochs · steps_per_epoch · n_classes / budget)``, at least 1 and at most ``steps_per_epoch``
+        (an epoch is never less than one step).
+    """
+    steps_per_epoch = max(1, int(steps_per_epoch))
+    if budget is None:
+        return 1
+    k = math.ceil(epochs * steps_per_epoch * n_classes / budget)
+    return int(min(max(1, k), steps_per_epoch))
+
+
 class _CoDivideRun:
     """One co-divide training run: two networks, their trainers, data and the per-epoch loop.
 
@@ -366,17 +403,21 @@ class _CoDivideRun:
         self.labels = np.asarray(ctx.labels, dtype=np.int64)
         self.warm_ds, self.two_ds, eval_ds, self.workers = self._datasets()
         per_epoch = self.rows_per_epoch()
-        steps = max(1, math.ceil(per_epoch / det.batch_size))
+        self.text_scale = text_budget_scale(steps_per_epoch=math.ceil(per_epoch / det.batch_size),
+                                            epochs=det.epochs, n_classes=int(ctx.n_classes), budget=det.text_budget)
+        self.batch_size = det.batch_size * self.text_scale
+        self.lr = det.lr * self.text_scale
+        steps = max(1, math.ceil(per_epoch / self.batch_size))
         self.trainers = []
         for k, net in enumerate(nets):
             groups: list[dict[str, Any]] = [{"params": list(net.prompts.parameters())}]
             if net.encoders is not None:
                 groups.append({"params": list(net.encoders.parameters()), "lr": det.encoder_lr or det.lr})
-            opt = make_optimizer(groups, name="sgd", lr=det.lr, weight_decay=det.weight_decay, momentum=det.momentum)
+            opt = make_optimizer(groups, name="sgd", lr=self.lr, weight_decay=det.weight_decay, momentum=det.momentum)
             sched = cosine_schedule(opt, epochs=det.epochs, steps_per_epoch=steps)
             self.trainers.append(Trainer(net, optimizer=opt, scheduler=sched, device=ctx.device, amp=det.amp,
                                          progress=ctx.progress, desc=f"codivide net {k + 1} ({path})"))
-        self.eval_loader = make_loader(eval_ds, batch_size=max(256, det.batch_size), num_workers=self.workers)
+        self.eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=self.workers)
         self.gen = torch.Generator(device=ctx.device)
         self.gen.manual_seed(_seed(ctx.seed, 3))
 
@@ -426,7 +467,7 @@ class _CoDivideRun:
         if per_epoch < self.n:
             rows = np.random.default_rng(_seed(self.ctx.seed, k, epoch, 7)).choice(self.n, per_epoch, replace=False)
             ds = torch.utils.data.Subset(ds, np.sort(rows).tolist())
-        return make_loader(ds, batch_size=self.det.batch_size, shuffle=True, seed=_seed(self.ctx.seed, k, epoch),
+        return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=_seed(self.ctx.seed, k, epoch),
                            num_workers=self.workers)
 
     def run(self) -> list[dict[str, Any]]:
@@ -629,6 +670,7 @@ class CoDivideDetector(Detector):
             "n_ctx": int(prompts.n_ctx), "depth": int(prompts.depth), "depth_requested": self.depth,
             "n_trainable_per_net": int(sum(p.numel() for p in nets[0].parameters() if p.requires_grad)),
             "rows_per_epoch": run.rows_per_epoch(),
+            "text_scale": run.text_scale, "batch_size": run.batch_size, "lr": run.lr,
             "strong_view": (f"RandAugment (2 ops, magnitude 10) after the weak view ({self.weak})"
                             if path == PATH_IMAGES else
                             f"feature dropout {self.feature_dropout:g} + Gaussian noise of norm "

@@ -59,9 +59,12 @@ __all__ = ["CODIVIDE_FAST", "DEFAULT_MEMBERS", "TURN_PROBE", "EnsembleDetector",
 #: every epoch up to 10,240 rows (so every benchmark set of docs/benchmarks.md §1 runs exactly as before),
 #: above that each epoch trains on a fresh random 10,240 rows while the GMM split still scores every row, so
 #: the prompt training costs the same at 100k or 10M rows (docs/benchmarks.md §11 measures what it costs in
-#: AUROC).
+#: AUROC). Each step runs every class's prompt through the text tower, so a step costs in proportion to the
+#: classes: the text budget (steps × classes ≤ 32,000, i.e. 3,200 steps at 10 classes, so every benchmark set
+#: still runs exactly as before) grows the batch and the learning rate tenfold and cuts the steps tenfold at 100
+#: classes (docs/benchmarks.md §11: 10,000 rows of 100 classes went from over 26 minutes to a few).
 CODIVIDE_FAST: dict[str, Any] = {"frozen": True, "epochs": 10, "warmup_epochs": 1, "lr": 0.002, "batch_size": 32,
-                                 "monotone": True, "max_steps": 3200}
+                                 "monotone": True, "max_steps": 3200, "text_budget": 32_000}
 #: TURN's step 1 only: the GCE probe and one per-class GMM selection on cached features, monotone tails.
 TURN_PROBE: dict[str, Any] = {"finetune": False, "monotone": True}
 #: Members used when none are given, each with its parameters spelled out so that the ensemble does not

@@ -15,7 +15,13 @@ from helpers import inject_symmetric, make_context, scores, tiny_vit_encoder, wi
 
 from labelsieve.core.errors import ModelError, ParameterError
 from labelsieve.detectors import create_detector, list_detectors
-from labelsieve.detectors.codivide import RECIPE, CoDivideDetector, codivide_loss, strong_feature_view
+from labelsieve.detectors.codivide import (
+    RECIPE,
+    CoDivideDetector,
+    codivide_loss,
+    strong_feature_view,
+    text_budget_scale,
+)
 from labelsieve.detectors.common.views import strong_view, weak_view
 from labelsieve.detectors.ensemble import CODIVIDE_FAST
 
@@ -85,7 +91,7 @@ def test_registry_recipe_and_parameter_checks():
              "weak": "flip_shift", "gmm_max_iter": 10, "confidence": 0.95}
     for name, value in paper.items():
         assert rows[name]["value"] == value and rows[name]["origin"] == "paper", name
-    for name in ("frozen", "lambda_u", "finetune_encoders", "max_steps", "feature_dropout"):
+    for name in ("frozen", "lambda_u", "finetune_encoders", "max_steps", "text_budget", "feature_dropout"):
         assert rows[name]["origin"] == "labelsieve" and (rows[name]["note"] or rows[name]["source"]), name
     assert rows["finetune_encoders"]["paper"] is True and rows["frozen"]["paper"] is False
     assert "J. Visual Communication and Image Representation" in RECIPE.reference
@@ -93,7 +99,7 @@ def test_registry_recipe_and_parameter_checks():
            ({"tau": 1.5}, "'tau'"), ({"lr": 0}, "'lr'"), ({"batch_size": 1}, "'batch_size'"),
            ({"confidence": 0.0}, "'confidence'"), ({"feature_dropout": 1.0}, "'feature_dropout'"),
            ({"amp": "fp8"}, "'amp'"), ({"epochs": True}, "'epochs'"), ({"weak": "crop"}, "'weak'"),
-           ({"max_steps": 0}, "'max_steps'")]
+           ({"max_steps": 0}, "'max_steps'"), ({"text_budget": 0}, "'text_budget'")]
     for kw, msg in bad:
         with pytest.raises(ParameterError, match=msg):
             create_detector("codivide", **kw)
@@ -228,6 +234,40 @@ def test_paper_recipe_falls_back_to_the_frozen_path_on_a_cnn_and_max_steps_caps_
     assert rows["max_steps"]["origin"] == "user" and rows["lr"]["origin"] == "paper"
     f1, auroc = scores(res, noisy != images.labels)
     assert auroc > 0.95 and f1 > 0.85, (auroc, f1)
+
+
+def test_text_budget_grows_the_batch_not_the_text_tower_passes(imagenette_feats, mini_clip):
+    """Every step runs all class prompts through the text tower, so ``text_budget`` caps steps × classes by
+    training on k-times larger batches at a k-times larger learning rate: the same rows, k times fewer steps.
+    The default ensemble's budget leaves 10 classes alone (every benchmark set runs as before) and gives
+    k = 10 at 100 classes."""
+    assert text_budget_scale(steps_per_epoch=13, epochs=2, n_classes=10, budget=None) == 1
+    assert text_budget_scale(steps_per_epoch=13, epochs=2, n_classes=10, budget=65) == 4
+    assert text_budget_scale(steps_per_epoch=3, epochs=50, n_classes=1000, budget=10) == 3  # at most one step/epoch
+    fast = CODIVIDE_FAST
+    per_epoch = fast["max_steps"] // fast["epochs"]  # the step cap's share: 320 steps per epoch
+    assert text_budget_scale(steps_per_epoch=313, epochs=10, n_classes=10, budget=fast["text_budget"]) == 1  # CIFAR
+    assert text_budget_scale(steps_per_epoch=per_epoch, epochs=10, n_classes=10, budget=fast["text_budget"]) == 1
+    assert text_budget_scale(steps_per_epoch=per_epoch, epochs=10, n_classes=100, budget=fast["text_budget"]) == 10
+
+    images, x = imagenette_feats
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=5)
+    ctx = make_context(images, x, mini_clip, noisy, seed=2)
+    params = {**CODIVIDE_FAST, "epochs": 2, "warmup_epochs": 1}
+    steps = -(-len(noisy) // 32)
+    base = create_detector("codivide", **params).detect(ctx)
+    capped = create_detector("codivide", **{**params, "text_budget": 2 * steps * images.n_classes // 4}).detect(ctx)
+    assert (base.info["text_scale"], base.info["batch_size"], base.info["lr"]) == (1, 32, 0.002)
+    assert (capped.info["text_scale"], capped.info["batch_size"]) == (4, 128)
+    assert capped.info["lr"] == pytest.approx(0.008)
+    # the same rows are seen in each epoch
+    assert all(h[k]["n"] == len(noisy) for h in capped.info["history"] for k in ("net1", "net2"))
+    assert not np.array_equal(base.p_clean, capped.p_clean)
+    rows = {r["name"]: r for r in capped.info["recipe"]}
+    assert rows["text_budget"]["origin"] == "user" and rows["text_budget"]["paper"] is None
+    for res in (base, capped):
+        f1, auroc = scores(res, noisy != images.labels)
+        assert auroc > 0.95 and f1 > 0.85, (auroc, f1)
 
 
 def test_flip_shift_view_is_a_flip_and_a_translation(cache40):

@@ -221,7 +221,9 @@ def run_detector(
                            trusted=rev.trusted[ridx] if rev is not None else None)
     seed_everything(seed)
     t = time.perf_counter()
-    result = distributed.run_on_main(detector.detect, ctx)
+    # rank 0 alone, exactly as in one process; a detector that trains through the image tower under DDP on all
+    runner = distributed.run_on_all if detector.trains_on_every_rank(ctx) else distributed.run_on_main
+    result = runner(detector.detect, ctx)
     if not distributed.is_main():
         return None
     assert result is not None

@@ -13,8 +13,11 @@ What each rank does (docs/architecture.md, "Several processes"):
   extracts its share of the images the store lacks into the one store, and waits for the others.
 * **Detectors** run on rank 0 alone (:func:`run_on_main`), exactly as in one process, so an audit does
   not depend on the number of processes; the other ranks wait. A detector that trains through the image
-  tower (DEFT with PEFT, TURN fine-tuning, image-level co-divide) therefore trains on rank 0 only: the
-  several processes speed up its feature extraction, not its training.
+  tower says so (``Detector.trains_on_every_rank``) and runs on every rank (:func:`run_on_all`): what needs
+  the cached features (they are on rank 0) is computed there and sent to all (:func:`computed_on_main`),
+  a cache is written by rank 0 and opened by the others (:func:`main_first`), and the training loops run
+  under DDP on each rank's share of every epoch. TURN's fine-tuning does this; DEFT with PEFT and
+  image-level co-divide still train on rank 0 alone.
 * **Training** (``labelsieve train``) runs on every rank under DDP; rank 0 alone writes files.
 
 The waits and object exchanges use a gloo group with a long timeout (:data:`WAIT_TIMEOUT`): rank 0 may
@@ -39,17 +42,21 @@ __all__ = [
     "all_true",
     "barrier",
     "broadcast_object",
+    "computed_on_main",
     "env_world_size",
+    "from_main",
     "gather_rows",
     "init",
     "is_main",
     "is_sharded",
     "local_rank",
+    "main_first",
     "rank",
+    "run_on_all",
     "run_on_main",
-    "share",
     "shard_sampler",
     "sharding",
+    "share",
     "shutdown",
     "sum_over_ranks",
     "world_size",
@@ -222,6 +229,38 @@ def run_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
             barrier()
     barrier()
     return None
+
+
+def run_on_all(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Run ``fn(*args, **kwargs)`` on every rank (work split between them inside, e.g. DDP training); its
+    result on rank 0, None on the others. In a single process this is ``fn(*args, **kwargs)``."""
+    out = fn(*args, **kwargs)
+    return out if is_main() else None
+
+
+def computed_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` computed on rank 0 alone (it may read what only rank 0 holds, such as the
+    cached features) and its result sent to every rank. Where the ranks are not all here (one process, or
+    inside :func:`run_on_main`) this is ``fn(*args, **kwargs)``."""
+    if not sharding():
+        return fn(*args, **kwargs)
+    return broadcast_object(run_on_main(fn, *args, **kwargs))
+
+
+def main_first(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on rank 0 while the others wait, then on the others: for work rank 0 does once
+    and the others reuse (a cache it writes and they open). Where the ranks are not all here this is
+    ``fn(*args, **kwargs)``."""
+    if not sharding():
+        return fn(*args, **kwargs)
+    out = run_on_main(fn, *args, **kwargs)
+    return out if is_main() else fn(*args, **kwargs)  # type: ignore[return-value]
+
+
+def from_main(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank when the ranks are all here; ``obj`` otherwise (one process, or inside
+    :func:`run_on_main`, where a broadcast would wait for ranks that are not there)."""
+    return broadcast_object(obj) if sharding() else obj
 
 
 def sharding() -> bool:

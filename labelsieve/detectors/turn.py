@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from labelsieve.core import distributed
 from labelsieve.core.engine import Trainer
 from labelsieve.core.io import to_jsonable
 from labelsieve.core.runtime import seed_everything
@@ -212,23 +213,35 @@ class TurnDetector(Detector):
         return (f"p_clean = posterior of the low-loss component of a 2-component GMM fitted per given class to the "
                 f"cross-entropy of {model}; flagged if p_clean < tau = {self.tau} (TURN's clean-selection rule).")
 
-    def detect(self, ctx: DetectionContext) -> DetectionResult:
-        t_start = time.perf_counter()
-        seed_everything(ctx.seed)
+    def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
+        """Fine-tuning trains the tower under DDP on every rank (torchrun); the probe alone runs on rank 0."""
+        return bool(self.finetune)
+
+    def _probe(self, ctx: DetectionContext) -> tuple[LinearProbe, np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """Step 1 on the cached features: the GCE probe, its per-sample cross-entropy, its logits (only when
+        there is no fine-tuning to follow: they are (n, C)) and what audit.json records about it."""
         labels = np.asarray(ctx.labels, dtype=np.int64)
-        C = ctx.n_classes
         x = Rows.of(ctx)  # the float32 matrix when it fits in memory, else read a batch at a time
         t = time.perf_counter()
-        probe = fit_linear_probe(x, labels, C, loss=lambda lg, y: _gce(lg, y, self.q), epochs=self.lp_epochs,
-                                 lr=self.lp_lr, seed=ctx.seed, device=ctx.device)
+        probe = fit_linear_probe(x, labels, ctx.n_classes, loss=lambda lg, y: _gce(lg, y, self.q),
+                                 epochs=self.lp_epochs, lr=self.lp_lr, seed=ctx.seed, device=ctx.device)
         probe_logits = probe.logits(x)  # float32 (n, C); losses and probabilities are taken from it by blocks
         losses = ce_losses(probe_logits, labels)
         lp_info = {"epochs": self.lp_epochs, "loss": f"gce(q={self.q})", "lr": self.lp_lr,
                    "train_acc": float((probe_logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
                    "seconds": time.perf_counter() - t}
+        return probe, losses, None if self.finetune else probe_logits, lp_info
+
+    def detect(self, ctx: DetectionContext) -> DetectionResult:
+        t_start = time.perf_counter()
+        seed_everything(ctx.seed)
+        labels = np.asarray(ctx.labels, dtype=np.int64)
+        C = ctx.n_classes
+        # under torchrun the cached features are on rank 0: step 1 runs there and every rank gets its result
+        probe, losses, probe_logits, lp_info = distributed.computed_on_main(self._probe, ctx)
         info: dict[str, Any] = {"params": self.get_params(), "linear_probe": lp_info,
                                 "recipe": RECIPE.rows(self.get_params())}
-        if not self.finetune:
+        if probe_logits is not None:
             post, rules = self._split(losses, labels, C, ctx.seed)
             info["final"] = self._summary(post, rules, labels, C)
             info["seconds"] = time.perf_counter() - t_start
@@ -257,7 +270,8 @@ class TurnDetector(Detector):
                          "optimizer": {"name": self.optimizer, "lr_tower": self.lr, "lr_head": head_lr,
                                        "momentum": self.momentum, "weight_decay": self.weight_decay,
                                        "schedule": "cosine per epoch", "batch_size": self.batch_size},
-                         "num_workers": setup.num_workers}
+                         "num_workers": setup.num_workers,
+                         "ranks": distributed.world_size() if distributed.sharding() else 1}
         current = {"idx": np.arange(len(labels)), "rec": {}}
         n_unreadable = 0
 
@@ -271,7 +285,8 @@ class TurnDetector(Detector):
                 source = "evaluation pass"
             eval_seconds = time.perf_counter() - t_eval
             rng = np.random.default_rng([ctx.seed, epoch])
-            current["idx"], rec = self._select(losses, labels, C, ctx.seed, rng)
+            idx, rec = self._select(losses, labels, C, ctx.seed, rng)
+            current["idx"] = distributed.from_main(idx)  # every rank trains its share of rank 0's selection
             rec.update(loss_source=source, eval_seconds=eval_seconds)
             current["rec"] = rec
 

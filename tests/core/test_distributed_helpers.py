@@ -14,6 +14,10 @@ def test_one_process_answers_as_one_process():
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert not distributed.init("cpu") and not distributed.sharding()
     assert distributed.run_on_main(lambda a, b=0: a + b, 2, b=3) == 5
+    for helper in (distributed.run_on_all, distributed.computed_on_main, distributed.main_first):
+        calls: list[int] = []
+        assert helper(lambda a, b=0, seen=calls: seen.append(a) or a + b, 2, b=3) == 5 and calls == [2]  # once
+    assert distributed.from_main([1, 2]) == [1, 2]
     assert distributed.broadcast_object("x") == "x" and distributed.all_gather_object(7) == [7]
     assert distributed.sum_over_ranks([1, 2.5]) == [1.0, 2.5] and distributed.all_true(True, False) == (True, False)
     ds = torch.utils.data.TensorDataset(torch.arange(10).float())

@@ -305,6 +305,12 @@ class Detector(ABC):
     def _check_params(self) -> None:  # noqa: B027 - a hook: most detectors have no cross-parameter check
         """Checks that involve several parameters, after a recipe bound them (none by default)."""
 
+    def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
+        """True when :meth:`detect` trains through the image tower under DDP and so runs on every rank under
+        torchrun (docs/architecture.md, "Several processes"); False (the default): it runs on rank 0 alone,
+        exactly as in one process."""
+        return False
+
     @abstractmethod
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         """Score every sample of ``ctx``; see :class:`DetectionResult`."""

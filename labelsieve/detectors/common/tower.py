@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, freeze_batchnorm, make_loader
 from labelsieve.core.errors import check_param
@@ -188,8 +189,9 @@ def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_siz
     enc = ctx.encoder
     size = int(image_size or enc.image_size)
     workers = num_workers if num_workers is not None else (0 if ctx.device.type == "cpu" else default_num_workers())
-    cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress,
-                                          num_workers=workers)
+    # under torchrun (a detector on every rank) rank 0 decodes while the others wait, then they open it
+    cache = distributed.main_first(DecodedImageCache.from_images, ctx.images, size=size, cache_dir=ctx.cache_dir,
+                                   progress=ctx.progress, num_workers=workers)
     labels = np.asarray(ctx.labels, dtype=np.int64)
     eval_ds = CachedImageDataset(cache, labels=labels, transform=eval_transform(size, mean=enc.mean, std=enc.std))
     eval_loader = make_loader(eval_ds, batch_size=max(128, 2 * batch_size), num_workers=workers)

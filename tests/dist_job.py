@@ -3,17 +3,22 @@ the reference it is compared with.
 
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py train OUT [AUDIT_CSV]
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py extract CACHE K
+    python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py tower OUT
 
 ``train`` trains a linear model through the Trainer (the default step, and a ``step_fn`` that calls a
 method of the model other than ``forward``; ordered and shuffled) and writes each rank's weights and
 predictions to ``OUT/train-<rank>.npz``; given AUDIT_CSV, it then trains EfficientNet-Lite0 for one epoch on
 the audit's kept rows (:func:`labelsieve.train.train_from_audit`) into ``OUT/model``. ``extract`` extracts
 mini-CLIP features of :data:`SUBSET` into CACHE, committing every 8 images; rank 1 dies after K images of
-its share.
+its share. ``tower`` runs the detectors that train through the image tower (image-level co-divide, DEFT with
+VPT-deep, with both selections) through a tiny random ViT on :data:`SUBSET` with 40 % injected noise, on every
+rank as ``labelsieve audit`` does under torchrun; rank 0's results go to ``OUT/<detector>.json`` and each
+rank's trained parameters (per-tensor sums) to ``OUT/<detector>-params-<rank>.json``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from labelsieve import testing
 from labelsieve.core import distributed
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.data import load_images
+from labelsieve.detectors import create_detector
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import create_encoder
 from labelsieve.train import train_from_audit
@@ -111,9 +117,78 @@ def run_extract(cache: Path, die_after: int) -> None:
                      progress=False, on_batch=on_batch)
 
 
+#: The detectors that train through the image tower, as the tower job runs them (tiny ViT, 2 epochs).
+TOWER_DETECTORS = {
+    "codivide": ("codivide", {"frozen": False, "epochs": 2, "warmup_epochs": 1, "batch_size": 10, "lr": 0.05}),
+    "deft": ("deft", {"peft": "vpt_deep", "epochs": 2, "batch_size": 10}),
+    "deft-batch": ("deft", {"peft": "vpt_deep", "epochs": 2, "batch_size": 10, "selection": "batch"}),
+}
+
+
+def tower_detector(key: str, cache_dir: Path) -> dict | None:
+    """Detector ``key`` of :data:`TOWER_DETECTORS` on :data:`SUBSET` (40 % symmetric noise) with a tiny random
+    ViT, run as the audit runs it (on every rank when it trains through the tower); rank 0's result, None on
+    the others. Every rank writes its trained parameters' sums to ``cache_dir.parent / <key>-params-<rank>``."""
+    from helpers import inject_symmetric, make_context, tiny_vit_encoder
+
+    images = load_images(*testing.extract_subset(SUBSET["name"], per_class=SUBSET["per_class"], seed=SUBSET["seed"]))
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=0)
+    # as in an audit, only rank 0 holds cached features (DEFT's scale reads them; random ones do here)
+    feats = np.random.default_rng(0).standard_normal((len(images), 64)).astype(np.float32)
+    ctx = make_context(images, feats if distributed.is_main() else None, tiny_vit_encoder(), noisy)
+    ctx.cache_dir = cache_dir
+    name, params = TOWER_DETECTORS[key]
+    det = create_detector(name, num_workers=0, **params)
+    runner = distributed.run_on_all if det.trains_on_every_rank(ctx) else distributed.run_on_main
+    trained: dict[str, list[float]] = {}
+    if name == "deft":  # the trained model is not kept by DEFT: read it off the Trainer's step
+        from labelsieve.core import engine
+
+        fit = engine.Trainer.train_epoch
+
+        def spy(self, *a, **kw):
+            out = fit(self, *a, **kw)
+            trained.update({n: [float(p.detach().sum()), float(p.detach().abs().sum())]
+                            for n, p in self.model.named_parameters() if p.requires_grad})
+            return out
+
+        engine.Trainer.train_epoch = spy
+        try:
+            res = runner(det.detect, ctx)
+        finally:
+            engine.Trainer.train_epoch = fit
+    else:
+        res = runner(det.detect, ctx)
+        trained = {f"net{k + 1}.{n}": [float(p.detach().sum()), float(p.detach().abs().sum())]
+                   for k, net in enumerate(det.networks_) for n, p in net.named_parameters()}
+    (cache_dir.parent / f"{key}-params-{distributed.rank()}.json").write_text(json.dumps(trained))
+    if res is None:
+        return None
+    hist = res.info["history"]
+    out = {"ranks": res.info["ranks"], "path": res.info["path"], "noisy": (noisy != images.labels).tolist(),
+           "p_clean": res.p_clean.tolist(), "probs_sum": res.probs.sum(1).tolist()}
+    if name == "codivide":
+        out.update(n=[[h[k]["n"] for k in ("net1", "net2")] for h in hist],
+                   n_labelled=[h[k].get("n_labelled") for h in hist for k in ("net1", "net2")],
+                   p_net1=res.columns["p_clean_net1"].tolist(), p_net2=res.columns["p_clean_net2"].tolist())
+    else:
+        out.update(n=[h["n"] for h in hist], n_clean_selected=[h.get("n_clean_selected") for h in hist])
+    return out
+
+
+def run_tower(out: Path) -> None:
+    distributed.init("cpu")
+    for key in TOWER_DETECTORS:
+        res = tower_detector(key, out / "cache")
+        if res is not None:
+            (out / f"{key}.json").write_text(json.dumps(res))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "train":
         run_train(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    elif sys.argv[1] == "tower":
+        run_tower(Path(sys.argv[2]))
     else:
         run_extract(Path(sys.argv[2]), int(sys.argv[3]))

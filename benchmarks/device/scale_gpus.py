@@ -18,9 +18,9 @@ Each run, on every rank:
   tower with deep visual prompts, :func:`labelsieve.detectors.deft.deft_step`, SGD) through
   :class:`labelsieve.core.engine.Trainer` on ``--deft-images`` preprocessed random tensors, with a global
   batch of ``--deft-batch`` split over the ranks by :func:`labelsieve.core.engine.make_loader` and
-  gradients averaged by DDP. It times the engine's DDP on DEFT's model and step; ``labelsieve audit
-  --method deft`` itself runs the detector on rank 0 alone (docs/architecture.md, "Several processes"),
-  so this column is what DDP gives training through the tower (``labelsieve train``), not yet DEFT's audit.
+  gradients averaged by DDP. It times the engine's DDP on DEFT's model and step, which is what
+  ``labelsieve audit --method deft -p peft=vpt_deep`` runs on every rank under torchrun (docs/architecture.md,
+  "Several processes"), without the evaluation passes.
 
 Rank 0 appends one row per run to ``OUT/NAME.jsonl`` (seconds, the host, the load average) and the driver
 writes ``OUT/NAME.md`` (``--name``, default ``scale_gpus``). ``benchmarks/distributed.py`` runs the same

@@ -16,8 +16,8 @@ What each rank does (docs/architecture.md, "Several processes"):
   tower says so (``Detector.trains_on_every_rank``) and runs on every rank (:func:`run_on_all`): what needs
   the cached features (they are on rank 0) is computed there and sent to all (:func:`computed_on_main`),
   a cache is written by rank 0 and opened by the others (:func:`main_first`), and the training loops run
-  under DDP on each rank's share of every epoch. TURN's fine-tuning does this; DEFT with PEFT and
-  image-level co-divide still train on rank 0 alone.
+  under DDP on each rank's share of every epoch: TURN's fine-tuning, DEFT with PEFT and image-level
+  co-divide.
 * **Training** (``labelsieve train``) runs on every rank under DDP; rank 0 alone writes files.
 
 The waits and object exchanges use a gloo group with a long timeout (:data:`WAIT_TIMEOUT`): rank 0 may

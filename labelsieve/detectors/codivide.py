@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import ModelError, check_param
@@ -436,8 +437,9 @@ class _CoDivideRun:
             return ds, ds, ds, 0
         workers = det.num_workers if det.num_workers is not None else default_num_workers(4)
         size = ctx.encoder.image_size
-        cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress,
-                                              num_workers=workers)
+        # on every rank under torchrun: rank 0 decodes while the others wait, then they open it
+        cache = distributed.main_first(DecodedImageCache.from_images, ctx.images, size=size, cache_dir=ctx.cache_dir,
+                                       progress=ctx.progress, num_workers=workers)
         norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
         weak = weak_view(det.weak, size, **norm)
         warm_ds = CachedImageDataset(cache, labels=ctx.labels, transform=weak)
@@ -482,9 +484,11 @@ class _CoDivideRun:
             evals: list[dict[str, Any]] = []
             if not warm:
                 evals = [self.evaluate(k) for k in range(2)]
+                # under torchrun every rank gathered the same losses; the splits are rank 0's all the same
+                splits = distributed.from_main([e["posterior"] > det.tau for e in evals])
                 for k in range(2):
                     # co-divide: network k trains on the split made by the other network
-                    labelled[k] = torch.as_tensor(evals[1 - k]["posterior"] > det.tau, device=device)
+                    labelled[k] = torch.as_tensor(splits[1 - k], device=device)
                 rec["split_agreement"] = float(((evals[0]["posterior"] > det.tau)
                                                 == (evals[1]["posterior"] > det.tau)).mean())
             for k in range(2):
@@ -607,6 +611,11 @@ class CoDivideDetector(Detector):
                                    "frozen=False forces the image-level path")
         return PATH_IMAGES, "a ViT image tower on a GPU: the paper's image-level MaPLe"
 
+    def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
+        """The image-level path trains both networks under DDP on every rank (torchrun); the frozen path reads
+        the cached features, which are on rank 0, and runs there alone."""
+        return self.resolve_path(ctx)[0] == PATH_IMAGES
+
     def build_networks(self, ctx: DetectionContext, path: str) -> list[CoDivideNet]:
         """The two untrained networks for ``ctx`` (seeded from ``ctx.seed``: network k from (seed, k)).
 
@@ -670,6 +679,7 @@ class CoDivideDetector(Detector):
             "n_ctx": int(prompts.n_ctx), "depth": int(prompts.depth), "depth_requested": self.depth,
             "n_trainable_per_net": int(sum(p.numel() for p in nets[0].parameters() if p.requires_grad)),
             "rows_per_epoch": run.rows_per_epoch(),
+            "ranks": distributed.world_size() if distributed.sharding() else 1,
             "text_scale": run.text_scale, "batch_size": run.batch_size, "lr": run.lr,
             "strong_view": (f"RandAugment (2 ops, magnitude 10) after the weak view ({self.weak})"
                             if path == PATH_IMAGES else

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.optim import cosine_schedule, make_optimizer
@@ -237,8 +238,8 @@ class _State:
         The real-world rule (argmax of p_clean over classes must be the given label) and SCE warm-up.
     positive_weight : float
     record : dict of Tensor, optional
-        When set (the last epoch, ``selection="batch"``): per-sample ``p_clean`` (n,), ``top`` (n,) and
-        ``probs`` (n, C), written by every batch.
+        When set (the last epoch, ``selection="batch"``): per-sample ``p_clean`` (n,), ``top`` (n,),
+        ``probs`` (n, C) and ``seen`` (n,), written by every batch.
     """
 
     clean: torch.Tensor
@@ -313,7 +314,22 @@ def deft_step(model: DeftModel, x: torch.Tensor, y: torch.Tensor, idx: torch.Ten
         state.record["p_clean"][idx] = p_yes.gather(1, y[:, None]).squeeze(1)
         state.record["top"][idx] = p_yes.argmax(1)
         state.record["probs"][idx] = torch.softmax(pos.detach(), dim=1)
+        state.record["seen"][idx] = True
     return sim + dual, int((pred == y).sum()), int(len(y))
+
+
+def _merge_records(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The last epoch's batch scores of every row: under torchrun each rank scored its share of the rows, so
+    each row's scores come from the rank that saw it (on every rank); in one process, ``record``."""
+    if not distributed.sharding():
+        return record
+    out = {k: v.cpu().clone() for k, v in record.items()}
+    for part in distributed.all_gather_object({k: v.cpu() for k, v in record.items()}):
+        seen = part["seen"]
+        for key in ("p_clean", "top", "probs"):
+            out[key][seen] = part[key][seen]
+        out["seen"] |= seen
+    return out
 
 
 def _schedule(opt: torch.optim.Optimizer, kind: str, epochs: int, steps: int) -> tuple[Any, str]:
@@ -359,6 +375,11 @@ class DeftDetector(Detector):
                             "on cached features; peft='vpt_deep' forces VPT")
         return "vpt_deep", "a ViT image tower on a GPU: the paper's VPT-deep"
 
+    def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
+        """PEFT through the image tower trains under DDP on every rank (torchrun); the feature paths read the
+        cached features, which are on rank 0, and run there alone."""
+        return self.resolve_path(ctx)[0] not in FEATURE_PATHS
+
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         with torch.random.fork_rng(devices=[]):  # seeded from ctx.seed; the caller's RNG state is untouched
             torch.manual_seed(ctx.seed)
@@ -375,7 +396,9 @@ class DeftDetector(Detector):
             return module, ds, ds, 0, {}
         info = apply_peft(clip_model, peft)
         size = self.image_size or ctx.encoder.image_size
-        cache = DecodedImageCache.from_images(ctx.images, size=size, cache_dir=ctx.cache_dir, progress=ctx.progress)
+        # on every rank under torchrun: rank 0 decodes while the others wait, then they open it
+        cache = distributed.main_first(DecodedImageCache.from_images, ctx.images, size=size, cache_dir=ctx.cache_dir,
+                                       progress=ctx.progress)
         norm = {"mean": ctx.encoder.mean, "std": ctx.encoder.std}
         train_ds = CachedImageDataset(cache, labels=ctx.labels, transform=weak_view(self.augment, size, **norm))
         eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
@@ -398,7 +421,8 @@ class DeftDetector(Detector):
         n, C = len(ctx.labels), ctx.n_classes
         warmup = self.warmup_epochs if self.warmup_epochs is not None else (5 if self.consistency else 1)
         image_module, train_ds, eval_ds, workers, peft_info = self._data(ctx, peft, clip_model)
-        scale, scale_how, text_info = self._scale(ctx)
+        # the zero-shot cosines read the cached features: on rank 0 under torchrun, sent to every rank
+        scale, scale_how, text_info = distributed.computed_on_main(self._scale, ctx)
         model = DeftModel(learner, image_module, scale).to(device)
         groups = [{"params": [p for p in learner.parameters() if p.requires_grad]}]
         image_params = [p for p in image_module.parameters() if p.requires_grad]
@@ -430,10 +454,12 @@ class DeftDetector(Detector):
             state.pseudo = epoch >= 1 if self.consistency else not state.warmup
             state.comp = torch.as_tensor(complementary_labels(ctx.labels, C, rng), device=device)
             if not state.batch_select and (state.pseudo or not state.warmup):
-                state.clean = torch.as_tensor(self._evaluate(trainer, eval_loader, labels)[0], device=device)
+                clean = distributed.from_main(self._evaluate(trainer, eval_loader, labels)[0])  # rank 0's selection
+                state.clean = torch.as_tensor(clean, device=device)
             if state.batch_select and epoch == self.epochs - 1:
                 state.record = {"p_clean": torch.ones(n, device=device), "top": labels.clone(),
-                                "probs": torch.full((n, C), 1.0 / C, device=device)}
+                                "probs": torch.full((n, C), 1.0 / C, device=device),
+                                "seen": torch.zeros(n, dtype=torch.bool, device=device)}
             loader = make_loader(train_ds, batch_size=self.batch_size, shuffle=True, seed=ctx.seed + epoch,
                                  num_workers=workers)
             rec = trainer.train_epoch(loader, epoch=epoch, step_fn=step)
@@ -441,7 +467,7 @@ class DeftDetector(Detector):
                 rec["n_clean_selected"] = n if state.warmup else int(state.clean.sum())
             history.append({k: v for k, v in rec.items() if isinstance(v, (int, float, str))})
         if state.batch_select and state.record is not None:
-            r = state.record
+            r = _merge_records(state.record)
             p_clean, probs = r["p_clean"].cpu().double().numpy(), r["probs"].cpu().double().numpy()
             clean = p_clean > 0.5
             if self.consistency:
@@ -460,6 +486,7 @@ class DeftDetector(Detector):
         return DetectionResult(
             p_clean=p_clean, probs=probs, threshold=0.5, flags=~clean if self.consistency else None, rule=rule,
             info={"path": peft, "path_reason": reason, "peft": peft, "peft_requested": self.peft, **peft_info,
+                  "ranks": distributed.world_size() if distributed.sharding() else 1,
                   "history": history, "logit_scale": model.scale, "recipe": RECIPE.rows(self.get_params(), resolved),
                   **text_info},
         )

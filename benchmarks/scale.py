@@ -120,8 +120,9 @@ def run_one(data: str, registry: str, params: str, model_dir: str, threads: int)
     secs = time.perf_counter() - t
     m = detection_metrics(labels != truth, res.p_clean, res.is_noisy)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    members = {mi["member"]: round(mi["seconds"], 1) for mi in (res.info or {}).get("members", [])}
     print(json.dumps({"seconds": secs, "peak_rss_gb": rss, "auroc": m["auroc"], "f1": m["f1"],
-                      "n_flagged": m["n_flagged"]}))
+                      "n_flagged": m["n_flagged"], **({"member_seconds": members} if members else {})}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,7 +147,8 @@ def test_vpt_tokens_move_only_through_selected_samples(vpt_deft):
 def test_batch_selection_records_its_own_forward_pass(vpt_deft):
     model, learner, vpt, x, y, idx = vpt_deft
     comp_all = torch.as_tensor(complementary_labels(np.zeros(400, np.int64), 10, np.random.default_rng(1)))
-    rec = {"p_clean": torch.ones(400), "top": torch.zeros(400, dtype=torch.long), "probs": torch.zeros(400, 10)}
+    rec = {"p_clean": torch.ones(400), "top": torch.zeros(400, dtype=torch.long), "probs": torch.zeros(400, 10),
+           "seen": torch.zeros(400, dtype=torch.bool)}
     state = _State(clean=torch.ones(400, dtype=torch.bool), comp=comp_all, warmup=False, pseudo=True,
                    batch_select=True, record=rec)
     with torch.no_grad():
@@ -157,6 +158,7 @@ def test_batch_selection_records_its_own_forward_pass(vpt_deft):
     torch.testing.assert_close(rec["p_clean"][idx], p_yes.gather(1, y[:, None]).squeeze(1))
     torch.testing.assert_close(rec["probs"][idx], torch.softmax(pos, 1))
     assert torch.equal(rec["top"][idx], p_yes.argmax(1))
+    assert int(rec["seen"].sum()) == len(set(idx.tolist())) and rec["seen"][idx].all()  # what torchrun merges
 
 
 def test_real_world_variant_rule_and_sce_warmup(vpt_deft):

@@ -98,3 +98,26 @@ def test_nothing_to_fit_keeps_the_raw_score():
     c = fit_calibration(p, p < 0.5)
     assert not c.fitted and "raw score kept" in c.status
     np.testing.assert_array_equal(c(p), p)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "vote share"])
+def test_many_rows_fit_on_a_histogram_as_they_would_row_by_row(monkeypatch, kind):
+    """Above EXACT_FIT_ROWS the mixture is fitted on a histogram of the scores (one pass, then EM at a cost
+    that does not grow with n): the calibrated p_clean equals the row-by-row fit's to 5e-4 (measured at 1M rows:
+    2e-6 on continuous scores, 1.3e-4 on 11-valued vote shares; 21-23 s row by row, 1-2 s binned)."""
+    from labelsieve.detectors.common import calibration
+
+    rng = np.random.default_rng(3)
+    n = 60_000
+    noisy = rng.random(n) < 0.2
+    if kind == "continuous":
+        p = np.clip(rng.beta(4, 1, n) * ~noisy + 0.3 * rng.beta(1, 3, n) * noisy, 0, 1)
+    else:
+        p = (rng.binomial(10, np.where(noisy, 0.2, 0.85)) + 1) / 12
+    monkeypatch.setattr(calibration, "EXACT_FIT_ROWS", 10_000)
+    binned = fit_calibration(p, p < 0.5)
+    monkeypatch.setattr(calibration, "EXACT_FIT_ROWS", 10**9)
+    exact = fit_calibration(p, p < 0.5)
+    assert binned.fitted and exact.fitted and binned.scale == exact.scale
+    assert np.abs(binned(p) - exact(p)).max() < 5e-4
+    assert abs(binned.noisy_weight - exact.noisy_weight) < 1e-3

@@ -205,7 +205,8 @@ def _exponent(rows: list[dict]) -> float | None:
 
 
 def render(jsonl: Path, md: Path) -> None:
-    """Markdown table: per detector and size, seconds / peak GB / AUROC, and the growth exponents."""
+    """Markdown table: per detector and size, wall seconds (and CPU seconds where recorded) / peak GB / AUROC,
+    and the growth exponents of the wall seconds."""
     rows = [r for r in read_jsonl(jsonl)]
     sizes = sorted({r["n"] for r in rows})
     lines = ["| detector | " + " | ".join(f"n = {n:,}" for n in sizes) + " | growth exponent |",
@@ -220,7 +221,8 @@ def render(jsonl: Path, md: Path) -> None:
             if r is None:
                 cells.append("–")
             elif "seconds" in r:
-                cells.append(f"{r['seconds']:.1f} s, {r['peak_rss_gb']:.2f} GB, AUROC {r['auroc']:.3f}")
+                cpu = f" (CPU {r['cpu_seconds']:.0f} s)" if "cpu_seconds" in r else ""
+                cells.append(f"{r['seconds']:.1f} s{cpu}, {r['peak_rss_gb']:.2f} GB, AUROC {r['auroc']:.3f}")
             elif "skipped" in r:
                 cells.append("skipped")
             else:  # a run that failed or was stopped: say what happened

@@ -89,6 +89,7 @@ from labelsieve.detectors.common.base import (
     feature_dataset,
     softmax_blocks,
 )
+from labelsieve.detectors.common.budget import epoch_subset, rows_per_epoch, text_budget_scale
 from labelsieve.detectors.common.recipe import (
     UNKNOWN,
     Param,
@@ -361,30 +362,6 @@ def codivide_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor | None,
 # --------------------------------------------------------------------------------------------------- training
 
 
-def text_budget_scale(*, steps_per_epoch: int, epochs: int, n_classes: int, budget: int | None) -> int:
-    """The factor ``k`` by which ``text_budget`` grows the batch and the learning rate and shrinks the steps.
-
-    Parameters
-    ----------
-    steps_per_epoch : int
-        Optimisation steps of one epoch at the requested batch size.
-    epochs, n_classes : int
-    budget : int or None
-        Cap on steps × classes over the run; None: no cap (``k = 1``).
-
-    Returns
-    -------
-    int
-        ``ceil(epochs · steps_per_epoch · n_classes / budget)``, at least 1 and at most ``steps_per_epoch``
-        (an epoch is never less than one step).
-    """
-    steps_per_epoch = max(1, int(steps_per_epoch))
-    if budget is None:
-        return 1
-    k = math.ceil(epochs * steps_per_epoch * n_classes / budget)
-    return int(min(max(1, k), steps_per_epoch))
-
-
 class _CoDivideRun:
     """One co-divide training run: two networks, their trainers, data and the per-epoch loop.
 
@@ -424,9 +401,8 @@ class _CoDivideRun:
 
     def rows_per_epoch(self) -> int:
         """Rows each network trains on per epoch: all, or the ``max_steps`` budget's share."""
-        if self.det.max_steps is None:
-            return self.n
-        return min(self.n, math.ceil(self.det.max_steps / self.det.epochs) * self.det.batch_size)
+        return rows_per_epoch(self.n, max_steps=self.det.max_steps, epochs=self.det.epochs,
+                              batch_size=self.det.batch_size)
 
     def _datasets(self) -> tuple[Any, Any, Any, int]:
         """(warm-up dataset, co-divide dataset, evaluation dataset, loader workers)."""
@@ -465,10 +441,7 @@ class _CoDivideRun:
 
     def _loader(self, k: int, epoch: int, warm: bool) -> torch.utils.data.DataLoader:
         ds = self.warm_ds if warm else self.two_ds
-        per_epoch = self.rows_per_epoch()
-        if per_epoch < self.n:
-            rows = np.random.default_rng(_seed(self.ctx.seed, k, epoch, 7)).choice(self.n, per_epoch, replace=False)
-            ds = torch.utils.data.Subset(ds, np.sort(rows).tolist())
+        ds = epoch_subset(ds, self.n, self.rows_per_epoch(), seed=_seed(self.ctx.seed, k, epoch, 7))
         return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=_seed(self.ctx.seed, k, epoch),
                            num_workers=self.workers)
 

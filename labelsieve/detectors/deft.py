@@ -38,14 +38,23 @@ The image side (``peft``):
 * ``feature_adapter``: the fast path plus a residual linear adapter on the cached embeddings
   (identity at init; labelsieve's addition, trained by L_sim only like any image side).
 
+Budgets for many rows and many classes (labelsieve's options, off in the paper recipe;
+:mod:`labelsieve.detectors.common.budget`): ``max_steps`` caps the optimisation steps over the run (each
+epoch trains on a random subset of rows; the evaluation passes still score every row), ``text_budget`` caps
+steps × classes (every step runs the 2C prompts through the text tower) by growing the batch and the
+learning rates and cutting the steps by the same factor. The evaluation passes run the text tower once per
+pass, not once per batch (the same numbers).
+
 Every parameter, its value, and whether it is the paper's or labelsieve's is in :data:`RECIPE`
 (``labelsieve detectors --show deft``; audit.json records it as ``detector_info.recipe``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +76,7 @@ from labelsieve.detectors.common.base import (
     feature_cosines,
     feature_dataset,
 )
+from labelsieve.detectors.common.budget import epoch_subset, rows_per_epoch, text_budget_scale
 from labelsieve.detectors.common.losses import deft_dual_loss, sce_loss
 from labelsieve.detectors.common.recipe import Param, Recipe, amp_param, is_float, is_int, one_of, workers_param
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
@@ -131,6 +141,13 @@ RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLe
           check=is_int(16, none=True), expected="None or an int >= 16"),
     Param("adapter_lr", 0.003, "labelsieve", note="feature_adapter only (its gradients are ~100x the contexts')",
           check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    Param("max_steps", None, "labelsieve", note="cap on the optimisation steps over the run (each epoch trains on a "
+          "random subset of rows; the evaluation passes still score every row); None: every row every epoch",
+          check=is_int(1, none=True), expected="None or an int >= 1"),
+    Param("text_budget", None, "labelsieve", note="cap on steps × classes (each step runs all 2C prompts through "
+          "the text tower); above it the batch and the learning rates grow by k and the steps shrink by k (rows "
+          "seen unchanged; linear scaling rule). None: no cap",
+          check=is_int(1, none=True), expected="None or an int >= 1"),
     amp_param(source=f"{_CODE} utils/config.py prec fp16", paper="fp16 parameters",
               note="fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with "
                    "plain SGD"),
@@ -178,6 +195,22 @@ class DeftModel(nn.Module):
         self.learner = learner
         self.image_module = image_module
         self.scale = scale
+        self._text: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def text_once(self) -> Iterator[None]:
+        """Within: the prompts' text features are computed once (in eval mode, without gradient) and reused by
+        every batch of an evaluation pass instead of running the text tower per batch. The same numbers."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            t_pos, t_neg = self.learner()
+            self._text = (t_pos.detach(), t_neg.detach())
+        self.train(was_training)
+        try:
+            yield
+        finally:
+            self._text = None
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_module(x).float(), dim=-1)
@@ -187,7 +220,7 @@ class DeftModel(nn.Module):
         on **detached** image features (the authors' ``image_features.detach()``): only L_sim, through the
         positive logits, reaches the image side."""
         img = self.image_features(x)
-        t_pos, t_neg = self.learner()
+        t_pos, t_neg = self._text if self._text is not None else self.learner()
         return self.scale * img @ t_pos.T, self.scale * img.detach() @ t_neg.T
 
     def train(self, mode: bool = True) -> DeftModel:
@@ -429,8 +462,15 @@ class DeftDetector(Detector):
         if image_params:
             groups.append({"params": image_params,
                            **({"lr": self.adapter_lr} if peft == "feature_adapter" else {})})
-        opt = make_optimizer(groups, name="sgd", lr=self.lr, weight_decay=self.weight_decay, momentum=self.momentum)
-        steps = max(1, (n + self.batch_size - 1) // self.batch_size)
+        per_epoch = rows_per_epoch(n, max_steps=self.max_steps, epochs=self.epochs, batch_size=self.batch_size)
+        k = text_budget_scale(steps_per_epoch=math.ceil(per_epoch / self.batch_size), epochs=self.epochs,
+                              n_classes=C, budget=self.text_budget)
+        batch_size = self.batch_size * k
+        for g in groups:  # the linear scaling rule: k times the batch, k times the learning rate
+            g["lr"] = g.get("lr", self.lr) * k
+        opt = make_optimizer(groups, name="sgd", lr=self.lr * k, weight_decay=self.weight_decay,
+                             momentum=self.momentum)
+        steps = max(1, math.ceil(per_epoch / batch_size))
         sched, interval = _schedule(opt, self.lr_schedule, self.epochs, steps)
         trainer = Trainer(model, optimizer=opt, scheduler=sched, scheduler_interval=interval, device=device,
                           amp=self.amp, progress=ctx.progress, desc=f"deft ({peft})")
@@ -440,7 +480,7 @@ class DeftDetector(Detector):
                        comp=torch.zeros(n, dtype=torch.long, device=device),
                        batch_select=self.selection == "batch", consistency=self.consistency,
                        positive_weight=self.positive_weight)
-        eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=workers)
+        eval_loader = make_loader(eval_ds, batch_size=max(256, batch_size), num_workers=workers)
 
         def step(tr: Trainer, batch) -> tuple[torch.Tensor, int, int]:
             x, y, idx, ok = tr.to_device(batch)
@@ -460,7 +500,9 @@ class DeftDetector(Detector):
                 state.record = {"p_clean": torch.ones(n, device=device), "top": labels.clone(),
                                 "probs": torch.full((n, C), 1.0 / C, device=device),
                                 "seen": torch.zeros(n, dtype=torch.bool, device=device)}
-            loader = make_loader(train_ds, batch_size=self.batch_size, shuffle=True, seed=ctx.seed + epoch,
+            subset_seed = int(np.random.SeedSequence([ctx.seed, epoch, 7]).generate_state(1)[0])
+            rows = epoch_subset(train_ds, n, per_epoch, seed=subset_seed)  # all rows unless max_steps
+            loader = make_loader(rows, batch_size=batch_size, shuffle=True, seed=ctx.seed + epoch,
                                  num_workers=workers)
             rec = trainer.train_epoch(loader, epoch=epoch, step_fn=step)
             if not state.batch_select:
@@ -487,6 +529,7 @@ class DeftDetector(Detector):
             p_clean=p_clean, probs=probs, threshold=0.5, flags=~clean if self.consistency else None, rule=rule,
             info={"path": peft, "path_reason": reason, "peft": peft, "peft_requested": self.peft, **peft_info,
                   "ranks": distributed.world_size() if distributed.sharding() else 1,
+                  "rows_per_epoch": per_epoch, "text_scale": k, "batch_size": batch_size, "lr": self.lr * k,
                   "history": history, "logit_scale": model.scale, "recipe": RECIPE.rows(self.get_params(), resolved),
                   **text_info},
         )
@@ -506,7 +549,8 @@ class DeftDetector(Detector):
     def _evaluate(self, trainer: Trainer, loader: Any,
                   labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Evaluation pass over all samples: (clean mask, p_clean of the given label, class probs)."""
-        out, _ = trainer.predict(loader)  # float32 (n, 2C): positive logits, then the dual logits
+        with trainer.model.text_once():  # one text-tower pass for the whole evaluation
+            out, _ = trainer.predict(loader)  # float32 (n, 2C): positive logits, then the dual logits
         n, C = len(out), out.shape[1] // 2
         lab = labels.cpu()
         clean, p_clean = np.empty(n, dtype=bool), np.empty(n, dtype=np.float64)

@@ -15,13 +15,8 @@ from helpers import inject_symmetric, make_context, scores, tiny_vit_encoder, wi
 
 from labelsieve.core.errors import ModelError, ParameterError
 from labelsieve.detectors import create_detector, list_detectors
-from labelsieve.detectors.codivide import (
-    RECIPE,
-    CoDivideDetector,
-    codivide_loss,
-    strong_feature_view,
-    text_budget_scale,
-)
+from labelsieve.detectors.codivide import RECIPE, CoDivideDetector, codivide_loss, strong_feature_view
+from labelsieve.detectors.common.budget import text_budget_scale
 from labelsieve.detectors.common.views import strong_view, weak_view
 from labelsieve.detectors.ensemble import CODIVIDE_FAST
 

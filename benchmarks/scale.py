@@ -57,6 +57,8 @@ DETECTORS = [
     ("turn (no fine-tune)", "turn", {"finetune": False}),
     ("label_match", "label_match", {}),
     ("deft frozen", "deft", {"peft": "none"}),
+    ("deft frozen + budgets", "deft", {"peft": "none", "logit_scale": "calibrated", "max_steps": 3200,
+                                       "text_budget": 32_000}),
     ("codivide fast (ensemble member)", "codivide", CODIVIDE_FAST),
     ("codivide fast without step cap", "codivide", {**CODIVIDE_FAST, "max_steps": None}),
     ("ensemble (default)", "ensemble", {}),

@@ -269,3 +269,42 @@ def test_cuda_amp_paths(nette, cache40):
         assert all(p.dtype == torch.float32 for p in model.parameters())
         logits, ok = trainer.predict(make_loader(ds, batch_size=25))
         assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_inference_fills_one_array_and_joins_batches_when_it_cannot():
+    """infer writes the logits into one preallocated array when the loader's sampler gives the count, and joins
+    the batches otherwise (no length, or more items than the sampler said); unreadable rows are zeros either
+    way, and an evaluation loader already in dataset order is not copied again."""
+    from labelsieve.core.inference import in_dataset_order, infer
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x = torch.randn(23, 5, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i], i % 3, i, i not in (4, 5, 6, 7, 17)
+
+    ds, model = Rows(), nn.Linear(5, 3)
+    loader = make_loader(ds, batch_size=4)
+    args = {"device": torch.device("cpu"), "autocast": lambda: torch.autocast("cpu", enabled=False)}
+    buffered = infer(model, loader, **args)
+    joined = infer(model, list(loader), **args)  # a list has no sampler: the batches are joined
+
+    class Short(torch.utils.data.Sampler):  # says 8 items, yields all 23
+        def __iter__(self):
+            return iter(range(23))
+
+        def __len__(self):
+            return 8
+
+    overflow = infer(model, torch.utils.data.DataLoader(ds, batch_size=4, sampler=Short()), **args)
+    expected = model(ds.x).detach().numpy()
+    expected[[4, 5, 6, 7, 17]] = 0.0
+    for out in (buffered, joined, overflow):
+        np.testing.assert_allclose(out[0], expected, atol=1e-6)
+        assert out[0].dtype == np.float32 and list(out[2]) == list(range(23))
+    logits, ok = in_dataset_order(loader, buffered[2], buffered[0], buffered[3])
+    assert logits is buffered[0] and ok is buffered[3]

@@ -213,7 +213,9 @@ def render(jsonl: Path, md: Path) -> None:
     sizes = sorted({r["n"] for r in rows})
     lines = ["| detector | " + " | ".join(f"n = {n:,}" for n in sizes) + " | growth exponent |",
              "|---|" + "---|" * (len(sizes) + 1)]
-    for name, _, _ in DETECTORS:
+    names = [d[0] for d in DETECTORS]
+    names += sorted({r["detector"] for r in rows} - set(names))  # rows of earlier code, renamed to say so
+    for name in names:
         rs = {r["n"]: r for r in rows if r["detector"] == name}
         if not rs:
             continue

@@ -390,7 +390,8 @@ class _CoDivideRun:
         for k, net in enumerate(nets):
             groups: list[dict[str, Any]] = [{"params": list(net.prompts.parameters())}]
             if net.encoders is not None:
-                groups.append({"params": list(net.encoders.parameters()), "lr": det.encoder_lr or det.lr})
+                groups.append({"params": list(net.encoders.parameters()),
+                               "lr": (det.encoder_lr or det.lr) * self.text_scale})
             opt = make_optimizer(groups, name="sgd", lr=self.lr, weight_decay=det.weight_decay, momentum=det.momentum)
             sched = cosine_schedule(opt, epochs=det.epochs, steps_per_epoch=steps)
             self.trainers.append(Trainer(net, optimizer=opt, scheduler=sched, device=ctx.device, amp=det.amp,

@@ -82,10 +82,11 @@ def run_one(n: int, n_classes: int, seed: int) -> dict:
 
 def render(jsonl: Path, out: Path) -> None:
     rows = sorted((r for r in read_jsonl(jsonl) if "seconds" in r), key=lambda r: r["n"])
-    lines = ["| rows | classes | " + " | ".join(STEPS) + " | total | peak RSS | audit.csv | audit.html | load |",
-             "|---|---|" + "---|" * (len(STEPS) + 5)]
+    lines = ["| rows | classes | code | " + " | ".join(STEPS) + " | total | peak RSS | audit.csv | audit.html | load |",
+             "|---|---|---|" + "---|" * (len(STEPS) + 5)]
     for r in rows:
-        lines.append(f"| {r['n']:,} | {r['classes']} | " + " | ".join(f"{r['seconds'][s]:.1f} s" for s in STEPS)
+        lines.append(f"| {r['n']:,} | {r['classes']} | {r.get('code', 'current')} | "
+                     + " | ".join(f"{r['seconds'][s]:.1f} s" for s in STEPS)
                      + f" | {r['total_seconds']:.1f} s | {r['peak_rss_gb']:.2f} GB | {r['file_mb']['audit.csv']:.0f} MB"
                      f" | {r['file_mb']['audit.html']:.1f} MB | {r.get('load', float('nan')):.1f} |")
     out.write_text("\n".join(lines) + "\n")

@@ -425,8 +425,9 @@ class _CoDivideRun:
         eval_ds = CachedImageDataset(cache, labels=ctx.labels, transform=eval_transform(size, **norm))
         return warm_ds, two_ds, eval_ds, workers
 
-    def evaluate(self, k: int) -> dict[str, Any]:
-        """Evaluation pass of network ``k`` + GMM split: clean posterior, softmax, losses, the GMM's rule."""
+    def evaluate(self, k: int, *, probs: bool = True) -> dict[str, Any]:
+        """Evaluation pass of network ``k`` + GMM split: clean posterior, softmax (only with ``probs``: the
+        per-epoch splits do not need the (n, C) array), losses, the GMM's rule."""
         det = self.det
         with self.trainers[k].model.text_once():
             ev = self.trainers[k].evaluate(self.eval_loader, targets=self.labels)
@@ -435,9 +436,11 @@ class _CoDivideRun:
         split = fit_gmm_split(ev["losses"][ok], max_iter=det.gmm_max_iter, reg_covar=det.gmm_reg_covar,
                               seed=self.ctx.seed, monotone=det.monotone)
         posterior[ok] = split.posterior
-        probs = softmax_blocks(ev["logits"])  # float32, computed in float64 by blocks
-        probs[~ok] = 1.0 / probs.shape[1]
-        return {"posterior": posterior, "probs": probs, "ok": ok, "loss": ev["loss"], "acc": ev["acc"],
+        out = None
+        if probs:
+            out = softmax_blocks(ev["logits"], inplace=True)  # float32 over the logits, in float64 by blocks
+            out[~ok] = 1.0 / out.shape[1]
+        return {"posterior": posterior, "probs": out, "ok": ok, "loss": ev["loss"], "acc": ev["acc"],
                 "rule": split.rule, "means": split.means, "weights": split.weights}
 
     def _loader(self, k: int, epoch: int, warm: bool) -> torch.utils.data.DataLoader:
@@ -457,7 +460,7 @@ class _CoDivideRun:
             rec: dict[str, Any] = {"epoch": epoch, "phase": "warmup" if warm else "codivide"}
             evals: list[dict[str, Any]] = []
             if not warm:
-                evals = [self.evaluate(k) for k in range(2)]
+                evals = [self.evaluate(k, probs=False) for k in range(2)]
                 # under torchrun every rank gathered the same losses; the splits are rank 0's all the same
                 splits = distributed.from_main([e["posterior"] > det.tau for e in evals])
                 for k in range(2):
@@ -637,7 +640,10 @@ class CoDivideDetector(Detector):
         finals = [run.evaluate(k) for k in range(2)]
         p_nets = [f["posterior"] for f in finals]
         p_clean = 0.5 * (p_nets[0] + p_nets[1])
-        probs = 0.5 * (finals[0]["probs"] + finals[1]["probs"])
+        probs = finals[0]["probs"]  # the two networks' mean, in place: (a + b) / 2, no third (n, C) array
+        probs += finals[1]["probs"]
+        probs *= 0.5
+        finals[1]["probs"] = None
         ok = finals[0]["ok"]
         p_clean[~ok] = self.tau  # undecodable images: no evidence either way, not flagged
         self.networks_ = nets

@@ -332,10 +332,12 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def softmax_blocks(logits: np.ndarray, *, block: int = 1 << 16) -> np.ndarray:
+def softmax_blocks(logits: np.ndarray, *, block: int = 1 << 16, inplace: bool = False) -> np.ndarray:
     """:func:`softmax` over axis 1, computed in float64 a block of rows at a time and returned in float32 (what
-    :class:`DetectionResult` stores): 10M x 100 logits need 4 GB out, not three 8 GB float64 temporaries."""
-    out = np.empty(np.shape(logits), dtype=np.float32)
+    :class:`DetectionResult` stores): 10M x 100 logits need 4 GB out, not three 8 GB float64 temporaries.
+    ``inplace`` (float32 ``logits`` only) writes the probabilities over the logits: no second (n, C) array."""
+    out = logits if inplace and isinstance(logits, np.ndarray) and logits.dtype == np.float32 \
+        else np.empty(np.shape(logits), dtype=np.float32)
     for i in range(0, len(out), block):
         out[i : i + block] = softmax(logits[i : i + block], axis=1)
     return out

@@ -28,8 +28,8 @@ def test_exact_search_below_the_limit_equals_brute_force():
 def test_approximate_search_recall_and_self_removal():
     """The index labelsieve uses above the limit, forced on 30,000 rows of a hard synthetic set (50 clusters whose
     members are far apart): recall@10 against brute force measured 0.718 here with 16 of 692 lists probed (the
-    300k-row recall and the 1M-row vote, on the scale benchmark's features, are in docs/benchmarks.md §11). The bound catches a
-    broken index (a wrong metric or unnormalised rows give ~0), not a tuning change."""
+    300k-row recall and the 1M-row vote, on the scale benchmark's features, are in docs/benchmarks.md §11). The
+    bound catches a broken index (a wrong metric or unnormalised rows give ~0), not a tuning change."""
     x = _clustered(30_000)
     sims, idx = knn_search(x, 10, exact_limit=0, seed=0)
     assert idx.shape == (30_000, 11) and (idx >= 0).all()

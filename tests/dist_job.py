@@ -11,9 +11,10 @@ predictions to ``OUT/train-<rank>.npz``; given AUDIT_CSV, it then trains Efficie
 the audit's kept rows (:func:`labelsieve.train.train_from_audit`) into ``OUT/model``. ``extract`` extracts
 mini-CLIP features of :data:`SUBSET` into CACHE, committing every 8 images; rank 1 dies after K images of
 its share. ``tower`` runs the detectors that train through the image tower (image-level co-divide, DEFT with
-VPT-deep, with both selections) through a tiny random ViT on :data:`SUBSET` with 40 % injected noise, on every
-rank as ``labelsieve audit`` does under torchrun; rank 0's results go to ``OUT/<detector>.json`` and each
-rank's trained parameters (per-tensor sums) to ``OUT/<detector>-params-<rank>.json``.
+VPT-deep with both selections, TURN's fine-tuning) through a tiny random ViT on :data:`SUBSET` with 40 %
+injected noise, on every rank as ``labelsieve audit`` does under torchrun; rank 0's results go to
+``OUT/<detector>.json`` and each rank's trained parameters (per-tensor sums) to
+``OUT/<detector>-params-<rank>.json``.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ TOWER_DETECTORS = {
     "codivide": ("codivide", {"frozen": False, "epochs": 2, "warmup_epochs": 1, "batch_size": 10, "lr": 0.05}),
     "deft": ("deft", {"peft": "vpt_deep", "epochs": 2, "batch_size": 10}),
     "deft-batch": ("deft", {"peft": "vpt_deep", "epochs": 2, "batch_size": 10, "selection": "batch"}),
+    "turn": ("turn", {"fft_epochs": 2, "batch_size": 10}),
 }
 
 
@@ -141,7 +143,7 @@ def tower_detector(key: str, cache_dir: Path) -> dict | None:
     det = create_detector(name, num_workers=0, **params)
     runner = distributed.run_on_all if det.trains_on_every_rank(ctx) else distributed.run_on_main
     trained: dict[str, list[float]] = {}
-    if name == "deft":  # the trained model is not kept by DEFT: read it off the Trainer's step
+    if name != "codivide":  # DEFT and TURN do not keep their trained model: read it off the Trainer
         from labelsieve.core import engine
 
         fit = engine.Trainer.train_epoch
@@ -165,12 +167,16 @@ def tower_detector(key: str, cache_dir: Path) -> dict | None:
     if res is None:
         return None
     hist = res.info["history"]
-    out = {"ranks": res.info["ranks"], "path": res.info["path"], "noisy": (noisy != images.labels).tolist(),
-           "p_clean": res.p_clean.tolist(), "probs_sum": res.probs.sum(1).tolist()}
+    ranks = res.info["model"]["ranks"] if name == "turn" else res.info["ranks"]
+    out = {"ranks": ranks, "path": res.info.get("path", "tower fine-tuning"),
+           "noisy": (noisy != images.labels).tolist(), "p_clean": res.p_clean.tolist(),
+           "probs_sum": res.probs.sum(1).tolist()}
     if name == "codivide":
         out.update(n=[[h[k]["n"] for k in ("net1", "net2")] for h in hist],
                    n_labelled=[h[k].get("n_labelled") for h in hist for k in ("net1", "net2")],
                    p_net1=res.columns["p_clean_net1"].tolist(), p_net2=res.columns["p_clean_net2"].tolist())
+    elif name == "turn":
+        out.update(n=[h["n"] for h in hist], n_subsample=[h["n_subsample"] for h in hist])
     else:
         out.update(n=[h["n"] for h in hist], n_clean_selected=[h.get("n_clean_selected") for h in hist])
     return out

@@ -89,7 +89,7 @@ from labelsieve.detectors.common.base import (
     feature_dataset,
     softmax_blocks,
 )
-from labelsieve.detectors.common.budget import epoch_subset, rows_per_epoch, text_budget_scale
+from labelsieve.detectors.common.budget import derived_seed, epoch_subset, rows_per_epoch, text_budget_scale
 from labelsieve.detectors.common.recipe import (
     UNKNOWN,
     Param,
@@ -187,11 +187,6 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           "FixMatch (kekmodel/FixMatch-pytorch train.py)"),
     Param("decision", "mean of the two networks' final GMM posteriors < tau", "labelsieve", paper=UNKNOWN),
 ])
-
-def _seed(*parts: int) -> int:
-    """A 32-bit seed derived from ``parts`` (distinct streams for each network and epoch)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
 
 def _rng_devices(device: torch.device) -> list[int]:
     """The CUDA devices whose RNG state :func:`torch.random.fork_rng` must save for ``device``."""
@@ -398,7 +393,7 @@ class _CoDivideRun:
                                          progress=ctx.progress, desc=f"codivide net {k + 1} ({path})"))
         self.eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=self.workers)
         self.gen = torch.Generator(device=ctx.device)
-        self.gen.manual_seed(_seed(ctx.seed, 3))
+        self.gen.manual_seed(derived_seed(ctx.seed, 3))
 
     def rows_per_epoch(self) -> int:
         """Rows each network trains on per epoch: all, or the ``max_steps`` budget's share."""
@@ -445,8 +440,8 @@ class _CoDivideRun:
 
     def _loader(self, k: int, epoch: int, warm: bool) -> torch.utils.data.DataLoader:
         ds = self.warm_ds if warm else self.two_ds
-        ds = epoch_subset(ds, self.n, self.rows_per_epoch(), seed=_seed(self.ctx.seed, k, epoch, 7))
-        return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=_seed(self.ctx.seed, k, epoch),
+        ds = epoch_subset(ds, self.n, self.rows_per_epoch(), seed=derived_seed(self.ctx.seed, k, epoch, 7))
+        return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=derived_seed(self.ctx.seed, k, epoch),
                            num_workers=self.workers)
 
     def run(self) -> list[dict[str, Any]]:
@@ -604,7 +599,7 @@ class CoDivideDetector(Detector):
         for k in range(2):
             model = copy.deepcopy(ctx.encoder.model) if tune else ctx.encoder.model
             with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-                torch.manual_seed(_seed(ctx.seed, k))
+                torch.manual_seed(derived_seed(ctx.seed, k))
                 prompts = MaPLePrompts(model, ctx.encoder.tokenizer, ctx.classnames, n_ctx=self.n_ctx,
                                        depth=self.depth, init=self.ctx_init, text_only=path == PATH_FEATURES)
             if tune:
@@ -623,7 +618,7 @@ class CoDivideDetector(Detector):
         grad_flags = [p.requires_grad for p in model.parameters()]  # MaPLePrompts freezes the CLIP model
         try:
             with torch.random.fork_rng(devices=_rng_devices(ctx.device)):
-                torch.manual_seed(_seed(ctx.seed, 2))
+                torch.manual_seed(derived_seed(ctx.seed, 2))
                 result = self._detect(ctx, path, reason)
         finally:
             for p, flag in zip(model.parameters(), grad_flags, strict=True):

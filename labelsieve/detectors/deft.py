@@ -76,7 +76,7 @@ from labelsieve.detectors.common.base import (
     feature_cosines,
     feature_dataset,
 )
-from labelsieve.detectors.common.budget import epoch_subset, rows_per_epoch, text_budget_scale
+from labelsieve.detectors.common.budget import derived_seed, epoch_subset, rows_per_epoch, text_budget_scale
 from labelsieve.detectors.common.losses import deft_dual_loss, sce_loss
 from labelsieve.detectors.common.recipe import Param, Recipe, amp_param, is_float, is_int, one_of, workers_param
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE, text_side_info
@@ -500,8 +500,7 @@ class DeftDetector(Detector):
                 state.record = {"p_clean": torch.ones(n, device=device), "top": labels.clone(),
                                 "probs": torch.full((n, C), 1.0 / C, device=device),
                                 "seen": torch.zeros(n, dtype=torch.bool, device=device)}
-            subset_seed = int(np.random.SeedSequence([ctx.seed, epoch, 7]).generate_state(1)[0])
-            rows = epoch_subset(train_ds, n, per_epoch, seed=subset_seed)  # all rows unless max_steps
+            rows = epoch_subset(train_ds, n, per_epoch, seed=derived_seed(ctx.seed, epoch, 7))  # all unless max_steps
             loader = make_loader(rows, batch_size=batch_size, shuffle=True, seed=ctx.seed + epoch,
                                  num_workers=workers)
             rec = trainer.train_epoch(loader, epoch=epoch, step_fn=step)

@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["epoch_subset", "rows_per_epoch", "text_budget_scale"]
+__all__ = ["derived_seed", "epoch_subset", "rows_per_epoch", "text_budget_scale"]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed derived from ``parts`` (distinct streams for each network, epoch and purpose)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 def rows_per_epoch(n: int, *, max_steps: int | None, epochs: int, batch_size: int) -> int:

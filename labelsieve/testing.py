@@ -56,12 +56,15 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def extract_subset(
-    name: str, n: int | None = None, *, seed: int = 0, per_class: int | None = None, first: bool = False
+    name: str, n: int | None = None, *, seed: int = 0, per_class: int | None = None, first: bool = False,
+    skip_first: int = 0,
 ) -> tuple[Path, Path]:
     """Unpack a subset of a shared dataset; returns (image root, labels CSV).
 
     ``first`` takes the first ``n`` rows (CIFAR-10N benchmarks use the first rows); otherwise a
-    seeded random subset of ``n`` rows, or ``per_class`` rows of each class. Extraction is cached.
+    seeded random subset of ``n`` rows, or ``per_class`` rows of each class. ``skip_first`` draws the
+    random subset from the rows after the first ``skip_first`` only (a held-out set that shares no image
+    with the ``first`` subsets). Extraction is cached.
     """
     folder, zname, cname = DATASETS[name]
     src = shared_dir() / "data" / folder
@@ -78,6 +81,10 @@ def extract_subset(
         idx, tag = list(range(len(rows))), "all"
     elif first:
         idx, tag = list(range(n)), f"first{n}"
+    elif skip_first:
+        pool = len(rows) - skip_first
+        idx = sorted((skip_first + np.random.default_rng(seed).choice(pool, size=n, replace=False)).tolist())
+        tag = f"n{n}-s{seed}-after{skip_first}"
     else:
         idx = sorted(np.random.default_rng(seed).choice(len(rows), size=n, replace=False).tolist())
         tag = f"n{n}-s{seed}"

@@ -27,6 +27,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
+from labelsieve.core.paths import open_regular
+
 DIGEST_SIZE = 16
 #: Files whose mtime or ctime is this recent when hashed are hashed again next time.
 RACY_SECONDS = 2.0
@@ -43,16 +47,24 @@ def digest_bytes(data: bytes) -> bytes:
 
 
 def digest_file(path: str | os.PathLike[str], *, size: int = DIGEST_SIZE) -> bytes:
-    """blake2b (``size`` bytes) of a file's bytes, read in 1 MiB blocks (raises OSError)."""
+    """blake2b (``size`` bytes) of a file's bytes, read in 1 MiB blocks (raises OSError, also for a FIFO, device or
+    other file that is not a regular one: :func:`labelsieve.core.paths.open_regular`)."""
     h = hashlib.blake2b(digest_size=size)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(_BLOCK), b""):
             h.update(block)
     return h.digest()
 
 
-def _stamp(st: os.stat_result) -> bytes:
-    """What must be unchanged for a memoised digest to be reused: size, mtime, ctime, inode, device."""
+def digest_list(digests: np.ndarray) -> list[bytes]:
+    """A ``S16`` array of digests as 16-byte ``bytes`` (numpy's own conversion drops trailing NUL bytes)."""
+    raw = np.ascontiguousarray(digests, dtype=f"S{DIGEST_SIZE}").tobytes()
+    return [raw[i: i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)]
+
+
+def file_stamp(st: os.stat_result) -> bytes:
+    """What must be unchanged for a memoised digest (or container index) to be reused: size, mtime, ctime, inode,
+    device."""
     return _STAMP.pack(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino & (2**63 - 1), st.st_dev & (2**63 - 1))
 
 
@@ -134,7 +146,7 @@ class ContentHasher:
         stamps: list[bytes | None] = []
         for p in paths:
             try:
-                stamps.append(_stamp(os.stat(p)))
+                stamps.append(file_stamp(os.stat(p)))
             except OSError:
                 stamps.append(None)
         keys = [str(p) for p in paths]
@@ -168,7 +180,7 @@ class ContentHasher:
                 if st is None or max(_STAMP.unpack(st)[1:3]) >= racy:
                     continue
                 try:
-                    if _stamp(os.stat(keys[i])) != st:  # changed while it was being hashed
+                    if file_stamp(os.stat(keys[i])) != st:  # changed while it was being hashed
                         continue
                 except OSError:
                     continue

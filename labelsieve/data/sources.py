@@ -1,4 +1,5 @@
-"""Reading a labelled image collection: an ImageFolder tree or a root plus a labels CSV.
+"""Reading a labelled image collection: an ImageFolder tree or a root plus a labels CSV, or images stored in
+WebDataset shards, Parquet files or a Hugging Face datasets folder (:mod:`labelsieve.data.containers`).
 
 Everything a user can get wrong is checked up front by :func:`load_images`, which raises one
 :class:`~labelsieve.core.errors.DataError` naming the file or row and saying what to do. Images that
@@ -19,8 +20,10 @@ import numpy as np
 from labelsieve.core.errors import DataError
 from labelsieve.core.io import is_spreadsheet_error, restore_cell, sniff_delimiter
 from labelsieve.core.paths import check_image_paths, listed
+from labelsieve.data.containers import container_samples, find_containers
 from labelsieve.data.decode import IMAGE_EXTENSIONS
 from labelsieve.data.images import LabeledImages
+from labelsieve.data.members import Members
 
 _MAX_LISTED = 5
 
@@ -177,17 +180,24 @@ def load_images(
     classes: Sequence[str] | None = None,
     allow_single_class: bool = False,
     must_exist: bool = True,
+    image_column: str = "image",
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> LabeledImages:
     """Read and validate a labelled image collection.
 
     Parameters
     ----------
     root : path
-        Image root. Without ``labels_csv`` it must be an ImageFolder tree (``root/<class>/*``).
+        Image root. Without ``labels_csv`` it must be an ImageFolder tree (``root/<class>/*``). Or containers
+        (:func:`labelsieve.data.containers.find_containers`): a WebDataset shard, a folder of shards or a brace or
+        wildcard pattern (``shards/{000000..000099}.tar``), a Parquet file or folder of them, a Hugging Face
+        ``save_to_disk`` folder; their samples are named ``shard.tar/KEY.jpg`` or ``file.parquet#row``.
     labels_csv : path, optional
-        CSV with a path column (relative to ``root``) and a label column.
+        CSV with a path column (relative to ``root``; for containers a sample name, or a WebDataset KEY) and a
+        label column.
     path_column, label_column : str
-        Column names in the CSV.
+        Column names in the CSV; ``label_column`` is also a Parquet/Arrow file's label column.
     classnames : path or dict, optional
         Maps raw labels to the text the model reads; labels it does not name read as themselves
         (underscores as spaces). Every class it names must have images.
@@ -198,7 +208,25 @@ def load_images(
     must_exist : bool, default True
         Refuse paths that name no file (False for an audit of features computed elsewhere, where a path
         only names the row; it must still stay inside ``root``).
+    image_column : str
+        A Parquet/Arrow file's image column.
+    cache_dir : path, optional
+        Where container indexes are memoised (default :func:`labelsieve.core.defaults.default_cache_dir`).
+    progress : bool
+        A progress bar while containers are indexed.
     """
+    found = find_containers(root)
+    if found is not None:
+        csv_rows = None
+        if labels_csv is not None:
+            csv_rows = read_labels_csv(labels_csv, path_column=_key_column(labels_csv, path_column),
+                                       label_column=label_column)
+        s = container_samples(found, csv_rows, csv_name=str(Path(labels_csv).resolve()) if labels_csv else "",
+                              image_column=image_column, label_column=label_column, cache_dir=cache_dir,
+                              progress=progress)
+        check_unique_paths(s.root, s.paths, s.labels, s.lines, where=s.source)
+        return _labelled(s.root, s.paths, s.labels, s.lines, source=s.source, where=s.source, classnames=classnames,
+                         classes=classes, allow_single_class=allow_single_class, members=s.members)
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
         raise DataError(f"Image folder not found: {root_p}. Give the folder the image paths are relative to.")
@@ -222,6 +250,28 @@ def load_images(
         raise DataError(f"{root_p}: class folder(s) with no images: {', '.join(empty_dirs[:_MAX_LISTED])}. "
                         "Add images or remove the empty folder(s).")
 
+    return _labelled(root_p, paths, raw, lines, source=source, where=where, classnames=classnames, classes=classes,
+                     allow_single_class=allow_single_class)
+
+
+def _key_column(labels_csv: str | os.PathLike[str], path_column: str) -> str:
+    """A labels CSV for WebDataset shards may name its KEY column ``key``: used when ``path`` is the default and the
+    header has ``key`` but no ``path``."""
+    if path_column != "path":
+        return path_column
+    try:
+        with open(labels_csv, encoding="utf-8-sig") as f:
+            head = f.readline()
+    except OSError:
+        return path_column
+    cells = [c.strip() for c in next(csv.reader([head], delimiter=sniff_delimiter(head)), [])]
+    return "key" if "path" not in cells and "key" in cells else path_column
+
+
+def _labelled(root_p: Path, paths: list[str], raw: list[str], lines: Sequence[int], *, source: str, where: str,
+              classnames: str | os.PathLike[str] | dict[str, str] | None, classes: Sequence[str] | None,
+              allow_single_class: bool, members: Members | None = None) -> LabeledImages:
+    """Class list, class names and label numbers of validated rows (the end of :func:`load_images`)."""
     names_map: dict[str, str] = {}
     if classnames is not None:
         names_map = dict(classnames) if isinstance(classnames, dict) else read_classnames(classnames)
@@ -247,4 +297,4 @@ def load_images(
     labels = np.array([index[r] for r in raw], dtype=np.int64)
     text = [names_map.get(c, default_classname(c)) for c in class_list]
     return LabeledImages(root=root_p, paths=paths, labels=labels, classes=class_list, classnames=text,
-                         source=source, rows=np.asarray(lines, dtype=np.int64))
+                         source=source, rows=np.asarray(lines, dtype=np.int64), members=members)

@@ -37,6 +37,12 @@ images, reuses them; editing an image re-extracts it. Content digests are memois
 (:class:`~labelsieve.data.hashing.ContentHasher`: by path, size, mtime, ctime and inode) so a rerun does
 not re-read every file.
 
+**Images inside containers** (WebDataset shards, Parquet/Arrow files: :mod:`labelsieve.data.members`) are keyed
+the same way, by the digest of their bytes, which the container's index recorded: the same images as files, as
+shards or as Parquet share their vectors, and re-packing shards re-extracts nothing. Their extraction reads each
+container sequentially, one DataLoader worker per container, and under torchrun each rank extracts the
+containers of its own share (:func:`labelsieve.data.members.balance`), so no container is read by two ranks.
+
 A store written by labelsieve before these checks (chunks committed by a ``chunk-<id>.keys.npy``, no
 manifest) is adopted on first use: each complete chunk gets its manifest, unreadable ones are removed.
 """
@@ -67,8 +73,10 @@ from labelsieve.core.defaults import (
 from labelsieve.core.io import atomic_path, atomic_write_text
 from labelsieve.core.progress import progress_bar, warn
 from labelsieve.data.decode import UnreadableImage, decode_image
-from labelsieve.data.hashing import DIGEST_SIZE, ContentHasher, digest_bytes
+from labelsieve.data.hashing import DIGEST_SIZE, ContentHasher, digest_bytes, digest_list
 from labelsieve.data.images import LabeledImages
+from labelsieve.data.indexmemo import IndexMemo
+from labelsieve.data.members import Members, UnitStream, balance
 
 FORMAT = 2
 #: Files of an uncommitted chunk (no manifest) older than this are removed.
@@ -128,6 +136,24 @@ class _DecodeDataset(torch.utils.data.Dataset):
             return torch.zeros(self.shape), i, str(exc), key
         except Exception as exc:  # a transform failing on a strange image must not stop the run
             return torch.zeros(self.shape), i, f"{self.files[i]}: {type(exc).__name__}: {exc}", key
+
+
+class _DecodeMember:
+    """``(x, position, error, digest of the bytes read)`` of a container member (:class:`UnitStream`'s item)."""
+
+    def __init__(self, names: list[str], transform: Callable, shape: tuple[int, int, int]) -> None:
+        self.names, self.transform, self.shape = names, transform, shape
+
+    def __call__(self, i: int, data: bytes | None, err: str):
+        if data is None:
+            return torch.zeros(self.shape), i, f"{self.names[i]}: cannot read ({err})", b""
+        key = digest_bytes(data)
+        try:
+            return self.transform(decode_image(data, name=self.names[i])), i, "", key
+        except UnreadableImage as exc:
+            return torch.zeros(self.shape), i, str(exc), key
+        except Exception as exc:  # a transform failing on a strange image must not stop the run
+            return torch.zeros(self.shape), i, f"{self.names[i]}: {type(exc).__name__}: {exc}", key
 
 
 def _collate(batch):
@@ -320,6 +346,7 @@ class FeatureStore:
         commit_seconds: float = DEFAULT_COMMIT_SECONDS,
         progress: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        members: Members | None = None,
     ) -> Features:
         """Embeddings of ``files`` (absolute paths), extracting only what the cache lacks.
 
@@ -327,13 +354,17 @@ class FeatureStore:
         (PIL -> tensor) and ``image_shape`` its output shape. Vectors are committed every
         ``chunk_images`` images or ``commit_seconds`` seconds, whichever comes first, so an interruption
         loses at most that much work. ``on_batch`` is called with the number of images done after every
-        batch (tests use it to interrupt).
+        batch (tests use it to interrupt). With ``members`` the images are inside containers, row-aligned with
+        ``files`` (then their sample names, for messages): their digests are the ones the containers' index
+        recorded, and they are read container by container.
         """
         t0 = time.perf_counter()
         files = list(files)
-        # each rank hashes its block of the files (one rank: all of them)
-        digests = [d for part in distributed.all_gather_object(self.hasher.digests(distributed.share(files)))
-                   for d in part]
+        if members is not None:
+            digests = digest_list(members.digests)
+        else:  # each rank hashes its block of the files (one rank: all of them)
+            digests = [d for part in distributed.all_gather_object(self.hasher.digests(distributed.share(files)))
+                       for d in part]
         n_extracted = 0
         for _attempt in range(5):
             chunks, keys, cid, rows, bad = self._index()
@@ -349,17 +380,29 @@ class FeatureStore:
             # rank 0's reading of the store decides, so every rank splits the same list
             missing = distributed.broadcast_object([uniq[d] for d, h in zip(ulist, have, strict=True) if not h])
             if missing:
-                mine = distributed.share(missing)
-                changed = self._extract([files[i] for i in mine], [digests[i] for i in mine], encode,
-                                        transform, image_shape=image_shape,
-                                        batch_size=batch_size, num_workers=num_workers, chunk_images=chunk_images,
-                                        commit_seconds=commit_seconds, progress=progress,
-                                        on_batch=on_batch) if mine else {}
-                if changed:
-                    self.hasher.forget([files[mine[j]] for j in changed])
+                opts = {"image_shape": image_shape, "batch_size": batch_size, "num_workers": num_workers,
+                        "chunk_images": chunk_images, "commit_seconds": commit_seconds, "progress": progress,
+                        "on_batch": on_batch}
+                if members is not None:
+                    units = members.units(np.asarray(missing, dtype=np.int64))
+                    # each rank reads whole containers of its own share: no container is read by two ranks
+                    share = [units[u] for u in balance([len(r) for _, r, _ in units], distributed.world_size())[
+                        distributed.rank()]]
+                    changed = self._extract_members(members, share, [str(f) for f in files], digests, encode,
+                                                    transform, **opts) if share else {}
+                    memo = IndexMemo(self.hasher.db_path.parent, warn=self._warn)
+                    for f in sorted({int(members.file[i]) for i in changed}):
+                        memo.forget(Path(members.files[f]))  # its index is stale: index the container again
+                else:
+                    mine = distributed.share(missing)
+                    local = self._extract([files[i] for i in mine], [digests[i] for i in mine], encode,
+                                          transform, **opts) if mine else {}
+                    if local:
+                        self.hasher.forget([files[mine[j]] for j in local])
+                    changed = {mine[j]: d for j, d in local.items()}
                 n_extracted += len(missing)
                 # every rank waits here for the others, and learns which of their files changed
-                for part in distributed.all_gather_object({mine[j]: d for j, d in changed.items()}):
+                for part in distributed.all_gather_object(changed):
                     for i, actual in part.items():
                         digests[i] = actual
                 continue  # index again: the new chunks, and rows that shared a digest that changed
@@ -383,20 +426,41 @@ class FeatureStore:
                  progress: bool, on_batch: Callable[[int], None] | None) -> dict[int, bytes]:
         """Extract and commit ``files``; returns {position: digest} for files whose bytes no longer match
         the digest they were asked for (they are stored under the digest of what was read)."""
-        self._remove_orphans()
         if num_workers is None:
             num_workers = default_num_workers()
         ds = _DecodeDataset(files, transform, image_shape)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                              pin_memory=torch.cuda.is_available(), collate_fn=_collate,
                                              persistent_workers=False)
+        return self._run(loader, len(files), digests, encode, chunk_images=chunk_images,
+                         commit_seconds=commit_seconds, progress=progress, on_batch=on_batch)
+
+    def _extract_members(self, members: Members, units: list[tuple[int, np.ndarray, np.ndarray]], names: list[str],
+                         digests: list[bytes], encode, transform, *, image_shape, batch_size: int,
+                         num_workers: int | None, chunk_images: int, commit_seconds: float, progress: bool,
+                         on_batch: Callable[[int], None] | None) -> dict[int, bytes]:
+        """Extract and commit the rows of ``units`` (containers, each read in storage order by one worker);
+        returns {row: digest} for rows whose bytes no longer match their index's digest."""
+        if num_workers is None:
+            num_workers = default_num_workers()
+        ds = UnitStream(members, units, _DecodeMember(names, transform, image_shape))
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=min(num_workers, len(units)),
+                                             pin_memory=torch.cuda.is_available(), collate_fn=_collate,
+                                             persistent_workers=False)
+        return self._run(loader, len(ds), digests, encode, chunk_images=chunk_images, commit_seconds=commit_seconds,
+                         progress=progress, on_batch=on_batch)
+
+    def _run(self, loader: Any, total: int, digests: list[bytes], encode, *, chunk_images: int, commit_seconds: float,
+             progress: bool, on_batch: Callable[[int], None] | None) -> dict[int, bytes]:
+        """Encode the loader's batches ``(x, index, error, digest read)`` and commit them in chunks."""
+        self._remove_orphans()
         buf_v: list[np.ndarray] = []
         buf_d: list[bytes] = []
         buf_bad: dict[bytes, str] = {}
         changed: dict[int, bytes] = {}
         done = 0
         last_commit = time.monotonic()
-        with progress_bar(len(files), "extracting features", enabled=progress) as advance:
+        with progress_bar(total, "extracting features", enabled=progress) as advance:
             for x, idx, err, read in loader:
                 v = encode(x).float().cpu().numpy()
                 batch_keys = []
@@ -479,5 +543,6 @@ def extract_features(images: LabeledImages, encoder: Any, *, cache_dir: str | os
     ``progress``, ``on_batch``)."""
     store = FeatureStore(cache_dir or default_cache_dir(), encoder.key, meta=encoder.identity)
     size = encoder.image_size
-    return store.get([images.abspath(i) for i in range(len(images))], encoder.encode_images, encoder.preprocess,
-                     image_shape=(3, size, size), **options)
+    files: list[Any] = [images.locate(i) for i in range(len(images))] if images.members is None else images.paths
+    return store.get(files, encoder.encode_images, encoder.preprocess, image_shape=(3, size, size),
+                     members=images.members, **options)

@@ -23,6 +23,7 @@ _LAZY = {
     "audit": "labelsieve.api",
     "detect": "labelsieve.api",
     "audit_features": "labelsieve.api",
+    "audit_pred_probs": "labelsieve.api",
     "apply_review": "labelsieve.api",
     "evaluate_audit": "labelsieve.api",
     "predict": "labelsieve.api",

@@ -47,7 +47,7 @@ from labelsieve.core.defaults import (
     default_cache_dir,
 )
 from labelsieve.core.errors import DataError, ParameterError, check_param
-from labelsieve.core.paths import check_output_dir, check_output_file
+from labelsieve.core.paths import check_output_dir, check_output_file, listed
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
@@ -55,6 +55,7 @@ from labelsieve.detectors import DetectionContext, DetectionResult, create_detec
 from labelsieve.detectors.common.base import RowSubset
 from labelsieve.detectors.common.calibration import calibrate
 from labelsieve.detectors.common.duplicates import near_duplicate_groups
+from labelsieve.detectors.confident_learning import from_probs
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
@@ -63,19 +64,22 @@ from labelsieve.train.finetune import audit_image_root, audit_record
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
 #: ``describe_detectors`` (``detectors``), ``describe_detector`` (``detectors --show``), ``audit_features``
-#: (``audit --features``); ``detect`` is the "bring your own features" entry in Python; ``run_detector`` is
+#: (``audit --features``), ``audit_pred_probs`` (``audit --pred-probs``); ``detect`` is the "bring your own features
+#: or predicted probabilities" entry in Python; ``run_detector`` is
 #: :func:`audit` on images and a model already loaded.
-__all__ = ["add_noise", "apply_review", "audit", "audit_features", "describe_detector", "describe_detectors", "detect",
-           "evaluate_audit", "export_audit", "format_metrics", "predict", "run_detector", "train_from_audit"]
+__all__ = ["add_noise", "apply_review", "audit", "audit_features", "audit_pred_probs", "describe_detector",
+           "describe_detectors", "detect", "evaluate_audit", "export_audit", "format_metrics", "load_pred_probs",
+           "predict", "run_detector", "train_from_audit"]
 
 #: What ``labelsieve export --to`` accepts.
 EXPORT_TARGETS = ("fiftyone", "labelstudio")
 
 
 def detect(
-    features: Any,
-    labels: Sequence[Any],
+    features: Any = None,
+    labels: Sequence[Any] = (),
     *,
+    pred_probs: Any = None,
     classnames: Sequence[str] | dict[str, str] | None = None,
     method: str | None = None,
     params: dict[str, Any] | None = None,
@@ -93,13 +97,22 @@ def detect(
     >>> res = labelsieve.detect(feats, labels)                       # doctest: +SKIP
     >>> res.is_noisy, res.p_clean, res.suggested                     # doctest: +SKIP
 
+    Or, like cleanlab exactly, from your own model's out-of-sample class probabilities:
+
+    >>> res = labelsieve.detect(labels=labels, pred_probs=probs)      # doctest: +SKIP
+
     Parameters
     ----------
     features : array-like of shape (n, d), or a path to a ``.npy`` file
         Image features of any float dtype (a float16 memory map is read a block at a time, never copied
-        whole); normalised here.
+        whole); normalised here. Not with ``pred_probs``.
     labels : sequence of shape (n,)
         Given labels: class indices, or class names (sorted to give the class order).
+    pred_probs : array-like of shape (n, C), or a path to a ``.npy`` file
+        Out-of-sample predicted probabilities (from cross-validation, or a model that never trained on these
+        rows): row i is row i of ``labels``; column j is class j (class indices, or the sorted class names). Each
+        row must sum to 1. Confident learning (prune by noise rate) runs on them, and its ``p_clean`` (the
+        probability of the given label) is calibrated as in an audit; ``method`` and ``params`` do not apply.
     classnames : sequence of str or dict, optional
         The text a vision-language model reads per class (index order), or raw label -> text. Needed only
         by text-guided detectors; default the label values.
@@ -121,12 +134,7 @@ def detect(
         ``p_clean`` (calibrated as in an audit; the detector's raw score in ``columns["p_clean_raw"]``),
         ``is_noisy``, ``suggested``, ``suggested_prob`` per row, ``rule`` and ``info``.
     """
-    x = _load_features_file(features) if isinstance(features, (str, os.PathLike)) else features
-    check_param("detect", "features", getattr(x, "shape", None), getattr(x, "ndim", 0) == 2,
-                "an array of shape (n, d) or a .npy file holding one")
     raw = list(labels) if not isinstance(labels, np.ndarray) else labels
-    check_param("detect", "labels", f"{len(raw)} labels for {x.shape[0]} rows", len(raw) == x.shape[0],
-                "one label per row of features")
     values = np.asarray(raw)
     if np.issubdtype(values.dtype, np.integer):
         n_classes = int(values.max()) + 1 if len(values) else 0
@@ -136,6 +144,20 @@ def detect(
         classes = sorted({str(v) for v in values})
         index = {c: i for i, c in enumerate(classes)}
         ids = np.array([index[str(v)] for v in values], dtype=np.int64)
+    if pred_probs is not None:
+        check_param("detect", "features", "features and pred_probs", features is None, "one of features or pred_probs")
+        integer = np.issubdtype(values.dtype, np.integer)
+        probs = load_pred_probs(pred_probs, n=len(ids), classes=None if integer else classes, where="pred_probs",
+                                rows="labels")
+        if integer and probs.shape[1] < n_classes:
+            raise DataError(f"pred_probs has {probs.shape[1]} columns but the labels go up to class {n_classes - 1}: "
+                            "column j must be class j.")
+        return calibrate(from_probs(ids, probs, where="the given out-of-sample (pred_probs)"), labels=ids)
+    x = _load_features_file(features) if isinstance(features, (str, os.PathLike)) else features
+    check_param("detect", "features", getattr(x, "shape", None), getattr(x, "ndim", 0) == 2,
+                "an array of shape (n, d) or a .npy file holding one")
+    check_param("detect", "labels", f"{len(raw)} labels for {x.shape[0]} rows", len(raw) == x.shape[0],
+                "one label per row of features")
     if isinstance(classnames, dict):
         names = [str(classnames.get(c, c)) for c in classes]
     elif classnames is not None:
@@ -306,6 +328,7 @@ def audit(
     quiet: bool = False,
     force: bool = False,
     reviewed: Sequence[str | os.PathLike[str]] = (),
+    image_column: str = "image",
 ) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -316,9 +339,14 @@ def audit(
     Parameters
     ----------
     root : path
-        Image folder (an ImageFolder tree when ``labels_csv`` is None).
+        Image folder (an ImageFolder tree when ``labels_csv`` is None), or images stored in containers: WebDataset
+        shards (a ``.tar``, a folder of them, a pattern such as ``shards/{000000..000099}.tar``), Parquet files
+        (a file, a folder, ``data/train-*.parquet``) or a Hugging Face ``save_to_disk`` folder
+        (:func:`labelsieve.data.load_images`). Their samples are named ``shard-000003.tar/KEY.jpg`` and
+        ``train-00001.parquet#1234`` in the audit.
     labels_csv : path, optional
-        ``path,label`` CSV (column names: ``path_column``, ``label_column``).
+        ``path,label`` CSV (column names: ``path_column``, ``label_column``); with containers, optional (their
+        labels are read from them otherwise) and keyed by sample name, or by WebDataset KEY.
     method : str, default="ensemble"
         A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
     model, pretrained : str
@@ -353,6 +381,8 @@ def audit(
         Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
         they decide are trusted labels for the detector and keep their decision in the new audit
         (:mod:`labelsieve.audit.reviewed`).
+    image_column : str, default "image"
+        Parquet/Arrow: the column of image bytes (``label_column`` is its label column).
 
     Raises
     ------
@@ -369,7 +399,8 @@ def audit(
     frames = [read_reviews(f) for f in reviewed]
     check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
-                         classnames=classnames)
+                         classnames=classnames, image_column=image_column, cache_dir=cache_dir,
+                         progress=progress)
     t_load = time.perf_counter() - t0
     t = time.perf_counter()
     encoder = create_encoder(model, pretrained=pretrained, device=dev)
@@ -392,7 +423,8 @@ def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.Pat
         "version": __version__,
         "versions": versions(),
         "input": {"root": str(images.root), "labels": images.source, "input_hash": images.content_hash(),
-                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None)},
+                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None),
+                  **_storage_record(images)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     if out_dir is not None:
@@ -405,13 +437,36 @@ def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.Pat
             files["audit.xlsx"] = write_xlsx(result.table, out / "audit.xlsx")
         if html:
             files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
-                                             out_path=out / "audit.html")
+                                             out_path=out / "audit.html", locate=_by_path(images))
         result.summary["timings"]["write"] = time.perf_counter() - t
         result.summary["timings"]["total"] = time.perf_counter() - t0
         files["audit.json"] = write_json(result.summary, out / "audit.json")
         result.out_dir, result.files = out, files
     if not quiet:
         print_summary(result.summary, result.files)
+
+
+def _storage_record(images: LabeledImages) -> dict[str, Any]:
+    """How the audit's images are stored, for audit.json's ``input`` (``apply``, ``train --clean``, ``export``
+    open containers again from it)."""
+    if images.members is None:
+        return {"kind": "files"}
+    return {"kind": images.members.kind, "containers": images.members.spec, "n_containers": len(images.members.files),
+            "image_column": images.members.image_column, "label_column": images.members.label_column}
+
+
+def _by_path(images: LabeledImages) -> Any:
+    """path -> where its image is (None for files: they are ``root / path``)."""
+    if images.members is None:
+        return None
+    row: dict[str, int] = {}
+
+    def locate(path: str) -> Any:
+        if not row:
+            row.update((p, i) for i, p in enumerate(images.paths))
+        return images.locate(row[path]) if path in row else None
+
+    return locate
 
 
 def audit_features(
@@ -486,6 +541,142 @@ def audit_features(
     })
     out = Audit(table=table, summary=summary)
     _finish_audit(out, images, out_dir=out_dir, html=html, xlsx=xlsx, quiet=quiet, t0=t0)
+    return out
+
+
+#: Rows of ``--pred-probs`` must sum to 1 within this (float16 probabilities are off by up to ~1e-3).
+PRED_PROBS_SUM_TOLERANCE = 1e-3
+
+
+def load_pred_probs(source: Any, *, n: int, classes: Sequence[str] | None, where: str, rows: str) -> np.ndarray:
+    """Out-of-sample predicted probabilities, checked: an (n, C) array (or ``.npy`` file) of finite, non-negative
+    floats whose rows sum to 1 (within :data:`PRED_PROBS_SUM_TOLERANCE`), C = ``len(classes)`` when given.
+
+    Parameters
+    ----------
+    source : array-like or path
+    n : int
+        Rows expected (one per row of the labels).
+    classes : sequence of str, optional
+        The class order the columns must follow (sorted class names), for the check and the message.
+    where : str
+        The probabilities' name in messages (the file).
+    rows : str
+        What row i must match, for messages (e.g. "the data rows of labels.csv").
+
+    Returns
+    -------
+    ndarray of shape (n, C), float32
+
+    Raises
+    ------
+    DataError
+        Naming the file and the first offending rows: wrong shape, a class count that does not match, values
+        that are not probabilities, rows not summing to 1.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        f = Path(source).expanduser()
+        if not f.is_file():
+            raise DataError(f"Predicted-probabilities file not found: {f}. Give a .npy array of shape (n, C).")
+        try:
+            arr = np.load(f, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{f}: not a .npy array ({exc}). Save the probabilities with numpy.save.") from None
+        where = str(f)
+    else:
+        arr = np.asarray(source)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(f"{where}: predicted probabilities must be a float array of shape (n, C), one row per row of "
+                        f"{rows} and one column per class; this one is {arr.dtype} of shape {arr.shape}.")
+    if arr.shape[0] != n:
+        raise DataError(f"{where}: {arr.shape[0]} rows of probabilities for the {n} rows of {rows}. Row i must be the "
+                        f"probabilities of row i of {rows}.")
+    order = ""
+    if classes is not None:
+        order = (f" Columns are the classes in sorted order: {', '.join(list(classes)[:10])}"
+                 f"{' …' if len(classes) > 10 else ''}.")
+        if arr.shape[1] != len(classes):
+            raise DataError(f"{where}: {arr.shape[1]} columns of probabilities for the {len(classes)} classes of "
+                            f"{rows}.{order}")
+    probs = np.asarray(arr, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1) | (probs < -1e-6).any(axis=1))
+    if len(bad):
+        raise DataError(f"{where}: {len(bad)} row(s) hold values that are not probabilities (negative, NaN or "
+                        f"infinite): row {listed([int(i) for i in bad])} (0-based). Give probabilities, e.g. the "
+                        "softmax of your model's logits.")
+    sums = probs.sum(axis=1, dtype=np.float64)
+    off = np.flatnonzero(np.abs(sums - 1.0) > PRED_PROBS_SUM_TOLERANCE)
+    if len(off):
+        shown = listed([f"row {int(i)} sums to {sums[i]:.6g}" for i in off])
+        raise DataError(f"{where}: {len(off)} row(s) do not sum to 1 ({shown}; rows are 0-based). Give probabilities "
+                        f"(the softmax of your model's logits, not the logits), one column per class.{order}")
+    return np.clip(probs, 0.0, 1.0)
+
+
+def audit_pred_probs(
+    pred_probs: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    root: str | os.PathLike[str] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    classnames: str | os.PathLike[str] | dict[str, str] | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    image_column: str = "image",
+    threshold: float | None = None,
+    outlier_prob: float = DEFAULT_OUTLIER_PROB,
+    cache_dir: str | os.PathLike[str] | None = None,
+    html: bool = True,
+    xlsx: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    force: bool = False,
+) -> Audit:
+    """Audit labels from your own model's out-of-sample predicted probabilities
+    (``labelsieve audit --pred-probs PROBS.npy LABELS.csv [ROOT]``).
+
+    Row i of ``pred_probs`` (an (n, C) ``.npy`` array, :func:`load_pred_probs`) holds the probabilities of the
+    image on data row i of ``labels_csv``; column j is class j of the labels' class names in sorted order.
+    Confident learning (prune by noise rate, :mod:`labelsieve.detectors.confident_learning`) decides the flags, and
+    ``p_clean`` (the probability of the given label) is calibrated as in every audit. The same audit files as
+    :func:`audit`; with ``root`` (the image folder, or containers, the CSV's paths are relative to) the images must
+    exist and audit.html shows their thumbnails; without it the paths only name the rows. No model is loaded and
+    no near-duplicate search runs (it needs features).
+    """
+    if out_dir is not None:
+        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+    t0 = time.perf_counter()
+    csv = Path(labels_csv).expanduser()
+    if not csv.is_file():
+        raise DataError(f"Labels file not found: {csv}. Give the path,label CSV whose rows match the probabilities.")
+    images = load_images(root if root is not None else csv.parent, csv, path_column=path_column,
+                         label_column=label_column, classnames=classnames, must_exist=root is not None,
+                         image_column=image_column, cache_dir=cache_dir, progress=progress)
+    probs = load_pred_probs(pred_probs, n=len(images), classes=images.classes, where=str(pred_probs),
+                            rows=f"the labels CSV {csv}")
+    timings = {"load": time.perf_counter() - t0}
+    t = time.perf_counter()
+    result = calibrate(from_probs(images.labels, probs, where="the given out-of-sample (--pred-probs)"),
+                       labels=images.labels)
+    timings["detect"] = time.perf_counter() - t
+    _override_threshold(result, threshold)
+    table = build_table(images, np.ones(len(images), dtype=bool), result, outlier_prob=outlier_prob)
+    summary = summarise(table, images, result)
+    summary.update({
+        "method": "confident_learning",
+        "parameters": {"pred_probs": str(Path(pred_probs).resolve())},
+        "detector_info": result.info,
+        "model": None,
+        "pred_probs": {"file": str(Path(pred_probs).resolve()), "shape": list(probs.shape),
+                       "class_order": "sorted class names", "classes": list(images.classes)},
+        "seed": None,
+        "outlier_prob": outlier_prob,
+        "unreadable": {},
+        "timings": timings,
+        "device": None,
+    })
+    out = Audit(table=table, summary=summary)
+    _finish_audit(out, images, out_dir=out_dir, html=html and root is not None, xlsx=xlsx, quiet=quiet, t0=t0)
     return out
 
 

@@ -1,6 +1,8 @@
 """Command line: a thin layer over :mod:`labelsieve.api` (``main(argv)`` is callable from tests).
 
     labelsieve audit ROOT [LABELS.csv] [--method NAME] [--model NAME_OR_PATH] [--pretrained TAG_OR_PATH] -o OUT
+    labelsieve audit 'shards/{000000..000099}.tar' | data.parquet | hf_saved_folder/ [LABELS.csv] -o OUT
+    labelsieve audit --pred-probs PROBS.npy LABELS.csv [IMAGES] -o OUT
     labelsieve apply OUT/audit.csv -o labels.clean.csv [--reviews reviews.csv] [--from-labelstudio EXPORT.json]
     labelsieve export OUT/audit.csv --to labelstudio|fiftyone
     labelsieve train --clean OUT/audit.csv --backbone NAME [-o MODEL_DIR]
@@ -109,6 +111,13 @@ def cli() -> None:
               help="Audit features computed elsewhere: a .npy array (n, d), row i = line i of the labels CSV, "
                    "given as ROOT (e.g. 'labelsieve audit --features feats.npy labels.csv'). No image is read; "
                    "default method turn (its probe), or the default ensemble with --model.")
+@click.option("--pred-probs", "pred_probs", type=click.Path(path_type=Path),
+              help="Audit your own model's out-of-sample predicted probabilities: a .npy array (n, C), row i = data "
+                   "row i of the labels CSV given as ROOT, columns the classes in sorted order, rows summing to 1 "
+                   "(e.g. 'labelsieve audit --pred-probs probs.npy labels.csv [IMAGES]'). Confident learning decides; "
+                   "thumbnails when IMAGES is given.")
+@click.option("--image-column", default="image", show_default=True,
+              help="Parquet / Hugging Face datasets: the column of image bytes (--label-column names the labels).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
@@ -118,13 +127,25 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
-          reviewed: tuple[Path, ...], features: Path | None, no_progress: bool, force: bool) -> None:
-    """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv); with --features,
-    of the rows of the labels CSV given as ROOT."""
+          reviewed: tuple[Path, ...], features: Path | None, pred_probs: Path | None, image_column: str,
+          no_progress: bool, force: bool) -> None:
+    """Audit the labels of the images under ROOT: an ImageFolder tree, or a folder with a LABELS csv, or images in
+    WebDataset shards (a .tar, a folder of them, 'shards/{000000..000099}.tar'), Parquet files or a Hugging Face
+    save_to_disk folder (labels from them, or from LABELS keyed by sample name or KEY). With --features or
+    --pred-probs, of the rows of the labels CSV given as ROOT."""
     p = _parse_params(params)
     shortcuts = {"peft": peft, "epochs": epochs, "consistency": consistency or None, "frozen": frozen,
                  "finetune": False if no_finetune else None}
     p.update({k: v for k, v in shortcuts.items() if v is not None})
+    if pred_probs is not None:
+        if features is not None or reviewed:
+            raise click.UsageError("--pred-probs takes the labels CSV and, optionally, the images: labelsieve audit "
+                                   "--pred-probs PROBS.npy LABELS.csv [IMAGES]; not with --features or --reviewed")
+        _api().audit_pred_probs(pred_probs, root, labels, out_dir=out_dir, classnames=classnames,
+                                path_column=path_column, label_column=label_column, image_column=image_column,
+                                threshold=threshold, cache_dir=cache_dir, html=not no_html, xlsx=xlsx,
+                                progress=not no_progress, force=force)
+        return
     if features is not None:
         if labels is not None or reviewed:
             raise click.UsageError("with --features give one labels CSV (labelsieve audit --features FEATS.npy "
@@ -141,7 +162,7 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
               html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
-              progress=not no_progress, force=force, reviewed=reviewed)
+              progress=not no_progress, force=force, reviewed=reviewed, image_column=image_column)
 
 
 @cli.command("detectors")

@@ -29,7 +29,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import atomic_open
-from labelsieve.data.decode import to_rgb
+from labelsieve.data.decode import UnreadableImage, read_image_bytes, to_rgb
 
 __all__ = ["write_html"]
 
@@ -119,21 +119,22 @@ def _text_col(frame: pd.DataFrame, column: str, empty: str = "") -> pd.Series:
     return s.where(s != "", empty) if empty else s
 
 
-def _thumbnail(path: Path, size: int) -> str | None:
-    """A base64 JPEG data URI of the image at ``path`` fitted in ``size`` pixels, or None if unreadable.
+def _thumbnail(path: Any, size: int) -> str | None:
+    """A base64 JPEG data URI of the image at ``path`` (a file, or a container member) fitted in ``size`` pixels,
+    or None if unreadable.
 
     JPEG files are decoded at a reduced scale (``draft``) where that still leaves at least ``size``
     pixels, which makes a thumbnail of a large photo several times faster than a full decode.
     """
     try:
-        with Image.open(path) as src:
+        with Image.open(io.BytesIO(read_image_bytes(path))) as src:
             src.draft("RGB", (size, size))
             src.load()
             im = to_rgb(ImageOps.exif_transpose(src))
         im.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=80, optimize=False)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, UnreadableImage):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
@@ -367,7 +368,8 @@ def _identity(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, str]
 
 
 def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np.ndarray, to_review: np.ndarray,
-                 image_root: Path, max_rows: int, max_thumbs: int, thumb_size: int) -> dict[str, Any]:
+                 image_root: Path, max_rows: int, max_thumbs: int, thumb_size: int,
+                 locate: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """The rows embedded in the page (compact columns) and the thumbnails of the most suspicious flagged ones."""
     order = _rank_order(table)
     emb = order[:max_rows]
@@ -401,7 +403,8 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
     for t in _pick_gallery(table, to_review, max_thumbs):
         j = at.get(int(t))
         if j is not None:
-            thumbs[str(j)] = _thumbnail(image_root / paths[j], thumb_size) if paths[j] else None
+            where = locate(paths[j]) if locate is not None else image_root / paths[j]
+            thumbs[str(j)] = _thumbnail(where, thumb_size) if paths[j] and where is not None else None
     return {"version": 1, "id": _identity(table, summary), "n_rows": len(table), "n_embedded": n, "classes": classes,
             "issues": issues, "members": members, "rows": data, "thumbs": thumbs, "download_name": "reviews.csv"}
 
@@ -504,6 +507,7 @@ def write_html(
     thumb_size: int = 96,
     max_matrix_classes: int = 30,
     max_rows: int = DEFAULT_MAX_ROWS,
+    locate: Callable[[str], Any] | None = None,
 ) -> Path:
     """Write ``audit.html``, the audit's report and review tool (see the module docstring).
 
@@ -535,6 +539,9 @@ def write_html(
     max_rows : int, default 50000
         Rows embedded for review: the first ``max_rows`` by rank (flagged rows come first). The page
         says how many of the audit's rows it holds.
+    locate : callable, optional
+        A row's ``path`` -> where its image is (None: nowhere), for images that are not files under
+        ``image_root`` (a container member, :meth:`labelsieve.data.LabeledImages.locate`).
 
     Returns
     -------
@@ -588,7 +595,7 @@ def write_html(
         rates = {str(c): flagged_per_class.get(str(c), 0) / int(n) for c, n in totals.items() if int(n) > 0}
     class_counts = summary.get("class_counts")
 
-    data = _review_data(table, summary, flagged=flagged, to_review=to_review, image_root=image_root,
+    data = _review_data(table, summary, flagged=flagged, to_review=to_review, image_root=image_root, locate=locate,
                         max_rows=max_rows, max_thumbs=max_gallery, thumb_size=thumb_size)
     bad_pos = np.flatnonzero(unreadable)
     bad_paths = _text_col(table.iloc[bad_pos[:_MAX_UNREADABLE_LISTED]], "path").tolist()

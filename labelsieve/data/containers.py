@@ -178,8 +178,8 @@ def find_containers(spec: str | os.PathLike[str]) -> Found | None:
     DataError
         A ``DatasetDict`` folder (naming its splits), a pattern naming missing files, mixed container kinds.
     """
-    text = os.fspath(spec)
-    p = Path(text).expanduser()
+    text = os.path.abspath(os.path.expanduser(os.fspath(spec)))
+    p = Path(text)
     if p.is_file() and p.suffix.lower() in CONTAINER_SUFFIXES:
         return Found(_kind_of([p], text), p.parent.absolute(), [p.absolute()], text)
     if p.is_dir():
@@ -354,7 +354,8 @@ def container_samples(found: Found, csv_rows: tuple[list[str], list[str], list[i
     members = Members(kind=found.kind, files=[str(f) for f in found.files], file=np.concatenate(file_ids),
                       pos=np.concatenate(pos), size=np.concatenate(size),
                       digests=np.concatenate(digests) if digests else np.zeros(0, f"S{DIGEST_SIZE}"),
-                      image_column=image_column if found.kind != "webdataset" else None)
+                      image_column=image_column if found.kind != "webdataset" else None, spec=found.spec,
+                      label_column=table_labels)
     lf = np.concatenate(label_from)
     if csv_rows is None:
         if labels_needed:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from labelsieve.core.paths import read_regular
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -67,10 +69,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Read and decode one image file to RGB; :class:`UnreadableImage` if it cannot be decoded."""
+def read_image_bytes(source: Any) -> bytes:
+    """The bytes of an image: a file path (a regular file only: :func:`labelsieve.core.paths.read_regular`), or
+    anything with ``read_bytes()`` that is not a path (a member of a container,
+    :class:`labelsieve.data.members.Member`). :class:`UnreadableImage` when they cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        if isinstance(source, (str, os.PathLike)):
+            return read_regular(source)
+        return source.read_bytes()
     except OSError as exc:
-        raise UnreadableImage(f"{path}: cannot read file ({exc})") from exc
-    return decode_image(data, name=str(path))
+        raise UnreadableImage(f"{source}: cannot read {'file' if isinstance(source, (str, os.PathLike)) else 'image'} "
+                              f"({exc.strerror or exc})") from exc
+
+
+def load_image(path: Any) -> Image.Image:
+    """Read and decode one image (a file path, or a container member) to RGB; :class:`UnreadableImage` if it cannot
+    be read or decoded."""
+    return decode_image(read_image_bytes(path), name=str(path))

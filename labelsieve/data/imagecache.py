@@ -52,9 +52,10 @@ from labelsieve.core.defaults import default_cache_dir, default_num_workers
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import atomic_save_npy, atomic_write_text
 from labelsieve.core.progress import progress_bar
-from labelsieve.data.decode import UnreadableImage, to_rgb
-from labelsieve.data.hashing import ContentHasher
+from labelsieve.data.decode import UnreadableImage, read_image_bytes, to_rgb
+from labelsieve.data.hashing import ContentHasher, digest_list
 from labelsieve.data.images import LabeledImages
+from labelsieve.data.members import Members, UnitStream
 
 __all__ = [
     "CachedImageDataset",
@@ -83,8 +84,8 @@ def decode_resized(data_or_path: bytes | str | os.PathLike[str], size: int, *, m
 
     Parameters
     ----------
-    data_or_path : bytes or path
-        Encoded image bytes, or the path of an image file.
+    data_or_path : bytes, path or container member
+        Encoded image bytes, the path of an image file, or a :class:`~labelsieve.data.members.Member`.
     size : int
         Output side ``S`` in pixels.
     mode : {"crop", "resize"}
@@ -106,10 +107,7 @@ def decode_resized(data_or_path: bytes | str | os.PathLike[str], size: int, *, m
         data, label = bytes(data_or_path), name or "image"
     else:
         label = name or str(data_or_path)
-        try:
-            data = Path(data_or_path).read_bytes()
-        except OSError as exc:
-            raise UnreadableImage(f"{label}: cannot read file ({exc})") from exc
+        data = read_image_bytes(data_or_path)
     if not data:
         raise UnreadableImage(f"{label}: file is empty (0 bytes)")
     try:
@@ -137,6 +135,24 @@ def decode_resized(data_or_path: bytes | str | os.PathLike[str], size: int, *, m
     if arr.shape != (size, size, 3):
         raise UnreadableImage(f"{label}: decoded to an unexpected shape {arr.shape}")
     return arr
+
+
+class _ResizeMember:
+    """:class:`UnitStream` item of the cache build for a container member: ``(uint8 (S, S, 3), row, error)``."""
+
+    def __init__(self, names: Sequence[str], size: int, mode: str) -> None:
+        self.names, self.size, self.mode = names, size, mode
+
+    def __call__(self, row: int, data: bytes | None, err: str) -> tuple[torch.Tensor, int, str]:
+        blank = torch.zeros(self.size, self.size, 3, dtype=torch.uint8)
+        if data is None:
+            return blank, row, f"{self.names[row]}: cannot read ({err})"
+        try:
+            return torch.from_numpy(decode_resized(data, self.size, mode=self.mode, name=self.names[row])), row, ""
+        except UnreadableImage as exc:
+            return blank, row, str(exc)
+        except Exception as exc:  # a strange image must never stop a long build
+            return blank, row, f"{self.names[row]}: {type(exc).__name__}: {exc}"
 
 
 class _ResizeDataset(torch.utils.data.Dataset):
@@ -231,6 +247,7 @@ class DecodedImageCache:
         flush_images: int = 1024,
         progress: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        members: Members | None = None,
     ) -> DecodedImageCache:
         """Open the cache of ``files`` at ``size``, decoding only the rows not done yet.
 
@@ -257,6 +274,9 @@ class DecodedImageCache:
         on_batch : callable, optional
             Called with the number of images decoded so far after every batch (tests use it to
             simulate an interruption).
+        members : Members, optional
+            The images are inside containers (:mod:`labelsieve.data.members`), row-aligned with ``files`` (then
+            their sample names): their digests are their index's, and they are decoded container by container.
 
         Returns
         -------
@@ -276,8 +296,12 @@ class DecodedImageCache:
             raise DataError("No images to decode: the image list is empty. Give at least one image.")
         t0 = time.perf_counter()
         base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-        paths = [Path(f).expanduser().resolve() for f in files]
-        digests = ContentHasher(base / "hashes.sqlite").digests(paths)
+        if members is not None:
+            paths: list[Any] = [str(f) for f in files]
+            digests = digest_list(members.digests)
+        else:
+            paths = [Path(f).expanduser().resolve() for f in files]
+            digests = ContentHasher(base / "hashes.sqlite").digests(paths)
         h = hashlib.blake2b(digest_size=12)
         h.update(f"v{FORMAT_VERSION}|{size}|{mode}|{len(paths)}|".encode())
         for d in digests:
@@ -287,7 +311,7 @@ class DecodedImageCache:
         with _file_lock(root / ".lock"):
             n_decoded = cls._build(root, [str(p) for p in paths], size=size, mode=mode,
                                    num_workers=num_workers, batch_size=batch_size,
-                                   flush_images=flush_images, progress=progress, on_batch=on_batch)
+                                   flush_images=flush_images, progress=progress, on_batch=on_batch, members=members)
         ok = np.load(root / "ok.npy")
         errors = {int(k): v for k, v in json.loads((root / "errors.json").read_text()).items()}
         return cls(root, size=size, mode=mode, n=len(paths), ok=ok, errors=errors, n_decoded=n_decoded,
@@ -295,13 +319,16 @@ class DecodedImageCache:
 
     @classmethod
     def from_images(cls, images: LabeledImages, *, size: int, **kwargs: Any) -> DecodedImageCache:
-        """:meth:`open` for every row of ``images`` (row ``i`` of the cache is ``images.paths[i]``)."""
+        """:meth:`open` for every row of ``images`` (row ``i`` of the cache is ``images.paths[i]``), files or
+        container members."""
+        if images.members is not None:
+            return cls.open(images.paths, size=size, members=images.members, **kwargs)
         return cls.open([images.abspath(i) for i in range(len(images))], size=size, **kwargs)
 
     @staticmethod
     def _build(root: Path, files: list[str], *, size: int, mode: str, num_workers: int | None,
                batch_size: int, flush_images: int, progress: bool,
-               on_batch: Callable[[int], None] | None) -> int:
+               on_batch: Callable[[int], None] | None, members: Members | None = None) -> int:
         n = len(files)
         meta_path, arr_path = root / "meta.json", root / "images.npy"
         if meta_path.exists():
@@ -329,10 +356,15 @@ class DecodedImageCache:
         if num_workers is None:
             num_workers = default_num_workers()
         num_workers = min(num_workers, max(0, (len(todo) + batch_size - 1) // batch_size))
+        if members is not None:  # each container read in storage order by one worker
+            units = members.units(todo)
+            dataset: Any = UnitStream(members, units, _ResizeMember(files, size, mode))
+            num_workers = min(num_workers, len(units))
+        else:
+            dataset = _ResizeDataset(files, todo, size, mode)
         # its own generator: worker base seeds would otherwise be drawn from the global torch RNG, so
         # whether the cache was warm would change the random draws of whatever trains next
-        loader = torch.utils.data.DataLoader(_ResizeDataset(files, todo, size, mode), batch_size=batch_size,
-                                             num_workers=num_workers, shuffle=False,
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                                              generator=torch.Generator().manual_seed(0))
         pending: list[np.ndarray] = []
         n_pending = 0

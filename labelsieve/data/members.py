@@ -50,6 +50,10 @@ class Members:
         Content digests of the images (blake2b-128 of their bytes, as for files).
     image_column : str or None
         A table's image column.
+    spec : str
+        The containers as the command named them (a file, folder or pattern, absolute), to open them again.
+    label_column : str or None
+        A table's label column, where the labels came from it.
     """
 
     kind: str
@@ -59,6 +63,8 @@ class Members:
     size: np.ndarray
     digests: np.ndarray
     image_column: str | None = None
+    spec: str = ""
+    label_column: str | None = None
     _local: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,7 +85,8 @@ class Members:
         """The rows ``index``."""
         idx = np.asarray(index, dtype=np.int64)
         return Members(kind=self.kind, files=list(self.files), file=self.file[idx], pos=self.pos[idx],
-                       size=self.size[idx], digests=self.digests[idx], image_column=self.image_column)
+                       size=self.size[idx], digests=self.digests[idx], image_column=self.image_column,
+                       spec=self.spec, label_column=self.label_column)
 
     @staticmethod
     def concat(parts: Sequence[Members]) -> Members:
@@ -94,7 +101,8 @@ class Members:
             remapped.append(ids[p.file] if len(p.file) else p.file)
         return Members(kind=first.kind, files=list(files), file=np.concatenate(remapped),
                        pos=np.concatenate([p.pos for p in parts]), size=np.concatenate([p.size for p in parts]),
-                       digests=np.concatenate([p.digests for p in parts]), image_column=first.image_column)
+                       digests=np.concatenate([p.digests for p in parts]), image_column=first.image_column,
+                       spec=first.spec, label_column=first.label_column)
 
     # -- reading ----------------------------------------------------------------------------------
     def _fd(self, f: int) -> int:

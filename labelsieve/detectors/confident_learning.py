@@ -104,10 +104,17 @@ class ConfidentLearningDetector(Detector):
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         probs = out_of_fold_probs(Rows.of(ctx), ctx.labels, ctx.n_classes, folds=self.folds, seed=ctx.seed,
                                   epochs=self.epochs, device=ctx.device)
-        flags = prune_by_noise_rate(ctx.labels, probs)
-        return DetectionResult(
-            p_clean=given_label_prob(probs, ctx.labels), probs=probs, threshold=0.5, flags=flags,
-            rule=f"p_clean = out-of-fold ({self.folds}-fold linear probe) probability of the given label; the flag "
-                 "is confident learning's prune-by-noise-rate decision (not a threshold on p_clean).",
-            info={"confident_joint": confident_joint(ctx.labels, probs).tolist()},
-        )
+        return from_probs(ctx.labels, probs, where=f"out-of-fold ({self.folds}-fold linear probe)")
+
+
+def from_probs(labels: np.ndarray, probs: np.ndarray, *, where: str) -> DetectionResult:
+    """Confident learning's result on out-of-sample class probabilities ``probs`` (n, C) of the given ``labels``:
+    the detector's own decision, and ``labelsieve audit --pred-probs`` (probabilities from the user's model);
+    ``where`` says where the probabilities come from, for the rule in audit.json."""
+    flags = prune_by_noise_rate(labels, probs)
+    return DetectionResult(
+        p_clean=given_label_prob(probs, labels), probs=probs, threshold=0.5, flags=flags,
+        rule=f"p_clean = {where} probability of the given label; the flag is confident learning's "
+             "prune-by-noise-rate decision (not a threshold on p_clean).",
+        info={"confident_joint": confident_joint(labels, probs).tolist()},
+    )

@@ -72,7 +72,7 @@ from labelsieve.core.defaults import (
 )
 from labelsieve.core.io import atomic_path, atomic_write_text
 from labelsieve.core.progress import progress_bar, warn
-from labelsieve.data.decode import UnreadableImage, decode_image
+from labelsieve.data.decode import UnreadableImage, decode_image, read_image_bytes
 from labelsieve.data.hashing import DIGEST_SIZE, ContentHasher, digest_bytes, digest_list
 from labelsieve.data.images import LabeledImages
 from labelsieve.data.indexmemo import IndexMemo
@@ -126,9 +126,9 @@ class _DecodeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            data = self.files[i].read_bytes()
-        except OSError as exc:
-            return torch.zeros(self.shape), i, str(exc) or type(exc).__name__, b""
+            data = read_image_bytes(self.files[i])
+        except UnreadableImage as exc:
+            return torch.zeros(self.shape), i, str(exc), b""
         key = digest_bytes(data)
         try:
             return self.transform(decode_image(data, name=str(self.files[i]))), i, "", key

@@ -19,6 +19,7 @@ the rest. The thumbnail threshold does not depend on the model that made the fea
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from PIL import Image, ImageOps
 
 from labelsieve.core.progress import progress_bar
 from labelsieve.data import LabeledImages
-from labelsieve.data.decode import to_rgb
+from labelsieve.data.decode import read_image_bytes, to_rgb
 from labelsieve.detectors.common.neighbors import drop_self, knn_search
 
 __all__ = ["CROP_SCALES", "THUMBS_IN_MEMORY_BYTES", "THUMB_SIZE", "candidate_pairs", "connected_groups",
@@ -69,12 +70,12 @@ def candidate_pairs(x: Any, k: int = 8, *, seed: int = 0) -> tuple[np.ndarray, n
     return pairs.astype(np.int64), s[keep][first]
 
 
-def _thumbnail(path: os.PathLike[str] | str) -> np.ndarray | None:
-    """(len(CROP_SCALES), THUMB_SIZE² · 3) uint8 pixels of the centre crops, or None when the file cannot be
-    decoded. Kept as the resized pixels (3 KB per image), made unit vectors by :func:`unit_thumbnails` when
-    compared, so a million images' thumbnails take 3 GB, not 12."""
+def _thumbnail(path: Any) -> np.ndarray | None:
+    """(len(CROP_SCALES), THUMB_SIZE² · 3) uint8 pixels of the centre crops, or None when the image (a file, or a
+    container member) cannot be decoded. Kept as the resized pixels (3 KB per image), made unit vectors by
+    :func:`unit_thumbnails` when compared, so a million images' thumbnails take 3 GB, not 12."""
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(read_image_bytes(path))) as im:
             im.draft("RGB", (4 * THUMB_SIZE, 4 * THUMB_SIZE))  # JPEG: decode at a reduced scale, much faster
             im = to_rgb(ImageOps.exif_transpose(im))
             w, h = im.size
@@ -118,7 +119,7 @@ def thumbnails(images: LabeledImages, rows: Sequence[int] | np.ndarray, *, num_w
     workers = num_workers or min(4, os.cpu_count() or 1)
     with progress_bar(len(rows), "near-duplicates: thumbnails", enabled=progress and len(rows) > 0) as advance, \
             ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without holding the GIL
-        for i, t in enumerate(pool.map(_thumbnail, (images.abspath(int(r)) for r in rows))):
+        for i, t in enumerate(pool.map(_thumbnail, (images.locate(int(r)) for r in rows))):
             if t is not None:
                 target[at[i]], ok[i] = t, True
             advance()

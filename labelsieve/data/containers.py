@@ -178,7 +178,9 @@ def find_containers(spec: str | os.PathLike[str]) -> Found | None:
     DataError
         A ``DatasetDict`` folder (naming its splits), a pattern naming missing files, mixed container kinds.
     """
-    text = os.path.abspath(os.path.expanduser(os.fspath(spec)))
+    given = os.path.expanduser(os.fspath(spec))
+    # absolute, so the audit records where the containers are (a pattern that starts with a brace stays as given)
+    text = given if given.startswith("{") else os.path.abspath(given)
     p = Path(text)
     if p.is_file() and p.suffix.lower() in CONTAINER_SUFFIXES:
         return Found(_kind_of([p], text), p.parent.absolute(), [p.absolute()], text)
@@ -327,7 +329,7 @@ def container_samples(found: Found, csv_rows: tuple[list[str], list[str], list[i
     names: list[str] = []
     inner_names: list[str] = []
     labels: list[str] = []
-    file_ids, pos, size, digests, label_from = [], [], [], [], []
+    file_ids, pos, size, digests, label_from, groups = [], [], [], [], [], []
     classes: list[str] | None = None
     for k, (path, ix) in enumerate(zip(found.files, indexes, strict=True)):
         n = int(ix["n"])
@@ -339,11 +341,13 @@ def container_samples(found: Found, csv_rows: tuple[list[str], list[str], list[i
             pos.append(ix["offset"])
             size.append(ix["size"])
             label_from.append(ix["label_from"])
+            groups.append(np.zeros(n, dtype=np.int32))
         else:
             names.extend(f"{rel}#{r}" for r in range(n))
             pos.append(np.arange(n, dtype=np.int64))
             size.append(np.zeros(n, dtype=np.int64))
             label_from.append(np.full(n, FROM_NONE, dtype=np.int8))
+            groups.append(ix["group"])
             if int(ix["n_classes"]):
                 classes = unpack_strings(ix["classes"], int(ix["n_classes"]))
         labels.extend(unpack_strings(ix["labels"], n))
@@ -354,6 +358,7 @@ def container_samples(found: Found, csv_rows: tuple[list[str], list[str], list[i
     members = Members(kind=found.kind, files=[str(f) for f in found.files], file=np.concatenate(file_ids),
                       pos=np.concatenate(pos), size=np.concatenate(size),
                       digests=np.concatenate(digests) if digests else np.zeros(0, f"S{DIGEST_SIZE}"),
+                      group=np.concatenate(groups),
                       image_column=image_column if found.kind != "webdataset" else None, spec=found.spec,
                       label_column=table_labels)
     lf = np.concatenate(label_from)

@@ -36,7 +36,7 @@ from labelsieve.data.hashing import RACY_SECONDS, file_stamp
 __all__ = ["FORMAT", "IndexMemo", "pack_strings", "unpack_strings"]
 
 #: Bumped when what an index holds changes: older entries are then indexed again.
-FORMAT = 1
+FORMAT = 2
 _SEP = "\0"
 
 

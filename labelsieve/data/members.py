@@ -46,6 +46,9 @@ class Members:
         A shard's data offset, or a table's row number.
     size : ndarray of shape (n,), int64
         The image's size in bytes in a shard (0 for a table).
+    group : ndarray of shape (n,), int32
+        A table's row group (record batch) holding the row; 0 in a shard. A *unit* of bulk reading is one shard,
+        or one row group of a table.
     digests : ndarray of shape (n,), ``S16``
         Content digests of the images (blake2b-128 of their bytes, as for files).
     image_column : str or None
@@ -62,6 +65,7 @@ class Members:
     pos: np.ndarray
     size: np.ndarray
     digests: np.ndarray
+    group: np.ndarray | None = None
     image_column: str | None = None
     spec: str = ""
     label_column: str | None = None
@@ -72,6 +76,8 @@ class Members:
         self.pos = np.asarray(self.pos, dtype=np.int64)
         self.size = np.asarray(self.size, dtype=np.int64)
         self.digests = np.asarray(self.digests, dtype=f"S{DIGEST_SIZE}")
+        self.group = (np.zeros(len(self.file), dtype=np.int32) if self.group is None
+                      else np.asarray(self.group, dtype=np.int32))
 
     def __len__(self) -> int:
         return len(self.file)
@@ -85,7 +91,8 @@ class Members:
         """The rows ``index``."""
         idx = np.asarray(index, dtype=np.int64)
         return Members(kind=self.kind, files=list(self.files), file=self.file[idx], pos=self.pos[idx],
-                       size=self.size[idx], digests=self.digests[idx], image_column=self.image_column,
+                       size=self.size[idx], digests=self.digests[idx], group=self.group[idx],
+                       image_column=self.image_column,
                        spec=self.spec, label_column=self.label_column)
 
     @staticmethod
@@ -101,7 +108,8 @@ class Members:
             remapped.append(ids[p.file] if len(p.file) else p.file)
         return Members(kind=first.kind, files=list(files), file=np.concatenate(remapped),
                        pos=np.concatenate([p.pos for p in parts]), size=np.concatenate([p.size for p in parts]),
-                       digests=np.concatenate([p.digests for p in parts]), image_column=first.image_column,
+                       digests=np.concatenate([p.digests for p in parts]),
+                       group=np.concatenate([p.group for p in parts]), image_column=first.image_column,
                        spec=first.spec, label_column=first.label_column)
 
     # -- reading ----------------------------------------------------------------------------------
@@ -135,16 +143,16 @@ class Members:
         return Member(self, i, name)
 
     def units(self, rows: np.ndarray, tags: np.ndarray | None = None) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """``rows`` grouped by container: ``(container, rows in storage order, their tags)`` per container, in
-        container order (``tags``: what each row is called by the caller, default the row itself)."""
+        """``rows`` grouped by unit (a shard, or a table's row group): ``(container, rows in storage order, their
+        tags)`` per unit, in storage order (``tags``: what each row is called by the caller, default the row)."""
         rows = np.asarray(rows, dtype=np.int64)
         tags = rows if tags is None else np.asarray(tags, dtype=np.int64)
         if len(rows) == 0:
             return []
-        order = np.lexsort((self.pos[rows], self.file[rows]))
+        order = np.lexsort((self.pos[rows], self.group[rows], self.file[rows]))
         rows, tags = rows[order], tags[order]
-        f = self.file[rows]
-        cuts = np.flatnonzero(np.diff(f)) + 1
+        f, g = self.file[rows], self.group[rows]
+        cuts = np.flatnonzero((np.diff(f) != 0) | (np.diff(g) != 0)) + 1
         return [(int(f[a]), rows[a:b], tags[a:b]) for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(rows)],
                                                                    strict=True)]
 

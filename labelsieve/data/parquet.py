@@ -197,7 +197,8 @@ def index_table(path: Path, *, name: str, image_column: str, label_column: str |
     -------
     dict of ndarray
         ``n``, ``digest`` (``S16``; the digest of ``b""`` where a row has no image bytes), ``missing`` (bool: no
-        image bytes), ``labels`` (packed label texts, '' where missing), ``classes`` (packed ``ClassLabel`` names,
+        image bytes), ``group`` (int32: each row's row group, or record batch), ``labels`` (packed label texts,
+        '' where missing), ``classes`` (packed ``ClassLabel`` names,
         possibly empty), ``n_classes``.
     """
     cols = columns_of(path, name=name, image_column=image_column, label_column=label_column)
@@ -205,6 +206,7 @@ def index_table(path: Path, *, name: str, image_column: str, label_column: str |
     digests: list[bytes] = []
     missing: list[bool] = []
     labels: list[str] = []
+    groups: list[np.ndarray] = []
     wanted = [image_column] + ([label_column] if label_column is not None else [])
     empty = digest_bytes(b"")
     for g in range(table.n_groups):
@@ -213,6 +215,7 @@ def index_table(path: Path, *, name: str, image_column: str, label_column: str |
         for v in data.to_pylist():
             digests.append(digest_bytes(v) if v else empty)
             missing.append(v is None)
+        groups.append(np.full(len(data), g, dtype=np.int32))
         if label_column is not None:
             labels.extend(_label_texts(part.column(label_column), cols["classes"], name=name,
                                        start=int(table.starts[g])))
@@ -222,6 +225,7 @@ def index_table(path: Path, *, name: str, image_column: str, label_column: str |
         "n": np.array(table.num_rows, dtype=np.int64),
         "digest": np.array(digests, dtype=f"S{DIGEST_SIZE}"),
         "missing": np.array(missing, dtype=bool),
+        "group": np.concatenate(groups) if groups else np.zeros(0, dtype=np.int32),
         "labels": pack_strings(labels if label_column is not None else [""] * table.num_rows),
         "classes": pack_strings(classes),
         "n_classes": np.array(len(classes), dtype=np.int64),

@@ -49,7 +49,8 @@ from labelsieve.core.defaults import (
 from labelsieve.core.errors import DataError, ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
-from labelsieve.data import LabeledImages, load_images
+from labelsieve.data import LabeledImages, load_images, read_labels_csv
+from labelsieve.data.containers import write_cleaned_copy
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
 from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
 from labelsieve.detectors.common.base import RowSubset
@@ -715,7 +716,10 @@ def apply_review(
     classes: list[str] | None = None,
     drop_unreviewed_flagged: bool = False,
     accept_suggestions: bool = False,
-) -> dict[str, int]:
+    write_shards: str | os.PathLike[str] | None = None,
+    write_parquet: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Write corrected labels from a reviewed audit (``labelsieve apply``).
 
     The decisions are the audit's ``review`` column plus those of ``reviews`` (reviews CSVs downloaded
@@ -724,16 +728,41 @@ def apply_review(
     (:func:`labelsieve.audit.decisions.merge_reviews`), then the one review rule applies
     (:func:`labelsieve.audit.review.apply_review`). Returns its counts, plus ``decisions_merged`` when
     decisions came from elsewhere.
+
+    For an audit of images in containers, ``out_csv`` names the samples as the audit does
+    (``shard-000003.tar/KEY.jpg``, ``train-00001.parquet#1234``), and ``write_shards`` (WebDataset input) or
+    ``write_parquet`` (Parquet or Arrow input) also writes a cleaned copy of the containers into that folder, in the
+    input's format and streaming, with dropped samples left out and relabels applied
+    (:func:`labelsieve.data.containers.write_cleaned_copy`); its counts are returned as ``copy_files`` and
+    ``copy_samples``.
     """
+    if write_shards is not None and write_parquet is not None:
+        raise ParameterError("Give write_shards (--write-shards) or write_parquet (--write-parquet), not both.")
+    copy_to, fmt = (write_shards, "webdataset") if write_shards is not None else (write_parquet, "parquet")
+    record: dict[str, Any] = {}
+    if copy_to is not None:
+        check_output_dir(copy_to, what="the cleaned copy's folder")
+        record = audit_record(Path(audit_csv)).get("input") or {}
+        if record.get("kind", "files") == "files" or not record.get("containers"):
+            flag = "--write-shards" if fmt == "webdataset" else "--write-parquet"
+            raise DataError(f"{audit_csv}: {flag} copies the WebDataset shards or Parquet files an audit read, and "
+                            "this audit (its audit.json) read image files. Use the labels file -o writes.")
     frames = [read_reviews(f) for f in reviews]
     if from_labelstudio is not None:
         frames.append(read_export(from_labelstudio))
     if from_fiftyone is not None:
         frames.append(read_fiftyone(from_fiftyone))
-    counts = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
-                           drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions)
+    counts: dict[str, Any] = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
+                                           drop_unreviewed_flagged=drop_unreviewed_flagged,
+                                           accept_suggestions=accept_suggestions)
     if frames:
         counts["decisions_merged"] = sum(len(f) for f in frames)
+    if copy_to is not None:
+        paths, labels, _ = read_labels_csv(out_csv)
+        done = write_cleaned_copy(record["containers"], paths, labels, copy_to, fmt=fmt,
+                                  image_column=record.get("image_column") or "image",
+                                  label_column=record.get("label_column"), cache_dir=cache_dir, where=str(audit_csv))
+        counts.update(copy_files=done["files"], copy_samples=done["samples"])
     return counts
 
 

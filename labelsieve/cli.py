@@ -187,16 +187,26 @@ def detectors_cmd(show: str | None) -> None:
 @click.option("--from-labelstudio", type=click.Path(path_type=Path),
               help="A Label Studio JSON export of the tasks 'labelsieve export --to labelstudio' wrote.")
 @click.option("--from-fiftyone", metavar="DATASET", help="The FiftyOne dataset 'labelsieve export --to fiftyone' made.")
+@click.option("--write-shards", type=click.Path(path_type=Path),
+              help="Audits of WebDataset shards: also write a cleaned copy of the shards into this folder (same shard "
+                   "names; dropped samples left out, relabels applied).")
+@click.option("--write-parquet", type=click.Path(path_type=Path),
+              help="Audits of Parquet / Hugging Face datasets: also write a cleaned copy as Parquet into this folder.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where container indexes are memoised.")
 def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggestions: bool, reviews: tuple[Path, ...],
-          from_labelstudio: Path | None, from_fiftyone: str | None) -> None:
+          from_labelstudio: Path | None, from_fiftyone: str | None, write_shards: Path | None,
+          write_parquet: Path | None, cache_dir: Path | None) -> None:
     """Turn a reviewed audit.csv (or audit.xlsx) into corrected labels (path,label).
 
     Decisions come from the audit's review column and, merged onto it (a conflicting decision is an error,
     never overwritten), from --reviews files, a Label Studio export or a FiftyOne dataset.
     """
+    if write_shards is not None and write_parquet is not None:
+        raise click.UsageError("Give --write-shards or --write-parquet, not both.")
     counts = _api().apply_review(audit_csv, out_csv=out_csv, drop_unreviewed_flagged=drop_unreviewed,
                           accept_suggestions=accept_suggestions, reviews=reviews, from_labelstudio=from_labelstudio,
-                          from_fiftyone=from_fiftyone)
+                          from_fiftyone=from_fiftyone, write_shards=write_shards, write_parquet=write_parquet,
+                          cache_dir=cache_dir)
     click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {out_csv}")
 
 
@@ -305,12 +315,14 @@ def export(audit_csv: Path, target: str, out_dir: Path | None, name: str | None,
 @click.option("--path-column", default="path", show_default=True, help="IMAGES as a CSV: its path column.")
 @click.option("--label-column", default="label", show_default=True,
               help="IMAGES as a CSV: a label column to score against, if present.")
+@click.option("--image-column", default="image", show_default=True, help="Parquet: the column of image bytes.")
 @click.option("--device")
 def predict(model_dir: Path, images: Path, root: Path | None, out_dir: Path, batch_size: int, path_column: str,
-            label_column: str, device: str | None) -> None:
-    """Predict labels for IMAGES (a folder, or a CSV with a path column) with a trained model."""
+            label_column: str, image_column: str, device: str | None) -> None:
+    """Predict labels for IMAGES (a folder, a CSV with a path column, or WebDataset shards / Parquet files) with a
+    trained model."""
     kw = {"out_dir": out_dir, "batch_size": batch_size, "device": device, "path_column": path_column,
-          "label_column": label_column}
+          "label_column": label_column, "image_column": image_column}
     if images.suffix.lower() in (".csv", ".tsv", ".txt") and images.is_file():
         path = _api().predict(model_dir, root or images.parent, labels_csv=images, **kw)
     else:

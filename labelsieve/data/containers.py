@@ -28,22 +28,25 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from labelsieve.core import distributed
 from labelsieve.core.defaults import default_cache_dir
-from labelsieve.core.errors import DataError
+from labelsieve.core.errors import DataError, OutputError
+from labelsieve.core.io import atomic_open, atomic_path
 from labelsieve.core.paths import listed
 from labelsieve.core.progress import progress_bar, warn
 from labelsieve.data.decode import IMAGE_EXTENSIONS
 from labelsieve.data.hashing import DIGEST_SIZE, file_stamp
 from labelsieve.data.indexmemo import IndexMemo, unpack_strings
 from labelsieve.data.members import Members, balance
-from labelsieve.data.parquet import index_table
-from labelsieve.data.webdataset import FROM_NONE, index_shard, split_key
+from labelsieve.data.parquet import index_table, write_table_copy
+from labelsieve.data.webdataset import FROM_NONE, index_shard, split_key, write_shard
 
-__all__ = ["CONTAINER_SUFFIXES", "Found", "Samples", "container_samples", "expand_pattern", "find_containers",
+__all__ = ["CONTAINER_SUFFIXES", "Found", "Samples", "all_samples", "container_samples", "expand_pattern",
+           "find_containers", "open_samples", "write_cleaned_copy",
            "sample_name"]
 
 #: File suffixes of containers, and the kind each is.
@@ -404,3 +407,104 @@ def container_samples(found: Found, csv_rows: tuple[list[str], list[str], list[i
                    source=csv_name, members=members.subset(idx), label_from=lf[idx], classes=classes,
                    seconds={"index": t_index, "total": time.perf_counter() - t0})
 
+
+
+def open_samples(spec: str, names: Sequence[str], *, image_column: str = "image", label_column: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, where: str = "",
+                 lines: Sequence[int] | None = None) -> Samples:
+    """The samples ``names`` (as an audit names them) of the containers ``spec``, in that order: for commands that
+    read images an audit listed (``train --clean``, ``export``, ``apply --write-shards``).
+
+    Raises
+    ------
+    DataError
+        ``spec`` names no containers (moved?), or names that are none of their samples (naming the lines).
+    """
+    found = find_containers(spec)
+    if found is None:
+        raise DataError(f"{where}: the audit's images were in {spec}, which holds no WebDataset shards or "
+                        "Parquet/Arrow files now (moved or unmounted?). Give their new location with --images.")
+    lines = list(lines) if lines is not None else list(range(1, len(names) + 1))
+    return container_samples(found, (list(names), [""] * len(names), lines), csv_name=where,
+                             image_column=image_column, label_column=None, labels_needed=False, cache_dir=cache_dir,
+                             progress=False)
+
+
+def all_samples(spec: str, *, image_column: str = "image", label_column: str | None = None,
+                cache_dir: str | os.PathLike[str] | None = None, where: str = "") -> tuple[Found, Samples]:
+    """Every sample of the containers ``spec`` with the labels they hold (none required)."""
+    found = find_containers(spec)
+    if found is None:
+        raise DataError(f"{where}: the audit's images were in {spec}, which holds no WebDataset shards or "
+                        "Parquet/Arrow files now (moved or unmounted?).")
+    return found, container_samples(found, None, image_column=image_column, label_column=label_column,
+                                    labels_needed=False, cache_dir=cache_dir, progress=False)
+
+
+def write_cleaned_copy(spec: str, paths: Sequence[str], labels: Sequence[str], out_dir: str | os.PathLike[str], *,
+                       fmt: str, image_column: str = "image", label_column: str | None = None,
+                       cache_dir: str | os.PathLike[str] | None = None, where: str = "") -> dict[str, Any]:
+    """Write a cleaned copy of the containers ``spec`` into ``out_dir`` in their own format, streaming: the samples
+    ``paths`` (as the audit names them) with their final ``labels``, every other sample left out (``apply
+    --write-shards`` / ``--write-parquet``).
+
+    Each shard (file) is copied, in its order, to the same name under ``out_dir``: a WebDataset sample keeps all its
+    members, with the member that held its label (``KEY.cls``, ``KEY.txt``, ``KEY.json``'s ``label``) rewritten when
+    the label changed; a Parquet or Arrow row keeps every column, with its label column rewritten (as a
+    ``ClassLabel`` number where it holds those), and the copy is Parquet, a row group per input row group. Labels
+    that came from a labels CSV stay in the CSV ``apply`` writes. Each file appears whole or not at all (written to a
+    temporary name, then renamed); a file that keeps no sample is not written.
+
+    Returns
+    -------
+    dict
+        ``files`` written, ``samples`` written, ``out`` folder, ``format``.
+
+    Raises
+    ------
+    DataError
+        The audit's containers are not of the format asked for, cannot be found, or lack a sample named.
+    OutputError
+        ``out_dir`` is the folder the containers are in.
+    """
+    found, s = all_samples(spec, image_column=image_column, label_column=label_column, cache_dir=cache_dir,
+                           where=where)
+    want = {"webdataset": ("webdataset",), "parquet": ("parquet", "arrow")}[fmt]
+    if found.kind not in want:
+        other = "--write-parquet" if found.kind != "webdataset" else "--write-shards"
+        raise DataError(f"{where}: the audit read {found.kind} files; a cleaned copy is written in the input's format: "
+                        f"use {other}.")
+    out = Path(out_dir).expanduser()
+    if out.exists() and out.resolve() == found.root.resolve():
+        raise OutputError(f"Refusing to write the cleaned copy into {out}, the folder the audit's {found.kind} files "
+                          "are in: that would replace them. Give another folder.")
+    row_of = {name: i for i, name in enumerate(s.paths)}
+    unknown = [p for p in paths if p not in row_of]
+    if unknown:
+        raise DataError(f"{where}: {len(unknown)} kept row(s) name no sample of {spec} ({listed(unknown)}); the "
+                        "containers changed since the audit. Audit them again.")
+    rows = np.array([row_of[p] for p in paths], dtype=np.int64)
+    new = dict(zip(rows.tolist(), labels, strict=True))
+    n_files = n_samples = 0
+    for k, path in enumerate(found.files):
+        mine = rows[s.members.file[rows] == k]
+        if len(mine) == 0:
+            continue
+        rel = found.rel(path)
+        if found.kind == "webdataset":
+            in_file = np.flatnonzero(s.members.file == k)
+            prefix = len(rel) + 1
+            images = [s.paths[i][prefix:] for i in in_file]
+            keep = {s.paths[i][prefix:]: (new[i] if new[i] != s.labels[i] else None) for i in mine.tolist()}
+            label_from = {split_key(s.paths[i][prefix:])[0]: int(s.label_from[i]) for i in mine.tolist()}
+            with atomic_open(out / rel, "wb") as dest:
+                n_samples += write_shard(path, dest, shard=rel, images=images, keep=keep, label_from=label_from)
+        else:
+            target = out / Path(rel).with_suffix(".parquet")
+            order = np.sort(s.members.pos[mine])
+            by_pos = {int(s.members.pos[i]): new[i] for i in mine.tolist()}
+            with atomic_path(target) as tmp:
+                n_samples += write_table_copy(path, tmp, keep=order, labels=by_pos, label_column=label_column,
+                                              classes=s.classes)
+        n_files += 1
+    return {"files": n_files, "samples": n_samples, "out": out, "format": fmt}

@@ -293,15 +293,16 @@ class TableReader:
                 yield int(row), None, str(exc) or type(exc).__name__
 
 
-def write_table_copy(src: Path, dest: Path, *, keep: np.ndarray, labels: dict[int, str], label_column: str,
+def write_table_copy(src: Path, dest: Path, *, keep: np.ndarray, labels: dict[int, str], label_column: str | None,
                      classes: list[str] | None) -> int:
     """Stream ``src`` into the Parquet file ``dest`` a row group at a time: the rows ``keep`` (a sorted array of
     row numbers), with the label of each row in ``labels`` (row -> label text) written into ``label_column``
-    (as its class number when the column holds ``ClassLabel`` numbers, else as text). Every column and the
-    schema's metadata (the Hugging Face features) are kept. Returns the number of rows written."""
+    (as its class number when the column holds ``ClassLabel`` numbers, else as text; None: labels left as they
+    are). Every column and the schema's metadata (the Hugging Face features) are kept. Returns the number of rows
+    written."""
     table = _Table(src)
     schema = table.schema
-    ltype = schema.field(label_column).type
+    ltype = schema.field(label_column).type if label_column is not None else None
     index = {c: i for i, c in enumerate(classes)} if classes is not None else None
     written = 0
     with pq.ParquetWriter(str(dest), schema) as out:
@@ -311,12 +312,13 @@ def write_table_copy(src: Path, dest: Path, *, keep: np.ndarray, labels: dict[in
             if len(take) == 0:
                 continue
             part = table.group(g, schema.names).take(pa.array(take - lo))
-            new = [labels[int(r)] for r in take]
-            if pa.types.is_integer(ltype):
-                values = pa.array([index[v] if index is not None else int(v) for v in new], type=ltype)
-            else:
-                values = pa.array(new, type=pa.string()).cast(ltype)
-            part = part.set_column(schema.get_field_index(label_column), schema.field(label_column), values)
+            if label_column is not None and ltype is not None:
+                new = [labels[int(r)] for r in take]
+                if pa.types.is_integer(ltype):
+                    values = pa.array([index[v] if index is not None else int(v) for v in new], type=ltype)
+                else:
+                    values = pa.array(new, type=pa.string()).cast(ltype)
+                part = part.set_column(schema.get_field_index(label_column), schema.field(label_column), values)
             out.write_table(part.replace_schema_metadata(schema.metadata))
             written += len(take)
     return written

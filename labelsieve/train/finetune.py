@@ -50,6 +50,7 @@ from labelsieve.core.paths import check_image_paths, check_output_dir, listed
 from labelsieve.core.progress import console, escape, warn
 from labelsieve.core.runtime import resolve_device, seed_everything
 from labelsieve.data import LabeledImages, default_classname, load_images
+from labelsieve.data.containers import open_samples
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform, train_transform
 from labelsieve.models.classifiers import DataConfig, create_classifier, train_defaults
@@ -222,12 +223,17 @@ def _prepare_data(parts: list[LabeledImages | None], data: DataConfig, cfg: dict
     train_set, val_set, test_set = parts
     assert train_set is not None
     present = [p for p in parts if p is not None]
-    files = [str(p.abspath(i)) for p in present for i in range(len(p))]
     labels = np.concatenate([p.labels for p in present]).astype(np.int64)
+    if len({p.kind for p in present}) == 1:
+        every = LabeledImages.concat(present)
+        files = every.paths if every.members is not None else [str(every.abspath(i)) for i in range(len(every))]
+    else:  # files and container members together (a validation CSV of files for an audit of shards)
+        raise DataError("The training and validation images must be stored alike (all files, or all in the same kind "
+                        "of container): give a validation CSV of the audit's own samples.")
 
     def open_cache() -> DecodedImageCache:
-        return DecodedImageCache.open(files, size=data.resize_size, mode="crop", cache_dir=cache_dir,
-                                      num_workers=workers, progress=progress)
+        return DecodedImageCache.from_images(every, size=data.resize_size, mode="crop", cache_dir=cache_dir,
+                                             num_workers=workers, progress=progress)
 
     # under torchrun rank 0 decodes while the others wait, then they open what it wrote
     cache = distributed.run_on_main(open_cache)
@@ -584,7 +590,9 @@ def train_from_audit(
         frame = extra if isinstance(extra, pd.DataFrame) else read_reviews(extra)
         table = merge_reviews(table, frame, where=str(audit_path))
     record = audit_record(audit_path)
-    root = audit_image_root(audit_path, images_root, record)
+    stored = record.get("input") or {}
+    in_containers = stored.get("kind", "files") != "files"
+    root = audit_image_root(audit_path, images_root, record) if not in_containers else Path(stored.get("root", "."))
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
     kept = kept_rows(table, drop_unreviewed_flagged=drop_unreviewed_flagged,
                      accept_suggestions=accept_suggestions, source=str(audit_path))
@@ -595,11 +603,18 @@ def train_from_audit(
                         "least some rows to train on.")
     paths = kept["path"].tolist()
     line_of = dict(zip(table["path"], table.index, strict=True))
-    try:
-        check_image_paths(root, paths, lines=[line_of.get(p, 0) for p in paths], where=str(audit_path))
-    except DataError as exc:
-        raise DataError(f"{exc} (Kept rows of the audit; give the image folder the audit was made from with "
-                        "--images.)") from None
+    members = None
+    if in_containers:  # images inside WebDataset shards or Parquet/Arrow files
+        containers = str(images_root) if images_root is not None else str(stored.get("containers", ""))
+        found = open_samples(containers, paths, image_column=stored.get("image_column") or "image", cache_dir=cache_dir,
+                             where=str(audit_path), lines=[line_of.get(p, 0) for p in paths])
+        root, members = found.root, found.members
+    else:
+        try:
+            check_image_paths(root, paths, lines=[line_of.get(p, 0) for p in paths], where=str(audit_path))
+        except DataError as exc:
+            raise DataError(f"{exc} (Kept rows of the audit; give the image folder the audit was made from with "
+                            "--images.)") from None
     classes = set(table["given_label"].tolist()) | set(kept["label"].tolist())
     if "suggested_label" in table.columns:
         classes |= set(table["suggested_label"].tolist())
@@ -613,10 +628,13 @@ def train_from_audit(
     index = {c: i for i, c in enumerate(class_list)}
     images = LabeledImages(root=root, paths=paths, labels=np.array([index[y] for y in kept["label"]], dtype=np.int64),
                            classes=class_list, classnames=[default_classname(c) for c in class_list],
-                           source=str(audit_path.resolve()))
+                           source=str(audit_path.resolve()), members=members)
     val_images = None
     if val_csv is not None:
-        val_images = load_images(root, val_csv, classes=class_list, allow_single_class=True)
+        val_root = root if members is None else members.spec
+        val_images = load_images(val_root, val_csv, classes=class_list, allow_single_class=True,
+                                 image_column=members.image_column or "image" if members is not None else "image",
+                                 cache_dir=cache_dir)
     if few:
         raise DataError(f"{audit_path}: {len(few)} class(es) keep fewer than {MIN_IMAGES_PER_CLASS} images "
                         f"({listed([f'{c!r}: {n}' for c, n in few])}); a classifier cannot learn or be validated on "

@@ -28,6 +28,7 @@ from labelsieve.core.io import atomic_open, is_spreadsheet_error, neutralise_fra
 from labelsieve.core.paths import check_image_paths, check_output_dir, listed
 from labelsieve.core.progress import console, escape, warn
 from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage
+from labelsieve.data.containers import container_samples, find_containers
 from labelsieve.data.imagecache import decode_resized
 from labelsieve.data.transforms import eval_transform
 from labelsieve.train.export import load_classifier
@@ -118,6 +119,8 @@ def predict(
     num_workers: int | None = None,
     path_column: str = "path",
     label_column: str = "label",
+    image_column: str = "image",
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Predict the class of every image and write ``out_dir/predictions.csv``.
 
@@ -128,7 +131,10 @@ def predict(
     images_root : path
         A folder: without ``labels_csv`` every image file under it (recursively) is predicted; with
         it, the CSV's paths are relative to this folder. A CSV file here is read as ``labels_csv``
-        with paths relative to the CSV's folder.
+        with paths relative to the CSV's folder. Or containers (WebDataset shards, Parquet files, a Hugging Face
+        ``save_to_disk`` folder: :func:`labelsieve.data.containers.find_containers`): every sample, or those the
+        CSV names (``shard.tar/KEY.jpg``, ``file.parquet#row``, or a WebDataset KEY); their labels, when every
+        sample has one, are scored like a CSV's.
     labels_csv : path, optional
         CSV with a ``path_column`` (and optionally a ``label_column``, copied to the output as
         ``label`` with a ``correct`` column).
@@ -141,7 +147,11 @@ def predict(
     num_workers : int, optional
         Decoding workers (default ``min(8, cpu_count - 1)``).
     path_column, label_column : str
-        Column names in ``labels_csv``.
+        Column names in ``labels_csv`` (``label_column`` is also a Parquet file's label column).
+    image_column : str
+        A Parquet file's image column.
+    cache_dir : path, optional
+        Where container indexes are memoised.
 
     Returns
     -------
@@ -167,12 +177,25 @@ def predict(
     csv_path = Path(labels_csv).expanduser() if labels_csv is not None else None
     if csv_path is None and root.is_file() and root.suffix.lower() in (".csv", ".tsv", ".txt"):
         csv_path, root = root, root.parent
-    if not root.is_dir():
-        raise DataError(f"Image folder not found: {root}. Give the folder of the images to predict.")
-    root = root.resolve()
+    found = find_containers(images_root)
     given: list[str] | None = None
     skipped: list[str] = []
-    if csv_path is None:
+    files: list[Any] = []
+    if found is not None:  # WebDataset shards, Parquet/Arrow files: samples named as an audit names them
+        listed_rows = _read_paths_csv(csv_path, path_column, label_column) if csv_path is not None else None
+        rows = None
+        if listed_rows is not None:
+            rows = (listed_rows[0], listed_rows[1] or [""] * len(listed_rows[0]), listed_rows[2])
+        s = container_samples(found, rows, csv_name=str(csv_path or ""), image_column=image_column,
+                              label_column=label_column if rows is None and found.kind != "webdataset" else None,
+                              labels_needed=False, cache_dir=cache_dir, progress=progress)
+        paths = s.paths
+        files = [s.members.locate(i, p) for i, p in enumerate(paths)]
+        given = (listed_rows[1] if listed_rows is not None else s.labels if all(s.labels) else None)
+    elif not root.is_dir():
+        raise DataError(f"Image folder not found: {root}. Give the folder of the images to predict.")
+    elif csv_path is None:
+        root = root.resolve()
         paths, skipped = _list_folder(root)
         if not paths:
             raise DataError(f"{root}: no image files found ({', '.join(IMAGE_EXTENSIONS)}). Give the folder of "
@@ -182,6 +205,7 @@ def predict(
             warn(f"{root}: skipping {len(skipped)} file(s) that are not images ({listed(skipped)}); images end in "
                  f"{', '.join(IMAGE_EXTENSIONS)}")
     else:
+        root = root.resolve()
         paths, given, lines = _read_paths_csv(csv_path, path_column, label_column)
         check_image_paths(root, paths, lines=lines, where=str(csv_path))
     model, meta = load_classifier(model_dir, device=device)
@@ -190,7 +214,8 @@ def predict(
     size = int(pre["image_size"])
     resize = int(pre.get("resize_size", size))
     tf = eval_transform(size, mean=pre["mean"], std=pre["std"], interpolation=pre.get("interpolation", "bicubic"))
-    files = [root / p for p in paths]
+    if found is None:
+        files = [root / p for p in paths]
     ds = _PredictDataset(files, np.full(len(files), -1, dtype=np.int64), resize_size=resize, transform=tf)
     workers = num_workers if num_workers is not None else default_num_workers(reserve=1)
     loader = make_loader(ds, batch_size=batch_size, num_workers=workers)

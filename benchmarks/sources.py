@@ -7,7 +7,8 @@ the Hugging Face hub writes them (an ``image`` struct column, ``ClassLabel`` lab
 
 * **data path**: listing (the folder's CSV and paths; the containers' indexes), content digests, reading, decoding
   and preprocessing at the model's input size, and the store's commits, with the model replaced by a spatial mean
-  (what a source costs on its own, which a GPU's forward would expose);
+  (what a source costs on its own, which a GPU's forward would expose), ``--repeats`` times, the sources in an
+  order that rotates from repeat to repeat;
 * **extraction**: ``load_images`` + ``extract_features`` with the mini CLIP into a fresh store, on ``--slices``
   slices of the images; in each slice the pure forward (the image tower on tensors preprocessed beforehand, the
   same precision and memory format) is timed first, then the three sources in an order that rotates from slice to
@@ -137,9 +138,11 @@ def _source_args(src: dict[str, Any], name: str, lo: int, hi: int, n: int, shard
 
 def data_path(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dict[str, Any], jsonl: Path,
               work: Path) -> None:
-    """Listing, digests, reading, decoding and preprocessing alone (the model replaced by a spatial mean)."""
+    """Listing, digests, reading, decoding and preprocessing alone (the model replaced by a spatial mean), the
+    three sources in an order that rotates from repeat to repeat."""
     size = enc.image_size
-    for name in ("folder", "shards", "parquet"):
+    order = ["folder", "shards", "parquet"]
+    for rep, name in ((r, x) for r in range(args.repeats) for x in order[r % 3:] + order[: r % 3]):
         cache = work / f"cache-path-{uuid.uuid4().hex[:6]}"
         spec, csv = _source_args(src, name, 0, args.n, args.n, args.shards, args.parquet, work)
         load0 = _load()
@@ -152,7 +155,8 @@ def data_path(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dic
                           batch_size=args.batch, num_workers=args.workers, progress=False, members=images.members)
         seconds = time.perf_counter() - t
         assert feats.ok.all() and feats.n_extracted == len(images)
-        rec = {**base, "run": f"data path, {name}", "source": name, "n_images": len(images), "seconds": seconds,
+        rec = {**base, "run": f"data path, {name}", "source": name, "repeat": rep, "n_images": len(images),
+               "seconds": seconds,
                "load_seconds": t_load, "img_s": len(images) / seconds, "workers": args.workers,
                "load": [load0, _load()]}
         append_jsonl(jsonl, rec)
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--parquet", type=int, default=4)
     ap.add_argument("--slices", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="data path: runs of each source, in rotating order")
     ap.add_argument("--forward-n", type=int, default=512, help="images the pure forward is timed on, per slice")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
@@ -302,7 +307,8 @@ def render(jsonl: Path, md: Path) -> None:
     lines = ["# Reading images where they live: shards, Parquet, folder", "",
              "Written by `benchmarks/sources.py` (issue 20). The same CIFAR-10 training images as a folder + CSV, "
              "WebDataset shards and Hugging Face-style Parquet files. *Data path*: listing, digests, reading, decoding "
-             "and preprocessing (model replaced by a spatial mean). *Extraction*: `load_images` + `extract_features` "
+             "and preprocessing (model replaced by a spatial mean), repeats in rotating order (the slices column "
+             "counts them). *Extraction*: `load_images` + `extract_features` "
              "with the mini CLIP into a fresh store, per slice, the three sources in rotating order after the pure "
              "forward of that slice; img/s is the median over slices, the ratio the median over slices of extraction "
              "over that slice's pure forward. Load: 1-minute load average, lowest-highest over the rows (2-core "

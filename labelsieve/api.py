@@ -21,6 +21,7 @@ import pandas as pd
 from labelsieve import __version__
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
+from labelsieve.audit.handoff.common import export_rows
 from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
 from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
 from labelsieve.audit.html import write_html
@@ -50,7 +51,7 @@ from labelsieve.core.errors import DataError, ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images, read_labels_csv
-from labelsieve.data.containers import write_cleaned_copy
+from labelsieve.data.containers import materialise, open_samples, write_cleaned_copy
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
 from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
 from labelsieve.detectors.common.base import RowSubset
@@ -782,23 +783,36 @@ def export_audit(
     ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
     ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
     :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
-    ``images_root`` or the one recorded in the audit.json beside the audit."""
+    ``images_root`` or the one recorded in the audit.json beside the audit. For an audit of images in containers
+    (WebDataset shards, Parquet files), the exported rows' images are copied out as files, into ``out_dir/images``
+    (Label Studio) or ``fiftyone/images`` beside the audit (:func:`labelsieve.data.containers.materialise`), and
+    the tasks or samples keep the audit's sample names."""
     check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
     path = Path(audit_csv)
     table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
     record = audit_record(path)
-    root = audit_image_root(path, images_root, record)
+    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    stored = record.get("input") or {}
+    files = None
+    if stored.get("kind", "files") != "files":  # images in containers: the exported rows' images copied out as files
+        rows = export_rows(table, all_rows=all_rows, where=str(path))
+        names = rows["path"].astype(str).tolist()
+        samples = open_samples(str(images_root) if images_root is not None else str(stored.get("containers", "")),
+                               names, image_column=stored.get("image_column") or "image", where=str(path))
+        root = (out if to == "labelstudio" else path.parent / "fiftyone") / "images"
+        files = materialise(samples, root)
+    else:
+        root = audit_image_root(path, images_root, record)
     if to == "fiftyone":
         ds_name = name or f"labelsieve-{path.resolve().parent.name}"
         return write_fiftyone(table, image_root=root, name=ds_name, all_rows=all_rows, overwrite=overwrite,
-                              where=str(path))
+                              where=str(path), files=files)
     classes = [str(c) for c in record.get("classes") or []]
     if not classes:
         both = set(table["given_label"]) | set(table.get("suggested_label", pd.Series(dtype=object)))
         classes = sorted(c for c in both if c)
-    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
     return write_labelstudio(table, out, image_root=root, classes=classes, all_rows=all_rows,
-                             document_root=document_root, url_prefix=url_prefix, where=str(path))
+                             document_root=document_root, url_prefix=url_prefix, where=str(path), files=files)
 
 
 def add_noise(labels_csv: str | os.PathLike[str], out_csv: str | os.PathLike[str], *, kind: str = "symmetric",

@@ -20,6 +20,7 @@ folder. Without one, the labels come from the containers, in container order and
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from labelsieve.core import distributed
 from labelsieve.core.defaults import default_cache_dir
@@ -46,8 +48,7 @@ from labelsieve.data.parquet import index_table, write_table_copy
 from labelsieve.data.webdataset import FROM_NONE, index_shard, split_key, write_shard
 
 __all__ = ["CONTAINER_SUFFIXES", "Found", "Samples", "all_samples", "container_samples", "expand_pattern",
-           "find_containers", "open_samples", "write_cleaned_copy",
-           "sample_name"]
+           "find_containers", "materialise", "open_samples", "sample_name", "write_cleaned_copy"]
 
 #: File suffixes of containers, and the kind each is.
 CONTAINER_SUFFIXES = {".tar": "webdataset", ".parquet": "parquet", ".arrow": "arrow"}
@@ -508,3 +509,34 @@ def write_cleaned_copy(spec: str, paths: Sequence[str], labels: Sequence[str], o
                                               classes=s.classes)
         n_files += 1
     return {"files": n_files, "samples": n_samples, "out": out, "format": fmt}
+
+
+_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def materialise(samples: Samples, dest: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write the images of ``samples`` as files under ``dest`` for tools that open files (Label Studio, FiftyOne):
+    a WebDataset sample at ``dest/<shard>/<member>``, a table row at ``dest/<file>/<row>.<ext>`` (the extension from
+    the image's format). Returns sample name -> file; an image that cannot be read is left out."""
+    out: dict[str, Path] = {}
+    root = Path(dest)
+    for i, name in enumerate(samples.paths):
+        try:
+            data = samples.members.read(i)
+        except OSError:
+            continue
+        if samples.members.kind == "webdataset":
+            target = root / name
+        else:
+            container, _, row = name.rpartition("#")
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    ext = _FORMATS.get(str(im.format), ".img")
+            except Exception:  # not an image PIL knows: written as it is
+                ext = ".img"
+            target = root / container / f"{row}{ext}"
+        if not (target.is_file() and target.stat().st_size == len(data)):
+            with atomic_open(target, "wb") as f:
+                f.write(data)
+        out[name] = target
+    return out

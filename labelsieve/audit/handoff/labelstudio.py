@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,18 @@ def _image_url(path: str, image_root: Path, document_root: Path | None, url_pref
 
 
 def build_tasks(rows: pd.DataFrame, *, image_root: str | os.PathLike[str],
-                document_root: str | os.PathLike[str] | None = None, url_prefix: str | None = None) -> list[dict]:
-    """Label Studio import tasks for the audit ``rows`` (see the module docstring)."""
+                document_root: str | os.PathLike[str] | None = None, url_prefix: str | None = None,
+                files: Mapping[str, Path] | None = None) -> list[dict]:
+    """Label Studio import tasks for the audit ``rows`` (see the module docstring); ``files`` maps a row's path to
+    the file that shows its image where that is not ``image_root / path`` (images copied out of containers)."""
     root = Path(image_root)
     droot = Path(document_root) if document_root is not None else None
     v = row_values(rows)
     tasks: list[dict] = []
     for k in range(len(rows)):
         path, sugg = v["path"][k], v["sugg"][k]
-        data: dict[str, Any] = {"image": _image_url(path, root, droot, url_prefix), "path": path,
+        shown = files[path].relative_to(root).as_posix() if files is not None and path in files else path
+        data: dict[str, Any] = {"image": _image_url(shown, root, droot, url_prefix), "path": path,
                                 "given_label": v["given"][k], "suggested_label": sugg, "p_clean": v["p_clean"][k],
                                 "issue": v["issue"][k], "rank": v["rank"][k]}
         if v["review"][k]:
@@ -147,6 +151,7 @@ def validate_tasks(tasks: list[dict], config: str) -> list[str]:
 
 def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, image_root: str | os.PathLike[str],
                       classes: list[str], all_rows: bool = False, document_root: str | os.PathLike[str] | None = None,
+                      files: Mapping[str, Path] | None = None,
                       url_prefix: str | None = None, where: str = "audit") -> dict[str, Any]:
     """Write ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (atomically).
 
@@ -164,7 +169,7 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
     """
     rows = export_rows(table, all_rows=all_rows, where=where)
     config = label_config(classes)
-    tasks = build_tasks(rows, image_root=image_root, document_root=document_root, url_prefix=url_prefix)
+    tasks = build_tasks(rows, image_root=image_root, document_root=document_root, url_prefix=url_prefix, files=files)
     validated = _sdk_version()
     if validated is not None:
         errors = validate_tasks(tasks, config)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import sys
 import tarfile
@@ -57,6 +58,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _load() -> float:
     return os.getloadavg()[0]
+
+
+def _cpu() -> float:
+    """CPU seconds used so far by this process and its finished children (the DataLoader workers): a measure a
+    shared machine's load does not inflate as it does wall time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _csv_slice(csv: Path, out: Path, lo: int, hi: int) -> Path:
@@ -145,7 +153,7 @@ def data_path(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dic
     for rep, name in ((r, x) for r in range(args.repeats) for x in order[r % 3:] + order[: r % 3]):
         cache = work / f"cache-path-{uuid.uuid4().hex[:6]}"
         spec, csv = _source_args(src, name, 0, args.n, args.n, args.shards, args.parquet, work)
-        load0 = _load()
+        load0, cpu0 = _load(), _cpu()
         t = time.perf_counter()
         images = load_images(spec, csv, cache_dir=cache)
         t_load = time.perf_counter() - t
@@ -156,11 +164,12 @@ def data_path(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dic
         seconds = time.perf_counter() - t
         assert feats.ok.all() and feats.n_extracted == len(images)
         rec = {**base, "run": f"data path, {name}", "source": name, "repeat": rep, "n_images": len(images),
-               "seconds": seconds,
+               "seconds": seconds, "cpu_ms_per_image": (_cpu() - cpu0) / len(images) * 1e3,
                "load_seconds": t_load, "img_s": len(images) / seconds, "workers": args.workers,
                "load": [load0, _load()]}
         append_jsonl(jsonl, rec)
-        print(f"{rec['run']}: {rec['img_s']:.0f} img/s ({seconds:.1f} s, listing {t_load:.2f} s)", flush=True)
+        print(f"{rec['run']}: {rec['img_s']:.0f} img/s ({seconds:.1f} s, listing {t_load:.2f} s, "
+              f"{rec['cpu_ms_per_image']:.2f} CPU ms/image)", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
 
 
@@ -182,7 +191,7 @@ def extraction(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: di
         for name in order[k % 3:] + order[: k % 3]:
             cache = work / f"cache-x-{uuid.uuid4().hex[:6]}"
             spec, csv = _source_args(src, name, lo, hi, args.n, args.shards, args.parquet, work)
-            load0 = _load()
+            load0, cpu0 = _load(), _cpu()
             t = time.perf_counter()
             images = load_images(spec, csv, cache_dir=cache)
             t_load = time.perf_counter() - t
@@ -192,6 +201,7 @@ def extraction(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: di
             assert feats.ok.all() and feats.n_extracted == len(images) == hi - lo
             rec = {**base, "run": f"extraction, {name}", "source": name, "slice": k, "n_images": len(images),
                    "seconds": seconds, "load_seconds": t_load, "img_s": len(images) / seconds,
+                   "cpu_ms_per_image": (_cpu() - cpu0) / len(images) * 1e3,
                    "ratio_to_forward": len(images) / seconds / speed, "workers": args.workers,
                    "load": [load0, _load()]}
             append_jsonl(jsonl, rec)
@@ -313,8 +323,10 @@ def render(jsonl: Path, md: Path) -> None:
              "forward of that slice; img/s is the median over slices, the ratio the median over slices of extraction "
              "over that slice's pure forward. Load: 1-minute load average, lowest-highest over the rows (2-core "
              "machine shared with other work).", "",
+             "CPU ms/image: CPU time of the process and its loader workers per image (median), which the machine's "
+             "load does not inflate as it does wall time.", "",
              "| invocation | data | threads | workers | run | slices | images | img/s (median) | ratio to pure forward "
-             "| listing s | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU ms/image | listing s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if not r["run"].startswith("listing"):
@@ -322,10 +334,12 @@ def render(jsonl: Path, md: Path) -> None:
     for (inv, data, threads, run), rs in groups.items():
         ratio = f"{np.median([r['ratio_to_forward'] for r in rs]):.2f}" if "ratio_to_forward" in rs[0] else ""
         listing_s = f"{np.median([r['load_seconds'] for r in rs]):.2f}" if "load_seconds" in rs[0] else ""
+        cpus = [r["cpu_ms_per_image"] for r in rs if "cpu_ms_per_image" in r]
+        cpu = f"{np.median(cpus):.2f}" if cpus else ""
         loads = [x for r in rs for x in r["load"]]
         images = sum(r.get("n_images", r.get("images_timed", 0)) for r in rs)
         lines.append(f"| {inv} | {data} | {threads} | {rs[0].get('workers', '')} | {run} | {len(rs)} | {images:,} | "
-                     f"{np.median([r['img_s'] for r in rs]):.1f} | {ratio} | {listing_s} | "
+                     f"{np.median([r['img_s'] for r in rs]):.1f} | {ratio} | {cpu} | {listing_s} | "
                      f"{min(loads):.1f}-{max(loads):.1f} |")
     listed = [r for r in rows if r["run"].startswith("listing")]
     if listed:

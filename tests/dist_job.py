@@ -4,6 +4,7 @@ the reference it is compared with.
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py train OUT [AUDIT_CSV]
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py extract CACHE K
     python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py tower OUT
+    python -m torch.distributed.run --standalone --nproc-per-node=2 tests/dist_job.py audit LOG AUDIT_ARGS…
 
 ``train`` trains a linear model through the Trainer (the default step, and a ``step_fn`` that calls a
 method of the model other than ``forward``; ordered and shuffled) and writes each rank's weights and
@@ -14,12 +15,14 @@ its share. ``tower`` runs the detectors that train through the image tower (imag
 VPT-deep with both selections, TURN's fine-tuning) through a tiny random ViT on :data:`SUBSET` with 40 %
 injected noise, on every rank as ``labelsieve audit`` does under torchrun; rank 0's results go to
 ``OUT/<detector>.json`` and each rank's trained parameters (per-tensor sums) to
-``OUT/<detector>-params-<rank>.json``.
+``OUT/<detector>-params-<rank>.json``. ``audit`` runs ``labelsieve audit AUDIT_ARGS…`` and logs every shard or
+Parquet file each rank opens, and why (to index it, or to read its images), to ``LOG-<rank>``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from labelsieve import testing
+from labelsieve.cli import main
 from labelsieve.core import distributed
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.data import load_images
@@ -190,9 +194,33 @@ def run_tower(out: Path) -> None:
             (out / f"{key}.json").write_text(json.dumps(res))
 
 
+def run_audit_logging_opens(log: Path, args: list[str]) -> None:
+    """``labelsieve audit ARGS`` on this rank, appending ``<rank> <phase> <file>`` to ``log``-<rank> for every
+    ``.tar`` or ``.parquet`` file opened (phase ``index`` when opened to index it, else ``read``)."""
+    def hook(event: str, hook_args: tuple) -> None:
+        if event != "open" or not isinstance(hook_args[0], (str, bytes, os.PathLike)):
+            return
+        name = os.fsdecode(hook_args[0])
+        if not name.endswith((".tar", ".parquet")):
+            return
+        frame, phase = sys._getframe(1), "read"
+        while frame is not None:
+            if frame.f_code.co_name in ("index_shard", "index_table"):
+                phase = "index"
+                break
+            frame = frame.f_back
+        with open(f"{log}-{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {phase} {Path(name).name}\n")
+
+    sys.addaudithook(hook)
+    sys.exit(main(["audit", *args]))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] == "train":
+    if sys.argv[1] == "audit":
+        run_audit_logging_opens(Path(sys.argv[2]), sys.argv[3:])
+    elif sys.argv[1] == "train":
         run_train(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
     elif sys.argv[1] == "tower":
         run_tower(Path(sys.argv[2]))

@@ -122,3 +122,35 @@ def test_detectors_that_train_through_the_tower_train_under_ddp(tmp_path):
                 assert not np.allclose(res["p_net1"], res["p_net2"]) and all(0 < n < 50 for n in res["n_labelled"][2:])
             if key == "deft-batch":  # scored by the batches of the last epoch: rank 1's rows too, not the defaults
                 assert not np.any(np.array(res["p_clean"]) == 1.0), key
+
+
+def test_two_processes_over_four_shards_equal_one_and_read_no_shard_twice(mini_clip_dir, tmp_path):
+    """``torchrun`` with 2 processes audits 4 WebDataset shards as 1 process does (same flags), and no shard is
+    read twice: each is indexed by one rank and its images read by one rank."""
+    root, csv = testing.extract_subset("cifar10", 200, first=True)
+    testing.write_shards(root, csv, tmp_path / "shards", shards=4)
+    args = [str(tmp_path / "shards"), "--method", "knn", "--model", str(mini_clip_dir), "--workers", "0",
+            "--no-progress", "--no-html", "--no-near-duplicates"]
+    one = api.audit(tmp_path / "shards", method="knn", model=str(mini_clip_dir), cache_dir=tmp_path / "cache1",
+                    out_dir=tmp_path / "one", num_workers=0, progress=False, quiet=True, html=False,
+                    duplicate_threshold=None)
+    torchrun(str(JOB), "audit", str(tmp_path / "opens"), *args, "-o", str(tmp_path / "two"), "--cache-dir",
+             str(tmp_path / "cache2"))
+    two = pd.read_csv(tmp_path / "two" / "audit.csv")
+    summary = json.loads((tmp_path / "two" / "audit.json").read_text())
+    assert summary["processes"] == 2 and summary["n_extracted"] == 200
+    a = one.table.set_index("path").loc[two["path"]]
+    assert list(a["is_noisy"]) == list(two["is_noisy"]) and 0 < two["is_noisy"].sum() < 200
+    assert list(a["suggested_label"]) == list(two["suggested_label"])
+    assert np.allclose(a["p_clean"], two["p_clean"], atol=1e-3)
+    opens = [line.split() for r in (0, 1) for line in (tmp_path / f"opens-{r}").read_text().splitlines()]
+    for phase in ("index", "read"):
+        by_shard: dict[str, set[str]] = {}
+        for rank, ph, name in opens:
+            if ph == phase:
+                by_shard.setdefault(name, set()).add(rank)
+        assert sorted(by_shard) == [f"shard-00000{k}.tar" for k in range(4)], phase
+        assert all(len(ranks) == 1 for ranks in by_shard.values()), (phase, by_shard)  # one rank per shard
+        assert {r for ranks in by_shard.values() for r in ranks} == {"0", "1"}, phase  # both ranks did their share
+        counts = [sum(1 for _, ph, n in opens if ph == phase and n == name) for name in by_shard]
+        assert counts == [1, 1, 1, 1], (phase, opens)  # each shard opened once for this

@@ -1,0 +1,219 @@
+"""Issue 20's "done when": the same 2,000 CIFAR-10 images audited as a folder, as 4 WebDataset shards, as 2 Parquet
+files and as a Hugging Face hub snapshot folder of symbolic links give the same flags and p_clean; apply writes the
+same labels from each (and cleaned copies in the input's format); train --clean and predict run from the shard
+audit; re-packed shards re-extract nothing; audit --pred-probs and detect(pred_probs=) audit a model's
+probabilities, with clear errors for probabilities of the wrong shape or rows that do not sum to 1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import labelsieve
+from labelsieve import api, testing
+from labelsieve.cli import main
+from labelsieve.core.errors import DataError
+from labelsieve.data import load_images
+from labelsieve.detectors.confident_learning import prune_by_noise_rate
+
+N = 2000
+#: A cheap detector on the cached features: kNN's vote (the flags), calibrated p_clean, near-duplicates on.
+AUDIT = {"method": "knn", "num_workers": 2, "progress": False, "quiet": True}
+
+
+def _key(path: str) -> str:
+    """The WebDataset member testing.write_shards gives an image file's path (KEY and extension)."""
+    stem, ext = os.path.splitext(path)
+    return stem.replace("/", "_") + ext.lower()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, mini_clip_dir):
+    """The first 2,000 CIFAR-10 training images as a folder + CSV, 4 shards, 2 Parquet files and a hub snapshot,
+    each audited into one shared feature store (the folder first)."""
+    tmp = tmp_path_factory.mktemp("sources")
+    root, csv = testing.extract_subset("cifar10", N, first=True)
+    ref = load_images(root, csv)
+    testing.write_shards(root, csv, tmp / "shards", shards=4)
+    testing.write_parquet(root, csv, tmp / "parquet", files=2)
+    snap = tmp / "hub" / "snapshots" / "0123abcd"
+    for p in ref.paths:  # a hub snapshot: every file a symbolic link into ../blobs/
+        data = (root / p).read_bytes()
+        blob = tmp / "hub" / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snap / p
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    # LABELSIEVE_TEST_SOURCES_CACHE keeps the features between runs while developing (content-addressed: reuse is safe)
+    cache = Path(os.environ.get("LABELSIEVE_TEST_SOURCES_CACHE", tmp / "cache"))
+    common = {**AUDIT, "model": str(mini_clip_dir), "cache_dir": cache}
+    audits = {"folder": api.audit(root, csv, out_dir=tmp / "a-folder", **common),
+              "shards": api.audit(tmp / "shards", out_dir=tmp / "a-shards", **common),
+              "parquet": api.audit(tmp / "parquet", out_dir=tmp / "a-parquet", **common),
+              "snapshot": api.audit(snap, csv, out_dir=tmp / "a-snapshot", **common)}
+    return {"root": root, "csv": csv, "ref": ref, "tmp": tmp, "cache": cache, "audits": audits, "snap": snap}
+
+
+def _by_image(table: pd.DataFrame, ref_paths: list[str], kind: str) -> pd.DataFrame:
+    """The audit's rows in the folder's input order, whatever names the source gave them."""
+    if kind == "shards":
+        names = {f"shard-{k // (N // 4):06d}.tar/{_key(p)}": i for k, (i, p) in enumerate(enumerate(ref_paths))}
+    elif kind == "parquet":
+        names = {f"train-{i // (N // 2):05d}-of-00002.parquet#{i % (N // 2)}": i for i in range(len(ref_paths))}
+    else:
+        names = {p: i for i, p in enumerate(ref_paths)}
+    order = table["path"].map(names)
+    assert order.notna().all() and len(table) == len(ref_paths)
+    return table.assign(_i=order.to_numpy()).sort_values("_i").reset_index(drop=True)
+
+
+def test_folder_shards_parquet_and_hub_snapshot_give_the_same_audit(sources):
+    ref, audits = sources["ref"], sources["audits"]
+    folder = _by_image(audits["folder"].table, ref.paths, "folder")
+    assert 0 < folder["is_noisy"].sum() < N
+    for kind in ("shards", "parquet", "snapshot"):
+        a = audits[kind]
+        assert a.summary["n_extracted"] == 0  # content-addressed: the folder's features serve every source
+        t = _by_image(a.table, ref.paths, kind)
+        assert (t["is_noisy"].to_numpy() == folder["is_noisy"].to_numpy()).all(), kind
+        assert np.abs(t["p_clean"].to_numpy() - folder["p_clean"].to_numpy()).max() <= 1e-6, kind
+        for col in ("given_label", "suggested_label", "issue", "duplicate_group"):
+            assert t[col].astype(str).tolist() == folder[col].astype(str).tolist(), (kind, col)
+        assert a.summary["input"]["kind"] == {"shards": "webdataset", "parquet": "parquet", "snapshot": "files"}[kind]
+        # the same image bytes in the same order, whatever holds them
+        assert a.summary["input"]["images_hash"] == audits["folder"].summary["input"]["images_hash"], kind
+    page = (sources["tmp"] / "a-shards" / "audit.html").read_text()
+    assert page.count("data:image/jpeg;base64,") > 10  # thumbnails read from inside the shards
+
+
+def test_apply_writes_the_same_labels_from_each_source_and_cleaned_copies(sources, tmp_path):
+    tmp, ref = sources["tmp"], sources["ref"]
+    folder = _by_image(pd.read_csv(tmp / "a-folder" / "audit.csv", dtype=str, keep_default_na=False), ref.paths,
+                       "folder")
+    flagged = folder.index[folder["is_noisy"].str.lower() == "true"].tolist()
+    decisions = {flagged[0]: "drop", flagged[1]: "keep", flagged[2]: "relabel"}
+    labels = {}
+    for kind in ("folder", "shards", "parquet"):
+        audit_csv = tmp_path / kind / "audit.csv"
+        audit_csv.parent.mkdir()
+        (tmp_path / kind / "audit.json").write_text((tmp / f"a-{kind}" / "audit.json").read_text())
+        t = pd.read_csv(tmp / f"a-{kind}" / "audit.csv", dtype=str, keep_default_na=False)
+        by = _by_image(t, ref.paths, kind)
+        for i, d in decisions.items():
+            t.loc[t["path"] == by.loc[i, "path"], "review"] = d
+        t.to_csv(audit_csv, index=False)
+        copy = {"shards": {"write_shards": tmp_path / "copy-shards"},
+                "parquet": {"write_parquet": tmp_path / "copy-parquet"}}.get(kind, {})
+        counts = api.apply_review(audit_csv, out_csv=tmp_path / kind / "clean.csv", drop_unreviewed_flagged=True,
+                                  cache_dir=sources["cache"], **copy)
+        clean = pd.read_csv(tmp_path / kind / "clean.csv", dtype=str, keep_default_na=False)
+        labels[kind] = dict(zip(clean["path"], clean["label"], strict=True))
+        assert counts["relabelled"] == 1 and counts["kept"] + counts["relabelled"] == len(clean)
+        if copy:
+            assert counts["copy_samples"] == len(clean)
+    names = {"shards": {f"shard-{i // (N // 4):06d}.tar/{_key(p)}": p for i, p in enumerate(ref.paths)},
+             "parquet": {f"train-{i // (N // 2):05d}-of-00002.parquet#{i % (N // 2)}": p
+                         for i, p in enumerate(ref.paths)}}
+    for kind in ("shards", "parquet"):
+        assert {names[kind][p]: lab for p, lab in labels[kind].items()} == labels["folder"], kind
+    # the cleaned copies hold exactly the kept samples with their final labels
+    for kind, folder_name in (("shards", "copy-shards"), ("parquet", "copy-parquet")):
+        copy = load_images(tmp_path / folder_name, cache_dir=sources["cache"])
+        assert len(copy) == len(labels["folder"])
+        if kind == "shards":  # same shard and member names: the labels file names the copy's samples too
+            assert dict(zip(copy.paths, copy.label_names(), strict=True)) == labels["shards"]
+        else:
+            assert sorted(copy.label_names()) == sorted(labels["folder"].values())
+
+
+def test_train_clean_and_predict_run_from_the_shard_audit(sources, tmp_path, lite0_file):
+    tmp = sources["tmp"]
+    report = api.train_from_audit(tmp / "a-shards" / "audit.csv", backbone="lite0", pretrained=str(lite0_file),
+                                  out_dir=tmp_path / "model", epochs=1, image_size=64, num_workers=2, progress=False,
+                                  cache_dir=sources["cache"])
+    kept = pd.read_csv(tmp / "a-shards" / "audit.csv")
+    assert report.n_train + report.n_val == int((~kept["is_noisy"].astype(bool)).sum())
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    out = api.predict(tmp_path / "model", tmp / "parquet", out_dir=tmp_path / "pred", progress=False,
+                      cache_dir=sources["cache"])
+    pred = pd.read_csv(out)
+    assert len(pred) == N and pred["path"].iloc[0] == "train-00000-of-00002.parquet#0"
+    assert (pred["error"].isna()).all() and pred["correct"].astype(str).isin(["True", "False"]).all()
+    assert pred["correct"].astype(str).eq("True").mean() > 0.2  # one epoch at 64 px: well above chance (0.1)
+    # the folder of symbolic links (a hub snapshot) that predict used to refuse
+    out = api.predict(tmp_path / "model", sources["snap"], out_dir=tmp_path / "pred-snap", progress=False)
+    assert len(pd.read_csv(out)) == N
+
+
+def test_repacked_shards_extract_nothing(sources, tmp_path, mini_clip_dir):
+    ref = sources["ref"]
+    order = list(range(N))[::-1]  # other shards, other names, other order: the same image bytes
+    testing.write_shards(sources["root"], sources["csv"], tmp_path / "re", shards=7, name="repacked-{:04d}.tar",
+                         order=order)
+    again = api.audit(str(tmp_path / "re" / "repacked-{0000..0006}.tar"), model=str(mini_clip_dir),
+                      cache_dir=sources["cache"], out_dir=None, duplicate_threshold=None, **AUDIT)
+    assert again.summary["n_extracted"] == 0 and len(again.table) == len(ref)
+
+
+def test_pred_probs_audit_and_detect(sources, tmp_path):
+    ref = sources["ref"]
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(N, ref.n_classes)) + 3.0 * np.eye(ref.n_classes)[ref.labels]
+    noisy = rng.random(N) < 0.1
+    logits[noisy] = rng.normal(size=(int(noisy.sum()), ref.n_classes))  # the model disagrees with these labels
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.save(tmp_path / "probs.npy", probs.astype(np.float32))
+    res = labelsieve.detect(labels=ref.label_names(), pred_probs=tmp_path / "probs.npy")
+    assert (res.is_noisy == prune_by_noise_rate(ref.labels, probs.astype(np.float32))).all()
+    assert res.is_noisy[noisy].mean() > 3 * res.is_noisy[~noisy].mean()
+    assert main(["audit", "--pred-probs", str(tmp_path / "probs.npy"), str(sources["csv"]), str(sources["root"]),
+                 "-o", str(tmp_path / "a"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert summary["method"] == "confident_learning" and summary["pred_probs"]["class_order"] == "sorted class names"
+    table = pd.read_csv(tmp_path / "a" / "audit.csv")
+    assert int(table["is_noisy"].sum()) == int(res.is_noisy.sum())
+    assert "data:image/jpeg;base64," in (tmp_path / "a" / "audit.html").read_text()  # thumbnails with ROOT
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda p: p[:-1], r"1999 rows of probabilities for the 2000 rows of the labels CSV"),
+    (lambda p: p[:, :-1], r"9 columns of probabilities for the 10 classes .*sorted order: airplane, automobile"),
+    (lambda p: p * 2, r"2000 row\(s\) do not sum to 1 \(row 0 sums to 2"),
+    (lambda p: np.log(p), r"hold values that are not probabilities"),
+    (lambda p: p[:, 0], r"must be a float array of shape \(n, C\)"),
+])
+def test_pred_probs_of_the_wrong_shape_or_not_summing_to_one_are_refused(sources, tmp_path, bad, message):
+    ref = sources["ref"]
+    probs = np.full((N, ref.n_classes), 1.0 / ref.n_classes)
+    np.save(tmp_path / "p.npy", bad(probs))
+    with pytest.raises(DataError, match=message):
+        api.audit_pred_probs(tmp_path / "p.npy", sources["csv"], out_dir=tmp_path / "a", quiet=True, progress=False)
+    assert not (tmp_path / "a" / "audit.csv").exists()
+
+
+def test_an_undecodable_image_inside_a_shard_is_reported_unreadable(sources, tmp_path, mini_clip_dir):
+    root, csv = sources["root"], sources["csv"]
+    lines = csv.read_text().splitlines()[:41]
+    small = tmp_path / "small.csv"
+    small.write_text("\n".join(lines) + "\n")
+    bad = Path(lines[5].split(",")[0])
+    broken = tmp_path / "broken"
+    (broken / bad).parent.mkdir(parents=True)
+    for line in lines[1:]:
+        p = Path(line.split(",")[0])
+        (broken / p).parent.mkdir(parents=True, exist_ok=True)
+        (broken / p).write_bytes(b"not an image" if p == bad else (root / p).read_bytes())
+    testing.write_shards(broken, small, tmp_path / "s", shards=2)
+    a = api.audit(tmp_path / "s", model=str(mini_clip_dir), cache_dir=tmp_path / "cache", out_dir=tmp_path / "a",
+                  **AUDIT)
+    row = a.table[a.table["issue"] == "unreadable"]
+    name = f"shard-000000.tar/{_key(str(bad))}"
+    assert row["path"].tolist() == [name] and int(row["rank"].iloc[0]) == 1
+    assert name in a.summary["unreadable"][name] and "cannot decode image" in a.summary["unreadable"][name]

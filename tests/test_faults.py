@@ -26,7 +26,7 @@ import pytest
 from labelsieve.audit.review import apply_review
 from labelsieve.audit.schema import read_audit
 from labelsieve.cli import main
-from labelsieve.core.errors import DataError, OutputError
+from labelsieve.core.errors import DataError, ModelError, OutputError
 from labelsieve.core.io import FORMULA_PREFIXES, neutralise_cell, restore_cell
 from labelsieve.core.progress import console
 from labelsieve.data import hashing, load_images, read_labels_csv
@@ -517,13 +517,17 @@ def _is_number(text: str) -> bool:
 
 
 def test_train_and_predict_read_nothing_outside_the_image_root(audited, images3, tmp_path, lite0_file):
+    """A list of paths (an edited audit, a CSV) that leads out of the image folder is refused; a symbolic link the
+    folder's owner placed inside it is followed, wherever it points (a hub snapshot, DVC, git-annex); a FIFO is
+    refused and never opened."""
     root, _, df = images3
     outside = root.parent / "outside.jpg"
     shutil.copy(root / df.loc[0, "path"], outside)
     link = root / "train" / "link.jpg"
     link.symlink_to(outside)
+    pipe = root / "train" / "pipe.jpg"
     try:
-        for bad in ("../outside.jpg", str(outside), "train/link.jpg"):
+        for bad in ("../outside.jpg", str(outside)):
             audit_csv = reviewed_copy(audited, tmp_path / f"out-{abs(hash(bad))}")
             table = pd.read_csv(audit_csv, dtype=str, keep_default_na=False)
             table.loc[7, "path"] = bad
@@ -533,11 +537,20 @@ def test_train_and_predict_read_nothing_outside_the_image_root(audited, images3,
             listing = write_rows(tmp_path / "p.csv", ["path"], [[df.loc[1, "path"]], [bad]])
             with pytest.raises(DataError, match=rf"point outside the image folder .*line 3: {bad}"):
                 predict(tmp_path / "no-model", root, labels_csv=listing, out_dir=tmp_path / "p", progress=False)
-        with pytest.raises(DataError, match="point outside the image folder .*train/link.jpg"):
-            predict(tmp_path / "no-model", root, out_dir=tmp_path / "p", progress=False)
         assert not (tmp_path / "m").exists()
+        # the link inside the folder passes the path rule: predict goes on to load its (missing) model
+        listing = write_rows(tmp_path / "p.csv", ["path"], [[df.loc[1, "path"]], ["train/link.jpg"]])
+        with pytest.raises(ModelError):
+            predict(tmp_path / "no-model", root, labels_csv=listing, out_dir=tmp_path / "p", progress=False)
+        with pytest.raises(ModelError):
+            predict(tmp_path / "no-model", root, out_dir=tmp_path / "p", progress=False)
+        os.mkfifo(pipe)
+        with pytest.raises(DataError, match=r"not a regular file \(line \d+: train/pipe.jpg \(a FIFO\)\)"):
+            predict(tmp_path / "no-model", root, out_dir=tmp_path / "p", progress=False)
     finally:
         link.unlink()
+        if pipe.exists():
+            pipe.unlink()
 
 
 def test_train_refuses_a_class_that_keeps_one_image(audited, tmp_path, lite0_file, capsys):

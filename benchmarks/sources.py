@@ -10,7 +10,9 @@ the Hugging Face hub writes them (an ``image`` struct column, ``ClassLabel`` lab
   (what a source costs on its own, which a GPU's forward would expose), ``--repeats`` times, the sources in an
   order that rotates from repeat to repeat;
 * **extraction**: ``load_images`` + ``extract_features`` with the mini CLIP into a fresh store, on ``--slices``
-  slices of the images; in each slice the pure forward (the image tower on tensors preprocessed beforehand, the
+  slices of the first ``--extract-n`` images (written as 2 shards and 1 Parquet file per slice; the forward
+  dominates, so on a shared 2-core CPU this part runs on fewer images than the data path); in each slice the pure
+  forward (the image tower on tensors preprocessed beforehand, the
   same precision and memory format) is timed first, then the three sources in an order that rotates from slice to
   slice, so a shared machine's drift hits each alike;
 * **listing**: ``load_images`` on ``--members`` synthetic samples (64 random bytes each), as shards (labels in
@@ -20,7 +22,7 @@ the Hugging Face hub writes them (an ``image`` struct column, ``ClassLabel`` lab
 Rows go to ``benchmarks/results/sources.jsonl`` with the 1-minute load average before and after; the table to
 ``sources.md``::
 
-    PYTHONPATH=$PWD nice -n 5 python benchmarks/sources.py --n 20000 --threads 1
+    PYTHONPATH=$PWD nice -n 5 python benchmarks/sources.py --n 20000 --extract-n 2000 --threads 1
 """
 
 from __future__ import annotations
@@ -175,22 +177,26 @@ def data_path(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dic
 
 def extraction(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: dict[str, Any], jsonl: Path,
                work: Path) -> None:
-    """Pure forward, then the three sources in rotating order, on each slice."""
+    """Pure forward, then the three sources in rotating order, on each slice of the first ``--extract-n`` images
+    (written as 2 shards and 1 Parquet file per slice, so a slice is whole containers)."""
     order = ["folder", "shards", "parquet"]
-    bounds = np.linspace(0, args.n, args.slices + 1).astype(int)
+    n, slices = args.extract_n, args.slices
+    src = write_sources(n, work, 2 * slices, slices)
+    bounds = np.linspace(0, n, slices + 1).astype(int)
     ref = load_images(src["root"], src["csv"])
-    for k in range(args.slices):
+    for k in range(slices):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
-        xs = torch.stack([enc.preprocess(load_image(ref.locate(i))) for i in range(lo, lo + args.forward_n)])
+        xs = torch.stack([enc.preprocess(load_image(ref.locate(i)))
+                          for i in range(lo, min(hi, lo + args.forward_n))])
         load0 = _load()
         speed = forward_speed(enc.model, xs, args.batch)
         del xs
         append_jsonl(jsonl, {**base, "run": "pure forward", "slice": k, "img_s": speed, "images_timed":
-                             args.forward_n, "load": [load0, _load()]})
+                             min(hi - lo, args.forward_n), "load": [load0, _load()]})
         print(f"slice {k}: pure forward {speed:.1f} img/s", flush=True)
         for name in order[k % 3:] + order[: k % 3]:
             cache = work / f"cache-x-{uuid.uuid4().hex[:6]}"
-            spec, csv = _source_args(src, name, lo, hi, args.n, args.shards, args.parquet, work)
+            spec, csv = _source_args(src, name, lo, hi, n, 2 * slices, slices, work)
             load0, cpu0 = _load(), _cpu()
             t = time.perf_counter()
             images = load_images(spec, csv, cache_dir=cache)
@@ -199,9 +205,9 @@ def extraction(src: dict[str, Any], enc: Any, args: argparse.Namespace, base: di
                                      progress=False)
             seconds = time.perf_counter() - t
             assert feats.ok.all() and feats.n_extracted == len(images) == hi - lo
-            rec = {**base, "run": f"extraction, {name}", "source": name, "slice": k, "n_images": len(images),
-                   "seconds": seconds, "load_seconds": t_load, "img_s": len(images) / seconds,
-                   "cpu_ms_per_image": (_cpu() - cpu0) / len(images) * 1e3,
+            rec = {**base, "data": f"cifar10:first{n}", "run": f"extraction, {name}", "source": name, "slice": k,
+                   "n_images": len(images), "seconds": seconds, "load_seconds": t_load,
+                   "img_s": len(images) / seconds, "cpu_ms_per_image": (_cpu() - cpu0) / len(images) * 1e3,
                    "ratio_to_forward": len(images) / seconds / speed, "workers": args.workers,
                    "load": [load0, _load()]}
             append_jsonl(jsonl, rec)
@@ -277,8 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--parquet", type=int, default=4)
     ap.add_argument("--slices", type=int, default=4)
+    ap.add_argument("--extract-n", type=int, default=2000,
+                    help="images of the extraction rows (the first ones; model-bound, so fewer than --n on a "
+                         "shared CPU)")
     ap.add_argument("--repeats", type=int, default=3, help="data path: runs of each source, in rotating order")
-    ap.add_argument("--forward-n", type=int, default=512, help="images the pure forward is timed on, per slice")
+    ap.add_argument("--forward-n", type=int, default=256, help="images the pure forward is timed on, per slice")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)

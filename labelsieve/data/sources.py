@@ -224,7 +224,8 @@ def load_images(
         s = container_samples(found, csv_rows, csv_name=str(Path(labels_csv).resolve()) if labels_csv else "",
                               image_column=image_column, label_column=label_column, cache_dir=cache_dir,
                               progress=progress)
-        check_unique_paths(s.root, s.paths, s.labels, s.lines, where=s.source)
+        if len(set(s.paths)) != len(s.paths):  # sample names are canonical: a set finds a repeat, the check names it
+            check_unique_paths(s.root, s.paths, s.labels, s.lines, where=s.source)
         return _labelled(s.root, s.paths, s.labels, s.lines, source=s.source, where=s.source, classnames=classnames,
                          classes=classes, allow_single_class=allow_single_class, members=s.members)
     root_p = Path(root).expanduser()

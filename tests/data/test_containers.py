@@ -105,6 +105,10 @@ def test_labels_csv_keyed_by_key_or_sample_name_sets_the_rows_and_their_order(fo
                                                                 zip(by_key.paths, by_key.label_names(),
                                                                     strict=True)) + "\n")
     assert load_images(tmp_path / "s", tmp_path / "n.csv", cache_dir=cache).paths == by_key.paths
+    (tmp_path / "twice.csv").write_text(f"key,label\n{rows[0][0]},{rows[0][1]}\n{rows[0][0]},{rows[0][1]}\n")
+    with pytest.raises(DataError, match=r"1 row\(s\) list an image that an earlier row already lists .*line 3 "
+                                        r"repeats line 2"):
+        load_images(tmp_path / "s", tmp_path / "twice.csv", cache_dir=cache)
     (tmp_path / "bad.csv").write_text("path,label\nnosuchkey,x\n" + f"{rows[0][0]},{rows[0][1]}\n")
     with pytest.raises(DataError, match=r"1 row\(s\) name no sample .*line 2: nosuchkey"):
         load_images(tmp_path / "s", tmp_path / "bad.csv", cache_dir=cache)

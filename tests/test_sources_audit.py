@@ -217,3 +217,19 @@ def test_an_undecodable_image_inside_a_shard_is_reported_unreadable(sources, tmp
     name = f"shard-000000.tar/{_key(str(bad))}"
     assert row["path"].tolist() == [name] and int(row["rank"].iloc[0]) == 1
     assert name in a.summary["unreadable"][name] and "cannot decode image" in a.summary["unreadable"][name]
+
+
+def test_export_copies_the_exported_rows_images_out_of_the_containers(sources, tmp_path):
+    ref, tmp = sources["ref"], sources["tmp"]
+    original = {"shards": {f"shard-{i // (N // 4):06d}.tar/{_key(p)}": p for i, p in enumerate(ref.paths)},
+                "parquet": {f"train-{i // (N // 2):05d}-of-00002.parquet#{i % (N // 2)}": p
+                            for i, p in enumerate(ref.paths)}}
+    for kind in ("shards", "parquet"):
+        res = api.export_audit(tmp / f"a-{kind}" / "audit.csv", to="labelstudio", out_dir=tmp_path / kind)
+        tasks = json.loads(Path(res["tasks"]).read_text())
+        flagged = int(sources["audits"][kind].table["is_noisy"].sum())
+        assert len(tasks) == res["n_tasks"] == flagged
+        for task in tasks[:50]:
+            name = task["data"]["path"]  # the audit's sample name, which apply --from-labelstudio maps back
+            shown = Path(res["document_root"]) / task["data"]["image"].split("?d=", 1)[1]
+            assert shown.read_bytes() == (sources["root"] / original[kind][name]).read_bytes()

@@ -145,8 +145,10 @@ class _DecodeMember:
         self.names, self.transform, self.shape = names, transform, shape
 
     def __call__(self, i: int, data: bytes | None, err: str):
-        if data is None:
-            return torch.zeros(self.shape), i, f"{self.names[i]}: cannot read ({err})", b""
+        if data is None:  # not the bytes the index hashed (the container changed): stored under a marker, never
+            # under the content digest, and the container's index is dropped so the next run indexes it again
+            marker = digest_bytes(b"\0unreadable\0" + self.names[i].encode())
+            return torch.zeros(self.shape), i, f"{self.names[i]}: cannot read ({err})", marker
         key = digest_bytes(data)
         try:
             return self.transform(decode_image(data, name=self.names[i])), i, "", key

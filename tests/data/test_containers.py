@@ -23,6 +23,7 @@ from labelsieve.data import webdataset as wds
 from labelsieve.data.containers import expand_pattern, find_containers, write_cleaned_copy
 from labelsieve.data.hashing import ContentHasher, digest_list
 from labelsieve.data.indexmemo import IndexMemo
+from labelsieve.features import extract_features
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +253,24 @@ def test_cleaned_copies_keep_their_format_drop_and_relabel(folder, tmp_path, cac
         with pytest.raises(OutputError, match="would replace them"):
             write_cleaned_copy(str(spec), [], [], spec, fmt=fmt, cache_dir=cache)
     shutil.rmtree(tmp_path / "s")
+
+
+def test_a_shard_truncated_after_indexing_is_reported_and_never_cached_as_bad(folder, tmp_path, cache, mini_clip):
+    """The bytes a shard's index hashed cannot be read any more: those rows are unreadable in this run, stored
+    under a marker (not under their content digests, which stay extractable), and the shard is indexed again next
+    time (and refused, truncated)."""
+    root, csv = folder
+    shards = testing.write_shards(root, csv, tmp_path / "s", shards=2)
+    images = load_images(tmp_path / "s", cache_dir=cache).subset(range(16))
+    good = shards[1].read_bytes()
+    shards[1].write_bytes(good[:1024])  # shard 1 keeps the start of its first member only
+    feats = extract_features(images, mini_clip, cache_dir=cache, num_workers=0, progress=False)
+    lost = [i for i, p in enumerate(images.paths) if p.startswith("shard-000001")]
+    assert lost and not feats.ok[lost].any() and feats.ok[:lost[0]].all()
+    assert all("cannot read" in feats.errors[i] for i in lost)
+    with pytest.raises(DataError, match="shard-000001.tar: the tar file is truncated"):
+        load_images(tmp_path / "s", cache_dir=cache)
+    shards[1].write_bytes(good)
+    again = extract_features(load_images(tmp_path / "s", cache_dir=cache).subset(range(16)), mini_clip,
+                             cache_dir=cache, num_workers=0, progress=False)
+    assert again.ok.all() and again.n_extracted == len(lost)

@@ -32,7 +32,7 @@ class ImageDataset:
     def __getitem__(self, k: int):
         i = int(self.index[k])
         try:
-            img = load_image(self.images.abspath(i))
+            img = load_image(self.images.locate(i))
             x = self.transform(img)
             ok = True
         except UnreadableImage:

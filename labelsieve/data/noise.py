@@ -247,7 +247,7 @@ def image_pixel_features(images: LabeledImages, size: int = 16) -> np.ndarray:
     out = np.zeros((len(images), 3 * size * size), dtype=np.float32)
     for i in range(len(images)):
         try:
-            img = load_image(images.abspath(i))
+            img = load_image(images.locate(i))
         except UnreadableImage:
             continue
         small = img.resize((size, size), Image.Resampling.BOX)

@@ -642,8 +642,9 @@ def audit_pred_probs(
     Confident learning (prune by noise rate, :mod:`labelsieve.detectors.confident_learning`) decides the flags, and
     ``p_clean`` (the probability of the given label) is calibrated as in every audit. The same audit files as
     :func:`audit`; with ``root`` (the image folder, or containers, the CSV's paths are relative to) the images must
-    exist and audit.html shows their thumbnails; without it the paths only name the rows. No model is loaded and
-    no near-duplicate search runs (it needs features).
+    exist and audit.html shows their thumbnails; without it the paths only name the rows (relative to the CSV's
+    folder; thumbnails of those that exist there). No model is loaded and no near-duplicate search runs (it needs
+    features).
     """
     if out_dir is not None:
         check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
@@ -678,7 +679,7 @@ def audit_pred_probs(
         "device": None,
     })
     out = Audit(table=table, summary=summary)
-    _finish_audit(out, images, out_dir=out_dir, html=html and root is not None, xlsx=xlsx, quiet=quiet, t0=t0)
+    _finish_audit(out, images, out_dir=out_dir, html=html, xlsx=xlsx, quiet=quiet, t0=t0)
     return out
 
 

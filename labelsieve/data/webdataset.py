@@ -164,8 +164,10 @@ def iter_members(f: BinaryIO, *, shard: str, read_data: Callable[[str], bool]) -
                 size = int(pax["size"])
                 padded = size + (-size) % _BLOCK
             long_name, pax = None, {}
-            if kind in _REGULAR or (kind[:1] and kind[0] in _REGULAR):
+            if kind[0] in _REGULAR:
                 text = text.lstrip("/")
+                while text.startswith("./"):  # a shard written with `tar -cf x.tar .`
+                    text = text[2:]
                 member = TarMember(text, pos, data_at, size)
                 if read_data(text):
                     data = read(size)

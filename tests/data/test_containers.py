@@ -274,3 +274,31 @@ def test_a_shard_truncated_after_indexing_is_reported_and_never_cached_as_bad(fo
     again = extract_features(load_images(tmp_path / "s", cache_dir=cache).subset(range(16)), mini_clip,
                              cache_dir=cache, num_workers=0, progress=False)
     assert again.ok.all() and again.n_extracted == len(lost)
+
+
+def test_gnu_long_names_pax_headers_and_dot_slash_members_are_read(tmp_path):
+    """The header parser reads what tar writers write: GNU long names, pax headers (long UTF-8 names), ustar
+    prefixes, ``./`` members, and skips folders and links."""
+    with tarfile.open(tmp_path / "g.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        folder = tarfile.TarInfo("./sub")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        long = "./sub/" + "x" * 150
+        for name, data in ((long + ".jpg", b"img1"), (long + ".cls", b"cat"), ("./sub/b.webp", b"img2"),
+                           ("./sub/b.json", b'{"label": 3, "other": 1}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("./sub/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "b.webp"
+        tf.addfile(link)
+    with tarfile.open(tmp_path / "p.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("é" * 120 + ".png", b"img3"), ("é" * 120 + ".txt", b" dog \n")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    g = load_images(tmp_path / "g.tar", allow_single_class=True)
+    assert g.paths == [f"g.tar/sub/{'x' * 150}.jpg", "g.tar/sub/b.webp"] and g.label_names() == ["cat", "3"]
+    assert [g.locate(i).read_bytes() for i in range(2)] == [b"img1", b"img2"]
+    p = load_images(tmp_path / "p.tar", allow_single_class=True)
+    assert p.paths == ["p.tar/" + "é" * 120 + ".png"] and p.label_names() == ["dog"]

@@ -15,6 +15,7 @@ the Hugging Face hub writes them (an ``image`` struct column, ``ClassLabel`` lab
   forward (the image tower on tensors preprocessed beforehand, the
   same precision and memory format) is timed first, then the three sources in an order that rotates from slice to
   slice, so a shared machine's drift hits each alike;
+* **parser**: one synthetic shard walked by Python's ``tarfile`` and by labelsieve's header parser;
 * **listing**: ``load_images`` on ``--members`` synthetic samples (64 random bytes each), as shards (labels in
   ``KEY.cls``) and as Parquet, with the container index cold (first listing: headers, labels and content digests
   read) and warm (memoised), counting ``os.stat`` calls.
@@ -50,6 +51,7 @@ from common import append_jsonl, host_info, read_jsonl  # noqa: E402
 
 from labelsieve import testing  # noqa: E402
 from labelsieve.data import load_images  # noqa: E402
+from labelsieve.data import webdataset as wds  # noqa: E402
 from labelsieve.data.decode import load_image  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
 from labelsieve.features.store import FeatureStore  # noqa: E402
@@ -277,6 +279,42 @@ def listing(args: argparse.Namespace, base: dict[str, Any], jsonl: Path, work: P
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def parser(args: argparse.Namespace, base: dict[str, Any], jsonl: Path, work: Path) -> None:
+    """One synthetic shard of 10,000 samples (20,000 members) walked three ways, alternating, ``--repeats``
+    times: Python's ``tarfile`` streaming reader reading every member, labelsieve's header parser reading every
+    member, and ``index_shard`` (the parser, labels and content digests: what a cold listing does)."""
+    sh = work / f"synthetic-shards-{args.members}"
+    _synthetic_shards(sh, args.members, 10_000)
+    shard = sh / "s-000000.tar"
+
+    def with_tarfile() -> int:
+        n = 0
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                tf.extractfile(m).read()
+                n += 1
+        return n
+
+    def with_parser() -> int:
+        with open(shard, "rb", buffering=1 << 20) as f:
+            return sum(1 for _ in wds.iter_members(f, shard=shard.name, read_data=lambda _n: True))
+
+    def with_index() -> int:
+        return 2 * int(wds.index_shard(shard, shard=shard.name)["n"])
+
+    for rep in range(args.repeats):
+        for name, fn in (("tarfile (r|, every member read)", with_tarfile),
+                         ("labelsieve header parser (every member read)", with_parser),
+                         ("labelsieve index_shard (parser, labels, digests)", with_index)):
+            load0, t = _load(), time.perf_counter()
+            members = fn()
+            seconds = time.perf_counter() - t
+            rec = {**base, "run": f"tar walk: {name}", "repeat": rep, "members": members, "seconds": seconds,
+                   "us_per_member": seconds / members * 1e6, "load": [load0, _load()]}
+            append_jsonl(jsonl, rec)
+            print(f"{rec['run']}: {rec['us_per_member']:.1f} µs/member", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="CIFAR-10 training images (the first n)")
@@ -292,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--members", type=int, default=1_000_000, help="synthetic samples for the listing rows (0: none)")
-    ap.add_argument("--only", choices=["data-path", "extraction", "listing"], action="append",
+    ap.add_argument("--only", choices=["data-path", "extraction", "listing", "parser"], action="append",
                     help="run only these parts (repeatable)")
     ap.add_argument("--tag", default="issue 20")
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
@@ -304,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "sources.jsonl"
-    parts = args.only or ["data-path", "extraction", "listing"]
+    parts = args.only or ["data-path", "extraction", "listing", "parser"]
     base = {"tag": args.tag, "model": "mini-clip", "data": f"cifar10:first{args.n}", "batch": args.batch,
             "host": host_info(args.threads), "invocation": uuid.uuid4().hex[:8], "nice": os.nice(0)}
     if "data-path" in parts or "extraction" in parts:
@@ -316,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             extraction(src, enc, args, base, jsonl, work)
     if "listing" in parts and args.members:
         listing(args, base, jsonl, work)
+    if "parser" in parts and args.members:
+        parser(args, base, jsonl, work)
     render(jsonl, out / "sources.md")
 
 
@@ -338,7 +378,7 @@ def render(jsonl: Path, md: Path) -> None:
              "| CPU ms/image | listing s | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if not r["run"].startswith("listing"):
+        if not r["run"].startswith(("listing", "tar walk")):
             groups.setdefault((r["invocation"], r["data"], r["host"]["threads"], r["run"]), []).append(r)
     for (inv, data, threads, run), rs in groups.items():
         ratio = f"{np.median([r['ratio_to_forward'] for r in rs]):.2f}" if "ratio_to_forward" in rs[0] else ""
@@ -364,6 +404,19 @@ def render(jsonl: Path, md: Path) -> None:
             lines.append(f"| {r['invocation']} | {r['run']} | {r['n_images']:,} | {r['containers']} | "
                          f"{r['seconds']:.1f} | {r['us_per_sample']:.1f} | {r['stat_calls']} | {r['lstat_calls']} | "
                          f"{r['load'][0]:.1f}-{r['load'][1]:.1f} |")
+    walks = [r for r in rows if r["run"].startswith("tar walk")]
+    if walks:
+        lines += ["", "## Walking a shard", "",
+                  "One synthetic shard of 10,000 samples (20,000 members of 64 bytes and a class number), in page "
+                  "cache, walked three ways alternately; µs per member, median over repeats.", "",
+                  "| invocation | run | repeats | µs per member (median) | load |", "|---|---|---|---|---|"]
+        by: dict[tuple, list[dict]] = {}
+        for r in walks:
+            by.setdefault((r["invocation"], r["run"]), []).append(r)
+        for (inv, run), rs in by.items():
+            loads = [x for r in rs for x in r["load"]]
+            lines.append(f"| {inv} | {run} | {len(rs)} | {np.median([r['us_per_member'] for r in rs]):.1f} | "
+                         f"{min(loads):.1f}-{max(loads):.1f} |")
     md.write_text("\n".join(lines) + "\n")
 
 

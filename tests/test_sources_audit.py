@@ -241,3 +241,15 @@ def test_export_copies_the_exported_rows_images_out_of_the_containers(sources, t
             name = task["data"]["path"]  # the audit's sample name, which apply --from-labelstudio maps back
             shown = Path(res["document_root"]) / task["data"]["image"].split("?d=", 1)[1]
             assert shown.read_bytes() == (sources["root"] / original[kind][name]).read_bytes()
+
+
+def test_rows_deleted_from_a_shard_audit_are_named(sources, tmp_path, capsys):
+    tmp = sources["tmp"]
+    t = pd.read_csv(tmp / "a-shards" / "audit.csv", dtype=str, keep_default_na=False)
+    gone = t["path"].iloc[[3, 7]].tolist()
+    t.drop(index=[3, 7]).to_csv(tmp_path / "audit.csv", index=False)
+    (tmp_path / "audit.json").write_text((tmp / "a-shards" / "audit.json").read_text())
+    counts = api.apply_review(tmp_path / "audit.csv", out_csv=tmp_path / "clean.csv", cache_dir=sources["cache"])
+    assert counts["missing"] == 2
+    err = capsys.readouterr().err
+    assert "2 row(s) of the audit were deleted from the sheet" in err and gone[0] in err

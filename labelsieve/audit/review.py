@@ -55,6 +55,7 @@ from labelsieve.core.errors import DataError, OutputError, check_param
 from labelsieve.core.io import atomic_open, neutralise_frame
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
 from labelsieve.core.progress import warn
+from labelsieve.data.containers import all_samples
 from labelsieve.data.sources import read_image_folder, read_labels_csv
 
 __all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
@@ -336,7 +337,9 @@ def _recorded_paths(inp: dict[str, Any], recorded_hash: str | None) -> list[str]
         return None
     try:
         labels, root = Path(str(inp.get("labels", ""))), Path(str(inp.get("root", "")))
-        if labels.is_file():
+        if inp.get("kind", "files") != "files" and str(inp.get("labels")) == str(inp.get("containers")):
+            paths = all_samples(str(labels), image_column=inp.get("image_column") or "image")[1].paths  # shards
+        elif labels.is_file():
             paths = read_labels_csv(labels)[0]
         elif root.is_dir() and labels == root:
             paths = read_image_folder(root)[0]

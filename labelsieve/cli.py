@@ -213,7 +213,8 @@ def apply(audit_csv: Path, out_csv: Path, drop_unreviewed: bool, accept_suggesti
 @cli.command()
 @click.option("--clean", "audit_csv", required=True, type=click.Path(path_type=Path), help="audit.csv to train from.")
 @click.option("--images", "images_root", type=click.Path(path_type=Path),
-              help="Image root (default: the one recorded in the audit.json beside the audit).")
+              help="Image root, or the shards / Parquet files of an audit of those (default: as recorded in the "
+                   "audit.json beside the audit).")
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
               help="timm name or alias, an open_clip model or folder (its image tower), or 'clip' for the audit's "
                    "CLIP model.")

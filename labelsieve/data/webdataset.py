@@ -7,10 +7,9 @@ up to the first dot of its last part, as WebDataset splits it (``a/b.c.jpg`` is 
 
 The reader is the standard library's tar *format*, parsed here directly: :func:`index_shard` walks the 512-byte
 headers (ustar, GNU long names, pax ``path``/``size`` records) and reads the shard once from start to end, so it
-learns each image's data offset and size, its label, and the content digest of its bytes. Python's
-:mod:`tarfile` does the same work at about 70 µs per member, this at about 6 µs (measured on 200,000 members on
-the 2-core reference machine), which is the difference between two minutes and ten seconds for a million
-samples. The ``webdataset`` package is not used: it streams samples but gives no offsets (every later read of one
+learns each image's data offset and size, its label, and the content digest of its bytes. It walks a shard about
+5× faster than Python's :mod:`tarfile` streaming reader (40 against 200 µs per member on the shared 2-core machine
+at load 9; docs/benchmarks.md §13), which matters when a million samples are two million members. The ``webdataset`` package is not used: it streams samples but gives no offsets (every later read of one
 image would mean reading the shard from its start), and it adds a dependency for what a hundred lines do.
 
 Knowing the offsets, any image is one ``pread`` away (thumbnails, training, prediction), and extraction reads the

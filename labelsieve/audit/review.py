@@ -41,8 +41,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.checksample import CheckDesign
 from labelsieve.audit.decisions import merge_reviews
+from labelsieve.audit.estimate import estimate_audit
 from labelsieve.audit.schema import (
+    REVIEW_OPTIONAL,
     REVIEW_REQUIRED,
     audit_record,
     count_reviews,
@@ -54,7 +57,7 @@ from labelsieve.audit.schema import (
 from labelsieve.core.errors import DataError, OutputError, check_param
 from labelsieve.core.io import atomic_open, neutralise_frame
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
-from labelsieve.core.progress import warn
+from labelsieve.core.progress import info, warn
 from labelsieve.data.sources import read_image_folder, read_labels_csv
 
 __all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
@@ -505,15 +508,42 @@ def apply_review(
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
     check_apply_output(Path(audit_csv), Path(out_csv))
-    audit = read_audit(audit_csv)
+    record = audit_record(audit_csv)
+    design = CheckDesign.from_dict(record["check_sample"]) if record.get("check_sample") else None
+    audit = read_audit(audit_csv, optional=(*REVIEW_OPTIONAL, "rank", "p_clean", "check") if design else
+                       REVIEW_OPTIONAL)
     for extra in reviews:
         audit = merge_reviews(audit, extra, where=str(audit_csv))
     dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
                   accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
-    missing, notes = sheet_vs_record(audit, audit_record(audit_csv), where=str(audit_csv))
+    missing, notes = sheet_vs_record(audit, record, where=str(audit_csv))
     with atomic_open(out_csv) as f:
         neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator="\n")
     for note in [*dec.notes, *notes]:
         warn(note)
-    return {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
-            "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    counts = {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
+              "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    if design is not None and {"rank", "p_clean", "check"} <= set(audit.columns):
+        est = estimate_audit(audit, design)
+        counts["check_reviewed"] = est["check_reviewed"] if est is not None else 0
+        info(describe_estimate(est, design.size))
+    return counts
+
+
+def describe_estimate(est: dict[str, Any] | None, check_size: int) -> str:
+    """One line on what the reviewed check sample says (or that nothing of it is reviewed yet)."""
+    if est is None:
+        return (f"Check sample: none of its {check_size} rows reviewed yet. Review them (column 'check', or the "
+                "page's 'Check this audit') to learn the share of wrong labels with an interval that holds whatever "
+                "the model.")
+    lo, hi = est["interval"]
+    line = (f"Check sample: {est['check_reviewed']} of {check_size} rows reviewed (and {est['exact_rows']} counted "
+            f"exactly) -> wrong labels {est['rate']:.1%} (95% interval {lo:.1%}-{hi:.1%}), about "
+            f"{est['wrong']:,.0f} of {est['rows']:,} images")
+    if est.get("precision") is not None:
+        plo, phi = est["precision_interval"]
+        line += f"; precision of the flags {est['precision']:.2f} ({plo:.2f}-{phi:.2f})"
+    if est.get("recall") is not None:
+        rlo, rhi = est["recall_interval"]
+        line += f", recall {est['recall']:.2f} ({rlo:.2f}-{rhi:.2f})"
+    return line + "."

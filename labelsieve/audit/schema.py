@@ -24,7 +24,7 @@ __all__ = ["COLUMNS", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "audit_record", "cou
 
 #: The audit's columns, in order (DESIGN.md §1); detectors may add their own after them.
 COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label", "suggested_prob", "issue", "rank",
-           "review"]
+           "review", "check"]
 #: Columns the review rule needs, and those it reads when present.
 REVIEW_REQUIRED = ("path", "given_label", "is_noisy")
 REVIEW_OPTIONAL = ("suggested_label", "issue", "review", "index", "row")

@@ -460,6 +460,160 @@ def test_read_only_output_and_cache_folders_are_refused(tmp_path):
 # --------------------------------------------------------------------------- security
 
 
+class _Payload:
+    """Unpickling this creates ``marker`` (``open(marker, "w")``): the proof that a file ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path: Path, marker: Path, kind: str) -> Path:
+    """A file at ``path`` whose loading by pickle would create ``marker``: ``torch`` (torch.save's zip),
+    ``pickle`` or ``npy`` (an object array)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "torch":
+        import torch
+
+        torch.save({"model": _Payload(marker)}, path)
+    elif kind == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+    else:
+        with open(path, "wb") as f:
+            np.save(f, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    return path
+
+
+def test_the_planted_payloads_do_run_when_unpickled(tmp_path):
+    """The payloads of the next test are real: loaded the unsafe way, each creates its marker."""
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "ran"
+    for kind, load in [("torch", lambda f: torch.load(f, weights_only=False)),
+                       ("pickle", lambda f: pickle.loads(f.read_bytes())),
+                       ("npy", lambda f: np.load(f, allow_pickle=True))]:
+        load(_plant(tmp_path / f"x.{kind}", marker, kind))
+        assert marker.exists(), kind
+        marker.unlink()
+
+
+def test_the_package_unpickles_nothing():
+    """Every loader call in labelsieve's source: no torch.load, pickle, joblib, shelve or marshal; every np.load
+    says allow_pickle=False (the allow-list is empty)."""
+    import ast
+
+    bad = []
+    for f in sorted((PROJECT / "labelsieve").rglob("*.py")):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                bad += [f"{f.name}:{node.lineno} imports {n}" for n in names
+                        if n and n.split(".")[0] in ("pickle", "dill", "joblib", "shelve", "marshal", "cloudpickle")]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = ast.unparse(node.func.value)
+                if node.func.attr == "load" and owner == "torch":
+                    bad.append(f"{f.name}:{node.lineno} torch.load")
+                if node.func.attr == "load" and owner in ("np", "numpy"):
+                    kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    if kw.get("allow_pickle") != "False":
+                        bad.append(f"{f.name}:{node.lineno} np.load without allow_pickle=False")
+    assert bad == []
+
+
+def test_no_payload_runs_from_any_file_labelsieve_reads(audited, images3, store16, tmp_path, lite0_file,
+                                                        mini_clip_dir, mini_clip, capsys):
+    """A pickle planted in every file labelsieve reads: the training checkpoint (new and old names), an exported
+    model's weights, --pretrained weight files (timm and an open_clip folder), audit --features, every file of the
+    feature store and of the decoded-image cache, the digest memo, audit.json. No payload runs; each is refused
+    with a message or ignored with a warning and rebuilt."""
+    from labelsieve.api import audit_features
+    from labelsieve.core.errors import LabelsieveError
+    from labelsieve.data.imagecache import DecodedImageCache
+    from labelsieve.models.encoders import create_encoder
+
+    marker = tmp_path / "PAYLOAD-RAN"
+    # 1. train -o DIR: a planted checkpoint (the name labelsieve writes, and the old checkpoint.pt)
+    model_dir = tmp_path / "model"
+    _plant(model_dir / "checkpoint.safetensors", marker, "torch")
+    _plant(model_dir / "checkpoint.pt", marker, "torch")
+    capsys.readouterr()
+    report = train_from_audit(audited / "audit.csv", backbone="lite0", pretrained=str(lite0_file), out_dir=model_dir,
+                              epochs=1, batch_size=8, image_size=64, num_workers=0, cache_dir=tmp_path / "c1",
+                              progress=True)
+    err = capsys.readouterr()
+    assert report.epochs == 1 and not marker.exists()
+    assert "cannot read checkpoint" in err.err and "checkpoint.pt is ignored" in err.err
+    # 2. an exported model whose weights are a pickle
+    bad_model = tmp_path / "bad-model"
+    shutil.copytree(model_dir, bad_model)
+    (bad_model / "checkpoint.pt").unlink()
+    _plant(bad_model / "model.safetensors", marker, "torch")
+    with pytest.raises(LabelsieveError):
+        predict(bad_model, images3[0], out_dir=tmp_path / "pred", progress=False)
+    # 3. --pretrained weight files: timm (train) and an open_clip model folder (audit)
+    for kind in ("torch", "pickle"):
+        with pytest.raises(LabelsieveError, match="Cannot load"):
+            train_from_audit(audited / "audit.csv", backbone="lite0", pretrained=str(_plant(tmp_path / f"w-{kind}.pth",
+                             marker, kind)), out_dir=tmp_path / "m2", epochs=1, progress=False)
+        clip = tmp_path / f"clip-{kind}"
+        clip.mkdir()
+        shutil.copy(mini_clip_dir / "open_clip_config.json", clip)
+        _plant(clip / "open_clip_pytorch_model.bin", marker, kind)
+        with pytest.raises(LabelsieveError, match="Cannot load"):
+            create_encoder(str(clip), device="cpu")
+    # 4. audit --features with an object array
+    with pytest.raises(LabelsieveError, match="not a .npy array|float array"):
+        audit_features(_plant(tmp_path / "feats.npy", marker, "npy"), images3[1], out_dir=None, quiet=True)
+    # 5. every file of the feature store, the digest memo, and a store from before manifests
+    images, cache, expected = store16
+    for target in ("view", "vectors", "digests", "legacy keys", "memo"):
+        work = tmp_path / f"cache-{target.replace(' ', '-')}"
+        shutil.copytree(cache, work)
+        store = next((work / "features").iterdir())
+        chunk = sorted(store.glob("chunk-*.manifest.json"))[0].name[: -len(".manifest.json")]
+        if target == "view":
+            _plant(next((store / "views").glob("*.npy")), marker, "npy")
+        elif target == "vectors":
+            _plant(store / f"{chunk}.npy", marker, "npy")
+            shutil.rmtree(store / "views")
+        elif target == "digests":
+            _plant(store / f"{chunk}.digests.npy", marker, "npy")
+        elif target == "legacy keys":
+            (store / f"{chunk}.manifest.json").unlink()
+            (store / f"{chunk}.digests.npy").unlink()
+            _plant(store / f"{chunk}.keys.npy", marker, "npy")
+            shutil.rmtree(store / "views")
+        else:
+            _plant(work / "hashes.sqlite", marker, "pickle")
+        got = extract_features(images, mini_clip, cache_dir=work, batch_size=8, num_workers=0, progress=False)
+        assert got.warnings, target
+        np.testing.assert_allclose(np.asarray(got.vectors, np.float32), expected, atol=2e-3)
+    # 6. the decoded-image cache (train's and the tower detectors')
+    files = [images.abspath(i) for i in range(4)]
+    work = tmp_path / "dcache"
+    first = DecodedImageCache.open(files, size=16, cache_dir=work, num_workers=0, progress=False)
+    pixels = np.array(first.array)
+    for name in ("images.npy", "ok.npy", "done.npy"):
+        _plant(first.root / name, marker, "npy")
+        if name == "done.npy":
+            (first.root / "meta.json").unlink()  # an unfinished build reads done.npy
+        capsys.readouterr()
+        again = DecodedImageCache.open(files, size=16, cache_dir=work, num_workers=0, progress=False)
+        assert "decoded-image cache" in capsys.readouterr().err and np.array_equal(np.array(again.array), pixels)
+    # 7. the audit's record
+    copy = reviewed_copy(audited, tmp_path / "rec")
+    _plant(copy.with_name("audit.json"), marker, "pickle")
+    assert main(["apply", str(copy), "-o", str(tmp_path / "clean.csv")]) == 2
+    assert not marker.exists()
+
+
 def test_formula_prefixes_are_neutralised_and_restored_exactly():
     for prefix in OWASP_PREFIXES:
         assert prefix in FORMULA_PREFIXES

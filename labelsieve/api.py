@@ -22,7 +22,7 @@ from labelsieve import __version__
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
 from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
-from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
+from labelsieve.audit.handoff.labelstudio import export_paths, read_export, write_labelstudio
 from labelsieve.audit.html import write_html
 from labelsieve.audit.review import apply_review as _apply_review
 from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
@@ -559,12 +559,16 @@ def export_audit(
     url_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Hand an audit to a review tool (``labelsieve export``): ``to="labelstudio"`` writes
-    ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
+    ``labeling_config.xml`` and ``tasks.json`` into the folder ``out_dir`` (or the tasks into ``out_dir`` when it
+    names a ``.json`` file, the config beside it; :mod:`labelsieve.audit.handoff.labelstudio`);
     ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
     :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
     ``images_root`` or the one recorded in the audit.json beside the audit."""
     check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
     path = Path(audit_csv)
+    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    if to == "labelstudio":
+        export_paths(out)  # checked before any work: a folder, or a .json file for the tasks
     table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
     record = audit_record(path)
     root = audit_image_root(path, images_root, record)
@@ -576,7 +580,6 @@ def export_audit(
     if not classes:
         both = set(table["given_label"]) | set(table.get("suggested_label", pd.Series(dtype=object)))
         classes = sorted(c for c in both if c)
-    out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
     return write_labelstudio(table, out, image_root=root, classes=classes, all_rows=all_rows,
                              document_root=document_root, url_prefix=url_prefix, where=str(path))
 

@@ -239,7 +239,8 @@ def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: 
 @click.argument("audit_csv", type=click.Path(path_type=Path))
 @click.option("--to", "target", required=True, type=click.Choice(["labelstudio", "fiftyone"]))
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path),
-              help="labelstudio: folder for tasks.json and labeling_config.xml (default: AUDIT_DIR/labelstudio).")
+              help="labelstudio: folder for tasks.json and labeling_config.xml (default: AUDIT_DIR/labelstudio), or a "
+                   "FILE.json for the tasks (labeling_config.xml beside it).")
 @click.option("--name", help="fiftyone: dataset name (default: labelsieve-<audit folder name>).")
 @click.option("--images", "images_root", type=click.Path(path_type=Path),
               help="Image root (default: the one recorded in the audit.json beside the audit).")

@@ -33,7 +33,12 @@ from labelsieve.core.defaults import (
     DEFAULT_METHOD,
     DEFAULT_MODEL,
 )
-from labelsieve.core.errors import LabelsieveError
+from labelsieve.core.errors import NO_SPACE, LabelsieveError, no_space_error
+
+#: What Ctrl-C prints: what is kept, and how to go on.
+INTERRUPTED = ("interrupted: finished work is kept (extracted features in the cache, training checkpoints after "
+               "each epoch; an audit's files are replaced only when all are written); run the same command again "
+               "to resume.")
 
 
 def _api() -> Any:
@@ -342,16 +347,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabelsieveError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort; an Abort of its own (EOF at a prompt) is just that
+        click.echo(INTERRUPTED if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted: finished work is kept in the cache; run the same command again to resume.",
-                   err=True)
+        click.echo(INTERRUPTED, err=True)
         return 130
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        click.secho(f"error: {no_space_error(exc)}", fg="red", err=True)
+        return 2
     return 0
 
 

@@ -457,6 +457,21 @@ def test_read_only_output_and_cache_folders_are_refused(tmp_path):
         assert msg.startswith("Cannot write the output at") and "is not writable (Permission denied)" in msg, msg
 
 
+def test_ctrl_c_says_how_to_resume(images3, tmp_path, mini_clip_dir, feature_cache, monkeypatch, capsys):
+    """Ctrl-C (click turns it into Abort) prints what is kept and how to resume, not just "aborted"."""
+    import labelsieve.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labelsieve.api, "extract_features", interrupted)
+    root, labels, _ = images3
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(tmp_path / "out"), "--cache-dir", str(feature_cache), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "aborted" not in err
+
+
 # --------------------------------------------------------------------------- security
 
 

@@ -23,6 +23,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from labelsieve.core.errors import NO_SPACE, no_space_error
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -55,7 +57,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         ``.<name>.<random>.tmp`` in the destination folder, for writers that need a file name
         (``np.lib.format.open_memmap``, ``safetensors``). The caller writes it completely; it is
         fsynced and renamed over ``path`` when the block exits without an exception, and removed
-        (``path`` left as it was) when the block raises.
+        (``path`` left as it was) when the block raises. A full disk (``ENOSPC``, ``EDQUOT``) is raised as
+        an :class:`~labelsieve.core.errors.OutputError` naming ``path``.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,9 +72,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             finally:
                 os.close(fd)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise no_space_error(exc, dest) from exc
         raise
 
 

@@ -19,13 +19,12 @@ import numpy as np
 import pandas as pd
 
 from labelsieve import __version__
+from labelsieve.audit.auditset import check_audit_output, format_digest, new_audit_id, open_audit, write_audit_set
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
 from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
 from labelsieve.audit.handoff.labelstudio import export_paths, read_export, write_labelstudio
-from labelsieve.audit.html import write_html
 from labelsieve.audit.review import apply_review as _apply_review
-from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
 from labelsieve.audit.reviewed import (
     check_reviewed_frames,
     mark_reviewed,
@@ -33,9 +32,9 @@ from labelsieve.audit.reviewed import (
     reviewed_warning,
     widen_result,
 )
-from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, paths_hash, read_audit
+from labelsieve.audit.schema import COLUMNS, DIGEST_COLUMN, REVIEW_REQUIRED, paths_hash
 from labelsieve.audit.table import Audit, build_table, summarise
-from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
+from labelsieve.audit.writers import print_summary
 from labelsieve.core import distributed
 from labelsieve.core.defaults import (
     DEFAULT_DUPLICATE_THRESHOLD,
@@ -58,7 +57,7 @@ from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
-from labelsieve.train.finetune import audit_image_root, audit_record
+from labelsieve.train.finetune import audit_image_root
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
@@ -250,6 +249,9 @@ def run_detector(
     t = time.perf_counter()
     table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,
                         duplicate_groups=groups)
+    # each row's image content, so a decision made on it is checked to be about the same picture where applied
+    digest_of = dict(zip(images.paths, (format_digest(d) for d in feats.digests), strict=True))
+    table[DIGEST_COLUMN] = [digest_of[p] for p in table["path"]]
     if rev is not None:
         table = mark_reviewed(table, images, rev)
     summary = summarise(table, images, result)
@@ -361,7 +363,7 @@ def audit(
         review decisions and ``force`` is False.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+        check_audit_output(out_dir, force=force)
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     dev = resolve_device(device)
     distributed.init(dev)
@@ -388,28 +390,21 @@ def audit(
 def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.PathLike[str] | None, html: bool,
                   xlsx: bool, quiet: bool, t0: float) -> None:
     """The run record (versions, input hashes) and the files of an audit, then the printed summary."""
+    input_hash = images.content_hash()
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result.summary.update({
         "version": __version__,
         "versions": versions(),
-        "input": {"root": str(images.root), "labels": images.source, "input_hash": images.content_hash(),
+        "audit_id": new_audit_id(input_hash, created),
+        "input": {"root": str(images.root), "labels": images.source, "input_hash": input_hash,
                   "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": created,
     })
     if out_dir is not None:
+        # all files of the audit replace the previous ones as one unit (labelsieve.audit.auditset)
         out = Path(out_dir)
-        t = time.perf_counter()
-        keep_reviewed_copy(out / "audit.csv")  # reviews typed while this audit ran, or replaced with force
-        files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
-        if xlsx:
-            keep_reviewed_copy(out / "audit.xlsx")
-            files["audit.xlsx"] = write_xlsx(result.table, out / "audit.xlsx")
-        if html:
-            files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
-                                             out_path=out / "audit.html")
-        result.summary["timings"]["write"] = time.perf_counter() - t
-        result.summary["timings"]["total"] = time.perf_counter() - t0
-        files["audit.json"] = write_json(result.summary, out / "audit.json")
-        result.out_dir, result.files = out, files
+        result.files = write_audit_set(result, out, image_root=images.root, html=html, xlsx=xlsx, t0=t0)
+        result.out_dir = out
     if not quiet:
         print_summary(result.summary, result.files)
 
@@ -446,7 +441,7 @@ def audit_features(
     default with a vision-language ``model`` (the one the features came from), else TURN's probe.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+        check_audit_output(out_dir, force=force)
     t0 = time.perf_counter()
     csv = Path(labels_csv).expanduser()
     if not csv.is_file():
@@ -569,8 +564,7 @@ def export_audit(
     out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
     if to == "labelstudio":
         export_paths(out)  # checked before any work: a folder, or a .json file for the tasks
-    table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
-    record = audit_record(path)
+    table, record = open_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
     root = audit_image_root(path, images_root, record)
     if to == "fiftyone":
         ds_name = name or f"labelsieve-{path.resolve().parent.name}"

@@ -8,6 +8,7 @@ subsets) and the mini CLIP; the audits use label_match, the cheapest detector.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -215,6 +216,216 @@ def test_one_image_listed_twice_is_refused_by_audit_and_apply(images3, audited, 
     pasted.to_csv(audit_csv, index=False)
     with pytest.raises(DataError, match=rf"listed more than once \({table.loc[3, 'path']} on lines 5, 26\)"):
         apply_review(audit_csv, out_csv=tmp_path / "l.csv")
+
+
+class _Crash(BaseException):
+    """A process killed at this point: raised by a write, and by every write after it (no clean-up runs)."""
+
+
+class _FailWrites:
+    """Makes the ``at``-th file-system change (``os.replace`` / ``os.unlink``, the last step of every write and
+    removal) fail: ``crash`` raises :class:`_Crash` there and at every later change (a killed process: nothing
+    cleans up); ``enospc`` raises ``OSError(ENOSPC)`` there only (a full disk: clean-up code runs)."""
+
+    def __init__(self, monkeypatch, at: int | None, mode: str = "crash") -> None:
+        self.calls, self.at, self.mode, self.failed = 0, at, mode, False
+        self.replace, self.unlink = os.replace, os.unlink
+        monkeypatch.setattr(os, "replace", self._wrap(self.replace))
+        monkeypatch.setattr(os, "unlink", self._wrap(self.unlink))
+
+    def _wrap(self, real):
+        def step(*args, **kwargs):
+            if self.at is not None and (self.calls == self.at or (self.failed and self.mode == "crash")):
+                self.calls += 1
+                self.failed = True
+                if self.mode == "crash":
+                    raise _Crash()
+                import errno
+
+                raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+            self.calls += 1
+            return real(*args, **kwargs)
+        return step
+
+
+@pytest.fixture(scope="module")
+def two_audits(images3, mini_clip_dir, feature_cache, tmp_path_factory):
+    """Two audits of different inputs (Audit objects, not written): all 24 rows, and 16 rows with other labels."""
+    from labelsieve.api import audit
+
+    root, labels, df = images3
+    other = tmp_path_factory.mktemp("other") / "labels.csv"
+    sub = df.iloc[6:22].copy()
+    sub["label"] = np.roll(sub["label"].to_numpy(), 3)
+    sub.to_csv(other, index=False)
+    kw = {"method": "label_match", "model": str(mini_clip_dir), "cache_dir": feature_cache, "out_dir": None,
+          "progress": False, "quiet": True}
+    return root, audit(root, labels, **kw), audit(root, other, **kw)
+
+
+def _audit_seen(folder: Path) -> str:
+    """The audit_id of the one audit a reader sees in ``folder`` (every file of the set checked to be that audit),
+    or "refused" when the readers refuse with a message."""
+    from labelsieve.audit.auditset import open_audit
+    from labelsieve.core.errors import LabelsieveError
+
+    try:
+        table, record = open_audit(folder / "audit.csv")
+    except LabelsieveError:
+        return "refused"
+    aid = record["audit_id"]
+    assert set(table["audit_id"]) == {aid}
+    if (folder / "audit.xlsx").exists():
+        assert set(read_audit(folder / "audit.xlsx", required=("audit_id",))["audit_id"]) == {aid}
+    if (folder / "audit.html").exists():
+        assert f'"audit_id":"{aid}"' in (folder / "audit.html").read_text(encoding="utf-8")
+    return aid
+
+
+@pytest.mark.parametrize("mode", ["crash", "enospc"])
+def test_a_failure_between_any_two_writes_leaves_one_whole_audit(two_audits, tmp_path, monkeypatch, mode):
+    """An audit's files replace the previous audit's as one unit: a failure at each file-system change of the
+    replacement (a killed process, or a full disk) leaves the previous audit or the new one, whole; never audit.csv
+    of one beside audit.json of the other. Readers (apply, train --clean, export, evaluate, the page) check it."""
+    from labelsieve.audit.auditset import AUDIT_FILES, write_audit_set
+
+    root, a, b = two_audits
+    base = tmp_path / "base"
+    write_audit_set(a, base, image_root=root, html=True, xlsx=True)  # the previous audit: csv, xlsx, html, json
+    assert _audit_seen(base) == a.summary["audit_id"]
+    probe = tmp_path / "probe"
+    shutil.copytree(base, probe)
+    with monkeypatch.context() as m:
+        counter = _FailWrites(m, None)
+        write_audit_set(b, probe, image_root=root, html=True, xlsx=False)  # the new one removes audit.xlsx
+        steps = counter.calls
+    assert _audit_seen(probe) == b.summary["audit_id"] and not (probe / "audit.xlsx").exists()
+    assert steps >= 8  # 3 staged files, the journal, 3 renames, 1 removal, the journal's removal
+    seen = []
+    for at in range(steps):
+        out = tmp_path / f"{mode}-{at}"
+        shutil.copytree(base, out)
+        with monkeypatch.context() as m:
+            _FailWrites(m, at, mode)
+            with pytest.raises((_Crash, OutputError)):
+                write_audit_set(b, out, image_root=root, html=True, xlsx=False)
+        who = _audit_seen(out)
+        assert who in (a.summary["audit_id"], b.summary["audit_id"]), (at, who)
+        seen.append("new" if who == b.summary["audit_id"] else "old")
+        clean = tmp_path / f"clean-{mode}-{at}.csv"
+        assert main(["apply", str(out / "audit.csv"), "-o", str(clean)]) == 0
+        expected = b if who == b.summary["audit_id"] else a
+        assert sorted(pd.read_csv(clean, dtype=str)["path"]) == sorted(expected.table.loc[
+            expected.table["issue"] != "unreadable", "path"])
+        left = sorted(f.name for f in out.iterdir() if f.name.startswith("."))
+        assert left == [] or (mode == "crash" and all(n.endswith((".tmp", ".new")) for n in left)), (at, left)
+        assert {f.name for f in out.iterdir() if not f.name.startswith(".")} <= {*AUDIT_FILES}, at
+    # before the commit point the previous audit stays; after it, the new one is finished by the next reader
+    assert seen[0] == "old" and seen[-1] == "new" and seen == sorted(seen, key=lambda s: s == "new"), seen
+
+
+def test_a_mixed_audit_set_is_refused_by_every_reader(two_audits, tmp_path, lite0_file, capsys):
+    """audit.csv of one audit beside audit.json of another (copied by hand, or left by an older labelsieve):
+    apply, train --clean, export and evaluate refuse it, naming both audits; rows pasted from another audit
+    are named by line."""
+    from labelsieve.audit.auditset import write_audit_set
+
+    root, a, b = two_audits
+    write_audit_set(a, tmp_path / "a", image_root=root, html=False)
+    write_audit_set(b, tmp_path / "b", image_root=root, html=False)
+    shutil.copy(tmp_path / "b" / "audit.json", tmp_path / "a" / "audit.json")
+    sheet = tmp_path / "a" / "audit.csv"
+    truth = write_rows(tmp_path / "truth.csv", ["path", "true_label"],
+                       [[p, g] for p, g in zip(a.table["path"], a.table["given_label"], strict=True)])
+    mixed = (f"is from audit {a.summary['audit_id']}, but the audit.json beside it is from audit "
+             f"{b.summary['audit_id']}")
+    for argv in (["apply", str(sheet), "-o", str(tmp_path / "clean.csv")],
+                 ["train", "--clean", str(sheet), "--backbone", "lite0", "--pretrained", str(lite0_file), "-o",
+                  str(tmp_path / "m")],
+                 ["export", str(sheet), "--to", "labelstudio", "-o", str(tmp_path / "ls")],
+                 ["evaluate", str(sheet), "--truth", str(truth)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert mixed in " ".join(err.split()), (argv[0], err)
+    assert not (tmp_path / "clean.csv").exists() and not (tmp_path / "m").exists()
+    # rows pasted into a sheet from another audit
+    write_audit_set(a, tmp_path / "c", image_root=root, html=False)
+    table = pd.read_csv(tmp_path / "c" / "audit.csv", dtype=str, keep_default_na=False)
+    pasted = pd.read_csv(tmp_path / "b" / "audit.csv", dtype=str, keep_default_na=False).iloc[:2]
+    pd.concat([table, pasted]).to_csv(tmp_path / "c" / "audit.csv", index=False)
+    with pytest.raises(DataError, match=rf"2 row\(s\) come from another audit .*line 26: {b.summary['audit_id']}"):
+        apply_review(tmp_path / "c" / "audit.csv", out_csv=tmp_path / "clean.csv")
+
+
+def test_a_failure_between_the_writes_of_an_export_leaves_one_whole_model(tmp_path, monkeypatch):
+    """train -o's export (model.safetensors + model.json) is one unit too: a failure at each step leaves the
+    previous model or the new one, and weights of one export beside the description of another are refused."""
+    import torch
+
+    from labelsieve.core.errors import ModelError
+    from labelsieve.train.export import export_classifier, load_classifier
+
+    spec = {"family": "timm", "name": "lite0", "arch": "tf_efficientnet_lite0", "weights": "none", "tag": None,
+            "file": None}
+
+    def meta(classes):
+        return {"spec": spec, "num_classes": len(classes), "classes": classes,
+                "preprocessing": {"image_size": 32}}
+
+    def model(n):
+        from labelsieve.models.classifiers import create_classifier
+        from labelsieve.models.loader import ModelSpec
+
+        torch.manual_seed(n)
+        return create_classifier(ModelSpec(**spec), num_classes=n, image_size=32)[0]
+
+    base = tmp_path / "base"
+    export_classifier(model(2), base, meta(["a", "b"]))
+    new = model(3)
+    with monkeypatch.context() as m:
+        counter = _FailWrites(m, None)
+        export_classifier(new, tmp_path / "probe", meta(["a", "b", "c"]))
+        steps = counter.calls
+    seen = set()
+    for mode in ("crash", "enospc"):
+        for at in range(steps):
+            out = tmp_path / f"{mode}-{at}"
+            shutil.copytree(base, out)
+            with monkeypatch.context() as m:
+                _FailWrites(m, at, mode)
+                with pytest.raises((_Crash, OutputError)):
+                    export_classifier(new, out, meta(["a", "b", "c"]))
+            loaded, got = load_classifier(out)
+            assert got["classes"] in (["a", "b"], ["a", "b", "c"]) and got["num_classes"] == len(got["classes"])
+            seen.add(len(got["classes"]))
+    assert seen == {2, 3}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(base, mixed)
+    shutil.copy(tmp_path / "probe" / "model.json", mixed / "model.json")
+    with pytest.raises(ModelError, match="come from two different trainings"):
+        load_classifier(mixed)
+
+
+def test_a_failure_while_apply_writes_leaves_the_previous_labels(audited, tmp_path, monkeypatch):
+    """apply writes one file, atomically: a failure leaves the previous labels.clean.csv whole (or none)."""
+    sheet = reviewed_copy(audited, tmp_path / "out", {0: "drop"})
+    out = tmp_path / "labels.clean.csv"
+    old = "path,label\nold.jpg,cat\n"
+    with monkeypatch.context() as m:
+        counter = _FailWrites(m, None)
+        apply_review(sheet, out_csv=tmp_path / "probe.csv")
+        steps = counter.calls  # the writability probe's removal, then the labels file put in place
+    for mode in ("crash", "enospc"):
+        for at in range(steps):
+            out.write_text(old)
+            with monkeypatch.context() as m:
+                _FailWrites(m, at, mode)
+                with contextlib.suppress(_Crash, OutputError):
+                    apply_review(sheet, out_csv=out)
+            text = out.read_text()
+            assert text == old or text == (tmp_path / "probe.csv").read_text(), (mode, at)
+            assert text == old or at < steps - 1
 
 
 # --------------------------------------------------------------------------- caches: never wrong

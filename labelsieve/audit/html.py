@@ -363,7 +363,8 @@ def _identity(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, str]
             h.update("\x1f".join(_text_col(table, col).tolist()).encode("utf-8"))
         input_hash = "t" + h.hexdigest()
     title = f"{summary.get('method', 'labelsieve')} audit of {len(table):,} images"
-    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title}
+    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title,
+            "audit_id": str(summary.get("audit_id") or "")}
 
 
 def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np.ndarray, to_review: np.ndarray,

@@ -40,9 +40,9 @@ import pandas as pd
 import torch
 
 from labelsieve import __version__
+from labelsieve.audit.auditset import open_audit
 from labelsieve.audit.decisions import merge_reviews, read_reviews
-from labelsieve.audit.review import kept_rows, sheet_vs_record
-from labelsieve.audit.schema import audit_record, read_audit
+from labelsieve.audit.review import kept_rows, record_classes, sheet_vs_record
 from labelsieve.core import distributed
 from labelsieve.core.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAMES
 from labelsieve.core.defaults import default_num_workers
@@ -587,14 +587,13 @@ def train_from_audit(
     check_output_dir(out_dir, what="the model folder (-o)")
     if cache_dir is not None:
         check_output_dir(cache_dir, what="the cache folder")
-    table = read_audit(audit_path)
+    table, record = open_audit(audit_path)  # one audit: identity and labels checked (labelsieve.audit.auditset)
     for extra in reviews:
         frame = extra if isinstance(extra, pd.DataFrame) else read_reviews(extra)
         table = merge_reviews(table, frame, where=str(audit_path))
-    record = audit_record(audit_path)
     root = audit_image_root(audit_path, images_root, record)
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
-    kept = kept_rows(table, drop_unreviewed_flagged=drop_unreviewed_flagged,
+    kept = kept_rows(table, classes=record_classes(record), drop_unreviewed_flagged=drop_unreviewed_flagged,
                      accept_suggestions=accept_suggestions, source=str(audit_path))
     for note in sheet_vs_record(table, record, where=str(audit_path))[1]:
         warn(note)

@@ -304,6 +304,7 @@ def audit(
     html: bool = True,
     xlsx: bool = False,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    normalize_labels: bool = False,
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
@@ -351,6 +352,9 @@ def audit(
     force : bool, default False
         Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
         it). Without it such an audit is refused before any work starts.
+    normalize_labels : bool, default False
+        Merge labels that differ only by Unicode form, case or surrounding spaces into their most frequent
+        spelling (without it they are separate classes, with a warning; :func:`labelsieve.data.load_images`).
     reviewed : sequence of paths
         Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
         they decide are trusted labels for the detector and keep their decision in the new audit
@@ -371,7 +375,7 @@ def audit(
     frames = [read_reviews(f) for f in reviewed]
     check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
-                         classnames=classnames)
+                         classnames=classnames, normalize_labels=normalize_labels)
     t_load = time.perf_counter() - t0
     t = time.perf_counter()
     encoder = create_encoder(model, pretrained=pretrained, device=dev)
@@ -397,7 +401,8 @@ def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.Pat
         "versions": versions(),
         "audit_id": new_audit_id(input_hash, created),
         "input": {"root": str(images.root), "labels": images.source, "input_hash": input_hash,
-                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None)},
+                  "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None),
+                  **({"label_merges": images.label_merges} if images.label_merges else {})},
         "created": created,
     })
     if out_dir is not None:
@@ -430,6 +435,7 @@ def audit_features(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    normalize_labels: bool = False,
 ) -> Audit:
     """Audit labels from features you already have (``labelsieve audit --features FEATS.npy LABELS.csv``).
 
@@ -448,7 +454,7 @@ def audit_features(
         raise DataError(f"Labels file not found: {csv}. Give the path,label CSV whose rows match the features.")
     x = _load_features_file(features)
     images = load_images(csv.parent, csv, path_column=path_column, label_column=label_column,
-                         classnames=classnames, must_exist=False)
+                         classnames=classnames, must_exist=False, normalize_labels=normalize_labels)
     if x.shape[0] != len(images):
         raise DataError(f"{features}: {x.shape[0]} rows of features for the {len(images)} rows of {csv}. Row i of "
                         "the features must be the image on row i of the labels CSV.")

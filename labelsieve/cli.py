@@ -114,6 +114,9 @@ def cli() -> None:
               help="Audit features computed elsewhere: a .npy array (n, d), row i = line i of the labels CSV, "
                    "given as ROOT (e.g. 'labelsieve audit --features feats.npy labels.csv'). No image is read; "
                    "default method turn (its probe), or the default ensemble with --model.")
+@click.option("--normalize-labels", is_flag=True,
+              help="Merge labels that differ only by Unicode form (NFC/NFD), case or surrounding spaces into their "
+                   "most frequent spelling (without it they are separate classes, with a warning).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
@@ -123,7 +126,8 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
-          reviewed: tuple[Path, ...], features: Path | None, no_progress: bool, force: bool) -> None:
+          reviewed: tuple[Path, ...], features: Path | None, normalize_labels: bool, no_progress: bool,
+          force: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv); with --features,
     of the rows of the labels CSV given as ROOT."""
     p = _parse_params(params)
@@ -140,13 +144,13 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
                               model=model if given["model"] else None, pretrained=pretrained, out_dir=out_dir,
                               classnames=classnames, path_column=path_column, label_column=label_column,
                               threshold=threshold, seed=seed, device=device, html=not no_html, xlsx=xlsx,
-                              progress=not no_progress, force=force)
+                              progress=not no_progress, force=force, normalize_labels=normalize_labels)
         return
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
               html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
-              progress=not no_progress, force=force, reviewed=reviewed)
+              progress=not no_progress, force=force, reviewed=reviewed, normalize_labels=normalize_labels)
 
 
 @cli.command("detectors")

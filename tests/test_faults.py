@@ -683,6 +683,110 @@ def test_ctrl_c_says_how_to_resume(images3, tmp_path, mini_clip_dir, feature_cac
     assert "run the same command again to resume" in err and "aborted" not in err
 
 
+def test_labels_differing_only_by_form_case_or_spaces_are_named_and_merged_on_request(images3, tmp_path, capsys,
+                                                                                         mini_clip_dir, feature_cache):
+    """'ñandú' typed in NFC and in NFD, 'cat' and 'Cat ': without --normalize-labels they stay separate classes with
+    a warning naming each spelling; with it each group is one class (its most frequent spelling), recorded in
+    audit.json. Paths are never touched."""
+    import unicodedata
+
+    root, _, df = images3
+    nfc = unicodedata.normalize("NFC", "ñandú")
+    nfd = unicodedata.normalize("NFD", "ñandú")
+    assert nfc != nfd
+    classes = sorted(df["label"].unique())
+    spell = {classes[0]: [nfc] * 5 + [nfd] * 3, classes[1]: ["cat"] * 6 + ["Cat "] * 2, classes[2]: ["dog"] * 8}
+    rows = []
+    for c in classes:
+        rows += [[p, lab] for p, lab in zip(df.loc[df["label"] == c, "path"], spell[c], strict=True)]
+    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], rows)
+    capsys.readouterr()
+    plain = load_images(root, labels)
+    err = " ".join(capsys.readouterr().err.split())
+    assert len(plain.classes) == 5 and "2 class(es) are spelled several ways" in err
+    assert f"{nfc!r} (5 rows) / {nfd!r} (NFD) (3 rows)" in err and "'cat' (6 rows) / 'Cat ' (2 rows)" in err
+    merged = load_images(root, labels, normalize_labels=True)
+    assert sorted(merged.classes) == sorted([nfc, "cat", "dog"]) and merged.label_merges == {nfd: nfc, "Cat ": "cat"}
+    assert merged.paths == plain.paths
+    out = tmp_path / "out"
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html", "--normalize-labels"]) == 0
+    record = json.loads((out / "audit.json").read_text())
+    assert record["input"]["label_merges"] == {nfd: nfc, "Cat ": "cat"} and len(record["classes"]) == 3
+
+
+def test_paths_and_labels_are_byte_exact_end_to_end(images3, tmp_path, mini_clip_dir, feature_cache, capsys):
+    """Class folders ' Forest' and 'River ' round-trip through labels.clean.csv; a CSV naming ' lead.jpg' (and a
+    label with spaces) is audited, applied, read back and evaluated: nothing is trimmed."""
+    src, _, df = images3
+    root = tmp_path / "folders"
+    classes = sorted(df["label"].unique())
+    names = {classes[0]: " Forest", classes[1]: "River ", classes[2]: "SeaLake"}
+    for k, (p, lab) in enumerate(zip(df["path"], df["label"], strict=True)):
+        if k == 5:
+            continue  # the zero-byte file
+        (root / names[lab]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / p, root / names[lab] / f"{k:02d}.jpg")
+    out = tmp_path / "out"
+    assert main(["audit", str(root), "--method", "label_match", "--model", str(mini_clip_dir), "-o", str(out),
+                 "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]) == 0
+    assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
+    back = load_images(root, tmp_path / "clean.csv")  # was: "12 image file(s) not found"
+    first = load_images(root)
+    pairs = sorted(zip(first.paths, first.label_names(), strict=True))
+    assert sorted(zip(back.paths, back.label_names(), strict=True)) == pairs
+    assert set(back.classes) == {" Forest", "River ", "SeaLake"}
+    # a CSV naming ' lead.jpg', labelled ' lead class'
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for k, (p, lab) in enumerate(zip(df["path"], df["label"], strict=True)):
+        if k == 5:
+            continue
+        name = " lead.jpg" if k == 0 else f"{k:02d}.jpg"
+        shutil.copy(src / p, flat / name)
+        rows.append([name, " lead class" if lab == classes[0] else lab])
+    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], rows)
+    out2 = tmp_path / "out2"
+    assert main(["audit", str(flat), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(out2), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]) == 0
+    table = read_audit(out2 / "audit.csv")
+    assert " lead.jpg" in set(table["path"]) and " lead class" in set(table["given_label"])
+    assert main(["apply", str(out2 / "audit.csv"), "-o", str(tmp_path / "clean2.csv")]) == 0
+    again = load_images(flat, tmp_path / "clean2.csv")
+    assert sorted(zip(again.paths, again.label_names(), strict=True)) == sorted(map(tuple, rows))
+    truth = write_rows(tmp_path / "truth.csv", ["path", "true_label"], rows)
+    capsys.readouterr()
+    assert main(["evaluate", str(out2 / "audit.csv"), "--truth", str(truth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == len(rows)
+
+
+def test_symlink_loops_and_nul_bytes_get_one_message(images3, tmp_path, capsys, mini_clip_dir):
+    """A symbolic-link loop in an ImageFolder tree and a NUL byte in a CSV path: one message naming the row, no
+    traceback."""
+    src, _, df = images3
+    root = tmp_path / "tree"
+    for k, (p, lab) in enumerate(zip(df["path"], df["label"], strict=True)):
+        (root / lab).mkdir(parents=True, exist_ok=True)
+        if k != 5:
+            shutil.copy(src / p, root / lab / f"{k:02d}.jpg")
+    loop = root / df["label"][0] / "loop.jpg"
+    loop.symlink_to(loop.name)
+    capsys.readouterr()
+    assert main(["audit", str(root), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{df['label'][0]}/loop.jpg (a symbolic-link loop)" in err and "Traceback" not in err
+    loop.unlink()
+    labels = tmp_path / "nul.csv"
+    labels.write_text("path,label\n" + "".join(f"{df['label'][0]}/{k:02d}.jpg,a\n" for k in range(3))
+                      + "bad\0name.jpg,b\n", encoding="utf-8")
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "line 5: 'bad\\x00name.jpg' holds a NUL byte" in err
+
+
 # --------------------------------------------------------------------------- security
 
 

@@ -57,9 +57,12 @@ from labelsieve.core.io import atomic_open
 from labelsieve.core.paths import check_output_dir, listed
 from labelsieve.core.progress import warn
 from labelsieve.core.spreadsheet import unmangle
+from labelsieve.data.images import input_hash
+from labelsieve.data.sources import read_image_folder, read_labels_csv
 
 __all__ = ["AUDIT_FILES", "AUDIT_TAG", "check_audit_output", "check_identity", "check_labels", "describe_audit",
-           "format_digest", "keep_reviewed_copy", "labels_hash", "new_audit_id", "open_audit", "write_audit_set"]
+           "format_digest", "keep_reviewed_copy", "labels_hash", "new_audit_id", "open_audit", "recorded_input",
+           "repair_paths", "write_audit_set"]
 
 #: The files of one audit, replaced together.
 AUDIT_FILES = ("audit.csv", "audit.xlsx", "audit.html", "audit.json")
@@ -182,6 +185,28 @@ def write_audit_set(result: Audit, out_dir: str | os.PathLike[str], *, image_roo
 
 
 # --------------------------------------------------------------------------- reading
+def recorded_input(record: dict[str, Any]) -> tuple[list[str], list[str] | None] | None:
+    """The audit's input rows, re-read from the labels CSV or image folder its record names: ``(paths, labels)``
+    when they still hash to the audit's ``input_hash``, ``(paths, None)`` when only the set of paths still matches
+    (``paths_hash``), None when the input is gone or changed."""
+    inp = record.get("input") or {}
+    if not inp.get("paths_hash"):
+        return None
+    try:
+        labels_file, root = Path(str(inp.get("labels", ""))), Path(str(inp.get("root", "")))
+        if labels_file.is_file():
+            paths, labels, _ = read_labels_csv(labels_file)
+        elif root.is_dir() and labels_file == root:
+            paths, labels, _ = read_image_folder(root)
+        else:
+            return None
+    except DataError:
+        return None
+    if inp.get("input_hash") and input_hash(paths, labels) == inp["input_hash"]:
+        return paths, labels
+    return (paths, None) if paths_hash(paths) == inp["paths_hash"] else None
+
+
 def open_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = REVIEW_REQUIRED,
                optional: Sequence[str] = REVIEW_OPTIONAL, labels: bool = True) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read a sheet and its record as one audit: the reader ``apply``, ``train --clean``, ``export`` and
@@ -219,9 +244,45 @@ def open_audit(audit_csv: str | os.PathLike[str], *, required: Sequence[str] = R
     table = read_audit(p, required=required, optional=(*optional, *checked, AUDIT_ID_COLUMN, DIGEST_COLUMN))
     record = audit_record(p)
     check_identity(table, record, where=str(p))
+    table = repair_paths(table, record, where=str(p))
     if labels:
         table = check_labels(table, record, where=str(p))
     return table, record
+
+
+def repair_paths(table: pd.DataFrame, record: dict[str, Any], *, where: str) -> pd.DataFrame:
+    """The sheet with paths a spreadsheet changed (``007`` read as ``7``, trimmed spaces …) read as the audit's
+    paths they were, with a warning naming the rows: only where the audit's input can still be read and exactly
+    one of the paths missing from the sheet explains the changed one
+    (:func:`~labelsieve.core.spreadsheet.mangling`). Other differences are left to apply's row check
+    (:func:`labelsieve.audit.review.sheet_vs_record`)."""
+    inp = record.get("input") or {}
+    if "path" not in table.columns or not inp.get("paths_hash"):
+        return table
+    paths = table["path"].astype(str).to_numpy(dtype=object)
+    if paths_hash(paths.tolist()) == inp["paths_hash"]:
+        return table
+    original = recorded_input(record)
+    if original is None:
+        return table
+    orig_set = set(original[0])
+    missing = sorted(orig_set - set(paths.tolist()))
+    fixes, notes = {}, []
+    for i in np.flatnonzero([p not in orig_set for p in paths]):
+        cands = unmangle(paths[i], missing)
+        if len(cands) == 1:
+            fixes[i] = cands[0][0]
+            notes.append(f"{line_word(table)} {table.index[i]}: {paths[i]!r} is read as {cands[0][0]!r} "
+                         f"({cands[0][1]})")
+    if not fixes:
+        return table
+    out = table.copy()
+    paths = paths.copy()
+    for i, p in fixes.items():
+        paths[i] = p
+    out["path"] = paths
+    warn(f"{where}: {len(fixes)} path(s) were changed by a spreadsheet and are read as the audit's ({listed(notes)}).")
+    return out
 
 
 def check_identity(table: pd.DataFrame, record: dict[str, Any], *, where: str) -> None:
@@ -335,6 +396,18 @@ def _check_labels_hash(table: pd.DataFrame, record: dict[str, Any], *, where: st
         return  # rows were deleted or added: reported by apply's row check (labelsieve.audit.review.sheet_vs_record)
     if labels_hash(table) == recorded:
         return
+    original = recorded_input(record)
+    if original is not None and original[1] is not None and "given_label" in table.columns:
+        given_of = dict(zip(*original, strict=True))
+        given = table["given_label"].astype(str).to_numpy(dtype=object)
+        changed = [f"{line_word(table)} {table.index[i]} ({paths[i]}): {given[i]!r}, the audit's input says "
+                   f"{given_of[paths[i]]!r}" for i in range(len(paths))
+                   if paths[i] in given_of and given_of[paths[i]] != given[i]]
+        if changed:
+            raise DataError(f"{where}: {len(changed)} given label(s) differ from those {describe_audit(record)} was "
+                            f"made on ({listed(changed)}): a spreadsheet or an edit changed a label into another "
+                            "class. Restore given_label from the original audit; correct labels with relabel:<class> "
+                            "in the review column.")
     raise DataError(f"{where}: the given or suggested labels of some rows differ from those {describe_audit(record)} "
                     "wrote (audit.json 'labels_hash'), although each is one of its classes: a spreadsheet or an edit "
                     "changed a label into another class (e.g. '0012' into '12' where both are classes). Restore "

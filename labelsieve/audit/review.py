@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy, open_audit
+from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy, open_audit, recorded_input
 from labelsieve.audit.decisions import merge_reviews
 from labelsieve.audit.schema import (
     REVIEW_REQUIRED,
@@ -55,7 +55,6 @@ from labelsieve.core.io import atomic_open, neutralise_frame
 from labelsieve.core.paths import check_output_file, listed
 from labelsieve.core.progress import warn
 from labelsieve.core.spreadsheet import unmangle
-from labelsieve.data.sources import read_image_folder, read_labels_csv
 
 __all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
            "keep_reviewed_copy", "kept_rows", "read_audit", "sheet_vs_record"]
@@ -322,7 +321,8 @@ def sheet_vs_record(audit: pd.DataFrame, record: dict[str, Any], *, where: str) 
     recorded_hash = inp.get("paths_hash")
     if n_sheet == n_audit and (recorded_hash is None or recorded_hash == paths_hash(sheet_paths)):
         return 0, []
-    original = _recorded_paths(inp, recorded_hash)
+    recovered = recorded_input(record)
+    original = recovered[0] if recovered is not None else None
     notes: list[str] = []
     if original is not None:
         sheet_set, orig_set = set(sheet_paths), set(original)
@@ -344,23 +344,6 @@ def sheet_vs_record(audit: pd.DataFrame, record: dict[str, Any], *, where: str) 
     notes.append(f"{where}: the sheet's rows differ from the {n_audit} the audit wrote (audit.json): "
                  f"{n_sheet} rows, with other paths. Check for added, deleted or edited rows.")
     return 0, notes
-
-
-def _recorded_paths(inp: dict[str, Any], recorded_hash: str | None) -> list[str] | None:
-    """The audit's input paths, re-read from its labels CSV or image folder if they still hash the same."""
-    if not recorded_hash:
-        return None
-    try:
-        labels, root = Path(str(inp.get("labels", ""))), Path(str(inp.get("root", "")))
-        if labels.is_file():
-            paths = read_labels_csv(labels)[0]
-        elif root.is_dir() and labels == root:
-            paths = read_image_folder(root)[0]
-        else:
-            return None
-    except DataError:
-        return None
-    return paths if paths_hash(paths) == recorded_hash else None
 
 
 def record_classes(record: dict[str, Any]) -> list[str] | None:

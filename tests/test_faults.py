@@ -30,6 +30,7 @@ from labelsieve.cli import main
 from labelsieve.core.errors import DataError, OutputError
 from labelsieve.core.io import FORMULA_PREFIXES, neutralise_cell, restore_cell
 from labelsieve.core.progress import console
+from labelsieve.core.spreadsheet import is_convertible
 from labelsieve.data import hashing, load_images, read_labels_csv
 from labelsieve.data.hashing import ContentHasher
 from labelsieve.features import extract_features
@@ -785,6 +786,164 @@ def test_symlink_loops_and_nul_bytes_get_one_message(images3, tmp_path, capsys, 
                  str(tmp_path / "o"), "--no-progress"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "line 5: 'bad\\x00name.jpg' holds a NUL byte" in err
+
+
+def _sheet_audit(tmp_path: Path, classes: list[str], rows: list[tuple[str, str, str]]) -> Path:
+    """A written audit (audit.csv + audit.json, no images) of ``rows`` (path, given, suggested), with its input
+    labels CSV, so that readers can name rows."""
+    from labelsieve.audit.auditset import new_audit_id, write_audit_set
+    from labelsieve.audit.schema import paths_hash
+    from labelsieve.audit.table import Audit
+    from labelsieve.data.images import input_hash
+
+    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], [[p, g] for p, g, _ in rows])
+    n = len(rows)
+    table = pd.DataFrame({"path": [r[0] for r in rows], "given_label": [r[1] for r in rows],
+                          "p_clean": np.linspace(0.1, 0.9, n), "is_noisy": [r[1] != r[2] for r in rows],
+                          "suggested_label": [r[2] for r in rows], "suggested_prob": 0.9, "issue": "",
+                          "rank": np.arange(1, n + 1), "review": ""})
+    ih = input_hash([r[0] for r in rows], [r[1] for r in rows])
+    summary = {"audit_id": new_audit_id(ih, "now"), "created": "now", "classes": classes, "n_images": n,
+               "input": {"root": str(tmp_path), "labels": str(labels), "input_hash": ih,
+                         "paths_hash": paths_hash([r[0] for r in rows])}}
+    write_audit_set(Audit(table=table, summary=summary), tmp_path / "out", image_root=tmp_path, html=False)
+    return tmp_path / "out" / "audit.csv"
+
+
+def test_labels_a_spreadsheet_changed_are_repaired_or_refused_with_their_rows(tmp_path, capsys):
+    """Given, suggested and relabel classes are checked against audit.json's classes: a value one class explains
+    as a spreadsheet change (a number, a date, another case) is read as that class, with the rows named; others
+    are refused with their rows; the "did you mean" hint names the class, not the damaged value. A label changed
+    into another class (0012 -> 12 where both are classes) is caught by the audit's labels_hash."""
+    classes = ["0012", "12", "1e5", "3/4", "Cat"]
+    rows = [("a.jpg", "1e5", "1e5"), ("b.jpg", "3/4", "0012"), ("c.jpg", "Cat", "Cat"), ("d.jpg", "0012", "3/4"),
+            ("e.jpg", "12", "12")]
+    sheet = _sheet_audit(tmp_path, classes, rows)
+    original = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+
+    def edited(cells):
+        t = original.copy()
+        for (row, col), value in cells.items():
+            t.loc[row, col] = value
+        t.to_csv(sheet, index=False)
+        capsys.readouterr()
+        return main(["apply", str(sheet), "-o", str(tmp_path / "clean.csv")]), " ".join(capsys.readouterr().err.split())
+
+    rc, err = edited({(0, "given_label"): "100000", (3, "suggested_label"): "2026-03-04",
+                        (2, "given_label"): "CAT", (1, "review"): "relabel:1.00E+05"})
+    assert rc == 0, err
+    assert "given_label '100000' is read as '1e5' (read as the number 100000)" in err
+    assert "suggested_label '2026-03-04' is read as '3/4' (read as the date 2026-03-04)" in err
+    assert "given_label 'CAT' is read as 'Cat' (another case)" in err
+    assert "'relabel:1.00E+05' is read as 'relabel:1e5'" in err
+    assert dict(zip(*read_labels_csv(tmp_path / "clean.csv")[:2], strict=True)) == {
+        "a.jpg": "1e5", "b.jpg": "1e5", "c.jpg": "Cat", "d.jpg": "0012", "e.jpg": "12"}
+    rc, err = edited({(4, "review"): "relabel:cta"})
+    assert rc == 2 and "unknown class 'cta' in 'relabel:cta'; did you mean 'Cat'?" in err
+    rc, err = edited({(1, "review"): "relabel:100"})
+    assert rc == 2 and "unknown class '100'" in err and "did you mean" not in err  # no damaged value offered
+    rc, err = edited({(2, "given_label"): "zzz"})
+    assert rc == 2 and "line 4: given_label 'zzz' is not a class of this audit" in err
+    rc, err = edited({(3, "given_label"): "12"})  # 0012 -> 12, and 12 is a class too
+    assert rc == 2 and "line 5 (d.jpg): '12', the audit's input says '0012'" in err
+    assert not (tmp_path / "clean.csv").exists() or rc == 2
+
+
+#: LibreOffice round trips: (import filter, export filter) per conversion. The default import keeps dates; with
+#: "detect special numbers" (the 8th CSV token) 3/4 becomes a date, and "save as shown" writes 1e5 as 1.00E+05.
+_SPECIAL_IN = "CSV:44,34,76,1,,1033,false,true"
+_SHOWN_OUT = "csv:Text - txt - csv (StarCalc):44,34,76,1,,1033,false,true,true"
+_ROUND_TRIPS = {
+    "csv-csv": [(None, "csv")],
+    "csv-csv special numbers": [(_SPECIAL_IN, _SHOWN_OUT)],
+    "csv-xlsx-csv": [(None, "xlsx"), (None, "csv")],
+    "csv-xlsx-csv special numbers": [(_SPECIAL_IN, "xlsx"), (None, _SHOWN_OUT)],
+}
+
+
+def _libreoffice(src: Path, dest_dir: Path, steps: list[tuple[str | None, str]], profile: Path) -> Path:
+    """``src`` converted by LibreOffice Calc, headless, through ``steps``; the last result lands in ``dest_dir``."""
+    cur = src
+    for k, (infilter, convert) in enumerate(steps):
+        out = dest_dir if k == len(steps) - 1 else src.parent / f"step{k}"
+        args = ["soffice", f"-env:UserInstallation={profile.as_uri()}", "--headless", "--norestore"]
+        args += [f"--infilter={infilter}"] if infilter else []
+        subprocess.run([*args, "--convert-to", convert, "--outdir", str(out), str(cur)], check=True,
+                       capture_output=True, timeout=240)
+        cur = out / (cur.stem + "." + convert.split(":")[0])
+        assert cur.is_file(), (steps, k)
+    return cur
+
+
+def test_a_libreoffice_round_trip_keeps_the_labels_or_is_refused(images3, tmp_path, mini_clip_dir, feature_cache,
+                                                                 capsys):
+    """An audit with mangle-prone class names (0012, 1e5, 3/4) and file names (007, 3-4, 1e5, TRUE, ' lead.jpg',
+    =cmd.jpg), reviewed, saved back by LibreOffice Calc (CSV->CSV and CSV->XLSX->CSV, with and without "detect
+    special numbers"): apply gives exactly the labels of the original sheet. With the cells' protecting ' removed
+    first (a tool that drops it), the changed labels and paths are repaired, naming the rows, or refused."""
+    if shutil.which("soffice") is None:
+        from helpers import unavailable
+
+        unavailable("LibreOffice is not installed (apt-get install libreoffice-calc)")
+    src, _, df = images3
+    root = tmp_path / "imgs"
+    root.mkdir()
+    classes = dict(zip(sorted(df["label"].unique()), ["0012", "1e5", "3/4"], strict=True))
+    special = {0: "007", 1: "3-4", 2: "1e5", 3: "TRUE", 4: " lead.jpg", 6: "=cmd.jpg"}
+    rows = []
+    for k, (p, lab) in enumerate(zip(df["path"], df["label"], strict=True)):
+        if k == 5:
+            continue  # the zero-byte file
+        name = special.get(k, f"{k:02d}.jpg")
+        shutil.copy(src / p, root / name)
+        rows.append([name, classes[lab]])
+    labels = write_rows(tmp_path / "labels.csv", ["path", "label"], rows)
+    out = tmp_path / "out"
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"]) == 0
+    # a reviewer's decisions, typed into the sheet as written (the protecting ' stays where labelsieve put it)
+    cells = raw_cells(out / "audit.csv")
+    head = cells[0]
+    ip, ig, ir = head.index("path"), head.index("given_label"), head.index("review")
+    by_path = {restore_cell(r[ip]): r for r in cells[1:]}
+    for name, review in [("007", "relabel:3/4"), ("3-4", "relabel:0012"), ("1e5", "drop"), (" lead.jpg", "keep"),
+                         ("TRUE", "relabel:1e5")]:
+        by_path[name][ir] = review
+    assert {by_path["007"][ig], by_path["3-4"][ip]} <= {"'0012", "'1e5", "'3/4", "'3-4"}  # protected as text
+    write_rows(out / "audit.csv", head, cells[1:])
+    assert main(["apply", str(out / "audit.csv"), "-o", str(tmp_path / "clean0.csv")]) == 0
+    expected = (tmp_path / "clean0.csv").read_bytes()
+    got = {(r[0], r[1]) for r in raw_cells(tmp_path / "clean0.csv")[1:]}
+    assert ("'3-4", "'0012") in got and ("'007", "'3/4") in got and not any(p == "'1e5" for p, _ in got)
+    profile = tmp_path / "lo-profile"
+    results = {}
+    for name, steps in _ROUND_TRIPS.items():
+        for lost in (False, True):
+            work = tmp_path / f"rt-{len(results)}"
+            shutil.copytree(out, work)
+            sheet = tmp_path / f"in-{len(results)}" / "audit.csv"
+            sheet.parent.mkdir()
+            rows_in = raw_cells(out / "audit.csv")
+            if lost:  # a tool that drops the ' of numbers and dates (not of formulas: those would run)
+                rows_in = [[c[1:] if c[:1] == "'" and is_convertible(c[1:]) else c for c in r] for r in rows_in]
+            write_rows(sheet, rows_in[0], rows_in[1:])
+            (work / "audit.csv").unlink()
+            back = _libreoffice(sheet, work, steps, profile)
+            assert back == work / "audit.csv"
+            capsys.readouterr()
+            clean = tmp_path / f"clean-{len(results)}.csv"
+            rc = main(["apply", str(back), "-o", str(clean)])
+            err = " ".join(capsys.readouterr().err.split())
+            if rc == 0:
+                assert clean.read_bytes() == expected, (name, lost, err)
+                results[(name, lost)] = "same labels" + (" (repaired, rows named)" if "line " in err else "")
+            else:
+                assert rc == 2 and "line " in err, (name, lost, err)
+                results[(name, lost)] = "refused, rows named"
+    # with the protecting ' kept, LibreOffice changes nothing; without it, values were changed and repaired
+    assert all(results[(n, False)] == "same labels" for n in _ROUND_TRIPS), results
+    assert all(results[(n, True)] in ("same labels (repaired, rows named)", "refused, rows named")
+               for n in _ROUND_TRIPS), results
 
 
 # --------------------------------------------------------------------------- security

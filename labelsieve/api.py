@@ -207,7 +207,7 @@ def run_detector(
                              progress=progress)
     timings["features"] = time.perf_counter() - t
     readable = feats.ok
-    rev = resolve_reviewed(images, reviewed) if reviewed else None
+    rev = resolve_reviewed(images, reviewed, digests=feats.digests) if reviewed else None
     fit = readable & ~rev.dropped if rev is not None else readable
     ridx = np.nonzero(fit)[0]
     sub = images.subset(ridx)
@@ -543,7 +543,7 @@ def apply_review(
     counts = _apply_review(Path(audit_csv), out_csv=Path(out_csv), classes=classes, reviews=frames,
                            drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions)
     if frames:
-        counts["decisions_merged"] = sum(len(f) for f in frames)
+        counts["decisions_merged"] = sum(len(f) for f in frames) - counts.get("stale_decisions", 0)
     return counts
 
 

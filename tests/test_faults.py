@@ -788,6 +788,91 @@ def test_symlink_loops_and_nul_bytes_get_one_message(images3, tmp_path, capsys, 
     assert "line 5: 'bad\\x00name.jpg' holds a NUL byte" in err
 
 
+def test_a_decision_made_on_an_older_label_never_reverts_a_later_fix(images3, audited, tmp_path, mini_clip_dir,
+                                                                   feature_cache, capsys):
+    """`keep` decided on label X, then the label fixed to Y in the input: `audit --reviewed` and `apply --reviews`
+    follow one rule: the decision is stale (named, not used) and Y stays; a `relabel:Y` decided on X agrees with Y."""
+    root, labels, df = images3
+    sheet = reviewed_copy(audited, tmp_path / "v1")
+    table = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    readable = table.index[table["issue"] != "unreadable"][:7]
+    classes = sorted(df["label"].unique())
+    fixed = {}
+    for i in readable[:5]:
+        table.loc[i, "review"] = "keep"  # decided on the old label ...
+        fixed[table.loc[i, "path"]] = next(c for c in classes if c != table.loc[i, "given_label"])
+    agree_path = table.loc[readable[5], "path"]
+    agree_to = next(c for c in classes if c != table.loc[readable[5], "given_label"])
+    table.loc[readable[5], "review"] = f"relabel:{agree_to}"
+    fixed[agree_path] = agree_to
+    table.to_csv(sheet, index=False)
+    new_labels = df.assign(label=[fixed.get(p, lab) for p, lab in zip(df["path"], df["label"], strict=True)])
+    new_labels.to_csv(tmp_path / "labels.v2.csv", index=False)  # ... and the labels fixed later
+    v2 = tmp_path / "v2"
+    capsys.readouterr()
+    assert main(["audit", str(root), str(tmp_path / "labels.v2.csv"), "--method", "label_match", "--model",
+                 str(mini_clip_dir), "-o", str(v2), "--cache-dir", str(feature_cache), "--no-progress", "--no-html",
+                 "--reviewed", str(sheet)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "5 reviewed decision(s) were made on another row than this input's and were not used" in err
+    record = json.loads((v2 / "audit.json").read_text())
+    assert record["reviewed"]["n_stale"] == 5 and record["reviewed"]["n_trusted"] == 1
+    new = read_audit(v2 / "audit.csv").set_index("path")
+    assert not any(new.loc[p, "review"].startswith("relabel:") for p in list(fixed)[:5])  # was relabel:<old label>
+    assert new.loc[agree_path, "review"] == "keep"
+    assert main(["apply", str(v2 / "audit.csv"), "-o", str(tmp_path / "clean.csv")]) == 0
+    out = dict(zip(*read_labels_csv(tmp_path / "clean.csv")[:2], strict=True))
+    assert all(out[p] == y for p, y in fixed.items())  # was: the old label written back for 5 of 5
+    # apply --reviews: the same rule (it used to refuse the whole file: "made on another given label")
+    plain = tmp_path / "v2b"
+    shutil.copytree(v2, plain)
+    t = pd.read_csv(plain / "audit.csv", dtype=str, keep_default_na=False).assign(review="")
+    t.to_csv(plain / "audit.csv", index=False)
+    capsys.readouterr()
+    assert main(["apply", str(plain / "audit.csv"), "--reviews", str(sheet), "-o", str(tmp_path / "c2.csv")]) == 0
+    captured = capsys.readouterr()
+    assert "stale_decisions: 5" in captured.out and "5 decision(s) were made on another row" in " ".join(
+        captured.err.split())
+    assert dict(zip(*read_labels_csv(tmp_path / "c2.csv")[:2], strict=True)) == out
+
+
+def test_reviews_of_another_audit_with_replaced_images_are_not_applied(images3, tmp_path, mini_clip_dir,
+                                                                       feature_cache, capsys):
+    """Reviews carry their audit's identity and each decided image's digest: applied to another audit of the same
+    paths and labels whose decided images were replaced by other pictures, those decisions are named and not used
+    (apply --reviews and audit --reviewed alike)."""
+    src, labels, df = images3
+    kw = ["--method", "label_match", "--model", str(mini_clip_dir), "--cache-dir", str(feature_cache),
+          "--no-progress", "--no-html"]
+    assert main(["audit", str(src), str(labels), "-o", str(tmp_path / "a"), *kw]) == 0
+    a = pd.read_csv(tmp_path / "a" / "audit.csv", dtype=str, keep_default_na=False)
+    decided = a.index[a["issue"] != "unreadable"][:8]
+    a.loc[decided, "review"] = ["keep", "drop", "keep", "drop", "keep", "drop", "keep", "keep"]
+    reviews = a.loc[decided, ["path", "given_label", "suggested_label", "review", "digest", "audit_id"]]
+    reviews.to_csv(tmp_path / "reviews.csv", index=False)  # what the page downloads
+    root = tmp_path / "b-images"
+    shutil.copytree(src, root)
+    replaced = list(a.loc[decided[:6], "path"])
+    donor = [p for p in df["path"] if p not in set(a.loc[decided, "path"]) and (src / p).stat().st_size][1:7]
+    for p, d in zip(replaced, donor, strict=True):
+        shutil.copy(src / d, root / p)  # same path, another picture
+    assert main(["audit", str(root), str(labels), "-o", str(tmp_path / "b"), *kw]) == 0
+    capsys.readouterr()
+    assert main(["apply", str(tmp_path / "b" / "audit.csv"), "--reviews", str(tmp_path / "reviews.csv"), "-o",
+                 str(tmp_path / "clean.csv")]) == 0
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert "stale_decisions: 6" in out and "decisions_merged: 2" in out
+    assert "6 decision(s) were made on another row" in err and "is another picture now" in err
+    assert all(p in err for p in replaced[:5])  # named (the first five)
+    kept = set(read_labels_csv(tmp_path / "clean.csv")[0])
+    assert set(replaced) <= kept  # their 'drop' decisions were not applied to the new pictures
+    capsys.readouterr()
+    assert main(["audit", str(root), str(labels), "-o", str(tmp_path / "b2"), *kw,
+                 "--reviewed", str(tmp_path / "reviews.csv")]) == 0
+    assert json.loads((tmp_path / "b2" / "audit.json").read_text())["reviewed"]["n_stale"] == 6
+
+
 def _sheet_audit(tmp_path: Path, classes: list[str], rows: list[tuple[str, str, str]]) -> Path:
     """A written audit (audit.csv + audit.json, no images) of ``rows`` (path, given, suggested), with its input
     labels CSV, so that readers can name rows."""

@@ -458,7 +458,9 @@ def apply_review(
         ``drop_unreviewed_flagged``) and ``unreviewed_flagged`` (readable flagged rows with an empty
         review, whatever was done with them). ``kept + relabelled + dropped`` is the number of rows of
         the sheet. ``missing``: rows the audit wrote (its ``audit.json``) that were deleted from the sheet,
-        and so are not in ``out_csv`` either. Warnings (deleted or added rows, ``keep`` on an unreadable
+        and so are not in ``out_csv`` either. With ``reviews``, ``stale_decisions``: decisions made on another
+        row (another given label, another picture) that were not used
+        (:func:`~labelsieve.audit.decisions.stale_reason`). Warnings (deleted or added rows, ``keep`` on an unreadable
         image) are printed on stderr.
 
     Raises
@@ -483,5 +485,8 @@ def apply_review(
         neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator="\n")
     for note in [*dec.notes, *notes]:
         warn(note)
-    return {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
-            "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    counts = {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
+              "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    if reviews:
+        counts["stale_decisions"] = int(audit.attrs.get("stale_decisions", 0))
+    return counts

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.auditset import format_digest
+from labelsieve.audit.decisions import stale_reason
 from labelsieve.audit.review import kept_rows
 from labelsieve.core.errors import DataError
 from labelsieve.data import LabeledImages
@@ -63,6 +65,9 @@ class ReviewedRows:
         The files the decisions came from.
     not_in_input : list of str
         Paths with a decision that the new input does not hold.
+    stale : list of str
+        Decisions not used because they were made on another row (another given label they do not agree
+        with, another picture), each with its reason.
     """
 
     labels: np.ndarray
@@ -71,6 +76,7 @@ class ReviewedRows:
     review: np.ndarray
     sources: list[str] = field(default_factory=list)
     not_in_input: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
 
     @property
     def decided(self) -> np.ndarray:
@@ -82,11 +88,17 @@ class ReviewedRows:
         return {"files": self.sources, "n_decided": int(self.decided.sum()), "n_trusted": int(self.trusted.sum()),
                 "n_kept": int(self.trusted.sum()) - n_relabel, "n_relabelled": n_relabel,
                 "n_dropped": int(self.dropped.sum()), "n_not_in_input": len(self.not_in_input),
-                "not_in_input": self.not_in_input[:_MAX_LISTED]}
+                "not_in_input": self.not_in_input[:_MAX_LISTED], "n_stale": len(self.stale),
+                "stale": self.stale[:_MAX_LISTED]}
 
 
-def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> ReviewedRows:
+def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
+                     digests: Sequence[bytes] | None = None) -> ReviewedRows:
     """Map decisions (tables from :func:`~labelsieve.audit.decisions.read_reviews`) onto ``images``.
+
+    A decision made on another row than the input's (another given label it does not agree with, or another
+    picture: ``digests`` are the input images' content digests) is stale: not used, and listed
+    (:func:`labelsieve.audit.decisions.stale_reason`, the rule ``apply --reviews`` follows too).
 
     Raises
     ------
@@ -97,9 +109,11 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
     n = len(images)
     pos = {p: i for i, p in enumerate(images.paths)}
     given = np.asarray(images.label_names(), dtype=object)
+    current_digest = ([format_digest(d) for d in digests] if digests is not None else [""] * n)
     outcome = np.full(n, None, dtype=object)  # class name, or "" for drop
     origin = np.full(n, "", dtype=object)
     not_in: list[str] = []
+    stale: list[str] = []
     sources: list[str] = []
     for frame in reviews:
         source = str(frame.attrs.get("source", "reviews"))
@@ -116,9 +130,22 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
             f["suggested_label"] = ""
         f["is_noisy"] = False
         kept = kept_rows(f[["path", "given_label", "suggested_label", "is_noisy", "review"]],
-                         classes=images.classes, source=source)
+                         classes=sorted({*images.classes, *f["given_label"].astype(str)}), source=source)
         label_of = dict(zip(kept["path"], kept["label"], strict=True))
         new = np.array([label_of.get(p, "") for p in f["path"].astype(str)], dtype=object)
+        decided_digest = (f["digest"].astype(str).to_numpy(dtype=object) if "digest" in f.columns
+                          else np.full(len(f), "", dtype=object))
+        fresh = np.ones(len(f), dtype=bool)
+        for k, i in enumerate(at):
+            why = stale_reason(decided_given=str(f["given_label"].iloc[k]), current_given=str(given[i]),
+                               outcome=str(new[k]), decided_digest=str(decided_digest[k]),
+                               current_digest=current_digest[i])
+            if why is None and new[k] and new[k] not in images.classes:
+                why = f"it gives the class {new[k]!r}, which this input does not have"
+            if why is not None:
+                fresh[k] = False
+                stale.append(f"{images.paths[i]} ({source}, {f['review'].iloc[k]!r}): {why}")
+        f, at, new = f.loc[fresh], at[fresh], new[fresh]
         clash = [f"{images.paths[i]}: {outcome[i] or 'drop'!r} from {origin[i]}, {new[k] or 'drop'!r} from {source}"
                  for k, i in enumerate(at) if outcome[i] is not None and outcome[i] != new[k]]
         if clash:
@@ -140,7 +167,7 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
     changed = trusted & ~same
     review[changed] = ["relabel:" + str(c) for c in outcome[changed]]
     return ReviewedRows(labels=labels, trusted=trusted, dropped=dropped, review=review, sources=sources,
-                        not_in_input=not_in)
+                        not_in_input=not_in, stale=stale)
 
 
 def widen_result(result: DetectionResult, fitted: np.ndarray) -> DetectionResult:
@@ -197,12 +224,18 @@ def mark_reviewed(table: pd.DataFrame, images: LabeledImages, rows: ReviewedRows
 
 
 def reviewed_warning(rows: ReviewedRows) -> str | None:
-    """A warning for audit.json when decisions name paths the input does not hold."""
-    if not rows.not_in_input:
-        return None
-    shown = ", ".join(rows.not_in_input[:5]) + (" …" if len(rows.not_in_input) > 5 else "")
-    return (f"{len(rows.not_in_input)} reviewed decision(s) name paths not in this input ({shown}); they are "
-            "listed in audit.json under 'reviewed' and were not used. Keep the reviewed file to apply them later.")
+    """A warning for audit.json when decisions name paths the input does not hold, or were made on other rows."""
+    parts = []
+    if rows.not_in_input:
+        shown = ", ".join(rows.not_in_input[:5]) + (" …" if len(rows.not_in_input) > 5 else "")
+        parts.append(f"{len(rows.not_in_input)} reviewed decision(s) name paths not in this input ({shown}); they are "
+                     "listed in audit.json under 'reviewed' and were not used. Keep the reviewed file to apply them "
+                     "later.")
+    if rows.stale:
+        shown = "; ".join(rows.stale[:5]) + (" …" if len(rows.stale) > 5 else "")
+        parts.append(f"{len(rows.stale)} reviewed decision(s) were made on another row than this input's and were not "
+                     f"used ({shown}). Review those rows again.")
+    return " ".join(parts) or None
 
 
 def check_reviewed_frames(frames: Sequence[pd.DataFrame]) -> None:

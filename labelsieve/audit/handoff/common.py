@@ -56,7 +56,8 @@ def missing_extra(package: str, extra: str, exc: ImportError, hint: str = "") ->
 
 def row_values(rows: pd.DataFrame) -> dict[str, list[Any]]:
     """The audit fields a tool shows, as plain Python lists: ``path``, ``given``, ``sugg``, ``issue``, ``review``
-    (strings), ``p_clean``, ``s_prob``, ``agreement`` (floats or None) and ``rank`` (ints)."""
+    (strings), ``digest`` and ``audit_id`` (strings, "" when the audit has none), ``p_clean``, ``s_prob``,
+    ``agreement`` (floats or None) and ``rank`` (ints)."""
     n = len(rows)
 
     def numbers(column: str) -> list[float | None]:
@@ -65,5 +66,6 @@ def row_values(rows: pd.DataFrame) -> dict[str, list[Any]]:
     rank = numbers("rank") if "rank" in rows.columns else list(range(1, n + 1))
     return {"path": text(rows, "path", strip=False).tolist(), "given": text(rows, "given_label", strip=False).tolist(),
             "sugg": text(rows, "suggested_label", strip=False).tolist(), "issue": text(rows, "issue").tolist(),
-            "review": text(rows, "review").tolist(), "p_clean": numbers("p_clean"), "s_prob": numbers("suggested_prob"),
-            "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank]}
+            "review": text(rows, "review").tolist(), "digest": text(rows, "digest").tolist(),
+            "audit_id": text(rows, "audit_id").tolist(), "p_clean": numbers("p_clean"),
+            "s_prob": numbers("suggested_prob"), "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank]}

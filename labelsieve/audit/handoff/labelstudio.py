@@ -97,6 +97,9 @@ def build_tasks(rows: pd.DataFrame, *, image_root: str | os.PathLike[str],
                                 "issue": v["issue"][k], "rank": v["rank"][k]}
         if v["review"][k]:
             data["review"] = v["review"][k]
+        for key in ("digest", "audit_id"):  # the decision comes back checked against the audit and the picture
+            if v[key][k]:
+                data[key] = v[key][k]
         task: dict[str, Any] = {"data": data}
         if sugg:
             score = v["s_prob"][k]
@@ -230,7 +233,7 @@ def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:
                                               and "path" in t["data"] for t in tasks):
         raise DataError(f"{source}: not a Label Studio JSON export of tasks from 'labelsieve export' (a list of tasks "
                         "whose data has a 'path'). Export the project as JSON (not JSON-MIN or CSV).")
-    paths, given, sugg, reviews = [], [], [], []
+    paths, given, sugg, reviews, digests, audit_ids = [], [], [], [], [], []
     for t in tasks:
         data = t["data"]
         anns = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -250,5 +253,8 @@ def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:
         paths.append(str(data["path"]))
         given.append(str(data.get("given_label", "")))
         sugg.append(str(data.get("suggested_label", "")))
+        digests.append(str(data.get("digest", "")))
+        audit_ids.append(str(data.get("audit_id", "")))
         reviews.append(review)
-    return reviews_frame(paths, reviews, source=source, given=given, suggested=sugg)
+    return reviews_frame(paths, reviews, source=source, given=given, suggested=sugg, digests=digests,
+                         audit_ids=audit_ids)

@@ -669,6 +669,77 @@ def test_read_only_output_and_cache_folders_are_refused(tmp_path):
         assert msg.startswith("Cannot write the output at") and "is not writable (Permission denied)" in msg, msg
 
 
+def _disk_full_under(monkeypatch, folder: Path) -> None:
+    """Writes under ``folder`` fail as on a full disk: fsync (where a full disk reports delayed allocation, and the
+    last step of every atomic write) raises OSError(ENOSPC)."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd):
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = ""
+        if where.startswith(str(folder)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_is_one_message(images3, audited, tmp_path, mini_clip_dir, feature_cache, monkeypatch, capsys):
+    """ENOSPC in the output folder, the cache folder and apply's -o: one message naming the file and what to do,
+    exit status 2, no traceback, nothing half-written, the previous files unchanged."""
+    root, labels, _ = images3
+    out = tmp_path / "out"
+    shutil.copytree(audited, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    kw = ["--method", "label_match", "--model", str(mini_clip_dir), "--no-progress", "--no-html"]
+    with monkeypatch.context() as m:
+        _disk_full_under(m, out)
+        capsys.readouterr()
+        assert main(["audit", str(root), str(labels), "-o", str(out), "--cache-dir", str(feature_cache), *kw]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"No space left on the disk while writing {out / 'audit.csv'}" in err and "Traceback" not in err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m:
+        _disk_full_under(m, cache / "features")
+        assert main(["audit", str(root), str(labels), "-o", str(tmp_path / "o2"), "--cache-dir", str(cache),
+                     *kw]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"No space left on the disk while writing {cache / 'features'}" in err and "--cache-dir" in err
+    assert not (tmp_path / "o2" / "audit.csv").exists()
+    dest = tmp_path / "labels" / "clean.csv"
+    dest.parent.mkdir()
+    dest.write_text("path,label\nold.jpg,cat\n")
+    with monkeypatch.context() as m:
+        _disk_full_under(m, dest.parent)
+        assert main(["apply", str(audited / "audit.csv"), "-o", str(dest)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"No space left on the disk while writing {dest}" in err and dest.read_text() == "path,label\nold.jpg,cat\n"
+    assert sorted(f.name for f in dest.parent.iterdir()) == ["clean.csv"]
+
+
+def test_reviewed_keep_on_a_class_the_input_lacks_is_a_message(images3, audited, tmp_path, mini_clip_dir,
+                                                                 feature_cache, capsys):
+    """audit --reviewed with `keep` decided on a class the new input does not have (a KeyError before): the
+    decision was made on another label, so it is named and not used."""
+    root, labels, df = images3
+    sheet = reviewed_copy(audited, tmp_path / "v1", {0: "keep"})
+    table = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    table.loc[0, "given_label"] = "zebra"  # decided when the row was labelled zebra
+    table.to_csv(sheet, index=False)
+    (sheet.parent / "audit.json").unlink()  # a reviews file without its record
+    capsys.readouterr()
+    assert main(["audit", str(root), str(labels), "--method", "label_match", "--model", str(mini_clip_dir), "-o",
+                 str(tmp_path / "v2"), "--cache-dir", str(feature_cache), "--no-progress", "--no-html",
+                 "--reviewed", str(sheet)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "decided on the given label 'zebra' (giving 'zebra')" in err and "Traceback" not in err
+
+
 def test_ctrl_c_says_how_to_resume(images3, tmp_path, mini_clip_dir, feature_cache, monkeypatch, capsys):
     """Ctrl-C (click turns it into Abort) prints what is kept and how to resume, not just "aborted"."""
     import labelsieve.api

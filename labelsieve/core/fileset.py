@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from labelsieve.core.errors import OutputError
+from labelsieve.core.errors import NO_SPACE, OutputError, no_space_error
 from labelsieve.core.io import atomic_write_text
 
 __all__ = ["journal_path", "recover", "replace_files"]
@@ -143,7 +143,13 @@ def replace_files(
         for name, write in writers.items():
             tmp = folder / f".{name}.{token}.new"
             staged[name] = tmp
-            write(tmp)
+            try:
+                write(tmp)
+            except OutputError as exc:  # a full disk: name the file the user knows, not its temporary name
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+                    raise no_space_error(cause, folder / name) from cause
+                raise
         plan = {"format": 1, "tag": tag, "record": dict(record or {}),
                 "files": {name: tmp.name for name, tmp in staged.items()},
                 "remove": [m for m in members if m not in writers]}

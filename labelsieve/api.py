@@ -512,6 +512,7 @@ def _override_threshold(result: DetectionResult, threshold: float | None) -> Non
     check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
     result.threshold = threshold
     result.flags = None
+    result.info = {**(result.info or {}), "decision": "threshold"}
     result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
 
 

@@ -740,6 +740,27 @@ def test_reviewed_keep_on_a_class_the_input_lacks_is_a_message(images3, audited,
     assert "decided on the given label 'zebra' (giving 'zebra')" in err and "Traceback" not in err
 
 
+def test_the_summary_shows_the_rule_that_made_the_flags(images3, audited, tmp_path, mini_clip_dir, feature_cache):
+    """A threshold detector's flags are exactly p_clean < the threshold audit.json shows; confident learning, whose
+    flags are its own set decision (rows with p_clean .78 can be flagged), shows no threshold: audit.json and the
+    page say the decision is the detector's own, and the rule says which."""
+    record = json.loads((audited / "audit.json").read_text())
+    table = read_audit(audited / "audit.csv", optional=("p_clean", "issue"))
+    readable = table[table["issue"] != "unreadable"]
+    flags = readable["is_noisy"].str.lower() == "true"
+    assert record["decision"] == "p_clean < threshold" and record["threshold"] is not None
+    assert (flags == (readable["p_clean"].astype(float) < record["threshold"])).all()
+    root, labels, _ = images3
+    out = tmp_path / "cl"
+    assert main(["audit", str(root), str(labels), "--method", "confident_learning", "--model", str(mini_clip_dir),
+                 "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress", "-p", "epochs=5"]) == 0
+    record = json.loads((out / "audit.json").read_text())
+    assert record["threshold"] is None and "not a threshold on p_clean" in record["decision"]
+    assert "prune-by-noise-rate decision (not a threshold on p_clean)" in record["decision_rule"]
+    page = (out / "audit.html").read_text(encoding="utf-8")
+    assert "threshold (p_clean &lt;)" not in page and "the detector&#x27;s own (not a threshold)" in page
+
+
 def test_ctrl_c_says_how_to_resume(images3, tmp_path, mini_clip_dir, feature_cache, monkeypatch, capsys):
     """Ctrl-C (click turns it into Abort) prints what is kept and how to resume, not just "aborted"."""
     import labelsieve.api

@@ -164,7 +164,8 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
         _stat("images", _fmt_num(n_images)),
         _stat("flagged", _fmt_num(flagged) + frac),
         _stat("unreadable", _fmt_num(summary.get("n_unreadable", n_unreadable))),
-        _stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))),
+        (_stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))) if summary.get("threshold") is not None
+         or not summary.get("decision") else _stat("decision", "the detector's own (not a threshold)")),
         _stat("estimated noise (mean 1 − p_clean)", _fmt_pct(summary.get("noise_rate"))
               + _fmt_interval(summary.get("noise_rate_interval"))),
     ]

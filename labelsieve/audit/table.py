@@ -187,6 +187,11 @@ def near_duplicate_summary(table: pd.DataFrame) -> dict[str, int]:
             "n_groups_across_folders": int((n_folders > 1).sum())}
 
 
+def _by_threshold(result: DetectionResult) -> bool:
+    """Whether the flags are ``p_clean < threshold`` (False for a detector's own set decision)."""
+    return (result.info or {}).get("decision", "threshold" if result.flags is None else "flags") == "threshold"
+
+
 def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResult) -> dict[str, Any]:
     """Counts and the noise estimate for audit.json (the caller adds method, model, timings …).
 
@@ -219,7 +224,10 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "n_duplicates": int((table["duplicate_of"] != "").sum()),
         "near_duplicates": near_duplicate_summary(table),
         "issues": {str(k): int(v) for k, v in counts.items()},
-        "threshold": float(result.threshold),
+        # a detector whose decision is not a threshold on p_clean (confident learning) shows no threshold
+        "threshold": float(result.threshold) if _by_threshold(result) else None,
+        "decision": ("p_clean < threshold" if _by_threshold(result)
+                     else "the detector's own decision, not a threshold on p_clean (see decision_rule)"),
         "decision_rule": result.rule,
         "noise_rate": rate,
         "noise_rate_interval": interval,

@@ -47,6 +47,7 @@ from labelsieve.core.defaults import (
 )
 from labelsieve.core.errors import DataError, ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file
+from labelsieve.core.progress import warn
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
 from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_csv
@@ -145,18 +146,21 @@ def detect(
         names = [c.replace("_", " ") for c in classes]
     if encoder is None and model is not None:
         encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
-    method, detector = _features_detector(method, params, encoder, how="encoder=… or model=…")
     ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
                            device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
                            progress=progress)
+    method, detector = _features_detector(method, params, encoder, ctx, how="encoder=… or model=…")
     seed_everything(seed)
     return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
 
 
-def _features_detector(method: str | None, params: dict[str, Any] | None, encoder: Encoder | None, *,
-                       how: str) -> tuple[str, Any]:
+def _features_detector(method: str | None, params: dict[str, Any] | None, encoder: Encoder | None,
+                       ctx: DetectionContext, *, how: str) -> tuple[str, Any]:
     """The detector for features given by the user: ``method`` or the default (the audit's with a
-    vision-language ``encoder``, else TURN's probe), checked to have the text side it needs."""
+    vision-language ``encoder``, else TURN's probe), checked, before any work, to have the text side it needs and
+    to need no image: a detector that would read the images (TURN's fine-tuning, DEFT's or co-divide's image
+    paths, gmm's fine-tuned losses) runs with its ``features_only`` parameters when the user did not set them
+    (with a warning saying so: what can run on features), and is refused otherwise."""
     if method is None:
         method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
         params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
@@ -167,7 +171,19 @@ def _features_detector(method: str | None, params: dict[str, Any] | None, encode
                                  f"side: pass the model the features came from ({how}), or choose an image-feature "
                                  "detector (turn, knn, confident_learning, small_loss, gmm).")
         encoder.require_text(f"The {method!r} detector")
-    return method, detector
+    why = detector.needs_images(ctx)
+    if why is None:
+        return method, detector
+    fix = {k: v for k, v in detector.features_only.items() if k not in (params or {})}
+    if fix:
+        adjusted = create_detector(method, **{**(params or {}), **fix})
+        if adjusted.needs_images(ctx) is None:
+            shown = ", ".join(f"{k}={v!r}" for k, v in fix.items())
+            warn(f"The {method!r} detector: {why}; there are features only, so it runs with {shown} (what runs on "
+                 "features). Audit the images (labelsieve audit ROOT LABELS) for the rest.")
+            return method, adjusted
+    raise ParameterError(f"The {method!r} detector cannot run on features alone: {why}. There are no images here: "
+                         "change those parameters, or audit the images (labelsieve audit ROOT LABELS).")
 
 
 def run_detector(
@@ -202,6 +218,10 @@ def run_detector(
     detector = create_detector(method, **(params or {}))
     if detector.needs_text:
         encoder.require_text(f"The {method!r} detector")
+    # before any work: resolving the detector's path refuses what cannot run (a ViT-only method on a CNN tower)
+    detector.needs_images(DetectionContext(labels=images.labels, classnames=images.classnames, images=images,
+                                           encoder=encoder, features_fn=lambda: None, device=encoder.device, seed=seed,
+                                           cache_dir=cache, progress=progress))
     t = time.perf_counter()
     feats = extract_features(images, encoder, cache_dir=cache, batch_size=batch_size, num_workers=num_workers,
                              progress=progress)
@@ -460,10 +480,10 @@ def audit_features(
                         "the features must be the image on row i of the labels CSV.")
     timings = {"load": time.perf_counter() - t0}
     encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device)) if model else None
-    method, detector = _features_detector(method, params, encoder, how="--model")
     dev = encoder.device if encoder is not None else resolve_device(device)
     ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=None, encoder=encoder,
                            features_fn=lambda: x, device=dev, seed=seed, progress=progress)
+    method, detector = _features_detector(method, params, encoder, ctx, how="--model")
     seed_everything(seed)
     t = time.perf_counter()
     result = detector.detect(ctx)

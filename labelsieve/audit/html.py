@@ -167,7 +167,8 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
         _stat("images", _fmt_num(n_images)),
         _stat("flagged", _fmt_num(flagged) + frac),
         _stat("unreadable", _fmt_num(summary.get("n_unreadable", n_unreadable))),
-        _stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))),
+        (_stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))) if summary.get("threshold") is not None
+         or not summary.get("decision") else _stat("decision", "the detector's own (not a threshold)")),
         _stat("wrong labels, from the reviewed check sample" if reviewed else
               "estimated noise, model alone (mean 1 − p_clean)",
               _fmt_pct(summary.get("noise_rate")) + _fmt_interval(summary.get("noise_rate_interval"))),
@@ -425,7 +426,8 @@ def _identity(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, str]
             h.update("\x1f".join(_text_col(table, col).tolist()).encode("utf-8"))
         input_hash = "t" + h.hexdigest()
     title = f"{summary.get('method', 'labelsieve')} audit of {len(table):,} images"
-    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title}
+    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title,
+            "audit_id": str(summary.get("audit_id") or "")}
 
 
 def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np.ndarray, to_review: np.ndarray,

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.auditset import format_digest
 from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign
+from labelsieve.audit.decisions import stale_reason
 from labelsieve.audit.estimate import Recalibration, estimate_from_reviews, fit_recalibration, sample_from_frame
 from labelsieve.audit.review import kept_rows
 from labelsieve.core.errors import DataError
@@ -68,6 +70,9 @@ class ReviewedRows:
         The files the decisions came from.
     not_in_input : list of str
         Paths with a decision that the new input does not hold.
+    stale : list of str
+        Decisions not used because they were made on another row (another given label they do not agree
+        with, another picture), each with its reason.
     """
 
     labels: np.ndarray
@@ -83,6 +88,7 @@ class ReviewedRows:
     def __post_init__(self) -> None:
         if self.held_out is None:
             self.held_out = np.zeros(len(self.labels), dtype=bool)
+    stale: list[str] = field(default_factory=list)
 
     @property
     def decided(self) -> np.ndarray:
@@ -95,11 +101,17 @@ class ReviewedRows:
         return {"files": self.sources, "n_decided": int(self.decided.sum()), "n_trusted": int(self.trusted.sum()),
                 "n_kept": int(self.trusted.sum()) - n_relabel, "n_relabelled": n_relabel,
                 "n_dropped": int(self.dropped.sum()), "n_check_held_out": int(self.held_out.sum()),
-                "n_not_in_input": len(self.not_in_input), "not_in_input": self.not_in_input[:_MAX_LISTED]}
+                "n_not_in_input": len(self.not_in_input), "not_in_input": self.not_in_input[:_MAX_LISTED],
+                "n_stale": len(self.stale), "stale": self.stale[:_MAX_LISTED]}
 
 
-def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> ReviewedRows:
+def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
+                     digests: Sequence[bytes] | None = None) -> ReviewedRows:
     """Map decisions (tables from :func:`~labelsieve.audit.decisions.read_reviews`) onto ``images``.
+
+    A decision made on another row than the input's (another given label it does not agree with, or another
+    picture: ``digests`` are the input images' content digests) is stale: not used, and listed
+    (:func:`labelsieve.audit.decisions.stale_reason`, the rule ``apply --reviews`` follows too).
 
     Raises
     ------
@@ -110,11 +122,13 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
     n = len(images)
     pos = {p: i for i, p in enumerate(images.paths)}
     given = np.asarray(images.label_names(), dtype=object)
+    current_digest = ([format_digest(d) for d in digests] if digests is not None else [""] * n)
     outcome = np.full(n, None, dtype=object)  # class name, or "" for drop
     origin = np.full(n, "", dtype=object)
     is_check = np.zeros(n, dtype=bool)
     design_frames: list[pd.DataFrame] = []
     not_in: list[str] = []
+    stale: list[str] = []
     sources: list[str] = []
     for frame in reviews:
         source = str(frame.attrs.get("source", "reviews"))
@@ -131,9 +145,22 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
             f["suggested_label"] = ""
         f["is_noisy"] = False
         kept = kept_rows(f[["path", "given_label", "suggested_label", "is_noisy", "review"]],
-                         classes=images.classes, source=source)
+                         classes=sorted({*images.classes, *f["given_label"].astype(str)}), source=source)
         label_of = dict(zip(kept["path"], kept["label"], strict=True))
         new = np.array([label_of.get(p, "") for p in f["path"].astype(str)], dtype=object)
+        decided_digest = (f["digest"].astype(str).to_numpy(dtype=object) if "digest" in f.columns
+                          else np.full(len(f), "", dtype=object))
+        fresh = np.ones(len(f), dtype=bool)
+        for k, i in enumerate(at):
+            why = stale_reason(decided_given=str(f["given_label"].iloc[k]), current_given=str(given[i]),
+                               outcome=str(new[k]), decided_digest=str(decided_digest[k]),
+                               current_digest=current_digest[i])
+            if why is None and new[k] and new[k] not in images.classes:
+                why = f"it gives the class {new[k]!r}, which this input does not have"
+            if why is not None:
+                fresh[k] = False
+                stale.append(f"{images.paths[i]} ({source}, {f['review'].iloc[k]!r}): {why}")
+        f, at, new = f.loc[fresh], at[fresh], new[fresh]
         clash = [f"{images.paths[i]}: {outcome[i] or 'drop'!r} from {origin[i]}, {new[k] or 'drop'!r} from {source}"
                  for k, i in enumerate(at) if outcome[i] is not None and outcome[i] != new[k]]
         if clash:
@@ -164,7 +191,8 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame]) -> 
     changed = decided & ~same & (outcome != "")
     review[changed] = ["relabel:" + str(c) for c in outcome[changed]]
     return ReviewedRows(labels=labels, trusted=trusted, dropped=dropped, review=review, sources=sources,
-                        not_in_input=not_in, held_out=held_out, wrong=wrong, design_frames=design_frames)
+                        not_in_input=not_in, held_out=held_out, wrong=wrong, design_frames=design_frames,
+                        stale=stale)
 
 
 def reviewed_estimate(rows: ReviewedRows, p_clean: np.ndarray,
@@ -268,12 +296,18 @@ def mark_reviewed(table: pd.DataFrame, images: LabeledImages, rows: ReviewedRows
 
 
 def reviewed_warning(rows: ReviewedRows) -> str | None:
-    """A warning for audit.json when decisions name paths the input does not hold."""
-    if not rows.not_in_input:
-        return None
-    shown = ", ".join(rows.not_in_input[:5]) + (" …" if len(rows.not_in_input) > 5 else "")
-    return (f"{len(rows.not_in_input)} reviewed decision(s) name paths not in this input ({shown}); they are "
-            "listed in audit.json under 'reviewed' and were not used. Keep the reviewed file to apply them later.")
+    """A warning for audit.json when decisions name paths the input does not hold, or were made on other rows."""
+    parts = []
+    if rows.not_in_input:
+        shown = ", ".join(rows.not_in_input[:5]) + (" …" if len(rows.not_in_input) > 5 else "")
+        parts.append(f"{len(rows.not_in_input)} reviewed decision(s) name paths not in this input ({shown}); they are "
+                     "listed in audit.json under 'reviewed' and were not used. Keep the reviewed file to apply them "
+                     "later.")
+    if rows.stale:
+        shown = "; ".join(rows.stale[:5]) + (" …" if len(rows.stale) > 5 else "")
+        parts.append(f"{len(rows.stale)} reviewed decision(s) were made on another row than this input's and were not "
+                     f"used ({shown}). Review those rows again.")
+    return " ".join(parts) or None
 
 
 def check_reviewed_frames(frames: Sequence[pd.DataFrame]) -> None:

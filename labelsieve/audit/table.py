@@ -211,6 +211,9 @@ def use_estimate(summary: dict[str, Any], estimate: dict[str, Any]) -> None:
                                              "a design-based interval from the reviewed check sample")
     summary["noise_rate_per_class_basis"] = "model"
     summary["reviewed_estimate"] = estimate
+def _by_threshold(result: DetectionResult) -> bool:
+    """Whether the flags are ``p_clean < threshold`` (False for a detector's own set decision)."""
+    return (result.info or {}).get("decision", "threshold" if result.flags is None else "flags") == "threshold"
 
 
 def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResult) -> dict[str, Any]:
@@ -245,7 +248,10 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "n_duplicates": int((table["duplicate_of"] != "").sum()),
         "near_duplicates": near_duplicate_summary(table),
         "issues": {str(k): int(v) for k, v in counts.items()},
-        "threshold": float(result.threshold),
+        # a detector whose decision is not a threshold on p_clean (confident learning) shows no threshold
+        "threshold": float(result.threshold) if _by_threshold(result) else None,
+        "decision": ("p_clean < threshold" if _by_threshold(result)
+                     else "the detector's own decision, not a threshold on p_clean (see decision_rule)"),
         "decision_rule": result.rule,
         "noise_rate": rate,
         "noise_rate_interval": interval,

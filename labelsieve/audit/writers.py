@@ -66,8 +66,9 @@ def write_xlsx(table: pd.DataFrame, path: str | os.PathLike[str], *, sheet: str 
     ws.freeze_panes = "A2"
     cols = [str(c) for c in table.columns]
     for j, c in enumerate(cols, start=1):
-        sample = table[c].head(50).astype(str).str.len().max() if len(table) else 0  # NaN: all missing (pandas 3)
-        width = _XLSX_WIDTHS.get(c, min(40, max(len(c) + 2, (int(sample) if pd.notna(sample) else 0) + 2)))
+        sample = table[c].head(50).astype(str).str.len().max() if len(table) else 0
+        sample = int(sample) if pd.notna(sample) else 0  # an all-empty column (pandas 3 keeps NaN through astype)
+        width = _XLSX_WIDTHS.get(c, min(40, max(len(c) + 2, sample + 2)))
         ws.column_dimensions[get_column_letter(j)].width = width
     header = []
     for c in cols:

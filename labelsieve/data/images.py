@@ -31,6 +31,8 @@ class LabeledImages:
         Where the labels came from (the CSV path, or the root for an ImageFolder tree).
     rows : ndarray of shape (n,), int64
         Row number of each sample in the source, for messages (1-based CSV line, header = line 1).
+    label_merges : dict
+        Spellings merged into another by ``normalize_labels`` (:func:`labelsieve.data.load_images`): raw -> class.
     """
 
     root: Path
@@ -40,6 +42,7 @@ class LabeledImages:
     classnames: list[str]
     source: str
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    label_merges: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -67,6 +70,7 @@ class LabeledImages:
             classnames=list(self.classnames),
             source=self.source,
             rows=self.rows[idx],
+            label_merges=dict(self.label_merges),
         )
 
     def label_names(self, labels: np.ndarray | None = None) -> list[str]:
@@ -76,12 +80,18 @@ class LabeledImages:
 
     def content_hash(self) -> str:
         """A hash of the paths and labels (the audit's ``input_hash``; file contents are hashed by the
-        feature store)."""
-        h = hashlib.blake2b(digest_size=16)
-        for p, y in zip(self.paths, self.labels.tolist(), strict=True):
-            h.update(p.encode())
-            h.update(b"\0")
-            h.update(self.classes[y].encode())
-            h.update(b"\n")
-        return h.hexdigest()
+        feature store): :func:`input_hash`."""
+        return input_hash(self.paths, self.label_names())
+
+
+def input_hash(paths: Sequence[str], labels: Sequence[str]) -> str:
+    """A hash of rows of paths and labels, in order (an audit's ``input_hash``). Paths are hashed byte for byte
+    (a name that is not valid UTF-8 by its original bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p, y in zip(paths, labels, strict=True):
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+        h.update(y.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
 

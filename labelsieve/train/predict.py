@@ -94,8 +94,8 @@ def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tupl
         if len(row) <= ip or not row[ip].strip():
             raise DataError(f"{csv_path}, line {line_no}: the '{path_column}' field is empty. Give the image path "
                             "or delete the row.")
-        paths.append(restore_cell(row[ip].strip()))
-        labels.append(restore_cell(row[il].strip()) if il is not None and len(row) > il else "")
+        paths.append(restore_cell(row[ip]))  # paths and labels are data: byte for byte, nothing trimmed
+        labels.append(restore_cell(row[il]) if il is not None and len(row) > il and row[il].strip() else "")
         lines.append(line_no)
         errors.extend(f"line {line_no}: {v!r}" for v in (paths[-1], labels[-1]) if is_spreadsheet_error(v))
     if errors:

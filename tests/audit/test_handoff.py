@@ -89,6 +89,20 @@ def test_labelstudio_tasks_pass_label_studios_own_validator(tmp_path, capsys):
     assert len(all_tasks) == len(table) and all_tasks[0]["data"]["image"].startswith("https://example.org/img/images/")
 
 
+def test_labelstudio_export_to_a_json_file(tmp_path, capsys):
+    """-o tasks.json writes that file (the config beside it), never a folder named tasks.json; -o naming an
+    existing file that is not .json is refused before any work."""
+    csv_path, table = audit_dir(tmp_path)
+    target = tmp_path / "out" / "tasks.json"
+    assert main(["export", str(csv_path), "--to", "labelstudio", "-o", str(target)]) == 0
+    assert target.is_file() and (target.parent / "labeling_config.xml").is_file()
+    assert len(json.loads(target.read_text())) == int(table["is_noisy"].sum())
+    assert str(target) in capsys.readouterr().out
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(csv_path), "--to", "labelstudio", "-o", str(tmp_path / "notes.txt")]) == 2
+    assert "it is a file" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -40,12 +40,14 @@ def export_rows(table: pd.DataFrame, *, all_rows: bool, where: str) -> pd.DataFr
     return rows
 
 
-def text(table: pd.DataFrame, column: str) -> pd.Series:
-    """A column as stripped strings ("" for missing values or an absent column)."""
+def text(table: pd.DataFrame, column: str, *, strip: bool = True) -> pd.Series:
+    """A column as strings ("" for missing values or an absent column), stripped unless ``strip`` is False
+    (paths and labels are data: byte for byte)."""
     if column not in table.columns:
         return pd.Series("", index=table.index, dtype=object)
     col = table[column]
-    return col.astype(object).where(col.notna(), "").astype(str).str.strip()
+    out = col.astype(object).where(col.notna(), "").astype(str)
+    return out.str.strip() if strip else out
 
 
 def number(value: Any) -> float | None:
@@ -65,16 +67,17 @@ def missing_extra(package: str, extra: str, exc: ImportError, hint: str = "") ->
 
 def row_values(rows: pd.DataFrame) -> dict[str, list[Any]]:
     """The audit fields a tool shows, as plain Python lists: ``path``, ``given``, ``sugg``, ``issue``, ``review``
-    (strings), ``p_clean``, ``s_prob``, ``agreement`` (floats or None), ``rank`` (ints) and ``check`` (the check
-    sample's review order, or None)."""
+    (strings), ``digest`` and ``audit_id`` (strings, "" when the audit has none), ``p_clean``, ``s_prob``,
+    ``agreement`` (floats or None), ``rank`` (ints) and ``check`` (the check sample's review order, or None)."""
     n = len(rows)
 
     def numbers(column: str) -> list[float | None]:
         return [number(v) for v in rows[column].tolist()] if column in rows.columns else [None] * n
 
     rank = numbers("rank") if "rank" in rows.columns else list(range(1, n + 1))
-    return {"path": text(rows, "path").tolist(), "given": text(rows, "given_label").tolist(),
-            "sugg": text(rows, "suggested_label").tolist(), "issue": text(rows, "issue").tolist(),
-            "review": text(rows, "review").tolist(), "p_clean": numbers("p_clean"), "s_prob": numbers("suggested_prob"),
-            "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank],
+    return {"path": text(rows, "path", strip=False).tolist(), "given": text(rows, "given_label", strip=False).tolist(),
+            "sugg": text(rows, "suggested_label", strip=False).tolist(), "issue": text(rows, "issue").tolist(),
+            "review": text(rows, "review").tolist(), "digest": text(rows, "digest").tolist(),
+            "audit_id": text(rows, "audit_id").tolist(), "p_clean": numbers("p_clean"),
+            "s_prob": numbers("suggested_prob"), "agreement": numbers("agreement"), "rank": [int(r or 0) for r in rank],
             "check": [int(c) if c > 0 else None for c in check_order(rows)]}

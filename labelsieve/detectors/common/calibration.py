@@ -301,6 +301,7 @@ def calibrate(result: DetectionResult, labels: np.ndarray | None = None) -> Dete
     columns["p_clean_raw"] = result.p_clean
     threshold = float(cal(np.array([result.threshold]))[0]) if result.flags is None else result.threshold
     info = dict(result.info or {})
+    info.setdefault("decision", "threshold" if result.flags is None else "flags")  # what made the flags (audit.json)
     info["calibration"] = {**cal.to_dict(), "raw_threshold": result.threshold, "columns": member_maps}
     if labels is not None:
         info["calibration"]["noise_estimate"] = noise_estimate(result.p_clean, cal, labels)

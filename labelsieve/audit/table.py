@@ -258,7 +258,9 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "noise_rate_interval_level": float(est["level"]) if est is not None else None,
         "noise_rate_basis": "model",
         "noise_rate_interval_covers": MODEL_INTERVAL_COVERS,
-        "model_noise_rate": rate,
+        # the model's own, label-free estimate (calibration.noise_estimate), which neither reviewed rows nor a
+        # recalibration on them change
+        "model_noise_rate": float(est["rate"]) if est is not None else rate,
         "model_noise_rate_interval": interval,
         "noise_rate_per_class": per_class,
         "noise_rate_per_class_interval": per_class_interval,

@@ -500,6 +500,8 @@ def _design_data(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, A
                                                        _text_col(table, "given_label")[known], strict=True)])
     return {"strata": [{"flagged": st.flagged, "rows": st.rows, "sampled": st.sampled} for st in design.strata],
             "size": design.size, "known_rows": int(np.isfinite(wrong).sum()), "known_wrong": int(np.nansum(wrong)),
+            "reviewed": ({k: summary["reviewed_estimate"].get(k) for k in ("rate", "interval", "check_reviewed")}
+                         if summary.get("noise_rate_basis") == "reviewed sample" else None),
             "model_rate": summary.get("model_noise_rate", summary.get("noise_rate")),
             "model_interval": summary.get("model_noise_rate_interval", summary.get("noise_rate_interval")),
             "stratum": cols["stratum"].fillna(-1).to_numpy(dtype=np.int64),

@@ -443,8 +443,12 @@
       " The model alone says " + pct(DES.model_rate) + (DES.model_interval ? " (" + pct(DES.model_interval[0]) + "–" +
       pct(DES.model_interval[1]) + ", an interval that covers its own fit only)" : "") + ".";
     if (!e || !e.reviewed || e.rate === undefined) {
-      $("ls-check-est").textContent = "Nothing reviewed yet: 0 of " + num(k) + " check rows decided.";
-      $("ls-check-sub").textContent = model.trim();
+      var before = DES.reviewed;
+      $("ls-check-est").textContent = "Nothing reviewed yet: 0 of " + num(k) + " check rows decided." + (before ?
+        " The earlier review's check sample (" + num(before.check_reviewed) + " rows) measured " + pct(before.rate) +
+        " wrong labels (95% interval " + pct(before.interval[0]) + "–" + pct(before.interval[1]) + ")." : "");
+      $("ls-check-sub").textContent = (before ? "This audit's own sample is drawn from the rows nobody has " +
+        "reviewed yet: review it to measure this audit's flags. " : "") + model.trim();
       return;
     }
     $("ls-check-est").textContent = "Wrong labels: " + pct(e.rate) + " (95% interval " + pct(e.interval[0]) + "–" +

@@ -74,7 +74,7 @@ def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
     """
     labels = np.asarray(ctx.labels, dtype=np.int64)
     n = len(labels)
-    out: dict[str, Any] = {"rows_measured": 0}
+    out: dict[str, Any] = {"rows_measured": 0, "basis": "model (no ground truth; the check sample measures it)"}
     p = np.asarray(result.p_clean, dtype=np.float64)
     flags = np.asarray(result.is_noisy, dtype=bool)
     q = 1.0 - p

@@ -15,7 +15,7 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 from rich.table import Table
 
-from labelsieve.core.io import atomic_open, atomic_path, neutralise_frame, write_json
+from labelsieve.core.io import atomic_open, atomic_path, line_end, neutralise_frame, write_json
 from labelsieve.core.progress import console, escape, warn
 
 __all__ = ["print_summary", "write_csv", "write_json", "write_xlsx"]
@@ -30,7 +30,7 @@ def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write a table as UTF-8 CSV atomically. Floats keep 6 significant digits; text a spreadsheet would
     read as a formula gets a leading ``'`` (:func:`labelsieve.core.io.neutralise_cell`)."""
     with atomic_open(path) as f:
-        neutralise_frame(table).to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+        neutralise_frame(table).to_csv(f, index=False, float_format="%.6g", lineterminator=line_end(table))
     return Path(path)
 
 

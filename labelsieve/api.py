@@ -20,6 +20,7 @@ import pandas as pd
 
 from labelsieve import __version__
 from labelsieve.audit.auditset import check_audit_output, format_digest, new_audit_id, open_audit, write_audit_set
+from labelsieve.audit.checksample import CHECK_COLUMN, DEFAULT_CHECK_SIZE, draw_check_sample
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
 from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
@@ -28,12 +29,14 @@ from labelsieve.audit.review import apply_review as _apply_review
 from labelsieve.audit.reviewed import (
     check_reviewed_frames,
     mark_reviewed,
+    recalibrated,
     resolve_reviewed,
+    reviewed_estimate,
     reviewed_warning,
     widen_result,
 )
 from labelsieve.audit.schema import COLUMNS, DIGEST_COLUMN, REVIEW_REQUIRED, paths_hash
-from labelsieve.audit.table import Audit, build_table, summarise
+from labelsieve.audit.table import Audit, build_table, summarise, use_estimate
 from labelsieve.audit.writers import print_summary
 from labelsieve.core import distributed
 from labelsieve.core.defaults import (
@@ -54,6 +57,7 @@ from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_
 from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
 from labelsieve.detectors.common.base import RowSubset
 from labelsieve.detectors.common.calibration import calibrate
+from labelsieve.detectors.common.competence import measure_competence
 from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
@@ -201,9 +205,10 @@ def run_detector(
     threshold: float | None = None,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     reviewed: Sequence[pd.DataFrame] = (),
+    check_size: int = DEFAULT_CHECK_SIZE,
 ) -> Audit | None:
     """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
-    and summary.
+    and summary (with the competence record and the check sample: :func:`finish_table`).
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
     the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
@@ -250,9 +255,16 @@ def run_detector(
     t = time.perf_counter()
     result = calibrate(result, labels=ctx.labels)  # fitted on the rows the detector saw
     timings["calibrate"] = time.perf_counter() - t
-    if rev is not None:  # rows a reviewer dropped come back, reported as dropped
-        result = widen_result(result, fit[readable])
     _override_threshold(result, threshold)
+    t = time.perf_counter()
+    competence = measure_competence(ctx, result)
+    timings["competence"] = time.perf_counter() - t
+    estimate = None
+    if rev is not None:
+        estimate, recal = reviewed_estimate(rev, result.p_clean, np.nonzero(fit)[0])
+        if recal is not None:  # on the held-out check rows, whose scores the reviews did not touch
+            result = recalibrated(result, recal)
+        result = widen_result(result, fit[readable])  # rows a reviewer dropped come back, reported as dropped
     groups = None
     if duplicate_threshold is not None:
         check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
@@ -274,7 +286,8 @@ def run_detector(
     table[DIGEST_COLUMN] = [digest_of[p] for p in table["path"]]
     if rev is not None:
         table = mark_reviewed(table, images, rev)
-    summary = summarise(table, images, result)
+    table, summary = finish_table(table, images, result, competence=competence, check_size=check_size, seed=seed,
+                                  estimate=estimate)
     summary["near_duplicates"]["threshold"] = duplicate_threshold
     if rev is not None:
         summary["reviewed"] = rev.describe()
@@ -300,6 +313,25 @@ def run_detector(
         "processes": distributed.world_size(),
     })
     return Audit(table=table, summary=summary)
+
+
+def finish_table(table: pd.DataFrame, images: LabeledImages, result: DetectionResult, *,
+                 competence: dict[str, Any] | None, check_size: int, seed: int,
+                 estimate: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The audit table with its check sample (column ``check``, after ``review``) and its summary, with the
+    competence record, the check sample's design (``check_sample``) and, when reviewed rows gave one, the
+    design-based estimate as the noise estimate (``noise_rate_basis`` "reviewed sample";
+    :func:`labelsieve.audit.table.use_estimate`)."""
+    check_param("audit", "check_size", check_size, isinstance(check_size, int) and check_size >= 0,
+                "an int >= 0 (0: no check sample)")
+    check, design = draw_check_sample(table, size=check_size, seed=seed)
+    table[CHECK_COLUMN] = check
+    summary = summarise(table, images, result)
+    summary["competence"] = competence
+    summary["check_sample"] = design.to_dict() if design is not None else None
+    if estimate is not None:
+        use_estimate(summary, estimate)
+    return table, summary
 
 
 def audit(
@@ -329,6 +361,7 @@ def audit(
     quiet: bool = False,
     force: bool = False,
     reviewed: Sequence[str | os.PathLike[str]] = (),
+    check_size: int = DEFAULT_CHECK_SIZE,
 ) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
 
@@ -379,6 +412,9 @@ def audit(
         Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
         they decide are trusted labels for the detector and keep their decision in the new audit
         (:mod:`labelsieve.audit.reviewed`).
+    check_size : int, default=100
+        Rows in the audit's check sample (:mod:`labelsieve.audit.checksample`; column ``check``), whose review
+        gives the error rate with an interval that holds whatever the model (0: none).
 
     Raises
     ------
@@ -403,7 +439,7 @@ def audit(
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
                           outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold,
-                          reviewed=frames)
+                          reviewed=frames, check_size=check_size)
     if result is None:  # a rank other than 0 under torchrun: rank 0 writes
         return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
@@ -455,6 +491,7 @@ def audit_features(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    check_size: int = DEFAULT_CHECK_SIZE,
     normalize_labels: bool = False,
 ) -> Audit:
     """Audit labels from features you already have (``labelsieve audit --features FEATS.npy LABELS.csv``).
@@ -490,9 +527,10 @@ def audit_features(
     timings["detect"] = time.perf_counter() - t
     result = calibrate(result, labels=ctx.labels)
     _override_threshold(result, threshold)
+    competence = measure_competence(ctx, result)
     readable = np.ones(len(images), dtype=bool)
     table = build_table(images, readable, result, outlier_prob=outlier_prob)
-    summary = summarise(table, images, result)
+    table, summary = finish_table(table, images, result, competence=competence, check_size=check_size, seed=seed)
     summary.update({
         "method": method,
         "parameters": detector.get_params(),

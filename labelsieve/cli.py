@@ -29,6 +29,7 @@ from labelsieve import __version__
 from labelsieve.core.defaults import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CHECK_SIZE,
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_METHOD,
     DEFAULT_MODEL,
@@ -110,6 +111,9 @@ def cli() -> None:
 @click.option("--reviewed", multiple=True, type=click.Path(path_type=Path),
               help="A reviewed audit.csv or a reviews CSV from audit.html (repeatable): its decisions are trusted "
                    "labels for the detector and are kept in the new audit's review column.")
+@click.option("--check-size", type=click.IntRange(min=0), default=DEFAULT_CHECK_SIZE, show_default=True,
+              help="Rows in the check sample (column 'check', offered first on the page): review them to get the "
+                   "share of wrong labels with an interval that holds whatever the model; 0 for none.")
 @click.option("--features", "features", type=click.Path(path_type=Path),
               help="Audit features computed elsewhere: a .npy array (n, d), row i = line i of the labels CSV, "
                    "given as ROOT (e.g. 'labelsieve audit --features feats.npy labels.csv'). No image is read; "
@@ -126,8 +130,8 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
-          reviewed: tuple[Path, ...], features: Path | None, normalize_labels: bool, no_progress: bool,
-          force: bool) -> None:
+          reviewed: tuple[Path, ...], check_size: int, features: Path | None, normalize_labels: bool,
+          no_progress: bool, force: bool) -> None:
     """Audit the labels of the images under ROOT (ImageFolder tree, or with a LABELS csv); with --features,
     of the rows of the labels CSV given as ROOT."""
     p = _parse_params(params)
@@ -144,13 +148,15 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
                               model=model if given["model"] else None, pretrained=pretrained, out_dir=out_dir,
                               classnames=classnames, path_column=path_column, label_column=label_column,
                               threshold=threshold, seed=seed, device=device, html=not no_html, xlsx=xlsx,
-                              progress=not no_progress, force=force, normalize_labels=normalize_labels)
+                              progress=not no_progress, force=force, check_size=check_size,
+                              normalize_labels=normalize_labels)
         return
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
               html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
-              progress=not no_progress, force=force, reviewed=reviewed, normalize_labels=normalize_labels)
+              progress=not no_progress, force=force, reviewed=reviewed, check_size=check_size,
+              normalize_labels=normalize_labels)
 
 
 @cli.command("detectors")

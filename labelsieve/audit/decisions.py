@@ -9,8 +9,11 @@ Every source is turned into the same thing: a table of ``path, review`` (plus ``
 decision means the same wherever it was made.
 
 A reviews CSV has the columns ``path, given_label, suggested_label, review`` (one row per decided
-image; ``given_label`` and ``suggested_label`` are what the reviewer saw). An ``audit.csv`` with a
-filled ``review`` column reads as one too.
+image; ``given_label`` and ``suggested_label`` are what the reviewer saw), and, from audit.html, the check
+sample's design per row (:data:`labelsieve.audit.checksample.DESIGN_COLUMNS`, with ``is_noisy`` and ``issue``;
+every check row is listed, decided or not, so that every band's size is there): the decisions give a
+design-based estimate (:mod:`labelsieve.audit.estimate`) wherever the file goes. An ``audit.csv`` with a
+filled ``review`` column reads as one too (its design comes from the audit.json beside it).
 
 A reviews CSV also carries the identity of the audit it was made on (``audit_id``) and the content digest
 of each decided image (``digest``), as ``audit.csv`` does.
@@ -36,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from labelsieve.audit.auditset import AUDIT_TAG, check_identity
+from labelsieve.audit.checksample import DESIGN_COLUMNS, CheckDesign, design_columns, design_from_columns
 from labelsieve.audit.schema import audit_record, line_word, read_audit
 from labelsieve.core.errors import DataError
 from labelsieve.core.fileset import recover
@@ -165,13 +169,33 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
     if p.name in AUDIT_SHEETS:  # an audit's own sheet: it must be the audit its audit.json describes
         recover(p.parent, AUDIT_TAG)
     df = read_audit(path, required=("path", "review"),
-                    optional=("given_label", "suggested_label", "digest", "audit_id"))
+                    optional=("given_label", "suggested_label", "digest", "audit_id", "is_noisy", "issue", "rank",
+                              "p_clean", *DESIGN_COLUMNS))
     if p.name in AUDIT_SHEETS:
         check_identity(df, audit_record(p), where=str(p))
+    design = _check_design(df, path)
     df = df[df["review"].str.strip() != ""].copy()
     df["review"] = df["review"].str.strip()
     df.attrs["source"] = str(path)
+    df.attrs["check_design"] = design.to_dict() if design is not None else None
     return _check_unique(df, str(path))
+
+
+def _check_design(df: pd.DataFrame, path: str | os.PathLike[str]) -> CheckDesign | None:
+    """The check sample's design behind a reviewed file, with its columns added to ``df`` (in place): an audit.csv
+    with the audit.json beside it (the design is there), or a reviews CSV from audit.html (it carries the design
+    in its columns). None when the file has no check sample."""
+    if "stratum" in df.columns:
+        return design_from_columns(df)
+    record = audit_record(path) if {"rank", "is_noisy", "check"} <= set(df.columns) else {}
+    if not record.get("check_sample"):
+        return None
+    design = CheckDesign.from_dict(record["check_sample"])
+    table = df.assign(p_clean=pd.to_numeric(df["p_clean"], errors="coerce") if "p_clean" in df.columns else 0.5,
+                      issue=df["issue"] if "issue" in df.columns else "")
+    for c, v in design_columns(table, design).items():
+        df[c] = v.astype(object).where(v.notna(), "").astype(str)
+    return design
 
 
 def _check_unique(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -186,6 +210,7 @@ def _check_unique(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(f"{source}: {len(bad)} path(s) have two different decisions ({_listed(bad)}). Keep one "
                         "decision per image.")
     out = df[~df["path"].duplicated()]
+    out.attrs.update(df.attrs)
     out.attrs["source"] = source
     return out
 

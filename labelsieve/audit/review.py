@@ -41,8 +41,11 @@ import numpy as np
 import pandas as pd
 
 from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy, open_audit, recorded_input
+from labelsieve.audit.checksample import CheckDesign
 from labelsieve.audit.decisions import merge_reviews
+from labelsieve.audit.estimate import estimate_audit
 from labelsieve.audit.schema import (
+    REVIEW_OPTIONAL,
     REVIEW_REQUIRED,
     count_reviews,
     flagged_mask,
@@ -53,7 +56,7 @@ from labelsieve.audit.schema import (
 from labelsieve.core.errors import DataError, OutputError, check_param
 from labelsieve.core.io import atomic_open, line_end, neutralise_frame
 from labelsieve.core.paths import check_output_file, listed
-from labelsieve.core.progress import warn
+from labelsieve.core.progress import info, warn
 from labelsieve.core.spreadsheet import unmangle
 
 __all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
@@ -474,7 +477,8 @@ def apply_review(
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
     check_apply_output(Path(audit_csv), Path(out_csv))
-    audit, record = open_audit(audit_csv)
+    audit, record = open_audit(audit_csv, optional=(*REVIEW_OPTIONAL, "rank", "p_clean", "check"))
+    design = CheckDesign.from_dict(record["check_sample"]) if record.get("check_sample") else None
     for extra in reviews:
         audit = merge_reviews(audit, extra, where=str(audit_csv))
     dec = _decide(audit, classes=classes if classes is not None else record_classes(record),
@@ -489,4 +493,27 @@ def apply_review(
               "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
     if reviews:
         counts["stale_decisions"] = int(audit.attrs.get("stale_decisions", 0))
+    if design is not None and {"rank", "p_clean", "check"} <= set(audit.columns):
+        est = estimate_audit(audit, design)
+        counts["check_reviewed"] = est["check_reviewed"] if est is not None else 0
+        info(describe_estimate(est, design.size))
     return counts
+
+
+def describe_estimate(est: dict[str, Any] | None, check_size: int) -> str:
+    """One line on what the reviewed check sample says (or that nothing of it is reviewed yet)."""
+    if est is None:
+        return (f"Check sample: none of its {check_size} rows reviewed yet. Review them (column 'check', or the "
+                "page's 'Check this audit') to learn the share of wrong labels with an interval that holds whatever "
+                "the model.")
+    lo, hi = est["interval"]
+    line = (f"Check sample: {est['check_reviewed']} of {check_size} rows reviewed (and {est['exact_rows']} counted "
+            f"exactly) -> wrong labels {est['rate']:.1%} (95% interval {lo:.1%}-{hi:.1%}), about "
+            f"{est['wrong']:,.0f} of {est['rows']:,} images")
+    if est.get("precision") is not None:
+        plo, phi = est["precision_interval"]
+        line += f"; precision of the flags {est['precision']:.2f} ({plo:.2f}-{phi:.2f})"
+    if est.get("recall") is not None:
+        rlo, rhi = est["recall_interval"]
+        line += f", recall {est['recall']:.2f} ({rlo:.2f}-{rhi:.2f})"
+    return line + "."

@@ -33,17 +33,18 @@ import numpy as np
 import pandas as pd
 
 from labelsieve.audit.auditset import format_digest
+from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign
 from labelsieve.audit.decisions import stale_reason
+from labelsieve.audit.estimate import Recalibration, estimate_from_reviews, fit_recalibration, sample_from_frame
 from labelsieve.audit.review import kept_rows
 from labelsieve.core.errors import DataError
 from labelsieve.data import LabeledImages
 from labelsieve.detectors.common.base import DetectionResult
+from labelsieve.detectors.common.calibration import with_raw_order
 
 __all__ = ["REVIEWED_ISSUE", "ReviewedRows", "check_reviewed_frames", "mark_reviewed", "resolve_reviewed",
-           "reviewed_warning", "widen_result"]
+           "recalibrated", "reviewed_estimate", "reviewed_warning", "widen_result"]
 
-#: The ``issue`` of a row a reviewer decided on, in an audit made with ``--reviewed``.
-REVIEWED_ISSUE = "reviewed"
 _MAX_LISTED = 20
 
 
@@ -59,6 +60,10 @@ class ReviewedRows:
         Rows kept or relabelled by a reviewer.
     dropped : ndarray of shape (n,), bool
         Rows a reviewer dropped.
+    held_out : ndarray of shape (n,), bool
+        Rows of an earlier audit's check sample that a reviewer decided: the new audit's yardstick. The detector
+        sees them as any undecided row (given label, not trusted), so that their scores in the new audit are
+        honest: the new audit's p_clean is recalibrated on them, and the design-based estimate counts them.
     review : ndarray of shape (n,), object
         The decision to write in the new audit's ``review`` column ("" where none).
     sources : list of str
@@ -76,20 +81,28 @@ class ReviewedRows:
     review: np.ndarray
     sources: list[str] = field(default_factory=list)
     not_in_input: list[str] = field(default_factory=list)
+    held_out: np.ndarray | None = None
+    wrong: np.ndarray | None = None
+    design_frames: list[pd.DataFrame] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.held_out is None:
+            self.held_out = np.zeros(len(self.labels), dtype=bool)
     stale: list[str] = field(default_factory=list)
 
     @property
     def decided(self) -> np.ndarray:
-        return self.trusted | self.dropped
+        return self.trusted | self.dropped | self.held_out
 
     def describe(self) -> dict:
         """What audit.json records under ``reviewed``."""
         n_relabel = int(np.char.startswith(self.review.astype(str), "relabel:").sum())
+        n_relabel -= int(np.char.startswith(self.review[self.held_out].astype(str), "relabel:").sum())
         return {"files": self.sources, "n_decided": int(self.decided.sum()), "n_trusted": int(self.trusted.sum()),
                 "n_kept": int(self.trusted.sum()) - n_relabel, "n_relabelled": n_relabel,
-                "n_dropped": int(self.dropped.sum()), "n_not_in_input": len(self.not_in_input),
-                "not_in_input": self.not_in_input[:_MAX_LISTED], "n_stale": len(self.stale),
-                "stale": self.stale[:_MAX_LISTED]}
+                "n_dropped": int(self.dropped.sum()), "n_check_held_out": int(self.held_out.sum()),
+                "n_not_in_input": len(self.not_in_input), "not_in_input": self.not_in_input[:_MAX_LISTED],
+                "n_stale": len(self.stale), "stale": self.stale[:_MAX_LISTED]}
 
 
 def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
@@ -112,6 +125,8 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
     current_digest = ([format_digest(d) for d in digests] if digests is not None else [""] * n)
     outcome = np.full(n, None, dtype=object)  # class name, or "" for drop
     origin = np.full(n, "", dtype=object)
+    is_check = np.zeros(n, dtype=bool)
+    design_frames: list[pd.DataFrame] = []
     not_in: list[str] = []
     stale: list[str] = []
     sources: list[str] = []
@@ -154,20 +169,74 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
                             "Keep one decision per image.")
         outcome[at] = new
         origin[at] = source
+        if "check" in f.columns and frame.attrs.get("check_design"):
+            chk = pd.to_numeric(f["check"], errors="coerce").fillna(0).to_numpy() > 0
+            is_check[at[chk]] = True
+            g = f.assign(_row=at)
+            g.attrs["check_design"] = frame.attrs["check_design"]
+            design_frames.append(g)
     decided = np.array([o is not None for o in outcome], dtype=bool)
-    dropped = decided & np.array([o == "" for o in outcome], dtype=bool)
-    trusted = decided & ~dropped
+    held_out = decided & is_check
+    wrong = np.full(n, np.nan)
+    wrong[decided] = [0.0 if o == g else 1.0 for o, g in zip(outcome[decided], given[decided], strict=True)]
+    dropped = decided & ~held_out & np.array([o == "" for o in outcome], dtype=bool)
+    trusted = decided & ~held_out & ~dropped
     index = {c: i for i, c in enumerate(images.classes)}
     labels = images.labels.copy()
     labels[trusted] = [index[c] for c in outcome[trusted]]
     review = np.full(n, "", dtype=object)
-    review[dropped] = "drop"
-    same = trusted & (outcome == given)
+    review[decided & (outcome == "")] = "drop"
+    same = decided & (outcome == given)
     review[same] = "keep"
-    changed = trusted & ~same
+    changed = decided & ~same & (outcome != "")
     review[changed] = ["relabel:" + str(c) for c in outcome[changed]]
     return ReviewedRows(labels=labels, trusted=trusted, dropped=dropped, review=review, sources=sources,
-                        not_in_input=not_in, stale=stale)
+                        not_in_input=not_in, held_out=held_out, wrong=wrong, design_frames=design_frames,
+                        stale=stale)
+
+
+def reviewed_estimate(rows: ReviewedRows, p_clean: np.ndarray,
+                      fit_rows: np.ndarray) -> tuple[dict | None, Recalibration | None]:
+    """What the decisions on an earlier audit's check sample say (:mod:`labelsieve.audit.estimate`): the
+    design-based estimate of wrong labels and of that audit's flags, and the map that recalibrates this audit's
+    ``p_clean`` (the detector's calibrated scores of the rows it fitted, ``fit_rows``: their input positions) on the
+    held-out check rows. ``(None, None)`` when no reviewed file carries a check sample.
+
+    Files that carry the same design (the audit.csv and reviews CSVs of one audit) are pooled; a file with another
+    design is left out of the estimate (its decisions still apply) and named in the estimate's ``left_out``.
+    """
+    if not rows.design_frames:
+        return None, None
+    design_dict = rows.design_frames[0].attrs["check_design"]
+    same = [f for f in rows.design_frames if f.attrs["check_design"] == design_dict]
+    other = [str(f.attrs.get("source", "reviews")) for f in rows.design_frames
+             if f.attrs["check_design"] != design_dict]
+    frame = pd.concat(same).drop_duplicates(subset="_row", keep="first")
+    design = CheckDesign.from_dict(design_dict)
+    sample, known_rows, known_wrong = sample_from_frame(frame)
+    est = estimate_from_reviews(design, sample, known_rows=known_rows, known_wrong=known_wrong)
+    if est is not None:
+        est["files"] = sorted({str(f.attrs.get("source", "reviews")) for f in same})
+        est["left_out"] = sorted(set(other))
+        est["flags_of"] = "the audit the check sample was drawn from (the reviewed file's flags)"
+    held = np.nonzero(rows.held_out[fit_rows])[0]
+    recal = None
+    if len(held) >= 2:
+        at = {int(r): k for k, r in enumerate(frame["_row"].to_numpy())}
+        strat = frame[["stratum_rows", "stratum_sampled"]].apply(pd.to_numeric, errors="coerce").to_numpy()
+        weight = np.array([strat[at[int(r)], 0] / max(strat[at[int(r)], 1], 1.0) for r in fit_rows[held]])
+        recal = fit_recalibration(np.asarray(p_clean)[held], rows.wrong[fit_rows[held]], np.nan_to_num(weight, nan=1.0))
+    return est, recal
+
+
+def recalibrated(result: DetectionResult, recal: Recalibration) -> DetectionResult:
+    """``result`` with ``p_clean`` mapped through ``recal`` (the ranking and the flags stay the detector's)."""
+    raw = result.columns.get("p_clean_raw", result.p_clean)
+    result.p_clean = with_raw_order(recal(result.p_clean), raw)
+    result.info = {**(result.info or {}), "recalibration": recal.to_dict()}
+    result.rule += (f" Then recalibrated on {recal.rows} reviewed check-sample rows: sigma({recal.a:.3g}*ln(p) - "
+                    f"{recal.b:.3g}*ln(1-p) + {recal.c:.3g}) (same ranking, same flags).")
+    return result
 
 
 def widen_result(result: DetectionResult, fitted: np.ndarray) -> DetectionResult:
@@ -205,14 +274,17 @@ def mark_reviewed(table: pd.DataFrame, images: LabeledImages, rows: ReviewedRows
     unreadable = (out["issue"] == "unreadable").to_numpy()
     out.loc[decided, "review"] = rows.review[at][decided]
     done = decided & ~unreadable
-    trusted = rows.trusted[at] & done
-    final = np.asarray(images.classes, dtype=object)[rows.labels[at]]
-    kept_same = trusted & (final == out["given_label"].to_numpy(dtype=object))
+    review = rows.review[at].astype(str)
+    kept_same = done & (review == "keep")
+    relabelled = done & np.char.startswith(review, "relabel:")
+    final = np.where(kept_same, out["given_label"].to_numpy(dtype=object),
+                     np.array([r.split(":", 1)[1] if r.startswith("relabel:") else "" for r in review], dtype=object))
+    labelled = kept_same | relabelled
     out.loc[done, "p_clean"] = np.where(kept_same[done], 1.0, 0.0)
     out.loc[done, "is_noisy"] = ~kept_same[done]
-    out.loc[trusted, "suggested_label"] = final[trusted]
-    out.loc[trusted, "suggested_prob"] = 1.0
-    dropped = done & ~trusted
+    out.loc[labelled, "suggested_label"] = final[labelled]
+    out.loc[labelled, "suggested_prob"] = 1.0
+    dropped = done & ~labelled
     out.loc[dropped, "suggested_label"] = ""
     out.loc[dropped, "suggested_prob"] = np.nan
     out.loc[done, "issue"] = REVIEWED_ISSUE

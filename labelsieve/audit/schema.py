@@ -24,7 +24,7 @@ __all__ = ["AUDIT_ID_COLUMN", "COLUMNS", "DIGEST_COLUMN", "REVIEW_OPTIONAL", "RE
 
 #: The audit's columns, in order (DESIGN.md §1); detectors may add their own after them.
 COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label", "suggested_prob", "issue", "rank",
-           "review"]
+           "review", "check"]
 #: The audit's identity, on every row of audit.csv / audit.xlsx and of a reviews CSV (labelsieve.audit.auditset).
 AUDIT_ID_COLUMN = "audit_id"
 #: An image's content digest (``b2-`` + 16 hex digits) as the audit read it: a decision made on a row is checked

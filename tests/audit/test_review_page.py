@@ -6,6 +6,7 @@ Skipped where Chromium, its driver or selenium is missing, except in CI (LABELSI
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -327,3 +328,54 @@ def test_reviews_csv_round_trips_hostile_names(browser, tmp_path):
     note = text(driver, "ls-import-note")
     assert note.startswith("Imported 21 decision(s)") and "did not use 3 made on another row: =1+1.jpg (another " \
         "picture now)" in note, note
+
+
+def test_the_check_sample_is_reviewed_by_keyboard_and_the_estimate_follows(browser, tmp_path):
+    """The page offers the check sample first; deciding its rows by keyboard updates the estimate of wrong labels
+    and its interval live (narrowing as more rows are decided), it agrees with labelsieve.audit.estimate on the
+    same decisions, and the downloaded reviews CSV carries the design so the CLI gets the same estimate."""
+    from labelsieve.audit.checksample import draw_check_sample
+    from labelsieve.audit.decisions import read_reviews
+    from labelsieve.audit.estimate import estimate_audit
+
+    driver, downloads = browser
+    _, _, table = demo_audit(tmp_path / "a", created="2026-12-05T10:00:00+0000")
+    rng = np.random.default_rng(1)
+    # the truth: most flagged rows are wrong, a few unflagged ones are too
+    wrong = np.where(table["is_noisy"], rng.random(len(table)) < 0.8, rng.random(len(table)) < 0.05)
+    truth = dict(zip(table["path"], wrong, strict=True))
+    check, design = draw_check_sample(table, size=30, seed=0)
+    table["check"] = check
+    summary = {"method": "ensemble", "n_images": len(table), "n_flagged": int(table["is_noisy"].sum()),
+               "threshold": 0.5, "classes": sorted(table["given_label"].unique()),
+               "input": {"input_hash": "check-input"}, "created": "2026-12-05T11:00:00+0000",
+               "noise_rate": 0.31, "noise_rate_interval": [0.29, 0.33], "check_sample": design.to_dict()}
+    page = write_html(table, summary, image_root=DEMO, out_path=tmp_path / "a" / "audit.html", max_gallery=10)
+    load(driver, page)
+    assert "Check this audit: review these 30 rows" in text(driver, "ls-check")
+    assert "Nothing reviewed yet" in text(driver, "ls-check-est")
+    driver.find_element("id", "ls-check-go").click()
+    widths = []
+    for n in range(30):
+        path = driver.execute_script("return document.querySelector('.rc.cur').title")
+        assert int(table.loc[table["path"] == path, "check"].iloc[0]) == n + 1  # the sample, in its review order
+        keys(driver, "d" if truth[path] else "k")
+        if n + 1 in (10, 30):
+            est = text(driver, "ls-check-est")
+            m = re.search(r"Wrong labels: ([\d.]+)% \(95% interval ([\d.]+)%–([\d.]+)%\)", est)
+            assert m, est
+            widths.append(float(m.group(3)) - float(m.group(2)))
+            assert f"from {n + 1} of 30 check rows reviewed" in est
+    assert widths[1] < widths[0]
+    decided = table.assign(review=[("drop" if truth[p] else "keep") if c == c else ""
+                                   for p, c in zip(table["path"], table["check"].astype(float), strict=True)])
+    py = estimate_audit(decided, design)
+    shown = [float(v) for v in m.groups()]
+    assert abs(shown[0] - 100 * py["rate"]) < 0.05
+    assert abs(shown[1] - 100 * py["interval"][0]) < 1.5 and abs(shown[2] - 100 * py["interval"][1]) < 1.5
+    driver.find_element("id", "ls-download").click()
+    got = read_reviews(wait_for_download(downloads / "reviews.csv"))
+    assert len(got) == 30 and got.attrs["check_design"]["strata"]
+    assert [(s["rows"], s["sampled"], s["flagged"]) for s in got.attrs["check_design"]["strata"]] == \
+        [(s.rows, s.sampled, s.flagged) for s in design.strata]
+    (downloads / "reviews.csv").unlink()

@@ -87,3 +87,13 @@ def test_a_reviewed_audit_xlsx_is_protected_like_audit_csv(tmp_path):
     copy = keep_reviewed_copy(tmp_path / "audit.xlsx")
     assert copy is not None and copy.name.startswith("audit.reviewed-") and copy.suffix == ".xlsx"
     assert pd.read_excel(copy, dtype=str, keep_default_na=False)["review"].tolist() == ["drop", ""]
+
+
+def test_xlsx_column_empty_in_its_first_rows_is_written(tmp_path):
+    """pandas 3 keeps missing values missing through astype(str): a column empty in its first 50 rows (the check
+    sample's column, near-duplicate groups) made the column-width guess fail."""
+    table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(60)], "check": pd.array([pd.NA] * 59 + [1], "Int64"),
+                          "duplicate_group": pd.array([pd.NA] * 60, "Int64")})
+    write_xlsx(table, tmp_path / "a.xlsx")
+    back = pd.read_excel(tmp_path / "a.xlsx")
+    assert back["check"].isna().sum() == 59 and back["check"].iloc[-1] == 1

@@ -151,6 +151,9 @@
     });
     $("f-search").addEventListener("input", function () { refilter(true); });
     $("ls-download").addEventListener("click", download);
+    if ($("ls-check-go")) $("ls-check-go").addEventListener("click", function () {
+      $("f-show").value = "check"; $("f-sort").value = "check"; refilter(true); $("ls-grid").scrollIntoView();
+    });
     $("ls-import-file").addEventListener("change", importFile);
     $("ls-help-btn").addEventListener("click", function () { openOverlay("ls-help"); });
     $("pg-prev").addEventListener("click", function () { goPage(page - 1); });
@@ -172,6 +175,7 @@
     var flagged = R.flag[i] === 1 && readable(i);
     if (f.show === "todo" && !(flagged && !dec[i])) return false;
     if (f.show === "flagged" && !flagged) return false;
+    if (f.show === "check" && !(R.check[i] > 0)) return false;
     if (f.show === "decided" && !dec[i]) return false;
     if (f.show === "undecided" && dec[i]) return false;
     if (f.given !== "" && R.given[i] !== f.given) return false;
@@ -204,7 +208,8 @@
       p_desc: function (i) { return R.p[i] === null ? 1 : -R.p[i]; },
       sp_desc: function (i) { return R.sp[i] === null ? 1 : -R.sp[i]; },
       agree_desc: function (i) { return R.agree[i] === null ? 1 : -R.agree[i]; },
-      given: function (i) { return R.given[i]; }
+      given: function (i) { return R.given[i]; },
+      check: function (i) { return R.check[i] > 0 ? R.check[i] : 1e12; }
     }[s] || function (i) { return R.rank[i]; };
     view.sort(function (a, b) { return (key(a) - key(b)) || (R.rank[a] - R.rank[b]); });
     cur = 0;
@@ -242,7 +247,8 @@
       "\" data-pos=\"" + pos + "\" data-i=\"" + i + "\" title=\"" + esc(R.path[i]) + "\">" +
       "<div class=\"thumb\">" + img + "</div>" +
       "<div>#" + num(R.rank[i]) + " · p_clean " + fmt(R.p[i]) + (issue ? " <span class=\"tag\">" + esc(issue) +
-      "</span>" : "") + "</div>" +
+      "</span>" : "") + (R.check[i] > 0 ? " <span class=\"chk\" title=\"row " + R.check[i] +
+      " of the check sample\">check " + R.check[i] + "</span>" : "") + "</div>" +
       "<div class=\"lab\"><span class=\"given\">" + esc(given(i)) + "</span> → <span class=\"sugg\">" +
       esc(s || "(none)") + "</span>" + (R.sp[i] !== null ? " (" + fmt(R.sp[i], 2) + ")" : "") + "</div>" + mem +
       "<div class=\"path\">" + esc(R.path[i]) + "</div>" +
@@ -288,6 +294,7 @@
       var f = R.flag[i] === 1 && readable(i);
       if (f) { flagged++; if (dec[i]) done++; } else if (dec[i]) other++;
     }
+    checkPanel();
     $("ls-progress-text").textContent = num(done) + " of " + num(flagged) + " flagged reviewed";
     $("ls-progress-bar").style.width = (flagged ? 100 * done / flagged : 0) + "%";
     $("ls-progress-sub").textContent = (other ? num(other) + " other row(s) decided · " : "") +
@@ -322,6 +329,149 @@
     });
   }
 
+  /* ---- the check sample's estimate: labelsieve.audit.estimate, ported (same bands, same rules) ---- */
+  var DES = D.design || null;
+  function wrongOf(i) {               // 1 the given label is wrong, 0 right, NaN undecided (estimate.is_wrong)
+    var v = dec[i], k = kind(v);
+    if (!v) return NaN;
+    if (k === "keep") return 0;
+    if (k === "drop") return 1;
+    if (k === "relabel") return target(i, v) === given(i) ? 0 : 1;
+    return NaN;
+  }
+  function checkCells() {
+    var per = DES.strata.map(function () { return []; });
+    for (var i = 0; i < N; i++) if (R.stratum[i] >= 0) per[R.stratum[i]].push(i);
+    return DES.strata.map(function (s, h) {
+      var rows = per[h].sort(function (a, b) { return R.spos[a] - R.spos[b]; });
+      var k = 0;                      // the band's top run of decided rows, cut back to end outside the sample
+      while (k < rows.length && R.spos[rows[k]] === k + 1 && !isNaN(wrongOf(rows[k]))) k++;
+      while (k > 0 && R.check[rows[k - 1]] > 0) k--;
+      var c = {flagged: s.flagged, rows: s.rows, exact: k, exactWrong: 0, m: 0, x: 0};
+      for (var j = 0; j < rows.length; j++) {
+        var w = wrongOf(rows[j]);
+        if (j < k) c.exactWrong += w;
+        else if (R.check[rows[j]] > 0 && !isNaN(w)) { c.m++; c.x += w; }
+      }
+      return c;
+    });
+  }
+  function collapse(cells) {          // a band with rows left and no sample borrows its nearest neighbour's
+    var groups = cells.map(function (c) { return [c]; });
+    var sum = function (g, key) { return g.reduce(function (a, c) { return a + (key === "left" ? c.rows - c.exact : c[key]); }, 0); };
+    var needy = function (g) { return sum(g, "left") > 0 && sum(g, "m") === 0; };
+    for (var guard = 0; guard < 1000; guard++) {
+      var i = groups.findIndex(needy);
+      if (i < 0) break;
+      var flag = groups[i][0].flagged, best = -1;
+      [true, false].forEach(function (same) {
+        if (best >= 0) return;
+        var order = groups.map(function (_, j) { return j; }).sort(function (a, b) { return Math.abs(a - i) - Math.abs(b - i) || a - b; });
+        order.forEach(function (j) { if (best < 0 && j !== i && sum(groups[j], "m") > 0 && (!same || groups[j][0].flagged === flag)) best = j; });
+      });
+      if (best < 0) return null;
+      groups[best] = best < i ? groups[best].concat(groups[i]) : groups[i].concat(groups[best]);
+      groups.splice(i, 1);
+    }
+    return groups;
+  }
+  function rng(seed) {                // mulberry32: the same decisions show the same interval
+    return function () {
+      seed |= 0; seed = seed + 0x6D2B79F5 | 0;
+      var t = Math.imul(seed ^ seed >>> 15, 1 | seed);
+      t = t + Math.imul(t ^ t >>> 7, 61 | t) ^ t;
+      return ((t ^ t >>> 14) >>> 0) / 4294967296;
+    };
+  }
+  function normal(u) { var a = u(), b = u(); return Math.sqrt(-2 * Math.log(a || 1e-300)) * Math.cos(2 * Math.PI * b); }
+  function gamma(u, a) {              // Marsaglia-Tsang
+    if (a < 1) return gamma(u, a + 1) * Math.pow(u() || 1e-300, 1 / a);
+    var d = a - 1 / 3, c = 1 / Math.sqrt(9 * d);
+    for (;;) {
+      var x = normal(u), v = 1 + c * x;
+      if (v <= 0) continue;
+      v = v * v * v;
+      var w = u();
+      if (w < 1 - 0.0331 * x * x * x * x || Math.log(w || 1e-300) < 0.5 * x * x + d * (1 - v + Math.log(v))) return d * v;
+    }
+  }
+  function binom(u, n, p) {
+    if (n <= 0 || p <= 0) return 0;
+    if (p >= 1) return n;
+    if (n <= 200) { var k = 0; for (var j = 0; j < n; j++) if (u() < p) k++; return k; }
+    return Math.max(0, Math.min(n, Math.round(n * p + Math.sqrt(n * p * (1 - p)) * normal(u))));
+  }
+  function quantile(a, q) { var s = a.slice().sort(function (x, y) { return x - y; }); return s[Math.min(s.length - 1, Math.max(0, Math.floor(q * (s.length - 1) + 0.5)))]; }
+  function estimate() {
+    if (!DES) return null;
+    var cells = checkCells(), m = cells.reduce(function (a, c) { return a + c.m; }, 0);
+    if (!m) return {reviewed: 0};
+    var groups = collapse(cells);
+    if (!groups) return {reviewed: m};
+    var T = 2000, u = rng(12345);
+    var lo = {true: new Float64Array(T), false: new Float64Array(T)}, hi = {true: new Float64Array(T), false: new Float64Array(T)};
+    var point = {true: 0, false: 0};
+    groups.forEach(function (g) {
+      var left = 0, gm = 0, gx = 0;
+      g.forEach(function (c) { left += c.rows - c.exact; gm += c.m; gx += c.x; });
+      var parts = [true, false].map(function (f) {
+        return [f, g.filter(function (c) { return c.flagged === f; })];
+      }).filter(function (p) { return p[1].length; });
+      var dl = new Float64Array(T), dh = new Float64Array(T);
+      for (var t = 0; t < T; t++) {
+        if (!gm) continue;
+        var pl = gx === 0 ? 0 : gamma(u, gx + 0.5), ql = gx === 0 ? 1 : gamma(u, gm - gx + 0.5);
+        var ph = gx === gm ? 1 : gamma(u, gx + 0.5), qh = gx === gm ? 0 : gamma(u, gm - gx + 0.5);
+        dl[t] = gx + binom(u, Math.max(left - gm, 0), gx === 0 ? 0 : pl / (pl + ql));
+        dh[t] = gx + binom(u, Math.max(left - gm, 0), gx === gm ? 1 : ph / (ph + qh));
+      }
+      parts.forEach(function (p) {
+        var f = p[0], rowsF = p[1].reduce(function (a, c) { return a + c.rows - c.exact; }, 0);
+        var share = left ? rowsF / left : 0, exact = p[1].reduce(function (a, c) { return a + c.exactWrong; }, 0);
+        point[f] += exact + (gm ? left * gx / gm * share : 0);
+        for (var t = 0; t < T; t++) { lo[f][t] += exact + dl[t] * share; hi[f][t] += exact + dh[t] * share; }
+      });
+    });
+    var rows = cells.reduce(function (a, c) { return a + c.rows; }, 0) + DES.known_rows;
+    var tl = [], th = [], pl = [], ph = [], rl = [], rh = [];
+    var nF = cells.reduce(function (a, c) { return a + (c.flagged ? c.rows : 0); }, 0);
+    for (var t = 0; t < T; t++) {
+      tl.push(lo.true[t] + lo.false[t] + DES.known_wrong); th.push(hi.true[t] + hi.false[t] + DES.known_wrong);
+      if (nF) { pl.push(lo.true[t] / nF); ph.push(hi.true[t] / nF); }
+      rl.push(lo.true[t] + hi.false[t] > 0 ? lo.true[t] / (lo.true[t] + hi.false[t]) : 1);
+      rh.push(hi.true[t] + lo.false[t] > 0 ? hi.true[t] / (hi.true[t] + lo.false[t]) : 1);
+    }
+    var wrong = point.true + point.false + DES.known_wrong, total = point.true + point.false;
+    return {reviewed: m, rows: rows, wrong: wrong, rate: rows ? wrong / rows : 0,
+            interval: [quantile(tl, 0.025) / rows, quantile(th, 0.975) / rows],
+            precision: nF ? point.true / nF : null, precisionInterval: nF ? [quantile(pl, 0.025), quantile(ph, 0.975)] : null,
+            recall: total > 0 ? point.true / total : null, recallInterval: [quantile(rl, 0.025), quantile(rh, 0.975)]};
+  }
+  function pct(x) { return (100 * x).toFixed(1) + "%"; }
+  function checkPanel() {
+    if (!DES || !$("ls-check-est")) return;
+    var e = estimate(), k = 0, decided = 0;
+    for (var i = 0; i < N; i++) if (R.check[i] > 0) { k++; if (!isNaN(wrongOf(i))) decided++; }
+    $("ls-check-go").textContent = decided < k ? "Review the check sample (" + num(k - decided) + " to go)" :
+      "Show the check sample";
+    var model = DES.model_rate === null || DES.model_rate === undefined ? "" :
+      " The model alone says " + pct(DES.model_rate) + (DES.model_interval ? " (" + pct(DES.model_interval[0]) + "–" +
+      pct(DES.model_interval[1]) + ", an interval that covers its own fit only)" : "") + ".";
+    if (!e || !e.reviewed || e.rate === undefined) {
+      $("ls-check-est").textContent = "Nothing reviewed yet: 0 of " + num(k) + " check rows decided.";
+      $("ls-check-sub").textContent = model.trim();
+      return;
+    }
+    $("ls-check-est").textContent = "Wrong labels: " + pct(e.rate) + " (95% interval " + pct(e.interval[0]) + "–" +
+      pct(e.interval[1]) + "), about " + num(Math.round(e.wrong)) + " of " + num(e.rows) + " images — from " +
+      num(decided) + " of " + num(k) + " check rows reviewed.";
+    $("ls-check-sub").textContent = (e.precision !== null ? "Flags: precision " + e.precision.toFixed(2) + " (" +
+      e.precisionInterval[0].toFixed(2) + "–" + e.precisionInterval[1].toFixed(2) + ")" : "Flags: none") +
+      (e.recall !== null ? ", recall " + e.recall.toFixed(2) + " (" + e.recallInterval[0].toFixed(2) + "–" +
+      e.recallInterval[1].toFixed(2) + ")." : ".") + model +
+      " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided.";
+  }
+
   /* ---- CSV in and out: one dialect (see the header of this file) ---- */
   var Q = D.csv, CONV = new RegExp(Q.pattern, "i");
   function convertible(s) {      // labelsieve.core.spreadsheet.is_convertible, rule for rule
@@ -342,19 +492,28 @@
     return /[",;\t\r\n]|^\s|\s$/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s;
   }
   function download() {
-    var rows = [];
-    for (var i = 0; i < N; i++) if (dec[i]) rows.push(i);
+    var rows = [];                    // every decided row, and every check row (its band's size is needed)
+    for (var i = 0; i < N; i++) if (dec[i] || R.check[i] > 0) rows.push(i);
     rows.sort(function (a, b) { return R.rank[a] - R.rank[b]; });
-    var lines = ["path,given_label,suggested_label,review,digest,audit_id"];
+    var head = ["path", "given_label", "suggested_label", "review", "digest", "audit_id"];
+    if (DES) head = head.concat(["is_noisy", "issue", "check", "stratum", "stratum_pos", "stratum_rows", "stratum_sampled"]);
+    var lines = [head.join(",")];
     rows.forEach(function (i) {
-      lines.push([R.path[i], given(i), sugg(i), dec[i], DIG[i] || "", AID].map(csvCell).join(","));
+      var cells = [R.path[i], given(i), sugg(i), dec[i], DIG[i] || "", AID];
+      if (DES) {
+        var h = R.stratum[i], st = h >= 0 ? DES.strata[h] : null;
+        cells = cells.concat([R.flag[i] === 1 ? "True" : "False", D.issues[R.issue[i]], R.check[i] > 0 ? R.check[i] : "",
+          st ? h : "", st ? R.spos[i] : "", st ? st.rows : "", st ? st.sampled : ""]);
+      }
+      lines.push(cells.map(csvCell).join(","));
     });
     var blob = new Blob([lines.join("\n") + "\n"], {type: "text/csv;charset=utf-8"});
     var a = document.createElement("a");
     a.href = URL.createObjectURL(blob); a.download = D.download_name || "reviews.csv";
     document.body.appendChild(a); a.click();
     setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
-    unsaved = 0; progress(); toast("Saved " + num(rows.length) + " decision(s) to " + a.download);
+    var nd = rows.filter(function (i) { return dec[i]; }).length;
+    unsaved = 0; progress(); toast("Saved " + num(nd) + " decision(s) to " + a.download);
   }
   function delimiterOf(text) {   // of the header line: the one that gives a path and a review column
     var head = text.split(/\r\n|\n|\r/, 1)[0];

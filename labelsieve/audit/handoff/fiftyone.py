@@ -1,14 +1,15 @@
 """FiftyOne hand-off: an audit as a persistent FiftyOne dataset, and the reviewer's tags back as decisions.
 
 ``labelsieve export audit.csv --to fiftyone --name NAME`` creates a persistent dataset with one
-sample per flagged row (every readable row with ``--all-rows``), worst first:
+sample per check-sample row and per flagged row (every readable row with ``--all-rows``), check rows first:
 
 * ``ground_truth``: the given label (a ``Classification``), ``suggestion``: the suggested label with
   its probability as confidence;
 * ``given_label``, ``p_clean``, ``is_noisy``, ``issue``, ``rank``, ``audit_path`` (the key back into
   audit.csv) and, for an ensemble audit, ``agreement``;
-* tags ``flagged`` and ``issue:<issue>`` to filter on, and the audit's own ``review`` value where one
-  is filled.
+* tags ``check`` (the audit's check sample, exported first whether flagged or not, with its review order in
+  the ``check`` field: review it to measure the audit), ``flagged`` and ``issue:<issue>`` to filter on, and
+  the audit's own ``review`` value where one is filled.
 
 In the App (``fiftyone app launch``, or ``fo.launch_app(fo.load_dataset(NAME))``) a reviewer tags
 samples ``keep``, ``drop``, ``relabel`` (to the suggestion) or ``relabel:<class>``; editing a sample's
@@ -115,12 +116,14 @@ def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], n
         s["issue"] = issue
         s["rank"] = v["rank"][k]
         s["audit_path"] = path
+        s["check"] = v["check"][k]
         for key in ("digest", "audit_id"):  # decisions come back checked against the audit and the picture
             if v[key][k]:
                 s[key] = v[key][k]
         if has_agreement:
             s["agreement"] = v["agreement"][k]
-        s.tags = (["flagged"] if flagged[k] else []) + ([f"issue:{issue}"] if issue else []) \
+        s.tags = (["check"] if v["check"][k] else []) + (["flagged"] if flagged[k] else []) \
+            + ([f"issue:{issue}"] if issue else []) \
             + ([v["review"][k]] if v["review"][k] else [])
         samples.append(s)
     ds = fo.Dataset(name)

@@ -6,9 +6,11 @@ and the config beside it)
 * ``DIR/labeling_config.xml``: the image, a header with the given and suggested labels, ``p_clean``
   and the issue, a single-choice ``label`` control over the audit's classes and a ``decision``
   control (keep / drop);
-* ``DIR/tasks.json``: one task per flagged row (every readable row with ``--all-rows``), whose
-  ``data`` holds the image URL and the audit's fields, and whose prediction (a pre-annotation) is the
-  suggested label with its probability as score.
+* ``DIR/tasks.json``: one task per row of the audit's check sample, first and in its review order (flagged or
+  not; ``data.check`` is its number, and the header says CHECK SAMPLE: reviewing them measures the audit), then
+  one per flagged row (every readable row with ``--all-rows``), whose ``data`` holds the image URL and the
+  audit's fields, and whose prediction (a pre-annotation) is the suggested label with its probability as
+  score.
 
 Image URLs: by default Label Studio's local-files URLs relative to the image root
 (``/data/local-files/?d=<path>``; start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
@@ -61,7 +63,8 @@ def label_config(classes: list[str]) -> str:
     return (
         "<View>\n"
         f'  <Image name="{TO_NAME}" value="$image"/>\n'
-        '  <Header value="given: $given_label | suggested: $suggested_label | p_clean: $p_clean | issue: $issue"/>\n'
+        '  <Header value="$check_sample given: $given_label | suggested: $suggested_label | p_clean: $p_clean | '
+        'issue: $issue"/>\n'
         f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">\n'
         f"{choices}\n  </Choices>\n"
         f'  <Choices name="{DECISION}" toName="{TO_NAME}" choice="single" showInLine="true">\n'
@@ -94,7 +97,8 @@ def build_tasks(rows: pd.DataFrame, *, image_root: str | os.PathLike[str],
         path, sugg = v["path"][k], v["sugg"][k]
         data: dict[str, Any] = {"image": _image_url(path, root, droot, url_prefix), "path": path,
                                 "given_label": v["given"][k], "suggested_label": sugg, "p_clean": v["p_clean"][k],
-                                "issue": v["issue"][k], "rank": v["rank"][k]}
+                                "issue": v["issue"][k], "rank": v["rank"][k], "check": v["check"][k],
+                                "check_sample": (f"CHECK SAMPLE {v['check'][k]} |" if v["check"][k] else "")}
         if v["review"][k]:
             data["review"] = v["review"][k]
         for key in ("digest", "audit_id"):  # the decision comes back checked against the audit and the picture

@@ -49,7 +49,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 import labelsieve.api  # noqa: E402
 from labelsieve import testing  # noqa: E402
 from labelsieve.api import run_detector  # noqa: E402
-from labelsieve.audit.checksample import draw_check_sample  # noqa: E402
+from labelsieve.audit.checksample import design_columns, draw_check_sample  # noqa: E402
 from labelsieve.audit.estimate import ReviewedSample, estimate_from_reviews, fit_recalibration  # noqa: E402
 from labelsieve.audit.evaluate import calibration_error  # noqa: E402
 from labelsieve.audit.html import write_html  # noqa: E402
@@ -156,14 +156,15 @@ def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int,
     truth_prec = float(noisy[member & flagged].mean()) if (member & flagged).any() else None
     truth_rec = float(noisy[member & flagged].sum() / noisy[member].sum()) if noisy[member].sum() else None
     p = table["p_clean"].to_numpy(dtype=np.float64)
-    rank = table["rank"].to_numpy(dtype=np.int64)
     recs = []
     for d in range(draws):
         check, design = draw_check_sample(table, size=size, seed=1000 + d)
         c = check.fillna(0).to_numpy(dtype=np.int64)
-        stratum = design.stratum_of(rank, flagged, member)
+        cols = design_columns(table, design)
+        stratum = cols["stratum"].fillna(-1).to_numpy(dtype=np.int64)
+        position = cols["stratum_pos"].fillna(0).to_numpy(dtype=np.int64)
         wrong = np.where(c > 0, noisy, np.nan)
-        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=rank, check=c, wrong=wrong),
+        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong),
                                     seed=d)
         weight = np.array([design.strata[h].rows / design.strata[h].sampled for h in stratum[c > 0]])
         recal = fit_recalibration(p[c > 0], noisy[c > 0], weight)

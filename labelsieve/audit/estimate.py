@@ -49,7 +49,7 @@ from scipy.special import expit
 from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign, design_columns
 
 __all__ = ["DRAWS", "LEVEL", "Recalibration", "ReviewedSample", "estimate_audit", "estimate_from_reviews",
-           "fit_recalibration", "is_wrong", "sample_from_frame"]
+           "exact_rows", "fit_recalibration", "is_wrong", "sample_from_frame"]
 
 #: Joint posterior draws behind every interval.
 DRAWS = 4000
@@ -83,7 +83,7 @@ class ReviewedSample:
     stratum : ndarray of int
         The row's band in the design (-1: not in the population).
     position : ndarray
-        Its order within the band (the audit's rank).
+        Its 1-based position within its band, in rank order (``stratum_pos``).
     check : ndarray of int
         Its review order in the check sample, 0 when it is not a check row.
     wrong : ndarray of float
@@ -110,22 +110,33 @@ class _Cell:
         return self.rows - self.exact
 
 
-def _cells(design: CheckDesign, s: ReviewedSample) -> list[_Cell]:
-    """Each band's exact top run and its sample (steps 1-2 of the module docstring)."""
+def _bands(design: CheckDesign, s: ReviewedSample) -> tuple[list[_Cell], np.ndarray]:
+    """Each band's exact top run and its sample (steps 1-2 of the module docstring), and which rows are in a top
+    run. A top run is the band's positions 1, 2, … as long as each is present and decided (a reviews CSV lists
+    decided and check rows only: a gap in the positions ends the run)."""
     out = []
     decided = np.isfinite(s.wrong)
+    in_top = np.zeros(len(s.wrong), dtype=bool)
     for h, st in enumerate(design.strata):
         at = np.nonzero(s.stratum == h)[0]
         at = at[np.argsort(s.position[at], kind="stable")]
         dec, chk, y = decided[at], s.check[at] > 0, s.wrong[at]
-        k = int(np.argmin(dec)) if not dec.all() else len(dec)
+        run = dec & (s.position[at] == np.arange(1, len(at) + 1))
+        k = int(np.argmin(run)) if not run.all() else len(run)
         while k > 0 and chk[k - 1]:
             k -= 1
+        in_top[at[:k]] = True
         rest = slice(k, None)
         sampled = dec[rest] & chk[rest]
         out.append(_Cell(flagged=st.flagged, rows=st.rows, exact=k, exact_wrong=int(np.nansum(y[:k])),
                          m=int(sampled.sum()), x=int(y[rest][sampled].sum())))
-    return out
+    return out, in_top
+
+
+def exact_rows(design: CheckDesign, sample: ReviewedSample) -> np.ndarray:
+    """Rows counted exactly: the bands' top runs of decided rows (a re-audit may trust them, check rows included;
+    the other decided check rows are the random sample)."""
+    return _bands(design, sample)[1]
 
 
 def _collapse(cells: list[_Cell]) -> list[list[_Cell]]:
@@ -207,7 +218,7 @@ def estimate_from_reviews(design: CheckDesign, sample: ReviewedSample, *, known_
         (bands that borrowed a neighbour's sample) and ``strata`` (per band: rows, exact, sampled, wrong).
         None when no check row is decided.
     """
-    cells = _cells(design, sample)
+    cells, _ = _bands(design, sample)
     if not design.strata or sum(c.m for c in cells) == 0:
         return None
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x657374]))  # "est"

@@ -35,7 +35,13 @@ import pandas as pd
 from labelsieve.audit.auditset import format_digest
 from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign
 from labelsieve.audit.decisions import stale_reason
-from labelsieve.audit.estimate import Recalibration, estimate_from_reviews, fit_recalibration, sample_from_frame
+from labelsieve.audit.estimate import (
+    Recalibration,
+    estimate_from_reviews,
+    exact_rows,
+    fit_recalibration,
+    sample_from_frame,
+)
 from labelsieve.audit.review import kept_rows
 from labelsieve.core.errors import DataError
 from labelsieve.data import LabeledImages
@@ -61,9 +67,11 @@ class ReviewedRows:
     dropped : ndarray of shape (n,), bool
         Rows a reviewer dropped.
     held_out : ndarray of shape (n,), bool
-        Rows of an earlier audit's check sample that a reviewer decided: the new audit's yardstick. The detector
+        Rows of an earlier audit's check sample that a reviewer decided, outside the bands' top runs (rows decided
+        from the top of a band count exactly and are trusted like any): the new audit's yardstick. The detector
         sees them as any undecided row (given label, not trusted), so that their scores in the new audit are
-        honest: the new audit's p_clean is recalibrated on them, and the design-based estimate counts them.
+        honest: the new audit's p_clean is recalibrated on them. None are held out when the sample is more than
+        :data:`HOLD_OUT_MAX_SHARE` of the rows it was drawn from.
     review : ndarray of shape (n,), object
         The decision to write in the new audit's ``review`` column ("" where none).
     sources : list of str
@@ -125,7 +133,6 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
     current_digest = ([format_digest(d) for d in digests] if digests is not None else [""] * n)
     outcome = np.full(n, None, dtype=object)  # class name, or "" for drop
     origin = np.full(n, "", dtype=object)
-    is_check = np.zeros(n, dtype=bool)
     design_frames: list[pd.DataFrame] = []
     not_in: list[str] = []
     stale: list[str] = []
@@ -170,13 +177,11 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
         outcome[at] = new
         origin[at] = source
         if "check" in f.columns and frame.attrs.get("check_design"):
-            chk = pd.to_numeric(f["check"], errors="coerce").fillna(0).to_numpy() > 0
-            is_check[at[chk]] = True
             g = f.assign(_row=at)
             g.attrs["check_design"] = frame.attrs["check_design"]
             design_frames.append(g)
     decided = np.array([o is not None for o in outcome], dtype=bool)
-    held_out = decided & is_check
+    held_out = decided & _held_out(design_frames, n)
     wrong = np.full(n, np.nan)
     wrong[decided] = [0.0 if o == g else 1.0 for o, g in zip(outcome[decided], given[decided], strict=True)]
     dropped = decided & ~held_out & np.array([o == "" for o in outcome], dtype=bool)
@@ -195,6 +200,39 @@ def resolve_reviewed(images: LabeledImages, reviews: Sequence[pd.DataFrame], *,
                         stale=stale)
 
 
+#: A re-audit holds an earlier audit's check rows out of the detector's trusted rows only when the sample is at most
+#: this share of the rows it was drawn from: a sample of most of the data leaves little to calibrate for, and its
+#: rows are then worth more as trusted labels.
+HOLD_OUT_MAX_SHARE = 0.25
+
+
+def _pooled(frames: list[pd.DataFrame]) -> tuple[dict | None, pd.DataFrame | None, list[pd.DataFrame], list[str]]:
+    """The decisions of the first design among ``frames`` pooled (one row per input row), the frames that carry it,
+    and the names of the files with another design."""
+    if not frames:
+        return None, None, [], []
+    design_dict = frames[0].attrs["check_design"]
+    same = [f for f in frames if f.attrs["check_design"] == design_dict]
+    other = [str(f.attrs.get("source", "reviews")) for f in frames if f.attrs["check_design"] != design_dict]
+    return design_dict, pd.concat(same).drop_duplicates(subset="_row", keep="first"), same, other
+
+
+def _held_out(frames: list[pd.DataFrame], n: int) -> np.ndarray:
+    """Input rows that are decided rows of an earlier audit's check sample outside the bands' top runs (those count
+    exactly and may be trusted): the random sample a re-audit measures itself on (:class:`ReviewedRows`)."""
+    out = np.zeros(n, dtype=bool)
+    design_dict, frame, _, _ = _pooled(frames)
+    if design_dict is None:
+        return out
+    design = CheckDesign.from_dict(design_dict)
+    if design.population and design.size > HOLD_OUT_MAX_SHARE * design.population:
+        return out
+    sample, _, _ = sample_from_frame(frame)
+    sampled = (sample.check > 0) & np.isfinite(sample.wrong) & ~exact_rows(design, sample)
+    out[frame["_row"].to_numpy()[sampled]] = True
+    return out
+
+
 def reviewed_estimate(rows: ReviewedRows, p_clean: np.ndarray,
                       fit_rows: np.ndarray) -> tuple[dict | None, Recalibration | None]:
     """What the decisions on an earlier audit's check sample say (:mod:`labelsieve.audit.estimate`): the
@@ -205,13 +243,9 @@ def reviewed_estimate(rows: ReviewedRows, p_clean: np.ndarray,
     Files that carry the same design (the audit.csv and reviews CSVs of one audit) are pooled; a file with another
     design is left out of the estimate (its decisions still apply) and named in the estimate's ``left_out``.
     """
-    if not rows.design_frames:
+    design_dict, frame, same, other = _pooled(rows.design_frames)
+    if design_dict is None:
         return None, None
-    design_dict = rows.design_frames[0].attrs["check_design"]
-    same = [f for f in rows.design_frames if f.attrs["check_design"] == design_dict]
-    other = [str(f.attrs.get("source", "reviews")) for f in rows.design_frames
-             if f.attrs["check_design"] != design_dict]
-    frame = pd.concat(same).drop_duplicates(subset="_row", keep="first")
     design = CheckDesign.from_dict(design_dict)
     sample, known_rows, known_wrong = sample_from_frame(frame)
     est = estimate_from_reviews(design, sample, known_rows=known_rows, known_wrong=known_wrong)

@@ -140,10 +140,10 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
         if comp.get("separation") is not None:
             measured += f", separation {comp['separation']:.1f} sd"
         word = "[bold red]WEAK[/bold red]" if comp["verdict"] == "weak" else "good"
-        t.add_row("model on this data", f"{word} ({escape(measured)})"
+        t.add_row("model on data", f"{word} ({escape(measured)})"
                   + (f": {escape('; '.join(comp.get('reasons') or []))}" if comp["verdict"] == "weak" else ""))
         if comp.get("expected_precision") is not None:
-            t.add_row("flags, as the model sees them", f"expected precision {comp['expected_precision']:.2f}, recall "
+            t.add_row("flags (model)", f"expected precision {comp['expected_precision']:.2f}, recall "
                       f"{comp.get('expected_recall') or 0:.2f} (model-based"
                       + ("; unreliable here: measure them with the check sample)" if comp["verdict"] == "weak"
                          else ")"))
@@ -154,7 +154,7 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
                   "counted exactly; holds whatever the model (the model alone: "
                   f"{summary.get('model_noise_rate', 0):.1%})")
         if est.get("precision") is not None:
-            t.add_row("flags (measured)", f"precision {est['precision']:.2f}"
+            t.add_row("flags (checked)", f"precision {est['precision']:.2f}"
                       f"{_interval01(est.get('precision_interval'))}, recall {est.get('recall') or 0:.2f}"
                       f"{_interval01(est.get('recall_interval'))} (the reviewed audit's flags)")
     else:

@@ -33,18 +33,23 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.auditset import AUDIT_TAG, check_identity
 from labelsieve.audit.checksample import DESIGN_COLUMNS, CheckDesign, design_columns, design_from_columns
 from labelsieve.audit.schema import audit_record, line_word, read_audit
 from labelsieve.core.errors import DataError
+from labelsieve.core.fileset import recover
 from labelsieve.core.progress import warn
 
 __all__ = ["REVIEWS_COLUMNS", "decision_outcome", "merge_reviews", "normalise_review", "read_reviews", "reviews_frame",
            "stale_reason"]
 
+#: The sheets of an audit's own folder: read as reviews, they are checked against the audit.json beside them.
+AUDIT_SHEETS = ("audit.csv", "audit.xlsx")
 #: Columns of a reviews CSV, in order.
 REVIEWS_COLUMNS = ("path", "given_label", "suggested_label", "review", "digest", "audit_id")
 _MAX_LISTED = 5
@@ -160,9 +165,14 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
         The file cannot be read, has no ``path`` or ``review`` column, or gives one path two different
         decisions.
     """
+    p = Path(path)
+    if p.name in AUDIT_SHEETS:  # an audit's own sheet: it must be the audit its audit.json describes
+        recover(p.parent, AUDIT_TAG)
     df = read_audit(path, required=("path", "review"),
                     optional=("given_label", "suggested_label", "digest", "audit_id", "is_noisy", "issue", "rank",
                               "p_clean", *DESIGN_COLUMNS))
+    if p.name in AUDIT_SHEETS:
+        check_identity(df, audit_record(p), where=str(p))
     design = _check_design(df, path)
     df = df[df["review"].str.strip() != ""].copy()
     df["review"] = df["review"].str.strip()

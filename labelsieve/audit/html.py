@@ -10,9 +10,12 @@ not, path), sorting and pagination, and takes decisions from the keyboard (``k``
 relabel to the suggestion, ``c`` or a digit relabel to any class, ``u`` clear, arrows to move). Decisions
 are kept in the browser's local storage under the audit's identity (input hash + creation time), so
 they survive a reload and a second audit never overwrites them (its page offers to import them); the
-download button saves them as a reviews CSV (``path, given_label, suggested_label, review``) that
-``labelsieve apply --reviews`` and ``train --clean --reviews`` read by the spreadsheet's rule. The page
-needs no network and no file beside it.
+download button saves them as a reviews CSV (``path, given_label, suggested_label, review, digest, audit_id``:
+each decision with the image digest and the audit it was made on) that ``labelsieve apply --reviews`` and
+``train --clean --reviews`` read by the spreadsheet's rule. That CSV, and the page's import, use labelsieve's one
+dialect (quoted fields, formula and spreadsheet-conversion cells given a leading ``'`` by the same rules as
+audit.csv, which the page receives from :mod:`labelsieve.core.spreadsheet`). The page needs no network and no file
+beside it.
 
 Its size is bounded for any audit: the rows are embedded as compact JSON for the first ``max_rows``
 rows by rank (all flagged rows come first), and thumbnails only for the ``max_gallery`` most
@@ -42,7 +45,8 @@ from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign, design_col
 from labelsieve.audit.estimate import is_wrong
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open
+from labelsieve.core.io import FORMULA_PREFIXES, atomic_open
+from labelsieve.core.spreadsheet import page_rules
 from labelsieve.data.decode import to_rgb
 
 __all__ = ["write_html"]
@@ -465,6 +469,8 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
         "review": _text_col(rows, "review").tolist(),
         "check": check[emb].tolist(),
     }
+    if "digest" in rows.columns:  # each image's content digest goes into the reviews CSV with its decision
+        data["digest"] = _text_col(rows, "digest").tolist()
     design = _design_data(table, summary)
     if design is not None:
         data["stratum"] = design.pop("stratum")[emb].tolist()
@@ -482,7 +488,7 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
             thumbs[str(j)] = _thumbnail(image_root / paths[j], thumb_size) if paths[j] else None
     return {"version": 1, "id": _identity(table, summary), "n_rows": len(table), "n_embedded": n, "classes": classes,
             "issues": issues, "members": members, "rows": data, "thumbs": thumbs, "download_name": "reviews.csv",
-            "design": design}
+            "design": design, "csv": page_rules(FORMULA_PREFIXES)}
 
 
 def _design_data(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -54,7 +54,7 @@ from labelsieve.audit.schema import (
     read_audit,
 )
 from labelsieve.core.errors import DataError, OutputError, check_param
-from labelsieve.core.io import atomic_open, neutralise_frame
+from labelsieve.core.io import atomic_open, line_end, neutralise_frame
 from labelsieve.core.paths import check_output_file, listed
 from labelsieve.core.progress import info, warn
 from labelsieve.core.spreadsheet import unmangle
@@ -486,7 +486,7 @@ def apply_review(
                   where=str(audit_csv), owner="apply_review")
     missing, notes = sheet_vs_record(audit, record, where=str(audit_csv))
     with atomic_open(out_csv) as f:
-        neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator=line_end(dec.rows))
     for note in [*dec.notes, *notes]:
         warn(note)
     counts = {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,

@@ -15,7 +15,7 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 from rich.table import Table
 
-from labelsieve.core.io import atomic_open, atomic_path, neutralise_frame, write_json
+from labelsieve.core.io import atomic_open, atomic_path, line_end, neutralise_frame, write_json
 from labelsieve.core.progress import console, escape, warn
 
 __all__ = ["exact_text", "is_score_column", "print_summary", "write_csv", "write_json", "write_xlsx"]
@@ -48,7 +48,7 @@ def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
         if is_score_column(str(c)) and out[c].dtype.kind == "f":
             out[c] = exact_text(out[c])
     with atomic_open(path) as f:
-        out.to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+        out.to_csv(f, index=False, float_format="%.6g", lineterminator=line_end(table))
     return Path(path)
 
 

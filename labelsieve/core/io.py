@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["FORMULA_PREFIXES", "atomic_open", "atomic_path", "atomic_save_npy", "atomic_write_text",
-           "is_spreadsheet_error", "neutralise_cell", "neutralise_frame", "restore_cell", "restore_frame",
+           "is_spreadsheet_error", "line_end", "neutralise_cell", "neutralise_frame", "restore_cell", "restore_frame",
            "sniff_delimiter",
            "to_jsonable", "write_json"]
 
@@ -213,6 +213,16 @@ def neutralise_frame(table: pd.DataFrame) -> pd.DataFrame:
             values[hit] = [quoted[values[i]] for i in hit]
             out[c] = values
     return out
+
+
+def line_end(table: pd.DataFrame) -> str:
+    """The line terminator a CSV of ``table`` is written with: ``\n``, or ``\r\n`` when a text cell holds a
+    carriage return (Python's csv quotes a field only for the characters of its terminator, so a name with a CR
+    is quoted, and read back whole, only then)."""
+    for c in table.columns:
+        if table[c].dtype.kind == "O" and any(isinstance(v, str) and "\r" in v for v in table[c].to_numpy()):
+            return "\r\n"
+    return "\n"
 
 
 def restore_frame(table: pd.DataFrame) -> pd.DataFrame:

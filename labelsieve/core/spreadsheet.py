@@ -24,7 +24,8 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
-__all__ = ["CONVERTIBLE_PATTERN", "is_convertible", "mangling", "unmangle"]
+__all__ = ["CONVERTIBLE_PATTERN", "MAX_LENGTH", "NUMBER_FIRST", "WORD_FIRST", "WORD_MAX_LENGTH", "is_convertible",
+           "mangling", "page_rules", "unmangle"]
 
 _MONTHS = "jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec"
 _MONTH_INDEX = {m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
@@ -49,19 +50,29 @@ _MONTH_DAY = re.compile(rf"^\s*({_MONTHS})[a-z]*\.?[\- ](\d{{1,4}})(?:,?[\- ](\d
 _TIME = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?\s*(?:([ap])\.?m\.?)?\s*$", re.IGNORECASE)
 
 
-_FIRST_OF_NUMBER = frozenset("0123456789+-.,$€£¥")
-_FIRST_OF_WORD = frozenset("jfmasondtJFMASONDT")
+#: The quick test before the pattern (also in audit.html): the first character of a convertible text (after
+#: spaces), and the longest convertible texts (a word first: a month or a boolean).
+NUMBER_FIRST = "0123456789+-.,$€£¥"
+WORD_FIRST = "jfmasondtJFMASONDT"
+MAX_LENGTH, WORD_MAX_LENGTH = 40, 24
 
 
 def is_convertible(text: str) -> bool:
     """True if a spreadsheet opening a CSV may read ``text`` as a number, date, time or boolean."""
     t = text.lstrip()
-    if not t or len(t) > 40:
+    if not t or len(t) > MAX_LENGTH:
         return False
     first = t[0]
-    if first not in _FIRST_OF_NUMBER and (first not in _FIRST_OF_WORD or len(t) > 24):
-        return False  # most names: one set lookup, no regex
+    if first not in NUMBER_FIRST and (first not in WORD_FIRST or len(t) > WORD_MAX_LENGTH):
+        return False  # most names: one string lookup, no regex
     return _CONVERTIBLE.match(text) is not None
+
+
+def page_rules(formula_prefixes: Iterable[str]) -> dict[str, object]:
+    """The rules of :func:`is_convertible` and the formula prefixes, for audit.html's reviews CSV (its script
+    applies them to the letter: the same cells get the same ``'``)."""
+    return {"formula": "".join(formula_prefixes), "pattern": CONVERTIBLE_PATTERN, "num_first": NUMBER_FIRST,
+            "word_first": WORD_FIRST, "max_len": MAX_LENGTH, "word_len": WORD_MAX_LENGTH}
 
 
 def _number(text: str) -> float | None:

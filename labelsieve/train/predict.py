@@ -24,7 +24,14 @@ import torch
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open, is_spreadsheet_error, neutralise_frame, restore_cell, sniff_delimiter
+from labelsieve.core.io import (
+    atomic_open,
+    is_spreadsheet_error,
+    line_end,
+    neutralise_frame,
+    restore_cell,
+    sniff_delimiter,
+)
 from labelsieve.core.paths import check_image_paths, check_output_dir, listed
 from labelsieve.core.progress import console, escape, warn
 from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage
@@ -217,7 +224,7 @@ def predict(
                             zip(given, table["predicted_label"], ok, strict=True)]
     target = Path(out_dir).expanduser() / "predictions.csv"
     with atomic_open(target) as f:
-        neutralise_frame(table).to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(table).to_csv(f, index=False, lineterminator=line_end(table))
     if progress:
         n_bad = int((~ok).sum())
         console.print(escape(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "")

@@ -4,7 +4,11 @@
  * sort and decide rows with the keyboard, keeps every decision in localStorage under a key made of the
  * audit's input hash and creation time (a second audit never overwrites the first one's decisions, and
  * offers to import them), and downloads the decisions as a reviews CSV (path, given_label,
- * suggested_label, review) that `labelsieve apply --reviews` and `train --clean --reviews` read.
+ * suggested_label, review, digest, audit_id) that `labelsieve apply --reviews` and `train --clean --reviews`
+ * read. The CSV is the one dialect labelsieve writes and reads: comma-separated, a field quoted (RFC 4180) when it
+ * holds a quote, comma, semicolon, tab or line break or starts or ends with a space, and a cell a spreadsheet would
+ * run or convert given a leading ' by the same rule as audit.csv (the patterns come from Python, D.csv); the import
+ * parses that dialect (or the ; / tab a spreadsheet saved it with) and removes exactly that '.
  * No network, no dependencies.
  */
 (function () {
@@ -18,6 +22,8 @@
   var classIndex = new Map();
   var classLower = new Map();
   C.forEach(function (c, k) { classIndex.set(c, k); classLower.set(c.toLowerCase(), c); });
+  var DIG = R.digest || [];            // each row's image digest ("b2-…"; absent for an audit of features)
+  var AID = D.id.audit_id || "";
   var dec = R.review.slice();          // the decision per embedded row ("" = none)
   var storageOK = true, storageMsg = "";
   var unsaved = 0;                     // decisions changed since the last download
@@ -69,8 +75,10 @@
     if (!storageOK) return;
     var changed = {};
     for (var i = 0; i < N; i++) if (dec[i] !== R.review[i]) changed[R.path[i]] = dec[i];
-    var rec = {version: 1, input_hash: D.id.input_hash, created: D.id.created, title: D.id.title,
-               updated: new Date().toISOString(), decisions: changed};
+    var digests = {};
+    Object.keys(changed).forEach(function (p) { var i = byPath.get(p); if (DIG[i]) digests[p] = DIG[i]; });
+    var rec = {version: 1, input_hash: D.id.input_hash, created: D.id.created, title: D.id.title, audit_id: AID,
+               updated: new Date().toISOString(), decisions: changed, digests: digests};
     try { localStorage.setItem(KEY, JSON.stringify(rec)); }
     catch (e) { storageOK = false; storageMsg = "This browser did not keep the decisions (" + e.name + "): " +
                 "download the reviews CSV before closing the page."; banner(); }
@@ -96,10 +104,12 @@
       if (!key || key.indexOf(PREFIX) !== 0 || key === KEY) return;
       try {
         var rec = JSON.parse(localStorage.getItem(key));
-        var d = rec.decisions || {}, fits = [];
+        var d = rec.decisions || {}, dg = rec.digests || {}, fits = [];
         Object.keys(d).forEach(function (p) {
           var i = byPath.get(p);
-          if (i !== undefined && d[p] && !dec[i] && valid(i, d[p])) fits.push([i, d[p]]);
+          if (i === undefined || !d[p] || dec[i] || !valid(i, d[p])) return;
+          if (dg[p] && DIG[i] && dg[p] !== DIG[i]) return;  // made on another picture at this path
+          fits.push([i, d[p]]);
         });
         if (fits.length) out.push({key: key, rec: rec, fits: fits, same: rec.input_hash === D.id.input_hash});
       } catch (e) { /* not ours or damaged: leave it alone */ }
@@ -291,10 +301,15 @@
       (storageOK ? "kept in this browser" : "NOT kept in this browser") +
       (unsaved ? " · " + num(unsaved) + " change(s) since the last download" : "");
   }
+  var importNote = "";
   function banner() {
     var box = $("ls-banners"); box.innerHTML = "";
     if (storageMsg) {
       var b = document.createElement("div"); b.className = "banner err"; b.textContent = storageMsg; box.appendChild(b);
+    }
+    if (importNote) {
+      var m = document.createElement("div"); m.className = "banner"; m.id = "ls-import-note"; m.textContent = importNote;
+      box.appendChild(m);
     }
     earlier().forEach(function (e) {
       var b = document.createElement("div"); b.className = "banner";
@@ -461,17 +476,34 @@
       " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided.";
   }
 
-  /* ---- CSV in and out ---- */
-  function csvCell(s) { s = String(s); return /[",\r\n]|^\s|\s$/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s; }
+  /* ---- CSV in and out: one dialect (see the header of this file) ---- */
+  var Q = D.csv, CONV = new RegExp(Q.pattern, "i");
+  function convertible(s) {      // labelsieve.core.spreadsheet.is_convertible, rule for rule
+    var t = s.replace(/^\s+/, "");
+    if (!t || t.length > Q.max_len) return false;
+    var f = t.charAt(0);
+    if (Q.num_first.indexOf(f) < 0 && (Q.word_first.indexOf(f) < 0 || t.length > Q.word_len)) return false;
+    return CONV.test(s);
+  }
+  function needsQuote(rest) { return rest !== "" && (Q.formula.indexOf(rest.charAt(0)) >= 0 || convertible(rest)); }
+  function neutralise(s) { return needsQuote(s.replace(/^'+/, "")) ? "'" + s : s; }      // core.io.neutralise_cell
+  function restoreCell(s) {                                                            // core.io.restore_cell
+    var rest = s.replace(/^'+/, "");
+    return rest.length < s.length && needsQuote(rest) ? s.slice(1) : s;
+  }
+  function csvCell(s) {
+    s = neutralise(String(s));
+    return /[",;\t\r\n]|^\s|\s$/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s;
+  }
   function download() {
     var rows = [];                    // every decided row, and every check row (its band's size is needed)
     for (var i = 0; i < N; i++) if (dec[i] || R.check[i] > 0) rows.push(i);
     rows.sort(function (a, b) { return R.rank[a] - R.rank[b]; });
-    var head = ["path", "given_label", "suggested_label", "review"];
+    var head = ["path", "given_label", "suggested_label", "review", "digest", "audit_id"];
     if (DES) head = head.concat(["is_noisy", "issue", "check", "stratum", "stratum_pos", "stratum_rows", "stratum_sampled"]);
     var lines = [head.join(",")];
     rows.forEach(function (i) {
-      var cells = [R.path[i], given(i), sugg(i), dec[i]];
+      var cells = [R.path[i], given(i), sugg(i), dec[i], DIG[i] || "", AID];
       if (DES) {
         var h = R.stratum[i], st = h >= 0 ? DES.strata[h] : null;
         cells = cells.concat([R.flag[i] === 1 ? "True" : "False", D.issues[R.issue[i]], R.check[i] > 0 ? R.check[i] : "",
@@ -487,42 +519,75 @@
     var nd = rows.filter(function (i) { return dec[i]; }).length;
     unsaved = 0; progress(); toast("Saved " + num(nd) + " decision(s) to " + a.download);
   }
-  function parseCSV(text) {
-    var rows = [], row = [], cell = "", q = false;
-    text = text.replace(/^\ufeff/, "");
+  function delimiterOf(text) {   // of the header line: the one that gives a path and a review column
+    var head = text.split(/\r\n|\n|\r/, 1)[0];
+    var found = [",", ";", "\t"].filter(function (d) {
+      var h = parseCSV(head, d)[0] || [];
+      h = h.map(function (c) { return c.trim().toLowerCase(); });
+      return h.indexOf("path") >= 0 && h.indexOf("review") >= 0;
+    });
+    return found.length ? found[0] : ",";
+  }
+  function parseCSV(text, delim) {   // RFC 4180 with one delimiter
+    var rows = [], row = [], cell = "", q = false, any = false;
     for (var k = 0; k < text.length; k++) {
       var ch = text[k];
       if (q) {
         if (ch === "\"") { if (text[k + 1] === "\"") { cell += "\""; k++; } else q = false; }
         else cell += ch;
-      } else if (ch === "\"") q = true;
-      else if (ch === "," || ch === ";" || ch === "\t") { row.push(cell); cell = ""; }
+      } else if (ch === "\"") { q = true; any = true; }
+      else if (ch === delim) { row.push(cell); cell = ""; any = true; }
       else if (ch === "\n" || ch === "\r") {
         if (ch === "\r" && text[k + 1] === "\n") k++;
-        row.push(cell); rows.push(row); row = []; cell = "";
-      } else cell += ch;
+        row.push(cell); rows.push(row); row = []; cell = ""; any = false;
+      } else { cell += ch; any = true; }
     }
-    if (cell !== "" || row.length) { row.push(cell); rows.push(row); }
+    if (any || row.length) { row.push(cell); rows.push(row); }
     return rows;
+  }
+  function loose(s) { return String(s).normalize("NFC").trim().toLowerCase(); }
+  function staleReason(i, g, v, s, d) {   // labelsieve.audit.decisions.stale_reason
+    if (d && DIG[i] && d !== DIG[i]) return "another picture now";
+    if (!g || g === given(i)) return "";
+    var k = kind(v), out = k === "keep" ? g : k === "drop" ? "" :
+      (v.trim().toLowerCase() === "relabel" ? (s || sugg(i)) : v.slice(v.indexOf(":") + 1).trim());
+    return loose(out) === loose(given(i)) ? "" : "decided on the label " + g + ", now " + given(i);
   }
   function importFile(ev) {
     var file = ev.target.files[0]; if (!file) return;
     file.text().then(function (text) {
-      var rows = parseCSV(text);
+      text = text.replace(/^\ufeff/, "");
+      var rows = parseCSV(text, delimiterOf(text)).map(function (r) { return r.map(restoreCell); });
       var head = (rows.shift() || []).map(function (h) { return h.trim().toLowerCase(); });
-      var pc = head.indexOf("path"), rc = head.indexOf("review");
+      var col = function (name) { return head.indexOf(name); };
+      var pc = col("path"), rc = col("review"), gc = col("given_label"), sc = col("suggested_label"),
+          dc = col("digest"), ac = col("audit_id");
       if (pc < 0 || rc < 0) { toast("No path and review columns in " + file.name); return; }
-      var n = 0, skipped = 0, clash = 0;
+      var n = 0, notHere = 0, invalid = 0, clash = 0, stale = [], other = 0;
+      var cell = function (r, c) { return c >= 0 && r[c] !== undefined ? r[c] : ""; };
       rows.forEach(function (r) {
-        var i = byPath.get((r[pc] || "").trim()), v = (r[rc] || "").trim();
+        if (r.length === 1 && r[0] === "") return;
+        var v = cell(r, rc).trim();
         if (!v) return;
-        if (i === undefined || !valid(i, v)) { skipped++; return; }
+        var i = byPath.get(cell(r, pc));  // paths are data: byte for byte
+        if (i === undefined) { notHere++; return; }
+        if (!valid(i, v)) { invalid++; return; }
+        var why = staleReason(i, cell(r, gc), v, cell(r, sc), cell(r, dc));
+        if (why) { stale.push(R.path[i] + " (" + why + ")"); return; }
+        if (cell(r, ac) && AID && cell(r, ac) !== AID) other++;
         if (dec[i] && dec[i] !== v) { clash++; return; }
         if (!dec[i]) { dec[i] = v; n++; unsaved++; }
       });
       store(); render();
-      toast("Imported " + num(n) + " decision(s)" + (clash ? ", kept " + num(clash) + " different existing one(s)" : "") +
-            (skipped ? ", skipped " + num(skipped) + " for rows not on this page" : ""));
+      var parts = ["Imported " + num(n) + " decision(s) from " + file.name];
+      if (other) parts.push(num(other) + " made on another audit (checked by image)");
+      if (clash) parts.push("kept " + num(clash) + " different existing one(s)");
+      if (notHere) parts.push("skipped " + num(notHere) + " for paths not on this page");
+      if (invalid) parts.push("skipped " + num(invalid) + " that are not decisions for this audit's classes");
+      if (stale.length) parts.push("did not use " + num(stale.length) + " made on another row: " +
+                                   stale.slice(0, 5).join("; ") + (stale.length > 5 ? " …" : ""));
+      importNote = parts.join(", ") + ".";
+      banner(); toast(parts[0]);
     });
     ev.target.value = "";
   }
@@ -620,6 +685,8 @@
   });
   $("pick-q").addEventListener("input", function () { pickHi = 0; pickList(); });
 
+  // the CSV rules, for tests that hold them to Python's (labelsieve.core.io.neutralise_cell / restore_cell)
+  window.labelsieveReviewCSV = {neutralise: neutralise, restore: restoreCell};
   setupControls();
   var restored = restore();
   banner();

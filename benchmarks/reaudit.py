@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", type=int, default=0, help="use only the first N images of each dataset (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=default_threads())
+    ap.add_argument("--save", help="also write each audit table here (first-<set>.csv, reaudit-<set>-<variant>.csv)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         first = run_detector(images, enc, seed=args.seed, cache_dir=cache, progress=False)
         secs_first = time.perf_counter() - t
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            first.table.to_csv(Path(args.save) / f"first-{dname}{suffix}.csv", index=False)
         before = unreviewed_stats(first.table, noisy_by_path, slice(k, 2 * k))
         # the first audit's rows k+1 .. 2k are its next window; its unreviewed stats exclude the top k
         rest_first = first.table.iloc[k:].copy()
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             second = run_detector(images, enc, seed=args.seed, cache_dir=cache, progress=False, reviewed=[reviews],
                                   params=VARIANTS[variant] or None)
             secs = time.perf_counter() - t
+            if args.save:
+                second.table.to_csv(Path(args.save) / f"reaudit-{dname}{suffix}-{variant.replace(' ', '_')}.csv",
+                                    index=False)
             after = unreviewed_stats(second.table, noisy_by_path, slice(0, k))
             rec = {"dataset": dname + suffix, "variant": variant, "seed": args.seed, "top": k, "n": len(images),
                    "noise_rate": float((images.labels != true).mean()), "reviewed_relabelled": n_relabel,

@@ -19,24 +19,26 @@ import numpy as np
 import pandas as pd
 
 from labelsieve import __version__
+from labelsieve.audit.auditset import check_audit_output, format_digest, new_audit_id, open_audit, write_audit_set
+from labelsieve.audit.checksample import CHECK_COLUMN, DEFAULT_CHECK_SIZE, draw_check_sample
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.evaluate import evaluate_audit, format_metrics
 from labelsieve.audit.handoff.common import export_rows
 from labelsieve.audit.handoff.fiftyone import read_fiftyone, write_fiftyone
-from labelsieve.audit.handoff.labelstudio import read_export, write_labelstudio
-from labelsieve.audit.html import write_html
+from labelsieve.audit.handoff.labelstudio import export_paths, read_export, write_labelstudio
 from labelsieve.audit.review import apply_review as _apply_review
-from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
 from labelsieve.audit.reviewed import (
     check_reviewed_frames,
     mark_reviewed,
+    recalibrated,
     resolve_reviewed,
+    reviewed_estimate,
     reviewed_warning,
     widen_result,
 )
-from labelsieve.audit.schema import COLUMNS, REVIEW_REQUIRED, paths_hash, read_audit
-from labelsieve.audit.table import Audit, build_table, summarise
-from labelsieve.audit.writers import print_summary, write_csv, write_json, write_xlsx
+from labelsieve.audit.schema import COLUMNS, DIGEST_COLUMN, REVIEW_REQUIRED, audit_record, paths_hash
+from labelsieve.audit.table import Audit, build_table, summarise, use_estimate
+from labelsieve.audit.writers import print_summary
 from labelsieve.core import distributed
 from labelsieve.core.defaults import (
     DEFAULT_DUPLICATE_THRESHOLD,
@@ -49,6 +51,7 @@ from labelsieve.core.defaults import (
 )
 from labelsieve.core.errors import DataError, ParameterError, check_param
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
+from labelsieve.core.progress import warn
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images, read_labels_csv
 from labelsieve.data.containers import materialise, open_samples, write_cleaned_copy
@@ -56,12 +59,13 @@ from labelsieve.data.noise import make_noisy_labels, parse_mapping, write_noisy_
 from labelsieve.detectors import DetectionContext, DetectionResult, create_detector, get_detector_class, list_detectors
 from labelsieve.detectors.common.base import RowSubset
 from labelsieve.detectors.common.calibration import calibrate
+from labelsieve.detectors.common.competence import measure_competence
 from labelsieve.detectors.common.duplicates import near_duplicate_groups
 from labelsieve.detectors.confident_learning import from_probs
 from labelsieve.features import extract_features
 from labelsieve.models.encoders import Encoder, create_encoder
 from labelsieve.train import predict, train_from_audit
-from labelsieve.train.finetune import audit_image_root, audit_record
+from labelsieve.train.finetune import audit_image_root
 
 #: The API mirrors the CLI: ``audit``, ``apply_review`` (``apply``), ``train_from_audit`` (``train``),
 #: ``predict``, ``add_noise`` (``noise``), ``evaluate_audit`` (``evaluate``), ``export_audit`` (``export``),
@@ -170,18 +174,21 @@ def detect(
         names = [c.replace("_", " ") for c in classes]
     if encoder is None and model is not None:
         encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device))
-    method, detector = _features_detector(method, params, encoder, how="encoder=… or model=…")
     ctx = DetectionContext(labels=ids, classnames=names, images=None, encoder=encoder, features_fn=lambda: x,
                            device=encoder.device if encoder is not None else resolve_device(device), seed=seed,
                            progress=progress)
+    method, detector = _features_detector(method, params, encoder, ctx, how="encoder=… or model=…")
     seed_everything(seed)
     return calibrate(detector.detect(ctx), labels=ids)  # p_clean a probability, as in an audit
 
 
-def _features_detector(method: str | None, params: dict[str, Any] | None, encoder: Encoder | None, *,
-                       how: str) -> tuple[str, Any]:
+def _features_detector(method: str | None, params: dict[str, Any] | None, encoder: Encoder | None,
+                       ctx: DetectionContext, *, how: str) -> tuple[str, Any]:
     """The detector for features given by the user: ``method`` or the default (the audit's with a
-    vision-language ``encoder``, else TURN's probe), checked to have the text side it needs."""
+    vision-language ``encoder``, else TURN's probe), checked, before any work, to have the text side it needs and
+    to need no image: a detector that would read the images (TURN's fine-tuning, DEFT's or co-divide's image
+    paths, gmm's fine-tuned losses) runs with its ``features_only`` parameters when the user did not set them
+    (with a warning saying so: what can run on features), and is refused otherwise."""
     if method is None:
         method = DEFAULT_METHOD if encoder is not None and encoder.has_text else DEFAULT_FEATURES_METHOD
         params = {**DEFAULT_FEATURES_PARAMS, **(params or {})} if method == DEFAULT_FEATURES_METHOD else params
@@ -192,7 +199,19 @@ def _features_detector(method: str | None, params: dict[str, Any] | None, encode
                                  f"side: pass the model the features came from ({how}), or choose an image-feature "
                                  "detector (turn, knn, confident_learning, small_loss, gmm).")
         encoder.require_text(f"The {method!r} detector")
-    return method, detector
+    why = detector.needs_images(ctx)
+    if why is None:
+        return method, detector
+    fix = {k: v for k, v in detector.features_only.items() if k not in (params or {})}
+    if fix:
+        adjusted = create_detector(method, **{**(params or {}), **fix})
+        if adjusted.needs_images(ctx) is None:
+            shown = ", ".join(f"{k}={v!r}" for k, v in fix.items())
+            warn(f"The {method!r} detector: {why}; there are features only, so it runs with {shown} (what runs on "
+                 "features). Audit the images (labelsieve audit ROOT LABELS) for the rest.")
+            return method, adjusted
+    raise ParameterError(f"The {method!r} detector cannot run on features alone: {why}. There are no images here: "
+                         "change those parameters, or audit the images (labelsieve audit ROOT LABELS).")
 
 
 def run_detector(
@@ -210,9 +229,10 @@ def run_detector(
     threshold: float | None = None,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
     reviewed: Sequence[pd.DataFrame] = (),
+    check_size: int = DEFAULT_CHECK_SIZE,
 ) -> Audit | None:
     """Extract (or read cached) features, run one detector, find near-duplicates, and build the audit table
-    and summary.
+    and summary (with the competence record and the check sample: :func:`finish_table`).
 
     This is :func:`audit` without reading the input or writing files, for callers that already hold
     the images and the model (benchmarks, notebooks). ``duplicate_threshold=None`` skips the
@@ -227,12 +247,16 @@ def run_detector(
     detector = create_detector(method, **(params or {}))
     if detector.needs_text:
         encoder.require_text(f"The {method!r} detector")
+    # before any work: resolving the detector's path refuses what cannot run (a ViT-only method on a CNN tower)
+    detector.needs_images(DetectionContext(labels=images.labels, classnames=images.classnames, images=images,
+                                           encoder=encoder, features_fn=lambda: None, device=encoder.device, seed=seed,
+                                           cache_dir=cache, progress=progress))
     t = time.perf_counter()
     feats = extract_features(images, encoder, cache_dir=cache, batch_size=batch_size, num_workers=num_workers,
                              progress=progress)
     timings["features"] = time.perf_counter() - t
     readable = feats.ok
-    rev = resolve_reviewed(images, reviewed) if reviewed else None
+    rev = resolve_reviewed(images, reviewed, digests=feats.digests) if reviewed else None
     fit = readable & ~rev.dropped if rev is not None else readable
     ridx = np.nonzero(fit)[0]
     sub = images.subset(ridx)
@@ -255,9 +279,16 @@ def run_detector(
     t = time.perf_counter()
     result = calibrate(result, labels=ctx.labels)  # fitted on the rows the detector saw
     timings["calibrate"] = time.perf_counter() - t
-    if rev is not None:  # rows a reviewer dropped come back, reported as dropped
-        result = widen_result(result, fit[readable])
     _override_threshold(result, threshold)
+    t = time.perf_counter()
+    competence = measure_competence(ctx, result)
+    timings["competence"] = time.perf_counter() - t
+    estimate = None
+    if rev is not None:
+        estimate, recal = reviewed_estimate(rev, result.p_clean, np.nonzero(fit)[0])
+        if recal is not None:  # on the held-out check rows, whose scores the reviews did not touch
+            result = recalibrated(result, recal)
+        result = widen_result(result, fit[readable])  # rows a reviewer dropped come back, reported as dropped
     groups = None
     if duplicate_threshold is not None:
         check_param("audit", "duplicate_threshold", duplicate_threshold, 0.0 < duplicate_threshold <= 1.0,
@@ -274,9 +305,13 @@ def run_detector(
     t = time.perf_counter()
     table = build_table(images, readable, result, digests=feats.digests, outlier_prob=outlier_prob,
                         duplicate_groups=groups)
+    # each row's image content, so a decision made on it is checked to be about the same picture where applied
+    digest_of = dict(zip(images.paths, (format_digest(d) for d in feats.digests), strict=True))
+    table[DIGEST_COLUMN] = [digest_of[p] for p in table["path"]]
     if rev is not None:
         table = mark_reviewed(table, images, rev)
-    summary = summarise(table, images, result)
+    table, summary = finish_table(table, images, result, competence=competence, check_size=check_size, seed=seed,
+                                  estimate=estimate)
     summary["near_duplicates"]["threshold"] = duplicate_threshold
     if rev is not None:
         summary["reviewed"] = rev.describe()
@@ -304,6 +339,25 @@ def run_detector(
     return Audit(table=table, summary=summary)
 
 
+def finish_table(table: pd.DataFrame, images: LabeledImages, result: DetectionResult, *,
+                 competence: dict[str, Any] | None, check_size: int, seed: int,
+                 estimate: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The audit table with its check sample (column ``check``, after ``review``) and its summary, with the
+    competence record, the check sample's design (``check_sample``) and, when reviewed rows gave one, the
+    design-based estimate as the noise estimate (``noise_rate_basis`` "reviewed sample";
+    :func:`labelsieve.audit.table.use_estimate`)."""
+    check_param("audit", "check_size", check_size, isinstance(check_size, int) and check_size >= 0,
+                "an int >= 0 (0: no check sample)")
+    check, design = draw_check_sample(table, size=check_size, seed=seed)
+    table[CHECK_COLUMN] = check
+    summary = summarise(table, images, result)
+    summary["competence"] = competence
+    summary["check_sample"] = design.to_dict() if design is not None else None
+    if estimate is not None:
+        use_estimate(summary, estimate)
+    return table, summary
+
+
 def audit(
     root: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str] | None = None,
@@ -326,10 +380,12 @@ def audit(
     html: bool = True,
     xlsx: bool = False,
     duplicate_threshold: float | None = DEFAULT_DUPLICATE_THRESHOLD,
+    normalize_labels: bool = False,
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
     reviewed: Sequence[str | os.PathLike[str]] = (),
+    check_size: int = DEFAULT_CHECK_SIZE,
     image_column: str = "image",
 ) -> Audit | None:
     """Audit a labelled image collection and write ``audit.csv``, ``audit.json`` (and ``audit.html``).
@@ -379,10 +435,16 @@ def audit(
     force : bool, default False
         Replace an ``out_dir/audit.csv`` that holds review decisions (a timestamped copy is kept beside
         it). Without it such an audit is refused before any work starts.
+    normalize_labels : bool, default False
+        Merge labels that differ only by Unicode form, case or surrounding spaces into their most frequent
+        spelling (without it they are separate classes, with a warning; :func:`labelsieve.data.load_images`).
     reviewed : sequence of paths
         Earlier decisions (a reviewed audit.csv, or reviews CSVs downloaded from audit.html): the rows
         they decide are trusted labels for the detector and keep their decision in the new audit
         (:mod:`labelsieve.audit.reviewed`).
+    check_size : int, default=100
+        Rows in the audit's check sample (:mod:`labelsieve.audit.checksample`; column ``check``), whose review
+        gives the error rate with an interval that holds whatever the model (0: none).
     image_column : str, default "image"
         Parquet/Arrow: the column of image bytes (``label_column`` is its label column).
 
@@ -393,7 +455,7 @@ def audit(
         review decisions and ``force`` is False.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+        check_audit_output(out_dir, force=force)
     check_output_dir(cache_dir or default_cache_dir(), what="the cache folder (--cache-dir)")
     dev = resolve_device(device)
     distributed.init(dev)
@@ -401,8 +463,8 @@ def audit(
     frames = [read_reviews(f) for f in reviewed]
     check_reviewed_frames(frames)
     images = load_images(root, labels_csv, path_column=path_column, label_column=label_column,
-                         classnames=classnames, image_column=image_column, cache_dir=cache_dir,
-                         progress=progress)
+                         classnames=classnames, normalize_labels=normalize_labels, image_column=image_column,
+                         cache_dir=cache_dir, progress=progress)
     t_load = time.perf_counter() - t0
     t = time.perf_counter()
     encoder = create_encoder(model, pretrained=pretrained, device=dev)
@@ -410,7 +472,7 @@ def audit(
     result = run_detector(images, encoder, method=method, params=params, seed=seed, cache_dir=cache_dir,
                           batch_size=batch_size, num_workers=num_workers, progress=progress,
                           outlier_prob=outlier_prob, threshold=threshold, duplicate_threshold=duplicate_threshold,
-                          reviewed=frames)
+                          reviewed=frames, check_size=check_size)
     if result is None:  # a rank other than 0 under torchrun: rank 0 writes
         return None
     result.summary["timings"] = {"load": t_load, "model": t_model, **result.summary["timings"]}
@@ -421,29 +483,24 @@ def audit(
 def _finish_audit(result: Audit, images: LabeledImages, *, out_dir: str | os.PathLike[str] | None, html: bool,
                   xlsx: bool, quiet: bool, t0: float) -> None:
     """The run record (versions, input hashes) and the files of an audit, then the printed summary."""
+    input_hash = images.content_hash()
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     result.summary.update({
         "version": __version__,
         "versions": versions(),
-        "input": {"root": str(images.root), "labels": images.source, "input_hash": images.content_hash(),
+        "audit_id": new_audit_id(input_hash, created),
+        "input": {"root": str(images.root), "labels": images.source, "input_hash": input_hash,
                   "paths_hash": paths_hash(images.paths), "images_hash": result.summary.pop("images_hash", None),
+                  **({"label_merges": images.label_merges} if images.label_merges else {}),
                   **_storage_record(images)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": created,
     })
     if out_dir is not None:
+        # all files of the audit replace the previous ones as one unit (labelsieve.audit.auditset)
         out = Path(out_dir)
-        t = time.perf_counter()
-        keep_reviewed_copy(out / "audit.csv")  # reviews typed while this audit ran, or replaced with force
-        files = {"audit.csv": write_csv(result.table, out / "audit.csv")}
-        if xlsx:
-            keep_reviewed_copy(out / "audit.xlsx")
-            files["audit.xlsx"] = write_xlsx(result.table, out / "audit.xlsx")
-        if html:
-            files["audit.html"] = write_html(result.table, result.summary, image_root=images.root,
-                                             out_path=out / "audit.html", locate=_by_path(images))
-        result.summary["timings"]["write"] = time.perf_counter() - t
-        result.summary["timings"]["total"] = time.perf_counter() - t0
-        files["audit.json"] = write_json(result.summary, out / "audit.json")
-        result.out_dir, result.files = out, files
+        result.files = write_audit_set(result, out, image_root=images.root, html=html, xlsx=xlsx, t0=t0,
+                                       locate=_by_path(images))
+        result.out_dir = out
     if not quiet:
         print_summary(result.summary, result.files)
 
@@ -492,6 +549,8 @@ def audit_features(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    check_size: int = DEFAULT_CHECK_SIZE,
+    normalize_labels: bool = False,
 ) -> Audit:
     """Audit labels from features you already have (``labelsieve audit --features FEATS.npy LABELS.csv``).
 
@@ -503,32 +562,33 @@ def audit_features(
     default with a vision-language ``model`` (the one the features came from), else TURN's probe.
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+        check_audit_output(out_dir, force=force)
     t0 = time.perf_counter()
     csv = Path(labels_csv).expanduser()
     if not csv.is_file():
         raise DataError(f"Labels file not found: {csv}. Give the path,label CSV whose rows match the features.")
     x = _load_features_file(features)
     images = load_images(csv.parent, csv, path_column=path_column, label_column=label_column,
-                         classnames=classnames, must_exist=False)
+                         classnames=classnames, must_exist=False, normalize_labels=normalize_labels)
     if x.shape[0] != len(images):
         raise DataError(f"{features}: {x.shape[0]} rows of features for the {len(images)} rows of {csv}. Row i of "
                         "the features must be the image on row i of the labels CSV.")
     timings = {"load": time.perf_counter() - t0}
     encoder = create_encoder(model, pretrained=pretrained, device=resolve_device(device)) if model else None
-    method, detector = _features_detector(method, params, encoder, how="--model")
     dev = encoder.device if encoder is not None else resolve_device(device)
     ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=None, encoder=encoder,
                            features_fn=lambda: x, device=dev, seed=seed, progress=progress)
+    method, detector = _features_detector(method, params, encoder, ctx, how="--model")
     seed_everything(seed)
     t = time.perf_counter()
     result = detector.detect(ctx)
     timings["detect"] = time.perf_counter() - t
     result = calibrate(result, labels=ctx.labels)
     _override_threshold(result, threshold)
+    competence = measure_competence(ctx, result)
     readable = np.ones(len(images), dtype=bool)
     table = build_table(images, readable, result, outlier_prob=outlier_prob)
-    summary = summarise(table, images, result)
+    table, summary = finish_table(table, images, result, competence=competence, check_size=check_size, seed=seed)
     summary.update({
         "method": method,
         "parameters": detector.get_params(),
@@ -633,6 +693,9 @@ def audit_pred_probs(
     progress: bool = True,
     quiet: bool = False,
     force: bool = False,
+    check_size: int = DEFAULT_CHECK_SIZE,
+    normalize_labels: bool = False,
+    seed: int = 0,
 ) -> Audit:
     """Audit labels from your own model's out-of-sample predicted probabilities
     (``labelsieve audit --pred-probs PROBS.npy LABELS.csv [ROOT]``).
@@ -647,14 +710,15 @@ def audit_pred_probs(
     features).
     """
     if out_dir is not None:
-        check_audit_output(out_dir, force=force, files=("audit.csv", "audit.xlsx") if xlsx else ("audit.csv",))
+        check_audit_output(out_dir, force=force)
     t0 = time.perf_counter()
     csv = Path(labels_csv).expanduser()
     if not csv.is_file():
         raise DataError(f"Labels file not found: {csv}. Give the path,label CSV whose rows match the probabilities.")
     images = load_images(root if root is not None else csv.parent, csv, path_column=path_column,
                          label_column=label_column, classnames=classnames, must_exist=root is not None,
-                         image_column=image_column, cache_dir=cache_dir, progress=progress)
+                         normalize_labels=normalize_labels, image_column=image_column, cache_dir=cache_dir,
+                         progress=progress)
     probs = load_pred_probs(pred_probs, n=len(images), classes=images.classes, where=str(pred_probs),
                             rows=f"the labels CSV {csv}")
     timings = {"load": time.perf_counter() - t0}
@@ -663,8 +727,11 @@ def audit_pred_probs(
                        labels=images.labels)
     timings["detect"] = time.perf_counter() - t
     _override_threshold(result, threshold)
+    ctx = DetectionContext(labels=images.labels, classnames=images.classnames, images=None, encoder=None,
+                           features_fn=lambda: None, device=resolve_device("cpu"), seed=seed, progress=progress)
+    competence = measure_competence(ctx, result, oof_probs=probs)
     table = build_table(images, np.ones(len(images), dtype=bool), result, outlier_prob=outlier_prob)
-    summary = summarise(table, images, result)
+    table, summary = finish_table(table, images, result, competence=competence, check_size=check_size, seed=seed)
     summary.update({
         "method": "confident_learning",
         "parameters": {"pred_probs": str(Path(pred_probs).resolve())},
@@ -672,7 +739,7 @@ def audit_pred_probs(
         "model": None,
         "pred_probs": {"file": str(Path(pred_probs).resolve()), "shape": list(probs.shape),
                        "class_order": "sorted class names", "classes": list(images.classes)},
-        "seed": None,
+        "seed": seed,
         "outlier_prob": outlier_prob,
         "unreadable": {},
         "timings": timings,
@@ -705,6 +772,7 @@ def _override_threshold(result: DetectionResult, threshold: float | None) -> Non
     check_param("audit", "threshold", threshold, 0.0 < threshold < 1.0, "a float in (0, 1)")
     result.threshold = threshold
     result.flags = None
+    result.info = {**(result.info or {}), "decision": "threshold"}
     result.rule += f" Threshold overridden by the user: flagged if the calibrated p_clean < {threshold}."
 
 
@@ -758,7 +826,7 @@ def apply_review(
                                            drop_unreviewed_flagged=drop_unreviewed_flagged,
                                            accept_suggestions=accept_suggestions)
     if frames:
-        counts["decisions_merged"] = sum(len(f) for f in frames)
+        counts["decisions_merged"] = sum(len(f) for f in frames) - counts.get("stale_decisions", 0)
     if copy_to is not None:
         paths, labels, _ = read_labels_csv(out_csv)
         done = write_cleaned_copy(record["containers"], paths, labels, copy_to, fmt=fmt,
@@ -781,7 +849,8 @@ def export_audit(
     url_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Hand an audit to a review tool (``labelsieve export``): ``to="labelstudio"`` writes
-    ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (:mod:`labelsieve.audit.handoff.labelstudio`);
+    ``labeling_config.xml`` and ``tasks.json`` into the folder ``out_dir`` (or the tasks into ``out_dir`` when it
+    names a ``.json`` file, the config beside it; :mod:`labelsieve.audit.handoff.labelstudio`);
     ``to="fiftyone"`` creates the persistent dataset ``name`` (default ``labelsieve-<audit folder>``;
     :mod:`labelsieve.audit.handoff.fiftyone`). Flagged rows only unless ``all_rows``. The image root is
     ``images_root`` or the one recorded in the audit.json beside the audit. For an audit of images in containers
@@ -790,9 +859,10 @@ def export_audit(
     the tasks or samples keep the audit's sample names."""
     check_param("export_audit", "to", to, to in EXPORT_TARGETS, f"one of {', '.join(EXPORT_TARGETS)}")
     path = Path(audit_csv)
-    table = read_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
-    record = audit_record(path)
     out = Path(out_dir) if out_dir is not None else path.parent / "labelstudio"
+    if to == "labelstudio":
+        export_paths(out)  # checked before any work: a folder, or a .json file for the tasks
+    table, record = open_audit(path, required=REVIEW_REQUIRED, optional=(*COLUMNS, "agreement"))
     stored = record.get("input") or {}
     files = None
     if stored.get("kind", "files") != "files":  # images in containers: the exported rows' images copied out as files
@@ -800,7 +870,9 @@ def export_audit(
         names = rows["path"].astype(str).tolist()
         samples = open_samples(str(images_root) if images_root is not None else str(stored.get("containers", "")),
                                names, image_column=stored.get("image_column") or "image", where=str(path))
-        root = (out if to == "labelstudio" else path.parent / "fiftyone") / "images"
+        folder = out if to == "labelstudio" and out.suffix.lower() != ".json" else (
+            out.parent if to == "labelstudio" else path.parent / "fiftyone")
+        root = folder / "images"
         files = materialise(samples, root)
     else:
         root = audit_image_root(path, images_root, record)

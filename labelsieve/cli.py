@@ -31,11 +31,17 @@ from labelsieve import __version__
 from labelsieve.core.defaults import (
     DEFAULT_BACKBONE,
     DEFAULT_BATCH_SIZE,
+    DEFAULT_CHECK_SIZE,
     DEFAULT_DUPLICATE_THRESHOLD,
     DEFAULT_METHOD,
     DEFAULT_MODEL,
 )
-from labelsieve.core.errors import LabelsieveError
+from labelsieve.core.errors import NO_SPACE, LabelsieveError, no_space_error
+
+#: What Ctrl-C prints: what is kept, and how to go on.
+INTERRUPTED = ("interrupted: finished work is kept (extracted features in the cache, training checkpoints after "
+               "each epoch; an audit's files are replaced only when all are written); run the same command again "
+               "to resume.")
 
 
 def _api() -> Any:
@@ -107,6 +113,9 @@ def cli() -> None:
 @click.option("--reviewed", multiple=True, type=click.Path(path_type=Path),
               help="A reviewed audit.csv or a reviews CSV from audit.html (repeatable): its decisions are trusted "
                    "labels for the detector and are kept in the new audit's review column.")
+@click.option("--check-size", type=click.IntRange(min=0), default=DEFAULT_CHECK_SIZE, show_default=True,
+              help="Rows in the check sample (column 'check', offered first on the page): review them to get the "
+                   "share of wrong labels with an interval that holds whatever the model; 0 for none.")
 @click.option("--features", "features", type=click.Path(path_type=Path),
               help="Audit features computed elsewhere: a .npy array (n, d), row i = line i of the labels CSV, "
                    "given as ROOT (e.g. 'labelsieve audit --features feats.npy labels.csv'). No image is read; "
@@ -118,6 +127,9 @@ def cli() -> None:
                    "thumbnails when IMAGES is given.")
 @click.option("--image-column", default="image", show_default=True,
               help="Parquet / Hugging Face datasets: the column of image bytes (--label-column names the labels).")
+@click.option("--normalize-labels", is_flag=True,
+              help="Merge labels that differ only by Unicode form (NFC/NFD), case or surrounding spaces into their "
+                   "most frequent spelling (without it they are separate classes, with a warning).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--force", is_flag=True,
               help="Replace an OUT/audit.csv that holds review decisions (a timestamped copy is kept beside it).")
@@ -127,8 +139,8 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
           epochs: int | None, consistency: bool, frozen: bool | None, no_finetune: bool, threshold: float | None,
           seed: int, device: str | None, cache_dir: Path | None, batch_size: int, workers: int | None,
           no_html: bool, xlsx: bool, duplicate_threshold: float, no_near_duplicates: bool,
-          reviewed: tuple[Path, ...], features: Path | None, pred_probs: Path | None, image_column: str,
-          no_progress: bool, force: bool) -> None:
+          reviewed: tuple[Path, ...], check_size: int, features: Path | None, pred_probs: Path | None,
+          image_column: str, normalize_labels: bool, no_progress: bool, force: bool) -> None:
     """Audit the labels of the images under ROOT: an ImageFolder tree, or a folder with a LABELS csv, or images in
     WebDataset shards (a .tar, a folder of them, 'shards/{000000..000099}.tar'), Parquet files or a Hugging Face
     save_to_disk folder (labels from them, or from LABELS keyed by sample name or KEY). With --features or
@@ -156,13 +168,15 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
                               model=model if given["model"] else None, pretrained=pretrained, out_dir=out_dir,
                               classnames=classnames, path_column=path_column, label_column=label_column,
                               threshold=threshold, seed=seed, device=device, html=not no_html, xlsx=xlsx,
-                              progress=not no_progress, force=force)
+                              progress=not no_progress, force=force, check_size=check_size,
+                              normalize_labels=normalize_labels)
         return
     _api().audit(root, labels, method=method, model=model, pretrained=pretrained, out_dir=out_dir, params=p,
               classnames=classnames, path_column=path_column, label_column=label_column, threshold=threshold,
               seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size, num_workers=workers,
               html=not no_html, xlsx=xlsx, duplicate_threshold=None if no_near_duplicates else duplicate_threshold,
-              progress=not no_progress, force=force, reviewed=reviewed, image_column=image_column)
+              progress=not no_progress, force=force, reviewed=reviewed, check_size=check_size,
+              normalize_labels=normalize_labels, image_column=image_column)
 
 
 @cli.command("detectors")
@@ -271,7 +285,8 @@ def train(audit_csv: Path, images_root: Path | None, backbone: str, pretrained: 
 @click.argument("audit_csv", type=click.Path(path_type=Path))
 @click.option("--to", "target", required=True, type=click.Choice(["labelstudio", "fiftyone"]))
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path),
-              help="labelstudio: folder for tasks.json and labeling_config.xml (default: AUDIT_DIR/labelstudio).")
+              help="labelstudio: folder for tasks.json and labeling_config.xml (default: AUDIT_DIR/labelstudio), or a "
+                   "FILE.json for the tasks (labeling_config.xml beside it).")
 @click.option("--name", help="fiftyone: dataset name (default: labelsieve-<audit folder name>).")
 @click.option("--images", "images_root", type=click.Path(path_type=Path),
               help="Image root (default: the one recorded in the audit.json beside the audit).")
@@ -375,16 +390,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabelsieveError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C (KeyboardInterrupt) into Abort; an Abort of its own (EOF at a prompt) is just that
+        click.echo(INTERRUPTED if isinstance(exc.__cause__, KeyboardInterrupt) else "aborted", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("interrupted: finished work is kept in the cache; run the same command again to resume.",
-                   err=True)
+        click.echo(INTERRUPTED, err=True)
         return 130
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        click.secho(f"error: {no_space_error(exc)}", fg="red", err=True)
+        return 2
     return 0
 
 

@@ -9,28 +9,49 @@ Every source is turned into the same thing: a table of ``path, review`` (plus ``
 decision means the same wherever it was made.
 
 A reviews CSV has the columns ``path, given_label, suggested_label, review`` (one row per decided
-image; ``given_label`` and ``suggested_label`` are what the reviewer saw). An ``audit.csv`` with a
-filled ``review`` column reads as one too.
+image; ``given_label`` and ``suggested_label`` are what the reviewer saw), and, from audit.html, the check
+sample's design per row (:data:`labelsieve.audit.checksample.DESIGN_COLUMNS`, with ``is_noisy`` and ``issue``;
+every check row is listed, decided or not, so that every band's size is there): the decisions give a
+design-based estimate (:mod:`labelsieve.audit.estimate`) wherever the file goes. An ``audit.csv`` with a
+filled ``review`` column reads as one too (its design comes from the audit.json beside it).
 
-Merging never drops or overrides a decision silently: a path the audit does not hold, a given label
-that differs from the audit's (the decision was made on other labels), or a decision that differs
-from one already in the audit's ``review`` column is an error naming the rows.
+A reviews CSV also carries the identity of the audit it was made on (``audit_id``) and the content digest
+of each decided image (``digest``), as ``audit.csv`` does.
+
+**One rule for a decision made on another row** (:func:`stale_reason`, shared by ``apply --reviews``,
+``train --clean --reviews`` and ``audit --reviewed``): a decision is *stale*, and is not used, when the
+image it was made on has other content now (its digest differs), or when it was made on another given label
+and does not give the row its current label. A ``keep`` decided on label X does not bring X back after the
+label was fixed to Y; a ``relabel:Y`` decided on X is simply consistent with a label now Y. Stale decisions
+are named in a warning (and counted); they never change a label.
+
+Merging never drops or overrides a decision silently: a path the audit does not hold, or a decision that
+differs from one already in the audit's ``review`` column, is an error naming the rows.
 """
 
 from __future__ import annotations
 
 import os
+import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from labelsieve.audit.schema import line_word, read_audit
+from labelsieve.audit.auditset import AUDIT_TAG, check_identity
+from labelsieve.audit.checksample import DESIGN_COLUMNS, CheckDesign, design_columns, design_from_columns
+from labelsieve.audit.schema import audit_record, line_word, read_audit
 from labelsieve.core.errors import DataError
+from labelsieve.core.fileset import recover
+from labelsieve.core.progress import warn
 
-__all__ = ["REVIEWS_COLUMNS", "merge_reviews", "normalise_review", "read_reviews", "reviews_frame"]
+__all__ = ["REVIEWS_COLUMNS", "decision_outcome", "merge_reviews", "normalise_review", "read_reviews", "reviews_frame",
+           "stale_reason"]
 
+#: The sheets of an audit's own folder: read as reviews, they are checked against the audit.json beside them.
+AUDIT_SHEETS = ("audit.csv", "audit.xlsx")
 #: Columns of a reviews CSV, in order.
-REVIEWS_COLUMNS = ("path", "given_label", "suggested_label", "review")
+REVIEWS_COLUMNS = ("path", "given_label", "suggested_label", "review", "digest", "audit_id")
 _MAX_LISTED = 5
 
 
@@ -57,9 +78,52 @@ def normalise_review(value: str, suggested: str = "") -> str:
     return v
 
 
+def decision_outcome(review: str, given: str, suggested: str) -> str | None:
+    """The label a decision gives its row, as decided: ``given`` for keep, the class of a relabel (the
+    suggestion as the reviewer saw it for a bare ``relabel``), ``""`` for drop; None for a value that is no
+    decision (the review rule rejects it with its own message)."""
+    v = normalise_review(review, suggested)
+    if v == "keep":
+        return given
+    if v == "drop":
+        return ""
+    if v.startswith("relabel:"):
+        head, _, tail = str(review).partition(":")
+        return tail.strip() if head.strip().lower() == "relabel" and tail.strip() else suggested.strip()
+    return None
+
+
+def stale_reason(*, decided_given: str, current_given: str, outcome: str | None, decided_digest: str = "",
+                 current_digest: str = "") -> str | None:
+    """Why a decision made on a row no longer applies to it (the module's one rule), or None when it does.
+
+    Parameters
+    ----------
+    decided_given, current_given : str
+        The row's given label when the decision was made ("" when unknown) and now.
+    outcome : str or None
+        :func:`decision_outcome` of the decision.
+    decided_digest, current_digest : str
+        The image's content digest when the decision was made and now ("" when unknown).
+    """
+    if decided_digest and current_digest and decided_digest != current_digest:
+        return f"the image is another picture now (digest {decided_digest} when decided, {current_digest} now)"
+    moved = decided_given and decided_given != current_given
+    if moved and (outcome is None or _loose(outcome) != _loose(current_given)):
+        what = "drop" if outcome == "" else f"{outcome!r}" if outcome is not None else "the decision"
+        return f"decided on the given label {decided_given!r} (giving {what}); the label is now {current_given!r}"
+    return None
+
+
+def _loose(label: str) -> str:
+    return unicodedata.normalize("NFC", str(label).strip()).casefold()
+
+
 def reviews_frame(paths: list[str], reviews: list[str], *, source: str, given: list[str] | None = None,
-                  suggested: list[str] | None = None) -> pd.DataFrame:
-    """A reviews table (``path, review`` and optional ``given_label``/``suggested_label``) named ``source``.
+                  suggested: list[str] | None = None, digests: list[str] | None = None,
+                  audit_ids: list[str] | None = None) -> pd.DataFrame:
+    """A reviews table (``path, review`` and optional ``given_label``/``suggested_label``/``digest``/``audit_id``)
+    named ``source``.
 
     Rows with an empty review are left out; the table's ``attrs["source"]`` names it in messages.
     """
@@ -68,6 +132,10 @@ def reviews_frame(paths: list[str], reviews: list[str], *, source: str, given: l
         data["given_label"] = [str(g) for g in given]
     if suggested is not None:
         data["suggested_label"] = [str(s) for s in suggested]
+    if digests is not None:
+        data["digest"] = [str(d) for d in digests]
+    if audit_ids is not None:
+        data["audit_id"] = [str(a) for a in audit_ids]
     df = pd.DataFrame(data, dtype=object)
     df.index = pd.RangeIndex(1, len(df) + 1, name="row")
     df = df[df["review"] != ""]
@@ -87,8 +155,9 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
     Returns
     -------
     DataFrame
-        ``path``, ``review`` and, when present, ``given_label`` and ``suggested_label``, for the rows
-        with a non-empty review; indexed by CSV line; ``attrs["source"]`` is the file name.
+        ``path``, ``review`` and, when present, ``given_label``, ``suggested_label``, ``digest`` and
+        ``audit_id``, for the rows with a non-empty review; indexed by CSV line; ``attrs["source"]`` is the
+        file name.
 
     Raises
     ------
@@ -96,11 +165,37 @@ def read_reviews(path: str | os.PathLike[str]) -> pd.DataFrame:
         The file cannot be read, has no ``path`` or ``review`` column, or gives one path two different
         decisions.
     """
-    df = read_audit(path, required=("path", "review"), optional=("given_label", "suggested_label"))
+    p = Path(path)
+    if p.name in AUDIT_SHEETS:  # an audit's own sheet: it must be the audit its audit.json describes
+        recover(p.parent, AUDIT_TAG)
+    df = read_audit(path, required=("path", "review"),
+                    optional=("given_label", "suggested_label", "digest", "audit_id", "is_noisy", "issue", "rank",
+                              "p_clean", *DESIGN_COLUMNS))
+    if p.name in AUDIT_SHEETS:
+        check_identity(df, audit_record(p), where=str(p))
+    design = _check_design(df, path)
     df = df[df["review"].str.strip() != ""].copy()
     df["review"] = df["review"].str.strip()
     df.attrs["source"] = str(path)
+    df.attrs["check_design"] = design.to_dict() if design is not None else None
     return _check_unique(df, str(path))
+
+
+def _check_design(df: pd.DataFrame, path: str | os.PathLike[str]) -> CheckDesign | None:
+    """The check sample's design behind a reviewed file, with its columns added to ``df`` (in place): an audit.csv
+    with the audit.json beside it (the design is there), or a reviews CSV from audit.html (it carries the design
+    in its columns). None when the file has no check sample."""
+    if "stratum" in df.columns:
+        return design_from_columns(df)
+    record = audit_record(path) if {"rank", "is_noisy", "check"} <= set(df.columns) else {}
+    if not record.get("check_sample"):
+        return None
+    design = CheckDesign.from_dict(record["check_sample"])
+    table = df.assign(p_clean=pd.to_numeric(df["p_clean"], errors="coerce") if "p_clean" in df.columns else 0.5,
+                      issue=df["issue"] if "issue" in df.columns else "")
+    for c, v in design_columns(table, design).items():
+        df[c] = v.astype(object).where(v.notna(), "").astype(str)
+    return design
 
 
 def _check_unique(df: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -115,6 +210,7 @@ def _check_unique(df: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataError(f"{source}: {len(bad)} path(s) have two different decisions ({_listed(bad)}). Keep one "
                         "decision per image.")
     out = df[~df["path"].duplicated()]
+    out.attrs.update(df.attrs)
     out.attrs["source"] = source
     return out
 
@@ -166,19 +262,28 @@ def merge_reviews(audit: pd.DataFrame, reviews: pd.DataFrame, *, where: str = "a
     at = pos.loc[rpaths.to_numpy()].to_numpy()
     rline, aline = line_word(reviews), line_word(out)
     audit_given = out["given_label"].astype(str).to_numpy()[at]
-    if "given_label" in reviews.columns:
-        rg = reviews["given_label"].astype(str).to_numpy()
-        diff = np.flatnonzero((rg != "") & (rg != audit_given))
-        if len(diff):
-            shown = [f"{rpaths.iloc[i]}: {rg[i]!r} there, {audit_given[i]!r} in the audit" for i in diff]
-            raise DataError(f"{source}: {len(diff)} decision(s) were made on another given label than {where}'s "
-                            f"({_listed(shown)}). Review this audit's labels, or give the audit the decisions were "
-                            "made on.")
-    audit_sugg = (out["suggested_label"].astype(object).where(out["suggested_label"].notna(), "").astype(str)
-                  .to_numpy()[at] if "suggested_label" in out.columns else np.full(len(at), "", dtype=object))
-    rsugg = (reviews["suggested_label"].astype(str).to_numpy() if "suggested_label" in reviews.columns
-             else np.full(len(at), "", dtype=object))
+    audit_sugg = _column(out, "suggested_label")[at]
+    rsugg = _column(reviews, "suggested_label")
     new = reviews["review"].astype(str).str.strip().to_numpy(dtype=object).copy()
+    # the one rule for a decision made on another row: stale decisions are named and left out
+    rg, rdig, adig = _column(reviews, "given_label"), _column(reviews, "digest"), _column(out, "digest")[at]
+    stale = []
+    for i in range(len(at)):
+        decided_given = rg[i]
+        why = stale_reason(decided_given=decided_given, current_given=audit_given[i],
+                           outcome=decision_outcome(new[i], decided_given or audit_given[i],
+                                                    rsugg[i] or audit_sugg[i]),
+                           decided_digest=rdig[i], current_digest=adig[i])
+        if why is not None:
+            stale.append((i, f"{rpaths.iloc[i]} ({rline} {reviews.index[i]}: {new[i]!r}): {why}"))
+    notes = _foreign_notes(reviews, out, source, where, n_stale=len(stale))
+    if stale:
+        notes.insert(0, f"{source}: {len(stale)} decision(s) were made on another row than {where}'s and are not "
+                        f"used ({_listed([m for _, m in stale])}). Review those rows again.")
+        keep = np.ones(len(at), dtype=bool)
+        keep[[i for i, _ in stale]] = False
+        at, new, audit_sugg, rsugg, rpaths = at[keep], new[keep], audit_sugg[keep], rsugg[keep], rpaths[keep]
+        reviews = reviews.loc[keep]
     for i in np.flatnonzero(np.array([v.lower() == "relabel" for v in new], dtype=bool)):
         if rsugg[i] and rsugg[i] != audit_sugg[i]:
             new[i] = f"relabel:{rsugg[i]}"
@@ -193,4 +298,30 @@ def merge_reviews(audit: pd.DataFrame, reviews: pd.DataFrame, *, where: str = "a
                         f"({_listed(clash)}). A decision is never overwritten: clear one of the two and run again.")
     col = out.columns.get_loc("review")
     out.iloc[at, col] = new
+    for note in notes:
+        warn(note)
+    out.attrs["stale_decisions"] = int(audit.attrs.get("stale_decisions", 0)) + len(stale)
     return out
+
+
+def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A text column as an object array ("" for missing values or an absent column)."""
+    if name not in frame.columns:
+        return np.full(len(frame), "", dtype=object)
+    col = frame[name]
+    return col.astype(object).where(col.notna(), "").astype(str).to_numpy(dtype=object)
+
+
+def _foreign_notes(reviews: pd.DataFrame, audit: pd.DataFrame, source: str, where: str, *, n_stale: int) -> list[str]:
+    """A note when decisions made on another audit are applied: checked by image where both carry digests, else
+    said to be unchecked."""
+    theirs = sorted({a for a in _column(reviews, "audit_id") if a})
+    ours = sorted({a for a in _column(audit, "audit_id") if a})
+    if not theirs or not ours or theirs == ours:
+        return []
+    unchecked = int(((_column(reviews, "digest") == "")).sum()) if "digest" in audit.columns else len(reviews)
+    if unchecked:
+        return [f"{source}: decisions made on audit {', '.join(theirs)} are applied to {where} (audit "
+                f"{', '.join(ours)}); {unchecked} of them carry no image digest and could not be checked to be about "
+                "the same pictures."]
+    return []

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from labelsieve.audit.schema import flagged_mask, read_audit
+from labelsieve.audit.auditset import open_audit
+from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import restore_frame, sniff_delimiter
 
@@ -150,8 +151,8 @@ def evaluate_audit(
     The two files are joined on ``path``. A sample is truly noisy iff the audit's ``given_label``
     differs from the truth file's ``truth_label_column``. Audit rows with ``issue == "unreadable"``
     have no score; they are left out and counted in ``n_unreadable``. The audit is read by the one
-    audit reader (:func:`labelsieve.audit.schema.read_audit`), so a file a spreadsheet saved back
-    (``;``-separated, ``TRUE``/``1.0`` flags, a BOM) reads as ``apply`` reads it.
+    audit reader (:func:`labelsieve.audit.auditset.open_audit`: its identity and labels checked), so a
+    file a spreadsheet saved back (``;``-separated, ``TRUE``/``1.0`` flags, a BOM) reads as ``apply`` reads it.
 
     Parameters
     ----------
@@ -180,9 +181,9 @@ def evaluate_audit(
     apath, tpath = Path(audit_csv), Path(truth_csv)
     check_param("evaluate_audit", "truth_label_column", truth_label_column,
                 isinstance(truth_label_column, str) and bool(truth_label_column), "a column name")
-    audit = read_audit(apath, required=("path", "given_label", "p_clean", "is_noisy"), optional=("issue",))
+    audit, _ = open_audit(apath, required=("path", "given_label", "p_clean", "is_noisy"), optional=("issue",))
     truth = _read_truth(tpath, truth_label_column)
-    paths = audit["path"].str.strip()
+    paths = audit["path"]  # paths are data: compared byte for byte
     dup = paths[paths.duplicated()].tolist()
     if dup:
         raise DataError(f"{apath}: {len(dup)} path(s) appear more than once ({_listed(dup)}).")
@@ -206,14 +207,14 @@ def evaluate_audit(
         raise DataError(f"{apath}, line {scored.index[i]}: p_clean {scored['p_clean'].iloc[i]!r} is not a probability "
                         "in [0, 1].")
     flags = flagged_mask(scored, where=str(apath))
-    given = scored["given_label"].str.strip().to_numpy(dtype=object)
+    given = scored["given_label"].to_numpy(dtype=object)
     keys = paths.loc[scored.index]
-    true_label = truth.loc[keys, truth_label_column].str.strip().to_numpy(dtype=object)
+    true_label = truth.loc[keys, truth_label_column].to_numpy(dtype=object)
     out = detection_metrics(given != true_label, p, flags)
     out["n_unreadable"] = int(unreadable.sum())
     out["n_truth_not_in_audit"] = int((~truth.index.isin(paths)).sum())
     if "label" in truth.columns and truth_label_column != "label":
-        out["n_given_label_mismatch"] = int((truth.loc[keys, "label"].str.strip().to_numpy(dtype=object)
+        out["n_given_label_mismatch"] = int((truth.loc[keys, "label"].to_numpy(dtype=object)
                                              != given).sum())
     return out
 

@@ -10,9 +10,12 @@ not, path), sorting and pagination, and takes decisions from the keyboard (``k``
 relabel to the suggestion, ``c`` or a digit relabel to any class, ``u`` clear, arrows to move). Decisions
 are kept in the browser's local storage under the audit's identity (input hash + creation time), so
 they survive a reload and a second audit never overwrites them (its page offers to import them); the
-download button saves them as a reviews CSV (``path, given_label, suggested_label, review``) that
-``labelsieve apply --reviews`` and ``train --clean --reviews`` read by the spreadsheet's rule. The page
-needs no network and no file beside it.
+download button saves them as a reviews CSV (``path, given_label, suggested_label, review, digest, audit_id``:
+each decision with the image digest and the audit it was made on) that ``labelsieve apply --reviews`` and
+``train --clean --reviews`` read by the spreadsheet's rule. That CSV, and the page's import, use labelsieve's one
+dialect (quoted fields, formula and spreadsheet-conversion cells given a leading ``'`` by the same rules as
+audit.csv, which the page receives from :mod:`labelsieve.core.spreadsheet`). The page needs no network and no file
+beside it.
 
 Its size is bounded for any audit: the rows are embedded as compact JSON for the first ``max_rows``
 rows by rank (all flagged rows come first), and thumbnails only for the ``max_gallery`` most
@@ -38,9 +41,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign, design_columns
+from labelsieve.audit.estimate import is_wrong
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open
+from labelsieve.core.io import FORMULA_PREFIXES, atomic_open
+from labelsieve.core.spreadsheet import page_rules
 from labelsieve.data.decode import UnreadableImage, read_image_bytes, to_rgb
 
 __all__ = ["write_html"]
@@ -161,13 +167,16 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
         frac = f" ({100.0 * float(flagged) / float(n_images):.1f}%)" if float(n_images) > 0 else ""
     except (TypeError, ValueError):
         frac = ""
+    reviewed = summary.get("noise_rate_basis") == "reviewed sample"
     stats = [
         _stat("images", _fmt_num(n_images)),
         _stat("flagged", _fmt_num(flagged) + frac),
         _stat("unreadable", _fmt_num(summary.get("n_unreadable", n_unreadable))),
-        _stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))),
-        _stat("estimated noise (mean 1 − p_clean)", _fmt_pct(summary.get("noise_rate"))
-              + _fmt_interval(summary.get("noise_rate_interval"))),
+        (_stat("threshold (p_clean <)", _fmt_num(summary.get("threshold"))) if summary.get("threshold") is not None
+         or not summary.get("decision") else _stat("decision", "the detector's own (not a threshold)")),
+        _stat("wrong labels, from the reviewed check sample" if reviewed else
+              "estimated noise, model alone (mean 1 − p_clean)",
+              _fmt_pct(summary.get("noise_rate")) + _fmt_interval(summary.get("noise_rate_interval"))),
     ]
     if "n_duplicates" in summary:
         stats.append(_stat("byte-identical duplicates", _fmt_num(summary.get("n_duplicates"))))
@@ -186,12 +195,61 @@ def _header_html(summary: Mapping[str, Any], *, n_rows: int, n_flagged: int, n_u
     version = summary.get("version")
     sub = f"method {method} · model {model}" + (f" · labelsieve {version}" if version else "")
     head = f'<header><h1>labelsieve audit</h1><div class="sub">{escape(sub)}</div></header>'
-    body = (f'<section><h2>Summary</h2><div class="stats">{"".join(stats)}</div>{note_html}'
+    body = (f'<section><h2>Summary</h2>{_competence_html(summary)}<div class="stats">{"".join(stats)}</div>'
+            f'{_basis_html(summary)}{note_html}'
             '<p class="note">Review below (decisions stay in this browser; <b>Download reviews CSV</b> saves them, '
             'then run <code>labelsieve apply audit.csv --reviews reviews.csv -o labels.clean.csv</code>), or in '
             'audit.csv: write keep, relabel, relabel:&lt;class&gt; or drop in the <code>review</code> column and run '
             '<code>labelsieve apply audit.csv -o labels.clean.csv</code>.</p></section>')
     return head + "<main>" + body
+
+
+def _competence_html(summary: Mapping[str, Any]) -> str:
+    """How well the model reads this data (audit.json's ``competence``), above the numbers; a warning banner when
+    the verdict is weak."""
+    comp = summary.get("competence")
+    if not isinstance(comp, Mapping):
+        return ""
+    parts = []
+    for key, label in (("reader_agreement", "image features and class names agree on"),
+                       ("probe_agreement", "a linear probe agrees with the given labels on"),
+                       ("zero_shot_agreement", "zero-shot agrees with the given labels on")):
+        if comp.get(key) is not None:
+            parts.append(f"{label} {_fmt_pct(comp[key])}")
+    if comp.get("separation") is not None:
+        parts.append(f"scores of right and wrong labels {_fmt_num(comp['separation'], 2)} standard deviations apart")
+    prec = comp.get("expected_precision")
+    implied = (f" As the model sees it, {_fmt_pct(prec)} of the flagged rows are wrong labels (expected precision)."
+               if prec is not None else "")
+    measured = "; ".join(parts)
+    if comp.get("verdict") == "weak":
+        reasons = "; ".join(str(r) for r in comp.get("reasons") or [])
+        return ('<div class="banner err" id="ls-competence"><b>The model reads this data weakly</b> '
+                f"({escape(reasons)}). Its flags and its estimate of the error rate are unreliable here."
+                f"{escape(implied)} Review the check sample below to measure them; a stronger model, better class "
+                "names or an image-feature detector may do better. "
+                f"<span class=\"sub\">Measured: {escape(measured)}.</span></div>")
+    return (f'<p class="note" id="ls-competence">The model reads this data well: {escape(measured)}.'
+            f"{escape(implied)} (model-based; the check sample measures it).</p>")
+
+
+def _basis_html(summary: Mapping[str, Any]) -> str:
+    """What the noise estimate's interval covers, in words (its basis: the model, or the reviewed check sample)."""
+    covers = summary.get("noise_rate_interval_covers")
+    if summary.get("noise_rate_basis") == "reviewed sample":
+        est = summary.get("reviewed_estimate") or {}
+        model = summary.get("model_noise_rate")
+        flags = ""
+        if est.get("precision") is not None:
+            flags = (f" Flags of the reviewed audit: precision {_fmt_num(est['precision'], 3)}"
+                     f"{_fmt_interval(est.get('precision_interval'), digits=3)}, recall "
+                     f"{_fmt_num(est.get('recall'), 3)}{_fmt_interval(est.get('recall_interval'), digits=3)}.")
+        return (f'<p class="note">Wrong labels from {_fmt_num(est.get("check_reviewed"))} reviewed check-sample rows '
+                f'and {_fmt_num(est.get("exact_rows"))} rows counted exactly: the interval covers '
+                f'{escape(str(covers))}. The model alone said {_fmt_pct(model)}.{escape(flags)}</p>')
+    if covers:
+        return f'<p class="note">The model-based interval covers {escape(str(covers))}.</p>'
+    return ""
 
 
 def _as_rates(values: Any) -> dict[str, float]:
@@ -209,9 +267,11 @@ def _as_rates(values: Any) -> dict[str, float]:
     return out
 
 
-def _fmt_interval(iv: Any) -> str:
-    """`` (11.0–13.6%)`` for a two-number interval, else ''."""
+def _fmt_interval(iv: Any, *, digits: int | None = None) -> str:
+    """`` (11.0–13.6%)`` for a two-number interval (`` (0.912–0.981)`` with ``digits``), else ''."""
     if isinstance(iv, (list, tuple)) and len(iv) == 2 and iv[0] != iv[1]:
+        if digits is not None:
+            return f" ({_fmt_num(iv[0], digits)}–{_fmt_num(iv[1], digits)})"
         return f" ({_fmt_pct(iv[0])}–{_fmt_pct(iv[1])})"
     return ""
 
@@ -332,6 +392,13 @@ def _round(values: pd.Series, digits: int) -> list[float | None]:
     return [None if not math.isfinite(x) else float(x) for x in v]
 
 
+def _exact(values: pd.Series) -> list[float | None]:
+    """Numbers at full precision (JSON writes the shortest text that reads back as the same float64), None for
+    missing or non-numeric: the page's p_clean sorts rows exactly as audit.csv does."""
+    v = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return [None if not math.isfinite(x) else float(x) for x in v.tolist()]
+
+
 def _member_bits(rows: pd.DataFrame, members: list[str]) -> list[int | None]:
     """Per row, a bit mask of the ensemble members that flag it (None where no member scored it)."""
     if not members:
@@ -364,7 +431,8 @@ def _identity(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, str]
             h.update("\x1f".join(_text_col(table, col).tolist()).encode("utf-8"))
         input_hash = "t" + h.hexdigest()
     title = f"{summary.get('method', 'labelsieve')} audit of {len(table):,} images"
-    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title}
+    return {"input_hash": input_hash, "created": created, "key": f"{input_hash}:{created}", "title": title,
+            "audit_id": str(summary.get("audit_id") or "")}
 
 
 def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np.ndarray, to_review: np.ndarray,
@@ -373,6 +441,11 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
     """The rows embedded in the page (compact columns) and the thumbnails of the most suspicious flagged ones."""
     order = _rank_order(table)
     emb = order[:max_rows]
+    check = (pd.to_numeric(table["check"], errors="coerce").fillna(0).to_numpy(dtype=np.int64)
+             if "check" in table.columns else np.zeros(len(table), dtype=np.int64))
+    if len(order) > max_rows:  # every check row is on the page, however far down the ranking it lies
+        extra = np.setdiff1d(np.flatnonzero(check > 0), emb)
+        emb = np.concatenate([emb, extra[np.argsort(np.argsort(order)[extra], kind="stable")]])
     rows = table.iloc[emb]
     given = _text_col(rows, "given_label")
     sugg = _text_col(rows, "suggested_label")
@@ -387,7 +460,7 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
         "path": _text_col(rows, "path").tolist(),
         "given": given.map(code).astype(int).tolist(),
         "sugg": sugg.map(lambda x: code.get(x, -1)).astype(int).tolist(),
-        "p": _round(rows["p_clean"], 4) if "p_clean" in rows.columns else [None] * n,
+        "p": _exact(rows["p_clean"]) if "p_clean" in rows.columns else [None] * n,  # sorts as the detector ranks
         "sp": _round(rows["suggested_prob"], 3) if "suggested_prob" in rows.columns else [None] * n,
         "issue": issue.map({s: i for i, s in enumerate(issues)}).astype(int).tolist(),
         "rank": (pd.to_numeric(rows["rank"], errors="coerce").fillna(0).astype(np.int64).tolist()
@@ -396,17 +469,52 @@ def _review_data(table: pd.DataFrame, summary: Mapping[str, Any], *, flagged: np
         "agree": _round(rows["agreement"], 3) if "agreement" in rows.columns else [None] * n,
         "mflag": _member_bits(rows, members),
         "review": _text_col(rows, "review").tolist(),
+        "check": check[emb].tolist(),
     }
+    if "digest" in rows.columns:  # each image's content digest goes into the reviews CSV with its decision
+        data["digest"] = _text_col(rows, "digest").tolist()
+    design = _design_data(table, summary)
+    if design is not None:
+        data["stratum"] = design.pop("stratum")[emb].tolist()
+        data["spos"] = design.pop("spos")[emb].tolist()
     at = {int(t): j for j, t in enumerate(emb)}
     thumbs: dict[str, str | None] = {}
     paths = data["path"]
-    for t in _pick_gallery(table, to_review, max_thumbs):
+    readable_check = (check > 0) & ~(_text_col(table, "issue") == "unreadable").to_numpy()
+    gallery = _pick_gallery(table, to_review, max_thumbs)
+    if max_thumbs > 0:  # the check sample's rows are reviewed first: each gets its thumbnail, flagged or not
+        gallery = np.concatenate([np.flatnonzero(readable_check), np.setdiff1d(gallery, np.flatnonzero(check > 0))])
+    for t in gallery:
         j = at.get(int(t))
         if j is not None:
             where = locate(paths[j]) if locate is not None else image_root / paths[j]
             thumbs[str(j)] = _thumbnail(where, thumb_size) if paths[j] and where is not None else None
     return {"version": 1, "id": _identity(table, summary), "n_rows": len(table), "n_embedded": n, "classes": classes,
-            "issues": issues, "members": members, "rows": data, "thumbs": thumbs, "download_name": "reviews.csv"}
+            "issues": issues, "members": members, "rows": data, "thumbs": thumbs, "download_name": "reviews.csv",
+            "design": design, "csv": page_rules(FORMULA_PREFIXES)}
+
+
+def _design_data(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the page's live estimate needs (labelsieve.audit.estimate, ported to review.js): the check sample's
+    bands, each row's band and position in it (``stratum``, ``spos``: popped by the caller for the embedded rows),
+    the rows decided before this audit (counted exactly) and the model's own estimate to compare with."""
+    raw = summary.get("check_sample")
+    if not isinstance(raw, Mapping) or not raw.get("strata") or not {"rank", "p_clean"} <= set(table.columns):
+        return None
+    design = CheckDesign.from_dict(dict(raw))
+    cols = design_columns(table.assign(p_clean=pd.to_numeric(table["p_clean"], errors="coerce"),
+                                       issue=_text_col(table, "issue")), design)
+    known = (_text_col(table, "issue") == REVIEWED_ISSUE).to_numpy()
+    wrong = np.array([is_wrong(r, g) for r, g in zip(_text_col(table, "review")[known],
+                                                       _text_col(table, "given_label")[known], strict=True)])
+    return {"strata": [{"flagged": st.flagged, "rows": st.rows, "sampled": st.sampled} for st in design.strata],
+            "size": design.size, "known_rows": int(np.isfinite(wrong).sum()), "known_wrong": int(np.nansum(wrong)),
+            "reviewed": ({k: summary["reviewed_estimate"].get(k) for k in ("rate", "interval", "check_reviewed")}
+                         if summary.get("noise_rate_basis") == "reviewed sample" else None),
+            "model_rate": summary.get("model_noise_rate", summary.get("noise_rate")),
+            "model_interval": summary.get("model_noise_rate_interval", summary.get("noise_rate_interval")),
+            "stratum": cols["stratum"].fillna(-1).to_numpy(dtype=np.int64),
+            "spos": cols["stratum_pos"].fillna(0).to_numpy(dtype=np.int64)}
 
 
 def _asset(name: str) -> str:
@@ -422,11 +530,24 @@ def _review_html(data: dict[str, Any], *, n_flagged: int, thumb_size: int) -> st
               if n_thumbs < n_flagged else f"; thumbnails for all {n_flagged:,} flagged images") + "."
     opts = lambda pairs, sel: "".join(f'<option value="{v}"{" selected" if v == sel else ""}>{t}</option>'  # noqa: E731
                                       for v, t in pairs)
-    show = opts([("todo", "flagged, not yet decided"), ("flagged", "flagged"), ("decided", "decided"),
-                 ("undecided", "not decided"), ("all", "all rows")], "flagged" if n_flagged else "all")
+    show = opts([("todo", "flagged, not yet decided"), ("flagged", "flagged"), ("check", "check sample"),
+                 ("decided", "decided"), ("undecided", "not decided"), ("all", "all rows")],
+                "flagged" if n_flagged else "all")
+    design = data.get("design")
+    check_panel = ""
+    if design:
+        k = int(design["size"])
+        check_panel = (
+            '<div class="check" id="ls-check"><h3>Check this audit: review these ' + f"{k:,}" + ' rows</h3>'
+            '<div class="sub">A random sample of the whole audit (flagged or not), drawn so that its review measures '
+            'the share of wrong labels and the precision of the flags whatever the model: decide each row as any '
+            'other (keep: label right; relabel: label wrong; drop: label wrong or image unusable).</div>'
+            '<div class="est" id="ls-check-est"></div><div class="sub" id="ls-check-sub"></div>'
+            '<button class="primary" id="ls-check-go">Review the check sample</button></div>')
     sort = opts([("rank", "rank (worst first)"), ("p_asc", "p_clean, lowest first"),
                  ("p_desc", "p_clean, highest first"), ("sp_desc", "suggestion probability"),
-                 ("agree_desc", "member agreement"), ("given", "given label")], "rank")
+                 ("agree_desc", "member agreement"), ("given", "given label"), ("check", "check-sample order")],
+                "rank")
     size = opts([("24", "24 per page"), ("48", "48 per page"), ("96", "96 per page"), ("192", "192 per page")], "48")
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
     keys = [("k", "keep the given label"), ("d", "drop the image"), ("r", "relabel to the suggestion"),
@@ -441,6 +562,7 @@ def _review_html(data: dict[str, Any], *, n_flagged: int, thumb_size: int) -> st
         '<b>Download reviews CSV</b>. Press <kbd>?</kbd> for the keys.'
         + (' On a card, ✗ marks an ensemble member that flags the row and ✓ one that accepts its label.'
            if data["members"] else "") + '</p>'
+        + check_panel +
         '<div class="progress"><span class="txt" id="ls-progress-text"></span><div class="track">'
         '<span id="ls-progress-bar"></span></div><span class="sub" id="ls-progress-sub"></span></div>'
         '<div id="ls-banners"></div>'
@@ -529,8 +651,9 @@ def write_html(
     out_path : Path
         Where to write the page (atomically; the folder is created if missing).
     max_gallery : int, default 1000
-        Number of most suspicious flagged rows embedded with a thumbnail (0 for none); only these
-        images are decoded. Rows marked ``unreadable`` get none.
+        Number of most suspicious flagged rows embedded with a thumbnail (0 for none: no thumbnail at all);
+        the rows of the check sample get theirs on top of these. Only these images are decoded. Rows marked
+        ``unreadable`` get none.
     thumb_size : int, default 96
         Longest side of a thumbnail, in pixels.
     max_matrix_classes : int, default 30

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
-import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy, open_audit, recorded_input
+from labelsieve.audit.checksample import CheckDesign
 from labelsieve.audit.decisions import merge_reviews
+from labelsieve.audit.estimate import estimate_audit
 from labelsieve.audit.schema import (
+    REVIEW_OPTIONAL,
     REVIEW_REQUIRED,
-    audit_record,
     count_reviews,
     flagged_mask,
     line_word,
@@ -52,11 +54,10 @@ from labelsieve.audit.schema import (
     read_audit,
 )
 from labelsieve.core.errors import DataError, OutputError, check_param
-from labelsieve.core.io import atomic_open, neutralise_frame
-from labelsieve.core.paths import check_output_dir, check_output_file, listed
-from labelsieve.core.progress import warn
-from labelsieve.data.containers import all_samples
-from labelsieve.data.sources import read_image_folder, read_labels_csv
+from labelsieve.core.io import atomic_open, line_end, neutralise_frame
+from labelsieve.core.paths import check_output_file, listed
+from labelsieve.core.progress import info, warn
+from labelsieve.core.spreadsheet import unmangle
 
 __all__ = ["ALLOWED_REVIEWS", "apply_review", "check_apply_output", "check_audit_output", "flagged_mask",
            "keep_reviewed_copy", "kept_rows", "read_audit", "sheet_vs_record"]
@@ -115,27 +116,36 @@ def _did_you_mean(value: str) -> str:
 
 
 def _resolve_classes(targets: np.ndarray, known: list[str], where: str, lines: list[object],
-                     line_name: str) -> np.ndarray:
+                     line_name: str) -> tuple[np.ndarray, list[str]]:
     """Map ``relabel:<class>`` targets to known class names (exact, else unique case-insensitive)."""
     known_set = set(known)
-    by_lower: dict[str, list[str]] = {}
+    by_lower: dict[str, list[str]] = {}  # review values are trimmed: match classes trimmed, in any case and form
     for k in known:
-        by_lower.setdefault(k.lower(), []).append(k)
+        by_lower.setdefault(_loose(k), []).append(k)
     out = targets.copy()
     bad: list[str] = []
+    repaired: list[str] = []
     for i, t in enumerate(targets):
         if t in known_set:
             continue
-        cands = by_lower.get(t.lower(), [])
+        cands = by_lower.get(_loose(t), [])
         if len(cands) == 1:
             out[i] = cands[0]
             continue
-        if not t:
+        mangled = unmangle(t, known) if t and not cands else []
+        if len(mangled) == 1:  # a class a spreadsheet changed (0012 -> 12, 3/4 -> 03/04/26, trimmed or re-cased)
+            out[i] = mangled[0][0]
+            repaired.append(f"{line_name} {lines[i]}: 'relabel:{t}' is read as 'relabel:{mangled[0][0]}' "
+                            f"({mangled[0][1]})")
+        elif not t:
             bad.append(f"{line_name} {lines[i]}: 'relabel:' names no class")
         elif len(cands) > 1:
             bad.append(f"{line_name} {lines[i]}: class {t!r} is ambiguous (matches {sorted(cands)})")
+        elif mangled:
+            bad.append(f"{line_name} {lines[i]}: class {t!r} in 'relabel:{t}' could be any of "
+                       f"{[c for c, _ in mangled]} (a spreadsheet changed it)")
         else:
-            close = difflib.get_close_matches(t.lower(), list(by_lower), n=1)
+            close = difflib.get_close_matches(_loose(t), list(by_lower), n=1)
             hint = f"; did you mean {by_lower[close[0]][0]!r}?" if close else ""
             bad.append(f"{line_name} {lines[i]}: unknown class {t!r} in 'relabel:{t}'{hint}")
     if bad:
@@ -143,7 +153,13 @@ def _resolve_classes(targets: np.ndarray, known: list[str], where: str, lines: l
         shown = "; ".join(bad[:_MAX_LISTED]) + (" …" if len(bad) > _MAX_LISTED else "")
         raise DataError(f"{where}: {len(bad)} 'relabel:<class>' value(s) name no known class ({shown}). "
                         f"Known classes: {', '.join(listed[:20])}{' …' if len(listed) > 20 else ''}.")
-    return out
+    return out, ([f"{where}: {len(repaired)} 'relabel:<class>' value(s) were changed by a spreadsheet and are read "
+                  f"as the class they name ({'; '.join(repaired[:_MAX_LISTED])})."] if repaired else [])
+
+
+def _loose(label: str) -> str:
+    """A class name as review values are matched to it: trimmed, case-folded, NFC."""
+    return unicodedata.normalize("NFC", label.strip()).casefold()
 
 
 def _decide(
@@ -199,6 +215,7 @@ def _decide(
 
     label = given.copy()
     active = ~unreadable
+    resolved_notes: list[str] = []
 
     # relabel -> suggested_label (an error where the audit has no suggestion for the row)
     take_sugg = is_relabel & active
@@ -216,13 +233,13 @@ def _decide(
             both = pd.unique(np.concatenate([given, suggested]))
             known = sorted(str(c) for c in both if c != "")
         targets = np.array([raw[i].split(":", 1)[1].strip() for i in to_idx], dtype=object)
-        label[to_idx] = _resolve_classes(targets, known, where, [lines[i] for i in to_idx], line_name)
+        label[to_idx], resolved_notes = _resolve_classes(targets, known, where, [lines[i] for i in to_idx], line_name)
     unreviewed = flagged & empty & active
     if accept_suggestions:
         take_sugg = take_sugg | (unreviewed & (suggested != ""))
     label[take_sugg] = suggested[take_sugg]
 
-    notes = []
+    notes = list(resolved_notes)
     overridden = np.flatnonzero(unreadable & (is_keep | is_relabel | is_relabel_to))
     if len(overridden):
         shown = listed([f"{line_name} {lines[i]}: {raw[i]!r}" for i in overridden])
@@ -307,7 +324,8 @@ def sheet_vs_record(audit: pd.DataFrame, record: dict[str, Any], *, where: str) 
     recorded_hash = inp.get("paths_hash")
     if n_sheet == n_audit and (recorded_hash is None or recorded_hash == paths_hash(sheet_paths)):
         return 0, []
-    original = _recorded_paths(inp, recorded_hash)
+    recovered = recorded_input(record)
+    original = recovered[0] if recovered is not None else None
     notes: list[str] = []
     if original is not None:
         sheet_set, orig_set = set(sheet_paths), set(original)
@@ -331,61 +349,10 @@ def sheet_vs_record(audit: pd.DataFrame, record: dict[str, Any], *, where: str) 
     return 0, notes
 
 
-def _recorded_paths(inp: dict[str, Any], recorded_hash: str | None) -> list[str] | None:
-    """The audit's input paths, re-read from its labels CSV or image folder if they still hash the same."""
-    if not recorded_hash:
-        return None
-    try:
-        labels, root = Path(str(inp.get("labels", ""))), Path(str(inp.get("root", "")))
-        if inp.get("kind", "files") != "files" and str(inp.get("labels")) == str(inp.get("containers")):
-            paths = all_samples(str(labels), image_column=inp.get("image_column") or "image")[1].paths  # shards
-        elif labels.is_file():
-            paths = read_labels_csv(labels)[0]
-        elif root.is_dir() and labels == root:
-            paths = read_image_folder(root)[0]
-        else:
-            return None
-    except DataError:
-        return None
-    return paths if paths_hash(paths) == recorded_hash else None
-
-
-def keep_reviewed_copy(audit_csv: str | os.PathLike[str]) -> Path | None:
-    """Before an ``audit.csv`` holding review decisions is replaced: copy it to
-    ``audit.reviewed-<YYYYmmdd-HHMMSS>.csv`` beside it, say so, and return the copy (None when the file
-    does not exist or holds no decision)."""
-    src = Path(audit_csv)
-    if not src.is_file() or count_reviews(src) == 0:
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = src.with_name(f"{src.stem}.reviewed-{stamp}{src.suffix}")
-    k = 1
-    while dest.exists():
-        k += 1
-        dest = src.with_name(f"{src.stem}.reviewed-{stamp}-{k}{src.suffix}")
-    with atomic_open(dest, "wb") as f, open(src, "rb") as g:
-        shutil.copyfileobj(g, f)
-    warn(f"{src} held review decisions; it was copied to {dest} before being replaced")
-    return dest
-
-
-def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool,
-                       files: Sequence[str] = ("audit.csv",)) -> Path:
-    """Before an audit starts: its folder must be writable, and a sheet it will write there (``files``:
-    ``audit.csv``, and ``audit.xlsx`` with ``--xlsx``) that holds review decisions is replaced only with
-    ``force`` (a copy is kept then, :func:`keep_reviewed_copy`)."""
-    out = check_output_dir(out_dir, what="the audit folder (-o)")
-    for name in files:
-        target = out / name
-        if target.is_file() and not force:
-            n = count_reviews(target)
-            if n != 0:
-                what = f"{n} review decision(s)" if n else "content labelsieve cannot read (it may hold decisions)"
-                suffix = Path(name).suffix
-                raise OutputError(f"{target} holds {what}; auditing into {out} would replace it. Give another "
-                                  "folder with -o, or pass --force (force=True) to replace it: a copy is kept as "
-                                  f"audit.reviewed-<date>-<time>{suffix} beside it.")
-    return out
+def record_classes(record: dict[str, Any]) -> list[str] | None:
+    """The classes an audit's record lists (``relabel:<class>`` may name them), or None for a record without."""
+    classes = record.get("classes")
+    return [str(c) for c in classes] if classes else None
 
 
 def check_apply_output(audit_csv: Path, out_csv: Path) -> None:
@@ -494,7 +461,9 @@ def apply_review(
         ``drop_unreviewed_flagged``) and ``unreviewed_flagged`` (readable flagged rows with an empty
         review, whatever was done with them). ``kept + relabelled + dropped`` is the number of rows of
         the sheet. ``missing``: rows the audit wrote (its ``audit.json``) that were deleted from the sheet,
-        and so are not in ``out_csv`` either. Warnings (deleted or added rows, ``keep`` on an unreadable
+        and so are not in ``out_csv`` either. With ``reviews``, ``stale_decisions``: decisions made on another
+        row (another given label, another picture) that were not used
+        (:func:`~labelsieve.audit.decisions.stale_reason`). Warnings (deleted or added rows, ``keep`` on an unreadable
         image) are printed on stderr.
 
     Raises
@@ -508,15 +477,43 @@ def apply_review(
         If both ``drop_unreviewed_flagged`` and ``accept_suggestions`` are True.
     """
     check_apply_output(Path(audit_csv), Path(out_csv))
-    audit = read_audit(audit_csv)
+    audit, record = open_audit(audit_csv, optional=(*REVIEW_OPTIONAL, "rank", "p_clean", "check"))
+    design = CheckDesign.from_dict(record["check_sample"]) if record.get("check_sample") else None
     for extra in reviews:
         audit = merge_reviews(audit, extra, where=str(audit_csv))
-    dec = _decide(audit, classes=classes, drop_unreviewed_flagged=drop_unreviewed_flagged,
-                  accept_suggestions=accept_suggestions, where=str(audit_csv), owner="apply_review")
-    missing, notes = sheet_vs_record(audit, audit_record(audit_csv), where=str(audit_csv))
+    dec = _decide(audit, classes=classes if classes is not None else record_classes(record),
+                  drop_unreviewed_flagged=drop_unreviewed_flagged, accept_suggestions=accept_suggestions,
+                  where=str(audit_csv), owner="apply_review")
+    missing, notes = sheet_vs_record(audit, record, where=str(audit_csv))
     with atomic_open(out_csv) as f:
-        neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(dec.rows).to_csv(f, index=False, lineterminator=line_end(dec.rows))
     for note in [*dec.notes, *notes]:
         warn(note)
-    return {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
-            "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    counts = {"kept": dec.kept, "relabelled": dec.relabelled, "dropped": dec.dropped,
+              "unreviewed_flagged": dec.unreviewed_flagged, "missing": missing}
+    if reviews:
+        counts["stale_decisions"] = int(audit.attrs.get("stale_decisions", 0))
+    if design is not None and {"rank", "p_clean", "check"} <= set(audit.columns):
+        est = estimate_audit(audit, design)
+        counts["check_reviewed"] = est["check_reviewed"] if est is not None else 0
+        info(describe_estimate(est, design.size))
+    return counts
+
+
+def describe_estimate(est: dict[str, Any] | None, check_size: int) -> str:
+    """One line on what the reviewed check sample says (or that nothing of it is reviewed yet)."""
+    if est is None:
+        return (f"Check sample: none of its {check_size} rows reviewed yet. Review them (column 'check', or the "
+                "page's 'Check this audit') to learn the share of wrong labels with an interval that holds whatever "
+                "the model.")
+    lo, hi = est["interval"]
+    line = (f"Check sample: {est['check_reviewed']} of {check_size} rows reviewed (and {est['exact_rows']} counted "
+            f"exactly) -> wrong labels {est['rate']:.1%} (95% interval {lo:.1%}-{hi:.1%}), about "
+            f"{est['wrong']:,.0f} of {est['rows']:,} images")
+    if est.get("precision") is not None:
+        plo, phi = est["precision_interval"]
+        line += f"; precision of the flags {est['precision']:.2f} ({plo:.2f}-{phi:.2f})"
+    if est.get("recall") is not None:
+        rlo, rhi = est["recall_interval"]
+        line += f", recall {est['recall']:.2f} ({rlo:.2f}-{rhi:.2f})"
+    return line + "."

@@ -19,12 +19,17 @@ from labelsieve.core.errors import DataError
 from labelsieve.core.io import is_spreadsheet_error, restore_frame, sniff_delimiter
 from labelsieve.core.paths import listed
 
-__all__ = ["COLUMNS", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "audit_record", "count_reviews", "flagged_mask",
-           "line_word", "paths_hash", "read_audit"]
+__all__ = ["AUDIT_ID_COLUMN", "COLUMNS", "DIGEST_COLUMN", "REVIEW_OPTIONAL", "REVIEW_REQUIRED", "audit_record",
+           "count_reviews", "flagged_mask", "line_word", "paths_hash", "read_audit"]
 
 #: The audit's columns, in order (DESIGN.md §1); detectors may add their own after them.
 COLUMNS = ["path", "given_label", "p_clean", "is_noisy", "suggested_label", "suggested_prob", "issue", "rank",
-           "review"]
+           "review", "check"]
+#: The audit's identity, on every row of audit.csv / audit.xlsx and of a reviews CSV (labelsieve.audit.auditset).
+AUDIT_ID_COLUMN = "audit_id"
+#: An image's content digest (``b2-`` + 16 hex digits) as the audit read it: a decision made on a row is checked
+#: to be about the same picture wherever it is applied.
+DIGEST_COLUMN = "digest"
 #: Columns the review rule needs, and those it reads when present.
 REVIEW_REQUIRED = ("path", "given_label", "is_noisy")
 REVIEW_OPTIONAL = ("suggested_label", "issue", "review", "index", "row")

@@ -3,10 +3,13 @@
 Built from the input rows, the feature store's decode results and a detector's
 :class:`~labelsieve.detectors.common.base.DetectionResult`. Columns (DESIGN.md §1)::
 
-    path, given_label, p_clean, is_noisy, suggested_label, suggested_prob, issue, rank, review
+    path, given_label, p_clean, is_noisy, suggested_label, suggested_prob, issue, rank, review, check
 
 plus ``duplicate_of``, ``duplicate_group`` and any per-detector columns the detector adds
 (``p_clean_<member>``).
+
+``check`` holds the review order 1 … K of the rows in the audit's check sample (a random, stratified sample;
+:mod:`labelsieve.audit.checksample`), empty elsewhere; it is drawn once the ranks are final.
 
 ``duplicate_of`` names the first earlier row with byte-identical content. ``duplicate_group`` numbers the
 near-duplicate groups (the same picture resized, re-encoded or cropped;
@@ -129,6 +132,7 @@ def build_table(
         "issue": issue,
         "rank": 0,
         "review": "",
+        "check": pd.array([pd.NA] * n, dtype="Int64"),  # the check sample's review order (api.finish_table)
         "duplicate_of": dup,
         "duplicate_group": group,
     })
@@ -187,6 +191,31 @@ def near_duplicate_summary(table: pd.DataFrame) -> dict[str, int]:
             "n_groups_across_folders": int((n_folders > 1).sum())}
 
 
+#: What the model-based interval covers, said wherever it is shown (it held the truth on only some benchmark sets:
+#: docs/benchmarks.md, "How right the audit is").
+MODEL_INTERVAL_COVERS = ("the mixture's fit and chance only, not a model that misreads the data; review the check "
+                         "sample for an interval that holds whatever the model")
+
+
+def use_estimate(summary: dict[str, Any], estimate: dict[str, Any]) -> None:
+    """Make the design-based estimate from reviewed rows (:func:`labelsieve.audit.estimate.estimate_from_reviews`)
+    the audit's noise estimate, in place: ``noise_rate``, ``noise_rate_interval`` (95 %) and
+    ``noise_rate_basis`` = "reviewed sample"; the model's own stay in ``model_noise_rate`` and
+    ``model_noise_rate_interval``, and the whole estimate (with the flags' precision and recall) in
+    ``reviewed_estimate``. The per-class rates stay the model's (``noise_rate_per_class_basis``)."""
+    summary["noise_rate"] = float(estimate["rate"])
+    summary["noise_rate_interval"] = [float(v) for v in estimate["interval"]]
+    summary["noise_rate_interval_level"] = float(estimate["level"])
+    summary["noise_rate_basis"] = "reviewed sample"
+    summary["noise_rate_interval_covers"] = ("the share of wrong labels in the whole data set, whatever the model: "
+                                             "a design-based interval from the reviewed check sample")
+    summary["noise_rate_per_class_basis"] = "model"
+    summary["reviewed_estimate"] = estimate
+def _by_threshold(result: DetectionResult) -> bool:
+    """Whether the flags are ``p_clean < threshold`` (False for a detector's own set decision)."""
+    return (result.info or {}).get("decision", "threshold" if result.flags is None else "flags") == "threshold"
+
+
 def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResult) -> dict[str, Any]:
     """Counts and the noise estimate for audit.json (the caller adds method, model, timings …).
 
@@ -219,11 +248,20 @@ def summarise(table: pd.DataFrame, images: LabeledImages, result: DetectionResul
         "n_duplicates": int((table["duplicate_of"] != "").sum()),
         "near_duplicates": near_duplicate_summary(table),
         "issues": {str(k): int(v) for k, v in counts.items()},
-        "threshold": float(result.threshold),
+        # a detector whose decision is not a threshold on p_clean (confident learning) shows no threshold
+        "threshold": float(result.threshold) if _by_threshold(result) else None,
+        "decision": ("p_clean < threshold" if _by_threshold(result)
+                     else "the detector's own decision, not a threshold on p_clean (see decision_rule)"),
         "decision_rule": result.rule,
         "noise_rate": rate,
         "noise_rate_interval": interval,
         "noise_rate_interval_level": float(est["level"]) if est is not None else None,
+        "noise_rate_basis": "model",
+        "noise_rate_interval_covers": MODEL_INTERVAL_COVERS,
+        # the model's own, label-free estimate (calibration.noise_estimate), which neither reviewed rows nor a
+        # recalibration on them change
+        "model_noise_rate": float(est["rate"]) if est is not None else rate,
+        "model_noise_rate_interval": interval,
         "noise_rate_per_class": per_class,
         "noise_rate_per_class_interval": per_class_interval,
         "flag_rate": float(r["is_noisy"].mean()) if len(r) else 0.0,

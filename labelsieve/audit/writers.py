@@ -15,10 +15,10 @@ from openpyxl.styles import Font
 from openpyxl.utils import get_column_letter
 from rich.table import Table
 
-from labelsieve.core.io import atomic_open, atomic_path, neutralise_frame, write_json
+from labelsieve.core.io import atomic_open, atomic_path, line_end, neutralise_frame, write_json
 from labelsieve.core.progress import console, escape, warn
 
-__all__ = ["print_summary", "write_csv", "write_json", "write_xlsx"]
+__all__ = ["exact_text", "is_score_column", "print_summary", "write_csv", "write_json", "write_xlsx"]
 
 #: Number formats of the audit's numeric columns in audit.xlsx (others: Excel's general format).
 _XLSX_FORMATS = {"p_clean": "0.000", "suggested_prob": "0.000", "agreement": "0.00"}
@@ -26,11 +26,29 @@ _XLSX_FORMATS = {"p_clean": "0.000", "suggested_prob": "0.000", "agreement": "0.
 _XLSX_WIDTHS = {"path": 40, "review": 16, "issue": 10}
 
 
+def is_score_column(name: str) -> bool:
+    """``p_clean`` and every ``p_clean_<member>`` column (``p_clean_raw`` included): written at full precision."""
+    return name == "p_clean" or name.startswith("p_clean_")
+
+
+def exact_text(values: Any) -> list[str]:
+    """Numbers as the shortest text that reads back as the same float64 (``repr``), ``""`` for NaN/None."""
+    out = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64).tolist()
+    return ["" if v != v else repr(v) for v in out]
+
+
 def write_csv(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a table as UTF-8 CSV atomically. Floats keep 6 significant digits; text a spreadsheet would
-    read as a formula gets a leading ``'`` (:func:`labelsieve.core.io.neutralise_cell`)."""
+    """Write a table as UTF-8 CSV atomically. The scores (``p_clean``, ``p_clean_*``) are written exactly (the
+    shortest text that reads back as the same float64), so the file ranks rows as the detector did (the
+    calibrated p_clean keeps a gap of at least 1e-13 between rows the detector ordered:
+    :data:`labelsieve.detectors.common.calibration.RANK_GAP`); other floats keep 6 significant digits; text a
+    spreadsheet would read as a formula gets a leading ``'`` (:func:`labelsieve.core.io.neutralise_cell`)."""
+    out = neutralise_frame(table)
+    for c in out.columns:
+        if is_score_column(str(c)) and out[c].dtype.kind == "f":
+            out[c] = exact_text(out[c])
     with atomic_open(path) as f:
-        neutralise_frame(table).to_csv(f, index=False, float_format="%.6g", lineterminator="\n")
+        out.to_csv(f, index=False, float_format="%.6g", lineterminator=line_end(table))
     return Path(path)
 
 
@@ -49,7 +67,8 @@ def write_xlsx(table: pd.DataFrame, path: str | os.PathLike[str], *, sheet: str 
     cols = [str(c) for c in table.columns]
     for j, c in enumerate(cols, start=1):
         sample = table[c].head(50).astype(str).str.len().max() if len(table) else 0
-        width = _XLSX_WIDTHS.get(c, min(40, max(len(c) + 2, int(sample or 0) + 2)))
+        sample = int(sample) if pd.notna(sample) else 0  # an all-empty column (pandas 3 keeps NaN through astype)
+        width = _XLSX_WIDTHS.get(c, min(40, max(len(c) + 2, sample + 2)))
         ws.column_dimensions[get_column_letter(j)].width = width
     header = []
     for c in cols:
@@ -95,6 +114,11 @@ def _interval(iv: Any, summary: dict[str, Any]) -> str:
     return f" ({level:.0%} interval {iv[0]:.1%}–{iv[1]:.1%})" if level else f" ({iv[0]:.1%}–{iv[1]:.1%})"
 
 
+def _interval01(iv: Any) -> str:
+    """`` (0.91–0.98)`` or ''."""
+    return f" ({iv[0]:.2f}–{iv[1]:.2f})" if iv and len(iv) == 2 else ""
+
+
 def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int = 10) -> None:
     """A short rich summary: counts, noise estimate, the noisiest classes, where the files are.
 
@@ -108,8 +132,39 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
     feats = summary.get("features") or {}
     t.add_row("model", escape(str(model.get("name") if model else f"none: features from {feats.get('file')}")))
     t.add_row("flagged", f"{summary['n_flagged']} ({summary['flag_rate']:.1%} of readable images): rows to review")
-    t.add_row("estimated noise", f"{summary['noise_rate']:.1%}{_interval(summary.get('noise_rate_interval'), summary)}"
-              " of the labels are wrong (mean of 1 − calibrated p_clean)")
+    comp = summary.get("competence") or {}
+    if comp.get("verdict"):
+        measured = ", ".join(f"{label} {comp[k]:.0%}" for k, label in (
+            ("reader_agreement", "features and class names agree"), ("probe_agreement", "probe agrees with labels"),
+            ("zero_shot_agreement", "zero-shot agrees with labels")) if comp.get(k) is not None)
+        if comp.get("separation") is not None:
+            measured += f", separation {comp['separation']:.1f} sd"
+        word = "[bold red]WEAK[/bold red]" if comp["verdict"] == "weak" else "good"
+        t.add_row("model on data", f"{word} ({escape(measured)})"
+                  + (f": {escape('; '.join(comp.get('reasons') or []))}" if comp["verdict"] == "weak" else ""))
+        if comp.get("expected_precision") is not None:
+            t.add_row("flags (model)", f"expected precision {comp['expected_precision']:.2f}, recall "
+                      f"{comp.get('expected_recall') or 0:.2f} (model-based"
+                      + ("; unreliable here: measure them with the check sample)" if comp["verdict"] == "weak"
+                         else ")"))
+    if summary.get("noise_rate_basis") == "reviewed sample":
+        est = summary.get("reviewed_estimate") or {}
+        t.add_row("wrong labels", f"{summary['noise_rate']:.1%}{_interval(summary.get('noise_rate_interval'), summary)}"
+                  f" — from {est.get('check_reviewed', 0)} reviewed check-sample rows and {est.get('exact_rows', 0)} "
+                  "counted exactly; holds whatever the model (the model alone: "
+                  f"{summary.get('model_noise_rate', 0):.1%})")
+        if est.get("precision") is not None:
+            t.add_row("flags (checked)", f"precision {est['precision']:.2f}"
+                      f"{_interval01(est.get('precision_interval'))}, recall {est.get('recall') or 0:.2f}"
+                      f"{_interval01(est.get('recall_interval'))} (the reviewed audit's flags)")
+    else:
+        t.add_row("estimated noise", f"{summary['noise_rate']:.1%}"
+                  f"{_interval(summary.get('noise_rate_interval'), summary)} of the labels are wrong, says the model "
+                  "(mean of 1 − calibrated p_clean; the interval covers its fit only)")
+    design = summary.get("check_sample") or {}
+    if design.get("size"):
+        t.add_row("check sample", f"{design['size']} random rows (column 'check', first on the page): review them for "
+                  "an error rate with an interval that holds whatever the model")
     t.add_row("unreadable", str(summary["n_unreadable"]))
     t.add_row("duplicates", str(summary["n_duplicates"]) + " byte-identical")
     nd = summary.get("near_duplicates") or {}

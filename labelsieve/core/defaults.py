@@ -34,6 +34,10 @@ DEFAULT_OUTLIER_PROB = 0.4
 #: by benchmarks/near_duplicates.py: the highest recall with pair precision >= 0.99 (docs/benchmarks.md).
 DEFAULT_DUPLICATE_THRESHOLD = 0.94
 
+#: Rows in an audit's check sample (``--check-size``): a random, stratified sample whose review gives the error
+#: rate with an interval that holds whatever the model (labelsieve.audit.checksample).
+DEFAULT_CHECK_SIZE = 100
+
 #: Feature-extraction batch size.
 DEFAULT_BATCH_SIZE = 64
 

@@ -7,6 +7,12 @@ status 2.
 
 from __future__ import annotations
 
+import errno
+import os
+
+#: errno values of a full disk (no space left, or a quota reached).
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class LabelsieveError(Exception):
     """A problem with the user's input, model choice or options, with a message saying what to do."""
@@ -38,3 +44,12 @@ def check_param(owner: str, name: str, value: object, ok: bool, expected: str) -
     """
     if not ok:
         raise ParameterError(f"The {name!r} parameter of {owner} must be {expected}. Got {value!r} instead.")
+
+
+def no_space_error(exc: OSError, path: str | os.PathLike[str] | None = None) -> OutputError:
+    """The :class:`OutputError` for a write that failed on a full disk: which file, and what to do."""
+    where = os.fspath(path) if path is not None else (exc.filename or "a file")
+    return OutputError(f"No space left on the disk while writing {where} ({exc.strerror or 'disk full'}). Nothing "
+                       "half-written was kept, and the file it would have replaced is unchanged. Free some space, or "
+                       "give another folder (-o for outputs, --cache-dir or $LABELSIEVE_CACHE for the cache), and run "
+                       "the same command again.")

@@ -23,11 +23,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from labelsieve.core.errors import NO_SPACE, no_space_error
+from labelsieve.core.spreadsheet import is_convertible
+
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["FORMULA_PREFIXES", "atomic_open", "atomic_path", "atomic_save_npy", "atomic_write_text",
-           "is_spreadsheet_error", "neutralise_cell", "neutralise_frame", "restore_cell", "restore_frame",
+           "is_spreadsheet_error", "line_end", "neutralise_cell", "neutralise_frame", "restore_cell", "restore_frame",
            "sniff_delimiter",
            "to_jsonable", "write_json"]
 
@@ -55,7 +58,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         ``.<name>.<random>.tmp`` in the destination folder, for writers that need a file name
         (``np.lib.format.open_memmap``, ``safetensors``). The caller writes it completely; it is
         fsynced and renamed over ``path`` when the block exits without an exception, and removed
-        (``path`` left as it was) when the block raises.
+        (``path`` left as it was) when the block raises. A full disk (``ENOSPC``, ``EDQUOT``) is raised as
+        an :class:`~labelsieve.core.errors.OutputError` naming ``path``.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,9 +73,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             finally:
                 os.close(fd)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise no_space_error(exc, dest) from exc
         raise
 
 
@@ -162,25 +168,31 @@ def sniff_delimiter(sample: str) -> str:
         return max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
 
 
+def _needs_quote(rest: str) -> bool:
+    """A cell (its leading ``'`` removed) that a spreadsheet would run or convert."""
+    return rest[:1] in FORMULA_PREFIXES or is_convertible(rest)
+
+
 def neutralise_cell(value: str) -> str:
     """``value`` as it is written into a CSV a person may open in a spreadsheet.
 
-    A cell that starts with one of :data:`FORMULA_PREFIXES` (after any number of ``'``) gets one more
-    leading ``'``, which spreadsheets read as "this is text" and do not show: a file or class named
-    ``=HYPERLINK(...)`` is shown, not run. :func:`restore_cell` is the exact inverse, and every reader of
-    the CSVs labelsieve writes applies it.
+    A cell that starts with one of :data:`FORMULA_PREFIXES`, or that a spreadsheet would convert to a number,
+    date, time or boolean (:func:`labelsieve.core.spreadsheet.is_convertible`: ``0012``, ``1e5``, ``3/4``,
+    ``TRUE`` …), after any number of ``'``, gets one more leading ``'``, which spreadsheets read as "this is
+    text": a file or class named ``=HYPERLINK(...)`` is shown, not run, and a class named ``0012`` stays
+    ``0012``. :func:`restore_cell` is the exact inverse, and every reader of the CSVs labelsieve writes applies it.
     """
     rest = value.lstrip("'")
-    return "'" + value if rest[:1] in FORMULA_PREFIXES else value
+    return "'" + value if _needs_quote(rest) else value
 
 
 def restore_cell(value: str) -> str:
     """The inverse of :func:`neutralise_cell`: one leading ``'`` removed where neutralise_cell added it.
 
-    A file saved back by a spreadsheet (which drops the ``'``) reads the same as the file labelsieve wrote.
+    A file saved back by a spreadsheet that drops the ``'`` reads the same as the file labelsieve wrote.
     """
     rest = value.lstrip("'")
-    return value[1:] if len(rest) < len(value) and rest and rest[0] in FORMULA_PREFIXES else value
+    return value[1:] if len(rest) < len(value) and rest and _needs_quote(rest) else value
 
 
 def neutralise_frame(table: pd.DataFrame) -> pd.DataFrame:
@@ -190,12 +202,27 @@ def neutralise_frame(table: pd.DataFrame) -> pd.DataFrame:
         if out[c].dtype.kind != "O":  # object or string columns (pandas 3 reads text as "str")
             continue
         values = out[c].to_numpy(dtype=object)
-        hit = [i for i, v in enumerate(values) if isinstance(v, str) and v[:1] in ("'", *FORMULA_PREFIXES)]
-        if hit:
+        quoted = {}
+        for u in {v for v in values if isinstance(v, str)}:
+            q = neutralise_cell(u)
+            if q != u:
+                quoted[u] = q
+        if quoted:
+            hit = [i for i, v in enumerate(values) if isinstance(v, str) and v in quoted]
             values = values.copy()
-            values[hit] = [neutralise_cell(values[i]) for i in hit]
+            values[hit] = [quoted[values[i]] for i in hit]
             out[c] = values
     return out
+
+
+def line_end(table: pd.DataFrame) -> str:
+    """The line terminator a CSV of ``table`` is written with: ``\n``, or ``\r\n`` when a text cell holds a
+    carriage return (Python's csv quotes a field only for the characters of its terminator, so a name with a CR
+    is quoted, and read back whole, only then)."""
+    for c in table.columns:
+        if table[c].dtype.kind == "O" and any(isinstance(v, str) and "\r" in v for v in table[c].to_numpy()):
+            return "\r\n"
+    return "\n"
 
 
 def restore_frame(table: pd.DataFrame) -> pd.DataFrame:

@@ -105,6 +105,33 @@ def check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] 
                       must_exist: bool = True) -> None:
     """Check the files ``paths`` name under ``root``: the rule every command applies to image paths it is given.
 
+    Paths that can name no file (a NUL byte, a symbolic-link loop) are refused first, with their lines (see
+    :func:`_check_image_paths` for the rest of the rule).
+    """
+    numbered = list(lines) if lines is not None else list(range(1, len(paths) + 1))
+    unusable = [f"line {line}: {path!r} holds a NUL byte" for path, line in zip(paths, numbered, strict=True)
+                if "\0" in path]
+    if not unusable:
+        try:
+            _check_image_paths(root, paths, lines=numbered, where=where, must_exist=must_exist)
+            return
+        except (RuntimeError, OSError):  # a symbolic-link loop (RuntimeError before Python 3.13, then ELOOP)
+            for path, line in zip(paths, numbered, strict=True):  # rare: name the rows, one resolve each
+                try:
+                    inside_root(root, path)
+                except (RuntimeError, OSError) as exc:
+                    loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
+                    unusable.append(f"line {line}: {path} ({'a symbolic-link loop' if loop else exc})")
+            if not unusable:
+                raise
+    raise DataError(f"{where}: {len(unusable)} path(s) cannot name a file ({listed(unusable)}). Fix or remove those "
+                    "rows (or the looping links).")
+
+
+def _check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] | None = None, where: str,
+                       must_exist: bool = True) -> None:
+    """Check the files ``paths`` name under ``root``: the rule every command applies to image paths it is given.
+
     Parameters
     ----------
     root : Path
@@ -142,7 +169,12 @@ def check_image_paths(root: Path, paths: Sequence[str], *, lines: Sequence[int] 
             continue
         try:
             st = os.stat(root_s + path)
-        except (OSError, ValueError):
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise  # a symbolic-link loop: check_image_paths names those rows
+            missing.append(f"line {line}: {path}")
+            continue
+        except ValueError:
             missing.append(f"line {line}: {path}")
             continue
         if stat.S_ISDIR(st.st_mode):

@@ -43,7 +43,7 @@ from rich.text import Text
 from labelsieve.core.distributed import is_main
 
 __all__ = ["PLAIN_EVERY_FRACTION", "PLAIN_EVERY_SECONDS", "PLAIN_MIN_SECONDS", "RateColumn", "console", "escape",
-           "format_duration", "is_interactive", "progress_bar", "warn"]
+           "format_duration", "info", "is_interactive", "progress_bar", "warn"]
 
 console = Console(stderr=True)
 
@@ -61,6 +61,13 @@ def warn(message: str) -> None:
     if not is_main():
         return
     console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True)
+
+
+def info(message: str) -> None:
+    """Print ``message`` (plain text, not rich markup) on stderr, on one line. Rank 0 only under torchrun."""
+    if not is_main():
+        return
+    console.print(Text(message), soft_wrap=True)
 
 
 class RateColumn(ProgressColumn):

@@ -51,7 +51,7 @@ from PIL import Image, ImageOps
 from labelsieve.core.defaults import default_cache_dir, default_num_workers
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import atomic_save_npy, atomic_write_text
-from labelsieve.core.progress import progress_bar
+from labelsieve.core.progress import progress_bar, warn
 from labelsieve.data.decode import UnreadableImage, read_image_bytes, to_rgb
 from labelsieve.data.hashing import ContentHasher, digest_list
 from labelsieve.data.images import LabeledImages
@@ -308,12 +308,21 @@ class DecodedImageCache:
             h.update(d)
         root = base / "decoded" / h.hexdigest()
         root.mkdir(parents=True, exist_ok=True)
+        build = {"size": size, "mode": mode, "num_workers": num_workers, "batch_size": batch_size,
+                 "flush_images": flush_images, "progress": progress, "on_batch": on_batch, "members": members}
         with _file_lock(root / ".lock"):
-            n_decoded = cls._build(root, [str(p) for p in paths], size=size, mode=mode,
-                                   num_workers=num_workers, batch_size=batch_size,
-                                   flush_images=flush_images, progress=progress, on_batch=on_batch, members=members)
-        ok = np.load(root / "ok.npy")
-        errors = {int(k): v for k, v in json.loads((root / "errors.json").read_text()).items()}
+            try:
+                n_decoded = cls._build(root, [str(p) for p in paths], **build)
+                ok, errors = cls._check(root, len(paths), size)
+            except (ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+                if isinstance(exc, OSError) and exc.errno not in (None, 0) and not isinstance(exc, FileNotFoundError):
+                    raise  # a disk that is full or read-only is not a damaged cache
+                warn(f"decoded-image cache {root} is damaged ({type(exc).__name__}: {exc}); decoding again")
+                for f in root.iterdir():
+                    if f.name != ".lock":
+                        f.unlink()
+                n_decoded = cls._build(root, [str(p) for p in paths], **build)
+                ok, errors = cls._check(root, len(paths), size)
         return cls(root, size=size, mode=mode, n=len(paths), ok=ok, errors=errors, n_decoded=n_decoded,
                    seconds=time.perf_counter() - t0)
 
@@ -326,6 +335,18 @@ class DecodedImageCache:
         return cls.open([images.abspath(i) for i in range(len(images))], size=size, **kwargs)
 
     @staticmethod
+    def _check(root: Path, n: int, size: int) -> tuple[np.ndarray, dict[int, str]]:
+        """The ``ok`` mask and errors of a built cache, its files checked to be what :meth:`_build` writes
+        (plain arrays of the right dtype and shape: never a pickle). ValueError when they are not."""
+        arr = np.load(root / "images.npy", mmap_mode="r", allow_pickle=False)
+        ok = np.load(root / "ok.npy", allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.shape != (n, size, size, 3) or ok.dtype != bool or ok.shape != (n,):
+            raise ValueError(f"arrays of {arr.dtype} {arr.shape} and {ok.dtype} {ok.shape}, expected uint8 "
+                             f"{(n, size, size, 3)} and bool ({n},)")
+        errors = {int(k): str(v) for k, v in json.loads((root / "errors.json").read_text()).items()}
+        return ok, errors
+
+    @staticmethod
     def _build(root: Path, files: list[str], *, size: int, mode: str, num_workers: int | None,
                batch_size: int, flush_images: int, progress: bool,
                on_batch: Callable[[int], None] | None, members: Members | None = None) -> int:
@@ -336,7 +357,7 @@ class DecodedImageCache:
             if meta.get("complete") and arr_path.exists():
                 return 0
         if arr_path.exists() and (root / "done.npy").exists():
-            shape = np.load(arr_path, mmap_mode="r").shape
+            shape = np.load(arr_path, mmap_mode="r", allow_pickle=False).shape
             if shape != (n, size, size, 3):  # foreign or damaged: start over
                 arr_path.unlink()
         if not (arr_path.exists() and (root / "done.npy").exists()):
@@ -348,9 +369,9 @@ class DecodedImageCache:
             atomic_write_text(root / "errors.json", "{}")
         atomic_write_text(meta_path, json.dumps({"format": FORMAT_VERSION, "size": size, "mode": mode, "n": n,
                                                  "complete": False}, indent=2))
-        arr = np.load(arr_path, mmap_mode="r+")
-        done = np.load(root / "done.npy")
-        ok = np.load(root / "ok.npy")
+        arr = np.load(arr_path, mmap_mode="r+", allow_pickle=False)
+        done = np.load(root / "done.npy", allow_pickle=False)
+        ok = np.load(root / "ok.npy", allow_pickle=False)
         errors: dict[str, str] = json.loads((root / "errors.json").read_text())
         todo = np.nonzero(~done)[0]
         if num_workers is None:
@@ -411,7 +432,7 @@ class DecodedImageCache:
     def array(self) -> np.ndarray:
         """The read-only memory-mapped uint8 array of shape (n, S, S, 3)."""
         if self._array is None:
-            self._array = np.load(self.root / "images.npy", mmap_mode="r")
+            self._array = np.load(self.root / "images.npy", mmap_mode="r", allow_pickle=False)
         return self._array
 
     def __len__(self) -> int:

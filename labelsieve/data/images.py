@@ -37,6 +37,8 @@ class LabeledImages:
         For images stored inside containers (WebDataset shards, Parquet/Arrow files): where each row's bytes lie
         (:mod:`labelsieve.data.members`); ``paths`` then hold sample names such as ``shard-000003.tar/KEY.jpg`` or
         ``train-00001.parquet#1234``. None for image files.
+    label_merges : dict
+        Spellings merged into another by ``normalize_labels`` (:func:`labelsieve.data.load_images`): raw -> class.
     """
 
     root: Path
@@ -47,6 +49,7 @@ class LabeledImages:
     source: str
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     members: Members | None = None
+    label_merges: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -96,6 +99,7 @@ class LabeledImages:
             source=self.source,
             rows=self.rows[idx],
             members=self.members.subset(idx) if self.members is not None else None,
+            label_merges=dict(self.label_merges),
         )
 
     @staticmethod
@@ -125,12 +129,18 @@ class LabeledImages:
 
     def content_hash(self) -> str:
         """A hash of the paths and labels (the audit's ``input_hash``; file contents are hashed by the
-        feature store)."""
-        h = hashlib.blake2b(digest_size=16)
-        for p, y in zip(self.paths, self.labels.tolist(), strict=True):
-            h.update(p.encode())
-            h.update(b"\0")
-            h.update(self.classes[y].encode())
-            h.update(b"\n")
-        return h.hexdigest()
+        feature store): :func:`input_hash`."""
+        return input_hash(self.paths, self.label_names())
+
+
+def input_hash(paths: Sequence[str], labels: Sequence[str]) -> str:
+    """A hash of rows of paths and labels, in order (an audit's ``input_hash``). Paths are hashed byte for byte
+    (a name that is not valid UTF-8 by its original bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for p, y in zip(paths, labels, strict=True):
+        h.update(p.encode("utf-8", "surrogateescape"))
+        h.update(b"\0")
+        h.update(y.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 from labelsieve.core.errors import DataError
 from labelsieve.core.io import is_spreadsheet_error, restore_cell, sniff_delimiter
 from labelsieve.core.paths import check_image_paths, listed
+from labelsieve.core.progress import warn
 from labelsieve.data.containers import container_samples, find_containers
 from labelsieve.data.decode import IMAGE_EXTENSIONS
 from labelsieve.data.images import LabeledImages
@@ -37,9 +39,11 @@ def read_labels_csv(
 ) -> tuple[list[str], list[str], list[int]]:
     """Read ``path,label`` rows from a CSV (``,``/``;``/tab, UTF-8 with or without BOM).
 
-    Cells are trimmed, and a leading ``'`` that labelsieve added against formula injection is removed
-    (:func:`labelsieve.core.io.restore_cell`), so a ``labels.clean.csv`` reads back as it was meant.
-    A spreadsheet error value (``#NAME?``, ``#REF!`` …) in a path or label is refused.
+    Paths and labels are data, read byte for byte: nothing is trimmed (a file named `` lead.jpg``, a class
+    folder `` Forest`` read back from ``labels.clean.csv``). A leading ``'`` that labelsieve added against
+    formula injection or spreadsheet conversion is removed (:func:`labelsieve.core.io.restore_cell`), so a
+    ``labels.clean.csv`` reads back as it was meant. A spreadsheet error value (``#NAME?``, ``#REF!`` …) in a path
+    or label is refused; a cell of spaces only is empty.
 
     Returns paths, raw labels and the 1-based line number of each row.
     """
@@ -69,16 +73,28 @@ def read_labels_csv(
     lines: list[int] = []
     blanks: list[int] = []
     errors: list[str] = []
-    for line_no, row in enumerate(reader, start=2):
+    rows = enumerate(reader, start=2)
+    while True:
+        try:
+            line_no, row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{p}, line {reader.line_num}: cannot parse the CSV ({exc}). Check the quoting of that "
+                            "row.") from exc
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= max(ip, il):
             raise DataError(f"{p}, line {line_no}: expected {len(header)} fields, got {len(row)} "
                             f"({row!r}). Check the delimiter and quoting of that row.")
-        path, label = row[ip].strip(), row[il].strip()
+        path, label = row[ip], row[il]
         if path[:1] in _SPECIAL_FIRST or label[:1] in _SPECIAL_FIRST:  # rare: a neutralised cell, an error value
             path, label = restore_cell(path), restore_cell(label)
             errors.extend(f"line {line_no}: {v!r}" for v in (path, label) if is_spreadsheet_error(v))
+        if not path.strip():
+            path = ""
+        if not label.strip():
+            label = ""
         if not path:
             raise DataError(f"{p}, line {line_no}: the '{path_column}' field is empty. "
                             "Give the image path or delete the row.")
@@ -141,6 +157,51 @@ def read_classnames(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
+def _loose(label: str) -> str:
+    """A label with its Unicode form, case and surrounding spaces ignored."""
+    return unicodedata.normalize("NFC", label).strip().casefold()
+
+
+def _spelling(label: str) -> str:
+    """How a label is spelled, for messages: its repr, and its Unicode form when it is not NFC."""
+    return repr(label) + (" (NFD)" if unicodedata.normalize("NFC", label) != label else "")
+
+
+def label_variants(raw: Sequence[str]) -> dict[str, str]:
+    """Labels that differ only by Unicode form (NFC/NFD), case or surrounding spaces: each spelling that is not
+    the most frequent of its group, mapped to the most frequent one (ties: the first in sorted order). Empty
+    when every label is spelled one way."""
+    counts: dict[str, int] = {}
+    for r in raw:
+        counts[r] = counts.get(r, 0) + 1
+    groups: dict[str, list[str]] = {}
+    for label in counts:
+        groups.setdefault(_loose(label), []).append(label)
+    merge: dict[str, str] = {}
+    for spellings in groups.values():
+        if len(spellings) > 1:
+            keep = sorted(spellings, key=lambda x: (-counts[x], x))[0]
+            merge.update({x: keep for x in spellings if x != keep})
+    return merge
+
+
+def _warn_variants(raw: Sequence[str], merge: dict[str, str], *, where: str, normalized: bool) -> None:
+    counts: dict[str, int] = {}
+    for r in raw:
+        counts[r] = counts.get(r, 0) + 1
+    groups: dict[str, list[str]] = {}
+    for x, keep in merge.items():
+        groups.setdefault(keep, [keep]).append(x)
+    shown = listed([" / ".join(f"{_spelling(x)} ({counts.get(x, 0)} rows)" for x in g) for g in groups.values()])
+    if normalized:
+        warn(f"{where}: {len(merge)} label spelling(s) were merged into the most frequent spelling of their class "
+             f"(--normalize-labels): {shown}.")
+    else:
+        warn(f"{where}: {len(groups)} class(es) are spelled several ways that differ only by Unicode form, case or "
+             f"surrounding spaces, and are audited as different classes: {shown}. Pass --normalize-labels "
+             "(normalize_labels=True) to merge each into its most frequent spelling, or fix the labels.")
+
+
 def default_classname(raw: str) -> str:
     """Readable text for a raw label: underscores and dashes become spaces."""
     return raw.replace("_", " ").replace("-", " ").strip()
@@ -180,6 +241,7 @@ def load_images(
     classes: Sequence[str] | None = None,
     allow_single_class: bool = False,
     must_exist: bool = True,
+    normalize_labels: bool = False,
     image_column: str = "image",
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
@@ -208,6 +270,10 @@ def load_images(
     must_exist : bool, default True
         Refuse paths that name no file (False for an audit of features computed elsewhere, where a path
         only names the row; it must still stay inside ``root``).
+    normalize_labels : bool, default False
+        Labels that differ only by Unicode form (NFC/NFD), case or surrounding spaces (``ñandú`` typed two
+        ways, ``cat`` and ``Cat ``) are separate classes, with a warning naming them; True merges each group
+        into its most frequent spelling (recorded in ``label_merges``). Paths are never changed.
     image_column : str
         A Parquet/Arrow file's image column.
     cache_dir : path, optional
@@ -227,7 +293,8 @@ def load_images(
         if len(set(s.paths)) != len(s.paths):  # sample names are canonical: a set finds a repeat, the check names it
             check_unique_paths(s.root, s.paths, s.labels, s.lines, where=s.source)
         return _labelled(s.root, s.paths, s.labels, s.lines, source=s.source, where=s.source, classnames=classnames,
-                         classes=classes, allow_single_class=allow_single_class, members=s.members)
+                         classes=classes, allow_single_class=allow_single_class, normalize_labels=normalize_labels,
+                         members=s.members)
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
         raise DataError(f"Image folder not found: {root_p}. Give the folder the image paths are relative to.")
@@ -252,7 +319,7 @@ def load_images(
                         "Add images or remove the empty folder(s).")
 
     return _labelled(root_p, paths, raw, lines, source=source, where=where, classnames=classnames, classes=classes,
-                     allow_single_class=allow_single_class)
+                     allow_single_class=allow_single_class, normalize_labels=normalize_labels)
 
 
 def _key_column(labels_csv: str | os.PathLike[str], path_column: str) -> str:
@@ -271,8 +338,17 @@ def _key_column(labels_csv: str | os.PathLike[str], path_column: str) -> str:
 
 def _labelled(root_p: Path, paths: list[str], raw: list[str], lines: Sequence[int], *, source: str, where: str,
               classnames: str | os.PathLike[str] | dict[str, str] | None, classes: Sequence[str] | None,
-              allow_single_class: bool, members: Members | None = None) -> LabeledImages:
+              allow_single_class: bool, normalize_labels: bool = False,
+              members: Members | None = None) -> LabeledImages:
     """Class list, class names and label numbers of validated rows (the end of :func:`load_images`)."""
+    merges = label_variants(raw) if classes is None else {}
+    if merges:
+        _warn_variants(raw, merges, where=where, normalized=normalize_labels)
+        if normalize_labels:
+            raw = [merges.get(r, r) for r in raw]
+        else:
+            merges = {}
+
     names_map: dict[str, str] = {}
     if classnames is not None:
         names_map = dict(classnames) if isinstance(classnames, dict) else read_classnames(classnames)
@@ -298,4 +374,5 @@ def _labelled(root_p: Path, paths: list[str], raw: list[str], lines: Sequence[in
     labels = np.array([index[r] for r in raw], dtype=np.int64)
     text = [names_map.get(c, default_classname(c)) for c in class_list]
     return LabeledImages(root=root_p, paths=paths, labels=labels, classes=class_list, classnames=text,
-                         source=source, rows=np.asarray(lines, dtype=np.int64), members=members)
+                         source=source, rows=np.asarray(lines, dtype=np.int64), label_merges=merges,
+                         members=members)

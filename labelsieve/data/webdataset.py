@@ -9,8 +9,9 @@ The reader is the standard library's tar *format*, parsed here directly: :func:`
 headers (ustar, GNU long names, pax ``path``/``size`` records) and reads the shard once from start to end, so it
 learns each image's data offset and size, its label, and the content digest of its bytes. It walks a shard about
 5× faster than Python's :mod:`tarfile` streaming reader (40 against 200 µs per member on the shared 2-core machine
-at load 9; docs/benchmarks.md §13), which matters when a million samples are two million members. The ``webdataset`` package is not used: it streams samples but gives no offsets (every later read of one
-image would mean reading the shard from its start), and it adds a dependency for what a hundred lines do.
+at load 9; docs/benchmarks.md §13), which matters when a million samples are two million members. The
+``webdataset`` package is not used: it streams samples but gives no offsets (every later read of one image would
+mean reading the shard from its start), and it adds a dependency for what a hundred lines do.
 
 Knowing the offsets, any image is one ``pread`` away (thumbnails, training, prediction), and extraction reads the
 images of a shard in offset order, one reader per shard. :func:`write_shard` streams a shard into a cleaned copy.

@@ -547,6 +547,7 @@ class CoDivideDetector(Detector):
     summary = "Co-divide (AVL-Prompter): two MaPLe-prompted CLIP networks trained on each other's GMM split"
     needs_text = True
     recipe = RECIPE
+    features_only = {"frozen": True}  # what runs without images (labelsieve.detect, audit --features)
 
     def _check_params(self) -> None:
         check_param(type(self).__name__, "warmup_epochs", self.warmup_epochs, self.warmup_epochs < self.epochs,

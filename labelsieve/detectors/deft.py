@@ -389,6 +389,7 @@ class DeftDetector(Detector):
     summary = "DEFT: dual (positive/negative) learned prompts per class, image side tuned by VPT on a ViT with a GPU"
     needs_text = True
     recipe = RECIPE
+    features_only = {"peft": "none"}  # what runs without images (labelsieve.detect, audit --features)
 
     # ------------------------------------------------------------------------------------------
     def resolve_path(self, ctx: DetectionContext) -> tuple[str, str]:

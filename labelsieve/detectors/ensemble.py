@@ -191,6 +191,14 @@ class EnsembleDetector(Detector):
         """True when any member needs a text tower."""
         return any(m.needs_text for m in self._members)
 
+    def needs_images(self, ctx: DetectionContext) -> str | None:
+        """The first member that would read the images, and why (give it its ``features_only`` parameters)."""
+        for (name, _), det in zip(self.members, self._members, strict=True):
+            why = det.needs_images(ctx)
+            if why is not None:
+                return f"its member {name!r}: {why}"
+        return None
+
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         names = _column_names([name for name, _ in self.members])
         results: list[DetectionResult] = []

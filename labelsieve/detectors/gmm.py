@@ -69,6 +69,7 @@ class GMMDetector(Detector):
     name = "gmm"
     summary = "DivideMix-style 2-component GMM on normalised CE losses (linear probe or fine-tuned model)"
     needs_text = False
+    features_only = {"source": "probe"}  # what runs without images (labelsieve.detect, audit --features)
 
     def __init__(self, *, source: str = "probe", folds: int = 5, probe_epochs: int = 10, finetune_epochs: int = 3,
                  per_class: bool = False, max_iter: int = 10, reg_covar: float = 5e-4, monotone: bool = True,
@@ -99,6 +100,11 @@ class GMMDetector(Detector):
                                                 weight_decay=weight_decay, batch_size=batch_size,
                                                 image_size=image_size, freeze_bn=freeze_bn, amp=amp,
                                                 num_workers=num_workers))
+
+    def needs_images(self, ctx: DetectionContext) -> str | None:
+        """``source="finetune"`` trains the image tower on the images (on features alone: ``source="probe"``)."""
+        return ("source='finetune' fine-tunes the image tower on the images (on features alone: source='probe')"
+                if self.source == "finetune" else None)
 
     def _finetuned_losses(self, ctx: DetectionContext, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(ctx.labels, dtype=np.int64)

@@ -167,6 +167,7 @@ class TurnDetector(Detector):
                "p_clean = per-class GMM posterior of the final CE loss")
     needs_text = False
     recipe = RECIPE
+    features_only = {"finetune": False}  # what runs without images (labelsieve.detect, audit --features)
 
     def _check_params(self) -> None:
         if self.epochs is not None:

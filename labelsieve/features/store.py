@@ -247,7 +247,7 @@ class FeatureStore:
         if actual != vsize:
             raise _Damaged(f"{vname} has {actual} bytes, its manifest says {vsize}")
         try:
-            keys = np.load(io.BytesIO(self._read_verified(self.root / dname, dsize, dsum)))
+            keys = np.load(io.BytesIO(self._read_verified(self.root / dname, dsize, dsum)), allow_pickle=False)
         except (ValueError, EOFError) as exc:
             raise _Damaged(f"{dname}: {exc}") from exc
         if keys.shape != (n,) or keys.dtype != np.dtype(_KEY_DTYPE):
@@ -259,8 +259,8 @@ class FeatureStore:
         try:
             kpath, vpath = self.root / f"{name}.keys.npy", self.root / f"{name}.npy"
             kdata, vdata = kpath.read_bytes(), vpath.read_bytes()
-            keys = np.load(io.BytesIO(kdata))
-            vecs = np.load(io.BytesIO(vdata))
+            keys = np.load(io.BytesIO(kdata), allow_pickle=False)
+            vecs = np.load(io.BytesIO(vdata), allow_pickle=False)
             bf = self.root / f"{name}.bad.json"
             bad = json.loads(bf.read_text(encoding="utf-8")) if bf.exists() else {}
             if keys.dtype != np.dtype(_KEY_DTYPE) or keys.ndim != 1 or vecs.ndim != 2 or len(vecs) != len(keys):
@@ -506,7 +506,7 @@ class FeatureStore:
             try:
                 m = json.loads(mpath.read_text(encoding="utf-8"))
                 self._read_verified(path, int(m["size"]), m["sha256"])
-                return np.load(path, mmap_mode="r")
+                return np.load(path, mmap_mode="r", allow_pickle=False)
             except FileNotFoundError:
                 pass  # a view whose record was never written (interrupted): build it again
             except (_Damaged, OSError, ValueError, KeyError, TypeError) as exc:
@@ -520,7 +520,7 @@ class FeatureStore:
                     vec = c.manifest["files"]["vectors"]
                     try:
                         arr = np.load(io.BytesIO(self._read_verified(self.root / vec["name"], vec["size"],
-                                                                     vec["sha256"])))
+                                                                     vec["sha256"])), allow_pickle=False)
                     except (ValueError, EOFError) as exc:
                         raise _Damaged(f"{vec['name']}: {exc}") from exc
                     if arr.shape != (len(c.keys), dim):
@@ -534,7 +534,7 @@ class FeatureStore:
             self._drop(c.name, str(exc))
             return None
         atomic_write_text(mpath, json.dumps({"size": len(data), "sha256": _file_digest(data), "chunks": names}))
-        return np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def extract_features(images: LabeledImages, encoder: Any, *, cache_dir: str | os.PathLike[str] | None = None,

@@ -10,27 +10,37 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 
 from labelsieve.core.errors import ModelError
+from labelsieve.core.fileset import recover, replace_files
 from labelsieve.core.io import atomic_path, write_json
 from labelsieve.core.runtime import resolve_device
 from labelsieve.models.classifiers import create_classifier
 from labelsieve.models.loader import ModelSpec
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "export_classifier", "load_classifier"]
+__all__ = ["MODEL_FILES", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "export_classifier", "load_classifier"]
 
 MODEL_FORMAT = "labelsieve-classifier"
 MODEL_FORMAT_VERSION = 2
+#: The files of an export, replaced together (journal ``.model.replace.json``).
+MODEL_FILES = ("model.safetensors", "model.json")
+MODEL_TAG = "model"
 _MAX_LISTED = 5
 
 
 def export_classifier(model: torch.nn.Module, out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` (each by atomic replace).
+    """Write ``model.safetensors`` and ``model.json`` into ``out_dir`` as one unit.
+
+    Both carry the export's ``model_id`` (the weights in their safetensors metadata) and replace an earlier
+    export together (:func:`labelsieve.core.fileset.replace_files`): an interruption leaves the earlier model or
+    this one, never this one's weights with the earlier one's classes.
 
     Parameters
     ----------
@@ -46,10 +56,31 @@ def export_classifier(model: torch.nn.Module, out_dir: str | os.PathLike[str], m
         The folder.
     """
     out = Path(out_dir)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_model(model.to("cpu"), str(tmp), metadata={"format": MODEL_FORMAT})
-    write_json(meta, out / "model.json")
+    model_id = "md-" + secrets.token_hex(6)
+    meta = {**meta, "model_id": model_id}
+
+    def weights(path: Path) -> None:
+        with atomic_path(path) as tmp:
+            save_model(model.to("cpu"), str(tmp), metadata={"format": MODEL_FORMAT, "model_id": model_id})
+
+    replace_files(out, {"model.safetensors": weights, "model.json": lambda p: write_json(meta, p)}, tag=MODEL_TAG,
+                  members=MODEL_FILES, record={"model_id": model_id})
     return out
+
+
+def _check_same_export(meta: dict[str, Any], weights: Path) -> None:
+    """Refuse weights and a description from two different exports (their ``model_id`` differs)."""
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            stored = (f.metadata() or {}).get("model_id")
+    except Exception as exc:  # safetensors raises its own error type for anything that is not its format
+        raise ModelError(f"{weights}: not a safetensors file ({type(exc).__name__}: {exc}). The file may be damaged; "
+                         "re-export the model with 'labelsieve train'.") from exc
+    recorded = meta.get("model_id")
+    if recorded is not None and stored != recorded:
+        raise ModelError(f"{weights.parent}: model.safetensors (export {stored}) and model.json (export {recorded}) "
+                         "come from two different trainings; the model cannot be used. Train again into this "
+                         "folder, or restore both files of one export.")
 
 
 def _spec_of(meta: dict[str, Any]) -> ModelSpec:
@@ -88,6 +119,8 @@ def load_classifier(model_dir: str | os.PathLike[str], *,
         If the folder is not an exported classifier, or the weights do not fit the architecture.
     """
     d = Path(model_dir).expanduser()
+    if d.is_dir():
+        recover(d, MODEL_TAG)  # an export interrupted after its commit point: finish it
     meta_path, weights = d / "model.json", d / "model.safetensors"
     if not meta_path.is_file() or not weights.is_file():
         raise ModelError(f"{d} is not an exported labelsieve model (it needs model.json and model.safetensors). "
@@ -100,6 +133,7 @@ def load_classifier(model_dir: str | os.PathLike[str], *,
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{meta_path}: not a labelsieve model description ({exc}). Re-export the model with "
                          "'labelsieve train'.") from exc
+    _check_same_export(meta, weights)
     # exports made before the "linear" CLIP head existed put their head on the projected embedding
     clip_head = (meta.get("training") or {}).get("clip_head", "zero_shot")
     model, _ = create_classifier(spec, num_classes=n_classes, image_size=size, clip_config=meta.get("clip_config"),

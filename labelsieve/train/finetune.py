@@ -18,7 +18,9 @@ Export (``out_dir``)::
 
     model.safetensors   the classifier's weights
     model.json          classes, backbone, weights source, preprocessing, training record
-    checkpoint.pt       only while training (resume by rerunning the same command); removed at the end
+    checkpoint.safetensors  only while training (resume by rerunning the same command); removed at the end.
+                        Tensors plus JSON, read without unpickling (:mod:`labelsieve.core.checkpoint`); a
+                        ``checkpoint.pt`` (a pickle, as earlier versions wrote) is never read.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import pandas as pd
 import torch
 
 from labelsieve import __version__
+from labelsieve.audit.auditset import open_audit
 from labelsieve.audit.decisions import merge_reviews, read_reviews
-from labelsieve.audit.review import kept_rows, sheet_vs_record
-from labelsieve.audit.schema import audit_record, read_audit
+from labelsieve.audit.review import kept_rows, record_classes, sheet_vs_record
 from labelsieve.core import distributed
+from labelsieve.core.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAMES
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, ModelError, check_param
@@ -375,7 +378,7 @@ def train_on_labels(
         embedding initialised from the class names' text embeddings, the whole tower trained (see
         :mod:`labelsieve.models.classifiers`).
     resume : bool
-        Resume from ``out_dir/checkpoint.pt`` when it holds a run with the same settings and data.
+        Resume from ``out_dir/checkpoint.safetensors`` when it holds a run with the same settings and data.
     source : str, optional
         Where the labels came from (recorded in model.json).
 
@@ -415,7 +418,12 @@ def train_on_labels(
                       desc=f"train {spec.name}", freeze_bn=bool(freeze_bn))
     cfg["device"] = str(trainer.device)
     cfg["amp"] = str(trainer.amp_dtype).replace("torch.", "") if trainer.amp_dtype is not None else "off"
-    ckpt = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
+    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if out_dir is not None and progress and distributed.is_main():
+        for legacy in LEGACY_CHECKPOINT_NAMES:
+            if (Path(out_dir) / legacy).exists():
+                warn(f"{Path(out_dir) / legacy} is ignored: checkpoints are now {CHECKPOINT_NAME} (a pickle is "
+                     "never read, since loading one can run code). Delete it.")
     key = _config_key({**cfg, "backbone": spec.to_dict(), "classes": images.classes}, d.files, d.labels)
     if ckpt is not None and not resume and ckpt.exists() and distributed.is_main():
         ckpt.unlink()
@@ -559,7 +567,7 @@ def train_from_audit(
     crop_scale : tuple of float
         Area range of the random resized crop.
     resume : bool
-        Resume an interrupted run of the same settings from ``out_dir/checkpoint.pt``.
+        Resume an interrupted run of the same settings from ``out_dir/checkpoint.safetensors``.
     reviews : sequence of paths or DataFrames
         Decisions made outside the audit's ``review`` column (reviews CSVs downloaded from audit.html),
         merged onto it first as ``labelsieve apply --reviews`` does
@@ -585,16 +593,15 @@ def train_from_audit(
     check_output_dir(out_dir, what="the model folder (-o)")
     if cache_dir is not None:
         check_output_dir(cache_dir, what="the cache folder")
-    table = read_audit(audit_path)
+    table, record = open_audit(audit_path)  # one audit: identity and labels checked (labelsieve.audit.auditset)
     for extra in reviews:
         frame = extra if isinstance(extra, pd.DataFrame) else read_reviews(extra)
         table = merge_reviews(table, frame, where=str(audit_path))
-    record = audit_record(audit_path)
     stored = record.get("input") or {}
     in_containers = stored.get("kind", "files") != "files"
     root = audit_image_root(audit_path, images_root, record) if not in_containers else Path(stored.get("root", "."))
     spec = resolve_backbone(backbone, pretrained, audit_model=record.get("model"))
-    kept = kept_rows(table, drop_unreviewed_flagged=drop_unreviewed_flagged,
+    kept = kept_rows(table, classes=record_classes(record), drop_unreviewed_flagged=drop_unreviewed_flagged,
                      accept_suggestions=accept_suggestions, source=str(audit_path))
     for note in sheet_vs_record(table, record, where=str(audit_path))[1]:
         warn(note)

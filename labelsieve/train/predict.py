@@ -24,7 +24,14 @@ import torch
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import DataError, check_param
-from labelsieve.core.io import atomic_open, is_spreadsheet_error, neutralise_frame, restore_cell, sniff_delimiter
+from labelsieve.core.io import (
+    atomic_open,
+    is_spreadsheet_error,
+    line_end,
+    neutralise_frame,
+    restore_cell,
+    sniff_delimiter,
+)
 from labelsieve.core.paths import check_image_paths, check_output_dir, listed
 from labelsieve.core.progress import console, escape, warn
 from labelsieve.data import IMAGE_EXTENSIONS, UnreadableImage
@@ -95,8 +102,8 @@ def _read_paths_csv(csv_path: Path, path_column: str, label_column: str) -> tupl
         if len(row) <= ip or not row[ip].strip():
             raise DataError(f"{csv_path}, line {line_no}: the '{path_column}' field is empty. Give the image path "
                             "or delete the row.")
-        paths.append(restore_cell(row[ip].strip()))
-        labels.append(restore_cell(row[il].strip()) if il is not None and len(row) > il else "")
+        paths.append(restore_cell(row[ip]))  # paths and labels are data: byte for byte, nothing trimmed
+        labels.append(restore_cell(row[il]) if il is not None and len(row) > il and row[il].strip() else "")
         lines.append(line_no)
         errors.extend(f"line {line_no}: {v!r}" for v in (paths[-1], labels[-1]) if is_spreadsheet_error(v))
     if errors:
@@ -242,7 +249,7 @@ def predict(
                             zip(given, table["predicted_label"], ok, strict=True)]
     target = Path(out_dir).expanduser() / "predictions.csv"
     with atomic_open(target) as f:
-        neutralise_frame(table).to_csv(f, index=False, lineterminator="\n")
+        neutralise_frame(table).to_csv(f, index=False, lineterminator=line_end(table))
     if progress:
         n_bad = int((~ok).sum())
         console.print(escape(f"wrote {target} ({len(paths)} images" + (f", {n_bad} unreadable" if n_bad else "")

@@ -74,8 +74,9 @@ def test_merge_never_overrides_or_drops_a_decision(audit_csv, tmp_path):
         merge_reviews(audit, reviews_frame(["d.jpg"], ["drop"], source="page"), where="audit.csv")
     with pytest.raises(DataError, match=r"not in audit.*zzz.jpg.*another audit"):
         merge_reviews(audit, reviews_frame(["zzz.jpg"], ["keep"], source="page"))
-    with pytest.raises(DataError, match=r"another given label.*a.jpg: 'dog' there, 'cat' in the audit"):
-        merge_reviews(audit, reviews_frame(["a.jpg"], ["keep"], source="page", given=["dog"]))
+    # a keep decided on another given label is stale: named, not used (docs: the one rule, decisions.stale_reason)
+    stale = merge_reviews(audit, reviews_frame(["a.jpg"], ["keep"], source="page", given=["dog"]))
+    assert stale.loc[stale["path"] == "a.jpg", "review"].item() == "" and stale.attrs["stale_decisions"] == 1
     with pytest.raises(DataError, match="two different decisions"):
         reviews_frame(["a.jpg", "a.jpg"], ["keep", "drop"], source="page")
     # a failed merge writes nothing

@@ -89,6 +89,20 @@ def test_labelstudio_tasks_pass_label_studios_own_validator(tmp_path, capsys):
     assert len(all_tasks) == len(table) and all_tasks[0]["data"]["image"].startswith("https://example.org/img/images/")
 
 
+def test_labelstudio_export_to_a_json_file(tmp_path, capsys):
+    """-o tasks.json writes that file (the config beside it), never a folder named tasks.json; -o naming an
+    existing file that is not .json is refused before any work."""
+    csv_path, table = audit_dir(tmp_path)
+    target = tmp_path / "out" / "tasks.json"
+    assert main(["export", str(csv_path), "--to", "labelstudio", "-o", str(target)]) == 0
+    assert target.is_file() and (target.parent / "labeling_config.xml").is_file()
+    assert len(json.loads(target.read_text())) == int(table["is_noisy"].sum())
+    assert str(target) in capsys.readouterr().out
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(csv_path), "--to", "labelstudio", "-o", str(tmp_path / "notes.txt")]) == 2
+    assert "it is a file" in capsys.readouterr().err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,4 +261,44 @@ def test_fiftyone_dataset_round_trip(fiftyone_db, tmp_path, capsys):
     fo.load_dataset(name).match(fo.ViewField("audit_path") == p[0]).tag_samples("drop")
     assert main(["apply", str(csv_path), "--from-fiftyone", name, "-o", str(tmp_path / "c2.csv")]) == 2
     assert p[0] in capsys.readouterr().err
+    fo.delete_dataset(name)
+
+
+def check_audit_dir(tmp_path: Path) -> tuple[Path, pd.DataFrame]:
+    """:func:`audit_dir` with a check sample of 12 rows (some flagged, some not) and its design in audit.json."""
+    from labelsieve.audit.checksample import draw_check_sample
+    from labelsieve.audit.writers import write_csv
+
+    csv_path, table = audit_dir(tmp_path)
+    check, design = draw_check_sample(table, size=12, seed=0)
+    table["check"] = check
+    write_csv(table, csv_path)
+    record = json.loads((csv_path.parent / "audit.json").read_text())
+    (csv_path.parent / "audit.json").write_text(json.dumps({**record, "check_sample": design.to_dict()}))
+    assert 0 < (table["is_noisy"] & check.notna()).sum() < 12
+    return csv_path, table
+
+
+def test_exports_offer_the_check_sample_first(tmp_path, fiftyone_db, capsys):
+    """Label Studio's tasks and FiftyOne's samples hold every check row (flagged or not) first, in review order, with
+    its number (task field, sample field and tag), and exact p_clean; then the flagged rows by rank."""
+    fo = fiftyone_db
+    csv_path, table = check_audit_dir(tmp_path)
+    checks = table[table["check"].notna()].sort_values("check")
+    rest = table[table["is_noisy"] & table["check"].isna()]
+    assert main(["export", str(csv_path), "--to", "labelstudio", "-o", str(tmp_path / "ls")]) == 0
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [t["data"]["path"] for t in tasks] == checks["path"].tolist() + rest["path"].tolist()
+    assert [t["data"]["check"] for t in tasks[:12]] == list(range(1, 13)) and tasks[12]["data"]["check"] is None
+    assert tasks[0]["data"]["check_sample"].startswith("CHECK SAMPLE 1")
+    p_written = dict(zip(table["path"], table["p_clean"], strict=True))
+    assert all(t["data"]["p_clean"] == p_written[t["data"]["path"]] for t in tasks)  # exact, not rounded
+    if importlib.util.find_spec("label_studio_sdk") is not None:
+        assert validate_tasks(tasks, (tmp_path / "ls" / "labeling_config.xml").read_text()) == []
+    name = "labelsieve-test-check"
+    assert main(["export", str(csv_path), "--to", "fiftyone", "--name", name]) == 0
+    ds = fo.load_dataset(name)
+    tagged = ds.match_tags("check")
+    assert len(tagged) == 12 and sorted(tagged.values("check")) == list(range(1, 13))
+    assert ds.first()["check"] == 1 and len(ds) == 12 + len(rest)
     fo.delete_dataset(name)

@@ -6,6 +6,7 @@ Skipped where Chromium, its driver or selenium is missing, except in CI (LABELSI
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import time
@@ -143,7 +144,7 @@ def test_keyboard_review_survives_reload_and_a_second_audit_and_applies(browser,
     driver.find_element("id", "ls-download").click()
     saved = wait_for_download(downloads / "reviews.csv")
     reviews = pd.read_csv(saved, keep_default_na=False)
-    assert list(reviews.columns) == ["path", "given_label", "suggested_label", "review"]
+    assert list(reviews.columns) == ["path", "given_label", "suggested_label", "review", "digest", "audit_id"]
     assert reviews["path"].tolist() == first4["path"].tolist()
     clean = tmp_path / "labels.clean.csv"
     assert main(["apply", str(audit_csv), "--reviews", str(saved), "-o", str(clean)]) == 0
@@ -225,3 +226,156 @@ def test_filters_sort_and_pages(browser, tmp_path):
     shown = [float(c.text.split("p_clean ")[1].split()[0]) for c in
              driver.find_elements("css selector", ".rc > div:nth-child(2)")]
     assert shown == sorted(shown, reverse=True) and len(shown) == n_cls
+
+
+#: File and class names that break a naive CSV: formula prefixes, delimiters, quotes, line breaks, spaces,
+#: names a spreadsheet converts, names that already start with quotes, non-ASCII.
+HOSTILE_PATHS = ["=1+1.jpg", "+cmd.jpg", "-2.jpg", "@SUM(A1).jpg", "a;b.jpg", "tab\there.jpg", 'quote".jpg',
+                 "comma,name.jpg", "new\nline.jpg", " lead.jpg", "trail .jpg", "0012", "1e5", "3/4", "'quoted.jpg",
+                 "''=x.jpg", "semi;colon;many.jpg", "ünïcödé.jpg", "日本.jpg", "\rcr.jpg", "Mar-4", "TRUE", "50%",
+                 "plain.jpg"]
+HOSTILE_CLASSES = ["0012", "=cmd", "a;b", "3/4", "Cat ", " Forest"]
+
+
+def hostile_audit(out: Path, *, created: str, replaced: int = 0) -> tuple[Path, Path, pd.DataFrame]:
+    """audit.csv + audit.json + audit.html whose paths and classes are all hostile (no image files: the page
+    shows placeholders); every row flagged, with a digest and the audit's identity. The first ``replaced`` rows'
+    images are other pictures (other digests)."""
+    from labelsieve.audit.writers import write_json
+
+    n = len(HOSTILE_PATHS)
+    given = [HOSTILE_CLASSES[i % len(HOSTILE_CLASSES)] for i in range(n)]
+    sugg = [HOSTILE_CLASSES[(i + 1) % len(HOSTILE_CLASSES)] for i in range(n)]
+    audit_id = "au-" + created[11:13] * 6  # one per creation hour
+    table = pd.DataFrame({"path": HOSTILE_PATHS, "given_label": given, "p_clean": np.linspace(0.01, 0.4, n),
+                          "is_noisy": True, "suggested_label": sugg, "suggested_prob": 0.9, "issue": "label",
+                          "rank": np.arange(1, n + 1), "review": "", "audit_id": audit_id,
+                          "digest": [f"b2-{i + 1000 * (i < replaced):016x}" for i in range(n)]})
+    summary = {"method": "knn", "n_images": n, "n_flagged": n, "threshold": 0.5, "classes": sorted(HOSTILE_CLASSES),
+               "input": {"input_hash": "hostile"}, "created": created, "audit_id": audit_id}
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = write_csv(table, out / "audit.csv")
+    write_json(summary, out / "audit.json")
+    html = write_html(table, summary, image_root=out, out_path=out / "audit.html", max_gallery=0)
+    return csv_path, html, table
+
+
+def test_reviews_csv_round_trips_hostile_names(browser, tmp_path):
+    """The page's reviews CSV is one dialect with audit.csv: every cell quoted where it must be and neutralised by
+    the same rule (the page's rule equals Python's on every name tried), read back whole by Python's csv module,
+    by `labelsieve apply --reviews` (24 of 24 decisions) and by the page's own import, also when a spreadsheet saved
+    it with ';' (it used to take back 16 of 24, blaming "rows not on this page")."""
+    import csv as csvmod
+
+    from labelsieve.core.io import neutralise_cell, restore_cell
+
+    driver, downloads = browser
+    audit_csv, page, table = hostile_audit(tmp_path / "a", created="2026-12-01T10:00:00+0000")
+    assert load(driver, page) == 0
+    driver.execute_script("document.getElementById('f-show').value='all';"
+                          "document.getElementById('f-show').dispatchEvent(new Event('change'))")
+    keys(driver, *(["k", "d", "r"] * 8))
+    assert text(driver, "ls-progress-text") == "24 of 24 flagged reviewed"
+    # the page's rule is Python's, name for name
+    tricky = [*HOSTILE_PATHS, *HOSTILE_CLASSES, "1,000", "12:30", "2024-01-05", "June 2020", "may", "cat", "'0012",
+              "''", "'", "", " 12", "$5", "1 1/2", "=", "x" * 50, "1" * 41, "true", "False", "sept 4", "décembre 3"]
+    js = driver.execute_script("return arguments[0].map(function (s) { var c = window.labelsieveReviewCSV; "
+                               "return [c.neutralise(s), c.restore(s)]; })", tricky)
+    assert js == [[neutralise_cell(s), restore_cell(s)] for s in tricky]
+    path = downloads / "reviews.csv"
+    path.unlink(missing_ok=True)
+    driver.find_element("id", "ls-download").click()
+    saved = wait_for_download(path)
+    with open(saved, newline="", encoding="utf-8") as f:
+        rows = list(csvmod.reader(f))
+    assert rows[0] == ["path", "given_label", "suggested_label", "review", "digest", "audit_id"]
+    assert len(rows) == 25 and all(len(r) == 6 for r in rows)
+    by_path = {restore_cell(r[0]): r for r in rows[1:]}
+    assert sorted(by_path) == sorted(HOSTILE_PATHS)
+    assert all(r[0] == neutralise_cell(p) for p, r in by_path.items())  # formula and numbers quoted as audit.csv
+    clean = tmp_path / "clean.csv"
+    assert main(["apply", str(audit_csv), "--reviews", str(saved), "-o", str(clean)]) == 0
+    from labelsieve.data import read_labels_csv
+
+    out = dict(zip(*read_labels_csv(clean)[:2], strict=True))
+    expect = {}
+    for k, (p, g, s) in enumerate(zip(table["path"], table["given_label"], table["suggested_label"], strict=True)):
+        if k % 3 != 1:  # k, d, r repeated: every second of three dropped
+            expect[p] = g if k % 3 == 0 else s
+    assert out == expect
+    # the page's own import, of the download and of the same file saved with ';' by a spreadsheet
+    semi = tmp_path / "semicolon.csv"
+    with open(semi, "w", newline="", encoding="utf-8") as f:
+        csvmod.writer(f, delimiter=";").writerows(rows)
+    for k, file in enumerate((saved, semi)):
+        _, page2, _ = hostile_audit(tmp_path / f"b{k}", created=f"2026-12-01T1{k + 1}:00:00+0000")
+        assert load(driver, page2) == 0
+        driver.find_element("id", "ls-import-file").send_keys(str(file))
+        deadline = time.time() + 10
+        while time.time() < deadline and text(driver, "ls-progress-text") != "24 of 24 flagged reviewed":
+            time.sleep(0.1)
+        assert text(driver, "ls-progress-text") == "24 of 24 flagged reviewed", file.name
+        note = text(driver, "ls-import-note")
+        assert note.startswith("Imported 24 decision(s)") and "24 made on another audit" in note, note
+        assert "skipped" not in note and "did not use" not in note
+    # a page whose first 3 images are other pictures now: those decisions are named and not used
+    _, page3, _ = hostile_audit(tmp_path / "c", created="2026-12-01T13:00:00+0000", replaced=3)
+    assert load(driver, page3) == 0
+    driver.find_element("id", "ls-import-file").send_keys(str(saved))
+    deadline = time.time() + 10
+    while time.time() < deadline and text(driver, "ls-progress-text") != "21 of 24 flagged reviewed":
+        time.sleep(0.1)
+    note = text(driver, "ls-import-note")
+    assert note.startswith("Imported 21 decision(s)") and "did not use 3 made on another row: =1+1.jpg (another " \
+        "picture now)" in note, note
+
+
+def test_the_check_sample_is_reviewed_by_keyboard_and_the_estimate_follows(browser, tmp_path):
+    """The page offers the check sample first; deciding its rows by keyboard updates the estimate of wrong labels
+    and its interval live (narrowing as more rows are decided), it agrees with labelsieve.audit.estimate on the
+    same decisions, and the downloaded reviews CSV carries the design so the CLI gets the same estimate."""
+    from labelsieve.audit.checksample import draw_check_sample
+    from labelsieve.audit.decisions import read_reviews
+    from labelsieve.audit.estimate import estimate_audit
+
+    driver, downloads = browser
+    _, _, table = demo_audit(tmp_path / "a", created="2026-12-05T10:00:00+0000")
+    rng = np.random.default_rng(1)
+    # the truth: most flagged rows are wrong, a few unflagged ones are too
+    wrong = np.where(table["is_noisy"], rng.random(len(table)) < 0.8, rng.random(len(table)) < 0.05)
+    truth = dict(zip(table["path"], wrong, strict=True))
+    check, design = draw_check_sample(table, size=30, seed=0)
+    table["check"] = check
+    summary = {"method": "ensemble", "n_images": len(table), "n_flagged": int(table["is_noisy"].sum()),
+               "threshold": 0.5, "classes": sorted(table["given_label"].unique()),
+               "input": {"input_hash": "check-input"}, "created": "2026-12-05T11:00:00+0000",
+               "noise_rate": 0.31, "noise_rate_interval": [0.29, 0.33], "check_sample": design.to_dict()}
+    page = write_html(table, summary, image_root=DEMO, out_path=tmp_path / "a" / "audit.html", max_gallery=10)
+    load(driver, page)
+    assert "Check this audit: review these 30 rows" in text(driver, "ls-check")
+    assert "Nothing reviewed yet" in text(driver, "ls-check-est")
+    driver.find_element("id", "ls-check-go").click()
+    widths = []
+    for n in range(30):
+        path = driver.execute_script("return document.querySelector('.rc.cur').title")
+        assert int(table.loc[table["path"] == path, "check"].iloc[0]) == n + 1  # the sample, in its review order
+        keys(driver, "d" if truth[path] else "k")
+        if n + 1 in (10, 30):
+            est = text(driver, "ls-check-est")
+            m = re.search(r"Wrong labels: ([\d.]+)% \(95% interval ([\d.]+)%–([\d.]+)%\)", est)
+            assert m, est
+            widths.append(float(m.group(3)) - float(m.group(2)))
+            assert f"from {n + 1} of 30 check rows reviewed" in est
+    assert widths[1] < widths[0]
+    decided = table.assign(review=[("drop" if truth[p] else "keep") if c == c else ""
+                                   for p, c in zip(table["path"], table["check"].astype(float), strict=True)])
+    py = estimate_audit(decided, design)
+    shown = [float(v) for v in m.groups()]
+    assert abs(shown[0] - 100 * py["rate"]) < 0.05
+    assert abs(shown[1] - 100 * py["interval"][0]) < 1.5 and abs(shown[2] - 100 * py["interval"][1]) < 1.5
+    driver.find_element("id", "ls-download").click()
+    got = read_reviews(wait_for_download(downloads / "reviews.csv"))
+    assert len(got) == 30 and got.attrs["check_design"]["strata"]
+    assert [(s["rows"], s["sampled"], s["flagged"]) for s in got.attrs["check_design"]["strata"]] == \
+        [(s.rows, s.sampled, s.flagged) for s in design.strata]
+    (downloads / "reviews.csv").unlink()

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from openpyxl import load_workbook
 
-from labelsieve.audit.review import check_audit_output, keep_reviewed_copy
+from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy
 from labelsieve.audit.writers import write_xlsx
 from labelsieve.cli import main
 from labelsieve.core.errors import OutputError
@@ -75,14 +75,25 @@ def test_xlsx_text_is_never_a_formula(tmp_path):
 
 
 def test_a_reviewed_audit_xlsx_is_protected_like_audit_csv(tmp_path):
-    """An audit that would write audit.xlsx over one holding review decisions is refused before any work; with
-    --force a dated copy is kept first."""
+    """An audit that would replace or remove an audit.xlsx holding review decisions is refused before any work
+    (without --xlsx a new audit removes the old audit's audit.xlsx: it belongs to another audit); with --force a
+    dated copy is kept first."""
     table = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "given_label": ["cat", "dog"], "review": ["drop", ""]})
     write_xlsx(table, tmp_path / "audit.xlsx")
-    check_audit_output(tmp_path, force=False)  # not written by this audit (no --xlsx): nothing to protect
+    check_audit_output(tmp_path, force=False, files=("audit.csv",))  # a sheet the audit does not touch
     with pytest.raises(OutputError, match=r"audit\.xlsx holds 1 review decision"):
-        check_audit_output(tmp_path, force=False, files=("audit.csv", "audit.xlsx"))
+        check_audit_output(tmp_path, force=False)
     check_audit_output(tmp_path, force=True, files=("audit.csv", "audit.xlsx"))
     copy = keep_reviewed_copy(tmp_path / "audit.xlsx")
     assert copy is not None and copy.name.startswith("audit.reviewed-") and copy.suffix == ".xlsx"
     assert pd.read_excel(copy, dtype=str, keep_default_na=False)["review"].tolist() == ["drop", ""]
+
+
+def test_xlsx_column_empty_in_its_first_rows_is_written(tmp_path):
+    """pandas 3 keeps missing values missing through astype(str): a column empty in its first 50 rows (the check
+    sample's column, near-duplicate groups) made the column-width guess fail."""
+    table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(60)], "check": pd.array([pd.NA] * 59 + [1], "Int64"),
+                          "duplicate_group": pd.array([pd.NA] * 60, "Int64")})
+    write_xlsx(table, tmp_path / "a.xlsx")
+    back = pd.read_excel(tmp_path / "a.xlsx")
+    assert back["check"].isna().sum() == 59 and back["check"].iloc[-1] == 1

@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_cnn
 from torch import nn
 
+from labelsieve.core.checkpoint import read_state, write_state
 from labelsieve.core.engine import Trainer, freeze_batchnorm, make_loader
 from labelsieve.core.errors import ParameterError
 from labelsieve.core.optim import cosine_schedule, make_optimizer
@@ -123,7 +124,35 @@ def test_checkpoint_resume_equals_uninterrupted_run(nette, cache40, tmp_path):
     # ... while a checkpoint of another configuration (key) is ignored: the run starts over.
     fresh, hist_fresh = _resume_run(cache40, nette.labels, ckpt, stop_at=None, key="other")
     assert [h["loss"] for h in hist_fresh] == pytest.approx([h["loss"] for h in hist_full], rel=1e-5)
-    assert torch.load(ckpt, weights_only=False)["key"] == "other"
+    assert read_state(ckpt)["key"] == "other"
+
+
+def test_checkpoint_state_round_trips_without_pickle(tmp_path):
+    """Everything a checkpoint holds (AdamW's tensors, tuples, int dict keys, NaN, numpy RNG state) comes back
+    equal from the safetensors + JSON file, which holds no pickle."""
+    import random
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    obj = {"opt": opt.state_dict(), "rng": (random.getstate(), np.random.get_state()), "nan": float("nan"),
+           "inf": -float("inf"), 3: "int key", "arr": np.arange(6, dtype=np.uint32).reshape(2, 3), "none": None,
+           "tied": [model.weight, model.weight]}
+    write_state(obj, tmp_path / "s.safetensors")
+    assert (tmp_path / "s.safetensors").read_bytes()[8:9] == b"{"  # a safetensors header, not a pickle
+    back = read_state(tmp_path / "s.safetensors")
+    assert back[3] == "int key" and back["none"] is None and np.isnan(back["nan"]) and back["inf"] == -float("inf")
+    assert back["rng"][0] == obj["rng"][0]
+    assert back["rng"][1][0] == "MT19937" and np.array_equal(back["rng"][1][1], obj["rng"][1][1])
+    assert back["arr"].dtype == np.uint32 and back["arr"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    st = back["opt"]["state"][0]
+    assert torch.equal(st["exp_avg"], obj["opt"]["state"][0]["exp_avg"]) and back["opt"]["param_groups"][0]["betas"] \
+        == obj["opt"]["param_groups"][0]["betas"]
+    opt2 = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    opt2.load_state_dict(back["opt"])  # what a resume does
+    with pytest.raises(TypeError, match="cannot hold"):
+        write_state({"f": lambda: 0}, tmp_path / "x.safetensors")
 
 
 def test_custom_step_fn_fixmatch_style(nette, cache40):

@@ -4,7 +4,11 @@
  * sort and decide rows with the keyboard, keeps every decision in localStorage under a key made of the
  * audit's input hash and creation time (a second audit never overwrites the first one's decisions, and
  * offers to import them), and downloads the decisions as a reviews CSV (path, given_label,
- * suggested_label, review) that `labelsieve apply --reviews` and `train --clean --reviews` read.
+ * suggested_label, review, digest, audit_id) that `labelsieve apply --reviews` and `train --clean --reviews`
+ * read. The CSV is the one dialect labelsieve writes and reads: comma-separated, a field quoted (RFC 4180) when it
+ * holds a quote, comma, semicolon, tab or line break or starts or ends with a space, and a cell a spreadsheet would
+ * run or convert given a leading ' by the same rule as audit.csv (the patterns come from Python, D.csv); the import
+ * parses that dialect (or the ; / tab a spreadsheet saved it with) and removes exactly that '.
  * No network, no dependencies.
  */
 (function () {
@@ -18,6 +22,8 @@
   var classIndex = new Map();
   var classLower = new Map();
   C.forEach(function (c, k) { classIndex.set(c, k); classLower.set(c.toLowerCase(), c); });
+  var DIG = R.digest || [];            // each row's image digest ("b2-…"; absent for an audit of features)
+  var AID = D.id.audit_id || "";
   var dec = R.review.slice();          // the decision per embedded row ("" = none)
   var storageOK = true, storageMsg = "";
   var unsaved = 0;                     // decisions changed since the last download
@@ -69,8 +75,10 @@
     if (!storageOK) return;
     var changed = {};
     for (var i = 0; i < N; i++) if (dec[i] !== R.review[i]) changed[R.path[i]] = dec[i];
-    var rec = {version: 1, input_hash: D.id.input_hash, created: D.id.created, title: D.id.title,
-               updated: new Date().toISOString(), decisions: changed};
+    var digests = {};
+    Object.keys(changed).forEach(function (p) { var i = byPath.get(p); if (DIG[i]) digests[p] = DIG[i]; });
+    var rec = {version: 1, input_hash: D.id.input_hash, created: D.id.created, title: D.id.title, audit_id: AID,
+               updated: new Date().toISOString(), decisions: changed, digests: digests};
     try { localStorage.setItem(KEY, JSON.stringify(rec)); }
     catch (e) { storageOK = false; storageMsg = "This browser did not keep the decisions (" + e.name + "): " +
                 "download the reviews CSV before closing the page."; banner(); }
@@ -96,10 +104,12 @@
       if (!key || key.indexOf(PREFIX) !== 0 || key === KEY) return;
       try {
         var rec = JSON.parse(localStorage.getItem(key));
-        var d = rec.decisions || {}, fits = [];
+        var d = rec.decisions || {}, dg = rec.digests || {}, fits = [];
         Object.keys(d).forEach(function (p) {
           var i = byPath.get(p);
-          if (i !== undefined && d[p] && !dec[i] && valid(i, d[p])) fits.push([i, d[p]]);
+          if (i === undefined || !d[p] || dec[i] || !valid(i, d[p])) return;
+          if (dg[p] && DIG[i] && dg[p] !== DIG[i]) return;  // made on another picture at this path
+          fits.push([i, d[p]]);
         });
         if (fits.length) out.push({key: key, rec: rec, fits: fits, same: rec.input_hash === D.id.input_hash});
       } catch (e) { /* not ours or damaged: leave it alone */ }
@@ -141,6 +151,9 @@
     });
     $("f-search").addEventListener("input", function () { refilter(true); });
     $("ls-download").addEventListener("click", download);
+    if ($("ls-check-go")) $("ls-check-go").addEventListener("click", function () {
+      $("f-show").value = "check"; $("f-sort").value = "check"; refilter(true); $("ls-grid").scrollIntoView();
+    });
     $("ls-import-file").addEventListener("change", importFile);
     $("ls-help-btn").addEventListener("click", function () { openOverlay("ls-help"); });
     $("pg-prev").addEventListener("click", function () { goPage(page - 1); });
@@ -162,6 +175,7 @@
     var flagged = R.flag[i] === 1 && readable(i);
     if (f.show === "todo" && !(flagged && !dec[i])) return false;
     if (f.show === "flagged" && !flagged) return false;
+    if (f.show === "check" && !(R.check[i] > 0)) return false;
     if (f.show === "decided" && !dec[i]) return false;
     if (f.show === "undecided" && dec[i]) return false;
     if (f.given !== "" && R.given[i] !== f.given) return false;
@@ -194,7 +208,8 @@
       p_desc: function (i) { return R.p[i] === null ? 1 : -R.p[i]; },
       sp_desc: function (i) { return R.sp[i] === null ? 1 : -R.sp[i]; },
       agree_desc: function (i) { return R.agree[i] === null ? 1 : -R.agree[i]; },
-      given: function (i) { return R.given[i]; }
+      given: function (i) { return R.given[i]; },
+      check: function (i) { return R.check[i] > 0 ? R.check[i] : 1e12; }
     }[s] || function (i) { return R.rank[i]; };
     view.sort(function (a, b) { return (key(a) - key(b)) || (R.rank[a] - R.rank[b]); });
     cur = 0;
@@ -232,7 +247,8 @@
       "\" data-pos=\"" + pos + "\" data-i=\"" + i + "\" title=\"" + esc(R.path[i]) + "\">" +
       "<div class=\"thumb\">" + img + "</div>" +
       "<div>#" + num(R.rank[i]) + " · p_clean " + fmt(R.p[i]) + (issue ? " <span class=\"tag\">" + esc(issue) +
-      "</span>" : "") + "</div>" +
+      "</span>" : "") + (R.check[i] > 0 ? " <span class=\"chk\" title=\"row " + R.check[i] +
+      " of the check sample\">check " + R.check[i] + "</span>" : "") + "</div>" +
       "<div class=\"lab\"><span class=\"given\">" + esc(given(i)) + "</span> → <span class=\"sugg\">" +
       esc(s || "(none)") + "</span>" + (R.sp[i] !== null ? " (" + fmt(R.sp[i], 2) + ")" : "") + "</div>" + mem +
       "<div class=\"path\">" + esc(R.path[i]) + "</div>" +
@@ -278,16 +294,22 @@
       var f = R.flag[i] === 1 && readable(i);
       if (f) { flagged++; if (dec[i]) done++; } else if (dec[i]) other++;
     }
+    checkPanel();
     $("ls-progress-text").textContent = num(done) + " of " + num(flagged) + " flagged reviewed";
     $("ls-progress-bar").style.width = (flagged ? 100 * done / flagged : 0) + "%";
     $("ls-progress-sub").textContent = (other ? num(other) + " other row(s) decided · " : "") +
       (storageOK ? "kept in this browser" : "NOT kept in this browser") +
       (unsaved ? " · " + num(unsaved) + " change(s) since the last download" : "");
   }
+  var importNote = "";
   function banner() {
     var box = $("ls-banners"); box.innerHTML = "";
     if (storageMsg) {
       var b = document.createElement("div"); b.className = "banner err"; b.textContent = storageMsg; box.appendChild(b);
+    }
+    if (importNote) {
+      var m = document.createElement("div"); m.className = "banner"; m.id = "ls-import-note"; m.textContent = importNote;
+      box.appendChild(m);
     }
     earlier().forEach(function (e) {
       var b = document.createElement("div"); b.className = "banner";
@@ -307,57 +329,265 @@
     });
   }
 
-  /* ---- CSV in and out ---- */
-  function csvCell(s) { s = String(s); return /[",\r\n]|^\s|\s$/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s; }
+  /* ---- the check sample's estimate: labelsieve.audit.estimate, ported (same bands, same rules) ---- */
+  var DES = D.design || null;
+  function wrongOf(i) {               // 1 the given label is wrong, 0 right, NaN undecided (estimate.is_wrong)
+    var v = dec[i], k = kind(v);
+    if (!v) return NaN;
+    if (k === "keep") return 0;
+    if (k === "drop") return 1;
+    if (k === "relabel") return target(i, v) === given(i) ? 0 : 1;
+    return NaN;
+  }
+  function checkCells() {
+    var per = DES.strata.map(function () { return []; });
+    for (var i = 0; i < N; i++) if (R.stratum[i] >= 0) per[R.stratum[i]].push(i);
+    return DES.strata.map(function (s, h) {
+      var rows = per[h].sort(function (a, b) { return R.spos[a] - R.spos[b]; });
+      var k = 0;                      // the band's top run of decided rows, cut back to end outside the sample
+      while (k < rows.length && R.spos[rows[k]] === k + 1 && !isNaN(wrongOf(rows[k]))) k++;
+      while (k > 0 && R.check[rows[k - 1]] > 0) k--;
+      var c = {flagged: s.flagged, rows: s.rows, exact: k, exactWrong: 0, m: 0, x: 0};
+      for (var j = 0; j < rows.length; j++) {
+        var w = wrongOf(rows[j]);
+        if (j < k) c.exactWrong += w;
+        else if (R.check[rows[j]] > 0 && !isNaN(w)) { c.m++; c.x += w; }
+      }
+      return c;
+    });
+  }
+  function collapse(cells) {          // a band with rows left and no sample borrows its nearest neighbour's
+    var groups = cells.map(function (c) { return [c]; });
+    var sum = function (g, key) { return g.reduce(function (a, c) { return a + (key === "left" ? c.rows - c.exact : c[key]); }, 0); };
+    var needy = function (g) { return sum(g, "left") > 0 && sum(g, "m") === 0; };
+    for (var guard = 0; guard < 1000; guard++) {
+      var i = groups.findIndex(needy);
+      if (i < 0) break;
+      var flag = groups[i][0].flagged, best = -1;
+      [true, false].forEach(function (same) {
+        if (best >= 0) return;
+        var order = groups.map(function (_, j) { return j; }).sort(function (a, b) { return Math.abs(a - i) - Math.abs(b - i) || a - b; });
+        order.forEach(function (j) { if (best < 0 && j !== i && sum(groups[j], "m") > 0 && (!same || groups[j][0].flagged === flag)) best = j; });
+      });
+      if (best < 0) return null;
+      groups[best] = best < i ? groups[best].concat(groups[i]) : groups[i].concat(groups[best]);
+      groups.splice(i, 1);
+    }
+    return groups;
+  }
+  function rng(seed) {                // mulberry32: the same decisions show the same interval
+    return function () {
+      seed |= 0; seed = seed + 0x6D2B79F5 | 0;
+      var t = Math.imul(seed ^ seed >>> 15, 1 | seed);
+      t = t + Math.imul(t ^ t >>> 7, 61 | t) ^ t;
+      return ((t ^ t >>> 14) >>> 0) / 4294967296;
+    };
+  }
+  function normal(u) { var a = u(), b = u(); return Math.sqrt(-2 * Math.log(a || 1e-300)) * Math.cos(2 * Math.PI * b); }
+  function gamma(u, a) {              // Marsaglia-Tsang
+    if (a < 1) return gamma(u, a + 1) * Math.pow(u() || 1e-300, 1 / a);
+    var d = a - 1 / 3, c = 1 / Math.sqrt(9 * d);
+    for (;;) {
+      var x = normal(u), v = 1 + c * x;
+      if (v <= 0) continue;
+      v = v * v * v;
+      var w = u();
+      if (w < 1 - 0.0331 * x * x * x * x || Math.log(w || 1e-300) < 0.5 * x * x + d * (1 - v + Math.log(v))) return d * v;
+    }
+  }
+  function binom(u, n, p) {
+    if (n <= 0 || p <= 0) return 0;
+    if (p >= 1) return n;
+    if (n <= 200) { var k = 0; for (var j = 0; j < n; j++) if (u() < p) k++; return k; }
+    return Math.max(0, Math.min(n, Math.round(n * p + Math.sqrt(n * p * (1 - p)) * normal(u))));
+  }
+  function quantile(a, q) { var s = a.slice().sort(function (x, y) { return x - y; }); return s[Math.min(s.length - 1, Math.max(0, Math.floor(q * (s.length - 1) + 0.5)))]; }
+  function estimate() {
+    if (!DES) return null;
+    var cells = checkCells(), m = cells.reduce(function (a, c) { return a + c.m; }, 0);
+    if (!m) return {reviewed: 0};
+    var groups = collapse(cells);
+    if (!groups) return {reviewed: m};
+    var T = 2000, u = rng(12345);
+    var lo = {true: new Float64Array(T), false: new Float64Array(T)}, hi = {true: new Float64Array(T), false: new Float64Array(T)};
+    var point = {true: 0, false: 0};
+    groups.forEach(function (g) {
+      var left = 0, gm = 0, gx = 0;
+      g.forEach(function (c) { left += c.rows - c.exact; gm += c.m; gx += c.x; });
+      var parts = [true, false].map(function (f) {
+        return [f, g.filter(function (c) { return c.flagged === f; })];
+      }).filter(function (p) { return p[1].length; });
+      var dl = new Float64Array(T), dh = new Float64Array(T);
+      for (var t = 0; t < T; t++) {
+        if (!gm) continue;
+        var pl = gx === 0 ? 0 : gamma(u, gx + 0.5), ql = gx === 0 ? 1 : gamma(u, gm - gx + 0.5);
+        var ph = gx === gm ? 1 : gamma(u, gx + 0.5), qh = gx === gm ? 0 : gamma(u, gm - gx + 0.5);
+        dl[t] = gx + binom(u, Math.max(left - gm, 0), gx === 0 ? 0 : pl / (pl + ql));
+        dh[t] = gx + binom(u, Math.max(left - gm, 0), gx === gm ? 1 : ph / (ph + qh));
+      }
+      parts.forEach(function (p) {
+        var f = p[0], rowsF = p[1].reduce(function (a, c) { return a + c.rows - c.exact; }, 0);
+        var share = left ? rowsF / left : 0, exact = p[1].reduce(function (a, c) { return a + c.exactWrong; }, 0);
+        point[f] += exact + (gm ? left * gx / gm * share : 0);
+        for (var t = 0; t < T; t++) { lo[f][t] += exact + dl[t] * share; hi[f][t] += exact + dh[t] * share; }
+      });
+    });
+    var rows = cells.reduce(function (a, c) { return a + c.rows; }, 0) + DES.known_rows;
+    var tl = [], th = [], pl = [], ph = [], rl = [], rh = [];
+    var nF = cells.reduce(function (a, c) { return a + (c.flagged ? c.rows : 0); }, 0);
+    for (var t = 0; t < T; t++) {
+      tl.push(lo.true[t] + lo.false[t] + DES.known_wrong); th.push(hi.true[t] + hi.false[t] + DES.known_wrong);
+      if (nF) { pl.push(lo.true[t] / nF); ph.push(hi.true[t] / nF); }
+      rl.push(lo.true[t] + hi.false[t] > 0 ? lo.true[t] / (lo.true[t] + hi.false[t]) : 1);
+      rh.push(hi.true[t] + lo.false[t] > 0 ? hi.true[t] / (hi.true[t] + lo.false[t]) : 1);
+    }
+    var wrong = point.true + point.false + DES.known_wrong, total = point.true + point.false;
+    return {reviewed: m, rows: rows, wrong: wrong, rate: rows ? wrong / rows : 0,
+            interval: [quantile(tl, 0.025) / rows, quantile(th, 0.975) / rows],
+            precision: nF ? point.true / nF : null, precisionInterval: nF ? [quantile(pl, 0.025), quantile(ph, 0.975)] : null,
+            recall: total > 0 ? point.true / total : null, recallInterval: [quantile(rl, 0.025), quantile(rh, 0.975)]};
+  }
+  function pct(x) { return (100 * x).toFixed(1) + "%"; }
+  function checkPanel() {
+    if (!DES || !$("ls-check-est")) return;
+    var e = estimate(), k = 0, decided = 0;
+    for (var i = 0; i < N; i++) if (R.check[i] > 0) { k++; if (!isNaN(wrongOf(i))) decided++; }
+    $("ls-check-go").textContent = decided < k ? "Review the check sample (" + num(k - decided) + " to go)" :
+      "Show the check sample";
+    var model = DES.model_rate === null || DES.model_rate === undefined ? "" :
+      " The model alone says " + pct(DES.model_rate) + (DES.model_interval ? " (" + pct(DES.model_interval[0]) + "–" +
+      pct(DES.model_interval[1]) + ", an interval that covers its own fit only)" : "") + ".";
+    if (!e || !e.reviewed || e.rate === undefined) {
+      var before = DES.reviewed;
+      $("ls-check-est").textContent = "Nothing reviewed yet: 0 of " + num(k) + " check rows decided." + (before ?
+        " The earlier review's check sample (" + num(before.check_reviewed) + " rows) measured " + pct(before.rate) +
+        " wrong labels (95% interval " + pct(before.interval[0]) + "–" + pct(before.interval[1]) + ")." : "");
+      $("ls-check-sub").textContent = (before ? "This audit's own sample is drawn from the rows nobody has " +
+        "reviewed yet: review it to measure this audit's flags. " : "") + model.trim();
+      return;
+    }
+    $("ls-check-est").textContent = "Wrong labels: " + pct(e.rate) + " (95% interval " + pct(e.interval[0]) + "–" +
+      pct(e.interval[1]) + "), about " + num(Math.round(e.wrong)) + " of " + num(e.rows) + " images — from " +
+      num(decided) + " of " + num(k) + " check rows reviewed.";
+    $("ls-check-sub").textContent = (e.precision !== null ? "Flags: precision " + e.precision.toFixed(2) + " (" +
+      e.precisionInterval[0].toFixed(2) + "–" + e.precisionInterval[1].toFixed(2) + ")" : "Flags: none") +
+      (e.recall !== null ? ", recall " + e.recall.toFixed(2) + " (" + e.recallInterval[0].toFixed(2) + "–" +
+      e.recallInterval[1].toFixed(2) + ")." : ".") + model +
+      " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided.";
+  }
+
+  /* ---- CSV in and out: one dialect (see the header of this file) ---- */
+  var Q = D.csv, CONV = new RegExp(Q.pattern, "i");
+  function convertible(s) {      // labelsieve.core.spreadsheet.is_convertible, rule for rule
+    var t = s.replace(/^\s+/, "");
+    if (!t || t.length > Q.max_len) return false;
+    var f = t.charAt(0);
+    if (Q.num_first.indexOf(f) < 0 && (Q.word_first.indexOf(f) < 0 || t.length > Q.word_len)) return false;
+    return CONV.test(s);
+  }
+  function needsQuote(rest) { return rest !== "" && (Q.formula.indexOf(rest.charAt(0)) >= 0 || convertible(rest)); }
+  function neutralise(s) { return needsQuote(s.replace(/^'+/, "")) ? "'" + s : s; }      // core.io.neutralise_cell
+  function restoreCell(s) {                                                            // core.io.restore_cell
+    var rest = s.replace(/^'+/, "");
+    return rest.length < s.length && needsQuote(rest) ? s.slice(1) : s;
+  }
+  function csvCell(s) {
+    s = neutralise(String(s));
+    return /[",;\t\r\n]|^\s|\s$/.test(s) ? "\"" + s.replace(/"/g, "\"\"") + "\"" : s;
+  }
   function download() {
-    var rows = [];
-    for (var i = 0; i < N; i++) if (dec[i]) rows.push(i);
+    var rows = [];                    // every decided row, and every check row (its band's size is needed)
+    for (var i = 0; i < N; i++) if (dec[i] || R.check[i] > 0) rows.push(i);
     rows.sort(function (a, b) { return R.rank[a] - R.rank[b]; });
-    var lines = ["path,given_label,suggested_label,review"];
-    rows.forEach(function (i) { lines.push([R.path[i], given(i), sugg(i), dec[i]].map(csvCell).join(",")); });
+    var head = ["path", "given_label", "suggested_label", "review", "digest", "audit_id"];
+    if (DES) head = head.concat(["is_noisy", "issue", "check", "stratum", "stratum_pos", "stratum_rows", "stratum_sampled"]);
+    var lines = [head.join(",")];
+    rows.forEach(function (i) {
+      var cells = [R.path[i], given(i), sugg(i), dec[i], DIG[i] || "", AID];
+      if (DES) {
+        var h = R.stratum[i], st = h >= 0 ? DES.strata[h] : null;
+        cells = cells.concat([R.flag[i] === 1 ? "True" : "False", D.issues[R.issue[i]], R.check[i] > 0 ? R.check[i] : "",
+          st ? h : "", st ? R.spos[i] : "", st ? st.rows : "", st ? st.sampled : ""]);
+      }
+      lines.push(cells.map(csvCell).join(","));
+    });
     var blob = new Blob([lines.join("\n") + "\n"], {type: "text/csv;charset=utf-8"});
     var a = document.createElement("a");
     a.href = URL.createObjectURL(blob); a.download = D.download_name || "reviews.csv";
     document.body.appendChild(a); a.click();
     setTimeout(function () { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
-    unsaved = 0; progress(); toast("Saved " + num(rows.length) + " decision(s) to " + a.download);
+    var nd = rows.filter(function (i) { return dec[i]; }).length;
+    unsaved = 0; progress(); toast("Saved " + num(nd) + " decision(s) to " + a.download);
   }
-  function parseCSV(text) {
-    var rows = [], row = [], cell = "", q = false;
-    text = text.replace(/^\ufeff/, "");
+  function delimiterOf(text) {   // of the header line: the one that gives a path and a review column
+    var head = text.split(/\r\n|\n|\r/, 1)[0];
+    var found = [",", ";", "\t"].filter(function (d) {
+      var h = parseCSV(head, d)[0] || [];
+      h = h.map(function (c) { return c.trim().toLowerCase(); });
+      return h.indexOf("path") >= 0 && h.indexOf("review") >= 0;
+    });
+    return found.length ? found[0] : ",";
+  }
+  function parseCSV(text, delim) {   // RFC 4180 with one delimiter
+    var rows = [], row = [], cell = "", q = false, any = false;
     for (var k = 0; k < text.length; k++) {
       var ch = text[k];
       if (q) {
         if (ch === "\"") { if (text[k + 1] === "\"") { cell += "\""; k++; } else q = false; }
         else cell += ch;
-      } else if (ch === "\"") q = true;
-      else if (ch === "," || ch === ";" || ch === "\t") { row.push(cell); cell = ""; }
+      } else if (ch === "\"") { q = true; any = true; }
+      else if (ch === delim) { row.push(cell); cell = ""; any = true; }
       else if (ch === "\n" || ch === "\r") {
         if (ch === "\r" && text[k + 1] === "\n") k++;
-        row.push(cell); rows.push(row); row = []; cell = "";
-      } else cell += ch;
+        row.push(cell); rows.push(row); row = []; cell = ""; any = false;
+      } else { cell += ch; any = true; }
     }
-    if (cell !== "" || row.length) { row.push(cell); rows.push(row); }
+    if (any || row.length) { row.push(cell); rows.push(row); }
     return rows;
+  }
+  function loose(s) { return String(s).normalize("NFC").trim().toLowerCase(); }
+  function staleReason(i, g, v, s, d) {   // labelsieve.audit.decisions.stale_reason
+    if (d && DIG[i] && d !== DIG[i]) return "another picture now";
+    if (!g || g === given(i)) return "";
+    var k = kind(v), out = k === "keep" ? g : k === "drop" ? "" :
+      (v.trim().toLowerCase() === "relabel" ? (s || sugg(i)) : v.slice(v.indexOf(":") + 1).trim());
+    return loose(out) === loose(given(i)) ? "" : "decided on the label " + g + ", now " + given(i);
   }
   function importFile(ev) {
     var file = ev.target.files[0]; if (!file) return;
     file.text().then(function (text) {
-      var rows = parseCSV(text);
+      text = text.replace(/^\ufeff/, "");
+      var rows = parseCSV(text, delimiterOf(text)).map(function (r) { return r.map(restoreCell); });
       var head = (rows.shift() || []).map(function (h) { return h.trim().toLowerCase(); });
-      var pc = head.indexOf("path"), rc = head.indexOf("review");
+      var col = function (name) { return head.indexOf(name); };
+      var pc = col("path"), rc = col("review"), gc = col("given_label"), sc = col("suggested_label"),
+          dc = col("digest"), ac = col("audit_id");
       if (pc < 0 || rc < 0) { toast("No path and review columns in " + file.name); return; }
-      var n = 0, skipped = 0, clash = 0;
+      var n = 0, notHere = 0, invalid = 0, clash = 0, stale = [], other = 0;
+      var cell = function (r, c) { return c >= 0 && r[c] !== undefined ? r[c] : ""; };
       rows.forEach(function (r) {
-        var i = byPath.get((r[pc] || "").trim()), v = (r[rc] || "").trim();
+        if (r.length === 1 && r[0] === "") return;
+        var v = cell(r, rc).trim();
         if (!v) return;
-        if (i === undefined || !valid(i, v)) { skipped++; return; }
+        var i = byPath.get(cell(r, pc));  // paths are data: byte for byte
+        if (i === undefined) { notHere++; return; }
+        if (!valid(i, v)) { invalid++; return; }
+        var why = staleReason(i, cell(r, gc), v, cell(r, sc), cell(r, dc));
+        if (why) { stale.push(R.path[i] + " (" + why + ")"); return; }
+        if (cell(r, ac) && AID && cell(r, ac) !== AID) other++;
         if (dec[i] && dec[i] !== v) { clash++; return; }
         if (!dec[i]) { dec[i] = v; n++; unsaved++; }
       });
       store(); render();
-      toast("Imported " + num(n) + " decision(s)" + (clash ? ", kept " + num(clash) + " different existing one(s)" : "") +
-            (skipped ? ", skipped " + num(skipped) + " for rows not on this page" : ""));
+      var parts = ["Imported " + num(n) + " decision(s) from " + file.name];
+      if (other) parts.push(num(other) + " made on another audit (checked by image)");
+      if (clash) parts.push("kept " + num(clash) + " different existing one(s)");
+      if (notHere) parts.push("skipped " + num(notHere) + " for paths not on this page");
+      if (invalid) parts.push("skipped " + num(invalid) + " that are not decisions for this audit's classes");
+      if (stale.length) parts.push("did not use " + num(stale.length) + " made on another row: " +
+                                   stale.slice(0, 5).join("; ") + (stale.length > 5 ? " …" : ""));
+      importNote = parts.join(", ") + ".";
+      banner(); toast(parts[0]);
     });
     ev.target.value = "";
   }
@@ -455,6 +685,8 @@
   });
   $("pick-q").addEventListener("input", function () { pickHi = 0; pickList(); });
 
+  // the CSV rules, for tests that hold them to Python's (labelsieve.core.io.neutralise_cell / restore_cell)
+  window.labelsieveReviewCSV = {neutralise: neutralise, restore: restoreCell};
   setupControls();
   var restored = restore();
   banner();

@@ -1,14 +1,15 @@
 """FiftyOne hand-off: an audit as a persistent FiftyOne dataset, and the reviewer's tags back as decisions.
 
 ``labelsieve export audit.csv --to fiftyone --name NAME`` creates a persistent dataset with one
-sample per flagged row (every readable row with ``--all-rows``), worst first:
+sample per check-sample row and per flagged row (every readable row with ``--all-rows``), check rows first:
 
 * ``ground_truth``: the given label (a ``Classification``), ``suggestion``: the suggested label with
   its probability as confidence;
 * ``given_label``, ``p_clean``, ``is_noisy``, ``issue``, ``rank``, ``audit_path`` (the key back into
   audit.csv) and, for an ensemble audit, ``agreement``;
-* tags ``flagged`` and ``issue:<issue>`` to filter on, and the audit's own ``review`` value where one
-  is filled.
+* tags ``check`` (the audit's check sample, exported first whether flagged or not, with its review order in
+  the ``check`` field: review it to measure the audit), ``flagged`` and ``issue:<issue>`` to filter on, and
+  the audit's own ``review`` value where one is filled.
 
 In the App (``fiftyone app launch``, or ``fo.launch_app(fo.load_dataset(NAME))``) a reviewer tags
 samples ``keep``, ``drop``, ``relabel`` (to the suggestion) or ``relabel:<class>``; editing a sample's
@@ -121,9 +122,14 @@ def write_fiftyone(table: pd.DataFrame, *, image_root: str | os.PathLike[str], n
         s["issue"] = issue
         s["rank"] = v["rank"][k]
         s["audit_path"] = path
+        s["check"] = v["check"][k]
+        for key in ("digest", "audit_id"):  # decisions come back checked against the audit and the picture
+            if v[key][k]:
+                s[key] = v[key][k]
         if has_agreement:
             s["agreement"] = v["agreement"][k]
-        s.tags = (["flagged"] if flagged[k] else []) + ([f"issue:{issue}"] if issue else []) \
+        s.tags = (["check"] if v["check"][k] else []) + (["flagged"] if flagged[k] else []) \
+            + ([f"issue:{issue}"] if issue else []) \
             + ([v["review"][k]] if v["review"][k] else [])
         samples.append(s)
     ds = fo.Dataset(name)
@@ -151,12 +157,14 @@ def read_fiftyone(name: str) -> pd.DataFrame:
     if not ds.has_sample_field("audit_path") or not ds.has_sample_field("given_label"):
         raise DataError(f"The FiftyOne dataset {name!r} was not made by 'labelsieve export' (no audit_path field).")
     fields = ["audit_path", "tags", "ground_truth.label", "given_label"]
-    has_sugg = ds.has_sample_field("suggestion")
-    values = ds.values(fields + (["suggestion.label"] if has_sugg else []))
-    paths, tags, truth, given = values[:4]
-    sugg = values[4] if has_sugg else [None] * len(paths)
+    extra = [f for f in ("suggestion.label", "digest", "audit_id") if ds.has_sample_field(f.split(".")[0])]
+    values = dict(zip(fields + extra, ds.values(fields + extra), strict=True))
+    paths, tags, truth, given = (values[f] for f in fields)
+    sugg = values.get("suggestion.label", [None] * len(paths))
+    ident = list(zip(values.get("digest", [None] * len(paths)), values.get("audit_id", [None] * len(paths)),
+                     strict=True))
     out, bad = [], []
-    for p, t, g, gl, sl in zip(paths, tags, truth, given, sugg, strict=True):
+    for p, t, g, gl, sl, (dg, aid) in zip(paths, tags, truth, given, sugg, ident, strict=True):
         dec = _decision_tags(list(t or []))
         edited = g is not None and g != gl
         review = ""
@@ -170,11 +178,12 @@ def read_fiftyone(name: str) -> pd.DataFrame:
                 continue
         elif edited:
             review = f"relabel:{g}"
-        out.append((p, review, gl or "", sl or ""))
+        out.append((p, review, gl or "", sl or "", dg or "", aid or ""))
     if bad:
         raise DataError(f"FiftyOne dataset {name!r}: {len(bad)} sample(s) have contradictory decisions ("
                         + "; ".join(bad[:_MAX_LISTED]) + (" …" if len(bad) > _MAX_LISTED else "")
                         + "). Leave one decision tag per sample.")
-    frame = pd.DataFrame(out, columns=["path", "review", "given_label", "suggested_label"])
+    frame = pd.DataFrame(out, columns=["path", "review", "given_label", "suggested_label", "digest", "audit_id"])
     return reviews_frame(frame["path"].tolist(), frame["review"].tolist(), source=f"FiftyOne dataset {name!r}",
-                         given=frame["given_label"].tolist(), suggested=frame["suggested_label"].tolist())
+                         given=frame["given_label"].tolist(), suggested=frame["suggested_label"].tolist(),
+                         digests=frame["digest"].tolist(), audit_ids=frame["audit_id"].tolist())

@@ -1,13 +1,16 @@
 """Label Studio hand-off: a tasks file and a labeling config from an audit, and decisions back from an export.
 
-``labelsieve export audit.csv --to labelstudio -o DIR`` writes
+``labelsieve export audit.csv --to labelstudio -o DIR`` writes (``-o FILE.json`` writes the tasks to that file
+and the config beside it)
 
 * ``DIR/labeling_config.xml``: the image, a header with the given and suggested labels, ``p_clean``
   and the issue, a single-choice ``label`` control over the audit's classes and a ``decision``
   control (keep / drop);
-* ``DIR/tasks.json``: one task per flagged row (every readable row with ``--all-rows``), whose
-  ``data`` holds the image URL and the audit's fields, and whose prediction (a pre-annotation) is the
-  suggested label with its probability as score.
+* ``DIR/tasks.json``: one task per row of the audit's check sample, first and in its review order (flagged or
+  not; ``data.check`` is its number, and the header says CHECK SAMPLE: reviewing them measures the audit), then
+  one per flagged row (every readable row with ``--all-rows``), whose ``data`` holds the image URL and the
+  audit's fields, and whose prediction (a pre-annotation) is the suggested label with its probability as
+  score.
 
 Image URLs: by default Label Studio's local-files URLs relative to the image root
 (``/data/local-files/?d=<path>``; start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
@@ -41,11 +44,12 @@ import pandas as pd
 
 from labelsieve.audit.decisions import reviews_frame
 from labelsieve.audit.handoff.common import export_rows, missing_extra, row_values
-from labelsieve.core.errors import DataError
+from labelsieve.core.errors import DataError, OutputError
 from labelsieve.core.io import atomic_open
+from labelsieve.core.paths import check_output_dir, check_output_file
 
-__all__ = ["DECISION", "FROM_NAME", "TO_NAME", "build_tasks", "label_config", "read_export", "validate_tasks",
-           "write_labelstudio"]
+__all__ = ["DECISION", "FROM_NAME", "TO_NAME", "build_tasks", "export_paths", "label_config", "read_export",
+           "validate_tasks", "write_labelstudio"]
 
 FROM_NAME, TO_NAME, DECISION = "label", "image", "decision"
 MODEL_VERSION = "labelsieve"
@@ -60,7 +64,8 @@ def label_config(classes: list[str]) -> str:
     return (
         "<View>\n"
         f'  <Image name="{TO_NAME}" value="$image"/>\n'
-        '  <Header value="given: $given_label | suggested: $suggested_label | p_clean: $p_clean | issue: $issue"/>\n'
+        '  <Header value="$check_sample given: $given_label | suggested: $suggested_label | p_clean: $p_clean | '
+        'issue: $issue"/>\n'
         f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" showInLine="true">\n'
         f"{choices}\n  </Choices>\n"
         f'  <Choices name="{DECISION}" toName="{TO_NAME}" choice="single" showInLine="true">\n'
@@ -96,9 +101,13 @@ def build_tasks(rows: pd.DataFrame, *, image_root: str | os.PathLike[str],
         shown = files[path].relative_to(root).as_posix() if files is not None and path in files else path
         data: dict[str, Any] = {"image": _image_url(shown, root, droot, url_prefix), "path": path,
                                 "given_label": v["given"][k], "suggested_label": sugg, "p_clean": v["p_clean"][k],
-                                "issue": v["issue"][k], "rank": v["rank"][k]}
+                                "issue": v["issue"][k], "rank": v["rank"][k], "check": v["check"][k],
+                                "check_sample": (f"CHECK SAMPLE {v['check'][k]} |" if v["check"][k] else "")}
         if v["review"][k]:
             data["review"] = v["review"][k]
+        for key in ("digest", "audit_id"):  # the decision comes back checked against the audit and the picture
+            if v[key][k]:
+                data[key] = v[key][k]
         task: dict[str, Any] = {"data": data}
         if sugg:
             score = v["s_prob"][k]
@@ -153,7 +162,8 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
                       classes: list[str], all_rows: bool = False, document_root: str | os.PathLike[str] | None = None,
                       files: Mapping[str, Path] | None = None,
                       url_prefix: str | None = None, where: str = "audit") -> dict[str, Any]:
-    """Write ``labeling_config.xml`` and ``tasks.json`` into ``out_dir`` (atomically).
+    """Write ``labeling_config.xml`` and ``tasks.json`` into the folder ``out_dir`` (atomically); when ``out_dir``
+    names a ``.json`` file, the tasks are written to that file and the config beside it.
 
     Returns
     -------
@@ -166,7 +176,10 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
     ------
     DataError
         Nothing to export, an image outside the document root, or tasks Label Studio would reject.
+    OutputError
+        ``out_dir`` is an existing file that is not a ``.json`` file, or cannot be written.
     """
+    tasks_path, config_path = export_paths(out_dir)
     rows = export_rows(table, all_rows=all_rows, where=where)
     config = label_config(classes)
     tasks = build_tasks(rows, image_root=image_root, document_root=document_root, url_prefix=url_prefix, files=files)
@@ -176,15 +189,34 @@ def write_labelstudio(table: pd.DataFrame, out_dir: str | os.PathLike[str], *, i
         if errors:
             raise DataError(f"Label Studio would reject {len(errors)} pre-annotation(s): " + "; ".join(errors[:5])
                             + (" …" if len(errors) > 5 else ""))
-    out = Path(out_dir)
-    with atomic_open(out / "labeling_config.xml") as f:
+    with atomic_open(config_path) as f:
         f.write(config)
-    with atomic_open(out / "tasks.json") as f:
+    with atomic_open(tasks_path) as f:
         json.dump(tasks, f, indent=1, ensure_ascii=False, allow_nan=False)
     served = None if url_prefix is not None else Path(document_root if document_root is not None else image_root)
-    return {"config": out / "labeling_config.xml", "tasks": out / "tasks.json", "n_tasks": len(tasks),
+    return {"config": config_path, "tasks": tasks_path, "n_tasks": len(tasks),
             "n_predictions": sum(1 for t in tasks if t.get("predictions")), "validated": validated,
             "document_root": served}
+
+
+def export_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(tasks file, labeling config file) for ``-o OUT``: a folder gets ``tasks.json`` and ``labeling_config.xml``;
+    a path ending in ``.json`` is the tasks file, with ``labeling_config.xml`` beside it. Checked before any work.
+
+    Raises
+    ------
+    OutputError
+        ``out`` is an existing file that is not ``.json``, or the location cannot be written.
+    """
+    p = Path(out).expanduser()
+    if p.suffix.lower() == ".json" and not p.is_dir():
+        check_output_file(p, what="the Label Studio tasks file (-o)")
+        return p, p.with_name("labeling_config.xml")
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"Cannot write the Label Studio export at {p}: it is a file. Give a folder (tasks.json and "
+                          "labeling_config.xml go into it) or a file name ending in .json for the tasks.")
+    check_output_dir(p, what="the Label Studio export folder (-o)")
+    return p / "tasks.json", p / "labeling_config.xml"
 
 
 def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:
@@ -210,7 +242,7 @@ def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:
                                               and "path" in t["data"] for t in tasks):
         raise DataError(f"{source}: not a Label Studio JSON export of tasks from 'labelsieve export' (a list of tasks "
                         "whose data has a 'path'). Export the project as JSON (not JSON-MIN or CSV).")
-    paths, given, sugg, reviews = [], [], [], []
+    paths, given, sugg, reviews, digests, audit_ids = [], [], [], [], [], []
     for t in tasks:
         data = t["data"]
         anns = [a for a in t.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
@@ -230,5 +262,8 @@ def read_export(export: str | os.PathLike[str] | list) -> pd.DataFrame:
         paths.append(str(data["path"]))
         given.append(str(data.get("given_label", "")))
         sugg.append(str(data.get("suggested_label", "")))
+        digests.append(str(data.get("digest", "")))
+        audit_ids.append(str(data.get("audit_id", "")))
         reviews.append(review)
-    return reviews_frame(paths, reviews, source=source, given=given, suggested=sugg)
+    return reviews_frame(paths, reviews, source=source, given=given, suggested=sugg, digests=digests,
+                         audit_ids=audit_ids)

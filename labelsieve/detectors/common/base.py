@@ -295,6 +295,9 @@ class Detector(ABC):
     summary: ClassVar[str] = ""
     needs_text: ClassVar[bool] = False
     recipe: ClassVar[Recipe | None] = None
+    #: Parameter values with which the detector runs on features alone (no image read, no image tower trained):
+    #: what ``labelsieve.detect`` and ``audit --features`` use when the user did not set those parameters.
+    features_only: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -310,6 +313,17 @@ class Detector(ABC):
         torchrun (docs/architecture.md, "Several processes"); False (the default): it runs on rank 0 alone,
         exactly as in one process."""
         return False
+
+    def needs_images(self, ctx: DetectionContext) -> str | None:
+        """Why :meth:`detect` on ``ctx`` would read the images or train through the image tower, or None when the
+        features (and, for ``needs_text``, the model's text side) are enough. Entries that have features only
+        (``labelsieve.detect``, ``audit --features``) ask before any work; so does an audit before it extracts
+        features, where resolving the path refuses a combination that cannot run (a ViT-only method on a CNN).
+        Default: a detector that trains through the image tower (:meth:`trains_on_every_rank`) needs images."""
+        if not self.trains_on_every_rank(ctx):
+            return None
+        fix = ", ".join(f"{k}={v!r}" for k, v in self.features_only.items())
+        return f"it trains through the image tower with these parameters{f' (on features alone: {fix})' if fix else ''}"
 
     @abstractmethod
     def detect(self, ctx: DetectionContext) -> DetectionResult:

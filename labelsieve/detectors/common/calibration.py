@@ -15,10 +15,13 @@ one, the same way for every detector, and keeps the raw value (column ``p_clean_
 3. calibrated ``p_clean`` is the posterior of the higher component. With a shared variance that posterior is
    ``σ(z)``, ``z = a·T(p) + b`` with ``a > 0``; its log-odds are softly bounded to ``±ln(2n)``
    (:func:`log_odds_bound`: ``z / sqrt(1 + (z/L)²)``), because Gaussian tails would otherwise claim
-   certainties like 1 − 1e-16 that no finite sample supports and that float64 rounds to a tie. The result
-   is a strictly increasing map of the raw score (where float64 would round two raw scores to one value,
-   a tie-break of at most 1e-9 keeps the detector's order), so the ranking, AUROC and AUPRC are
-   unchanged; and the
+   certainties like 1 − 1e-16 that no finite sample supports and that float64 rounds to a tie. The bound
+   saturates too: most clean-looking rows then sit within 1e-12 of ``1 − 1/(2n)``. So the written value mixes
+   in the raw score's rank (:func:`with_raw_order`: a share of at most 1e-6, a gap of at least 1e-13
+   between rows the detector ordered), which makes it a strictly increasing map of the raw score *as
+   written*: the writers keep every p_clean column at full precision (shortest round-trip text), so
+   audit.csv, audit.xlsx, audit.html and the exports rank rows exactly as the raw score, with its ties and no
+   others, and AUROC and AUPRC are unchanged (tested on the files read back); and the
    noise estimate is ``mean(1 − p_clean)`` — the probabilities and the estimate are one and the same
    number (without the bound it would equal EM's fitted noisy share exactly; with it, within ~1/n);
 4. of the three scales, the one whose calibrated decision (``p_clean < 0.5``) agrees best with the detector's
@@ -53,8 +56,8 @@ from scipy.special import expit
 
 from labelsieve.detectors.common.base import DetectionResult
 
-__all__ = ["CLIP", "MAP_CLIP", "MIN_SEPARATION", "MIN_WEIGHT", "SCALES", "Calibration", "calibrate", "fit_calibration",
-           "log_odds_bound", "noise_estimate"]
+__all__ = ["CLIP", "MAP_CLIP", "MAX_RANK_SHARE", "MIN_SEPARATION", "MIN_WEIGHT", "RANK_GAP", "SCALES", "Calibration",
+           "calibrate", "fit_calibration", "log_odds_bound", "noise_estimate", "with_raw_order"]
 
 #: Raw scores are clipped to ``[CLIP, 1 − CLIP]`` before the mixture is fitted (saturated scores of 1.0 or 0.0
 #: would otherwise be infinitely far out on the logit scale) ...
@@ -286,18 +289,19 @@ def calibrate(result: DetectionResult, labels: np.ndarray | None = None) -> Dete
     """
     decision = result.is_noisy
     cal = fit_calibration(result.p_clean, decision)
-    p = _with_raw_order(cal(result.p_clean), result.p_clean)
+    p = with_raw_order(cal(result.p_clean), result.p_clean)
     columns = dict(result.columns)
     member_maps = {}
     for name, col in result.columns.items():
         if name.startswith("p_clean_"):
             flag_col = result.columns.get("is_noisy_" + name[len("p_clean_"):])
             member = fit_calibration(np.asarray(col, dtype=np.float64), flag_col)
-            columns[name] = _with_raw_order(member(col), col)
+            columns[name] = with_raw_order(member(col), col)
             member_maps[name] = member.to_dict()
     columns["p_clean_raw"] = result.p_clean
     threshold = float(cal(np.array([result.threshold]))[0]) if result.flags is None else result.threshold
     info = dict(result.info or {})
+    info.setdefault("decision", "threshold" if result.flags is None else "flags")  # what made the flags (audit.json)
     info["calibration"] = {**cal.to_dict(), "raw_threshold": result.threshold, "columns": member_maps}
     if labels is not None:
         info["calibration"]["noise_estimate"] = noise_estimate(result.p_clean, cal, labels)
@@ -312,18 +316,34 @@ def calibrate(result: DetectionResult, labels: np.ndarray | None = None) -> Dete
                    info=info, columns=columns)
 
 
-#: Largest tie-break :func:`_with_raw_order` adds to a calibrated p_clean.
-TIE_BREAK = 1e-9
+#: The smallest gap :func:`with_raw_order` keeps between the calibrated p_clean of two rows whose raw scores differ
+#: (up to 10 million distinct raw scores; at most :data:`MAX_RANK_SHARE` in all above). 1e-13 survives float64
+#: near 1 (its spacing there is 1.1e-16), the shortest round-trip text the writers use, and the 15 significant
+#: digits a spreadsheet keeps of a number (1e-15 near 1), so the written p_clean sorts as the raw score does.
+RANK_GAP = 1e-13
+#: The largest share of the written p_clean that the rank term takes: it moves a probability by at most this.
+MAX_RANK_SHARE = 1e-6
 
 
-def _with_raw_order(p: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """``p`` plus at most :data:`TIE_BREAK`, increasing with the raw score's dense rank: rows the detector ordered
-    keep that order even where the map's output rounds to the same float64 (an affine map of 1e-300 and of
-    1e-280 is the same number), rows it tied stay tied."""
-    if not len(p):
+def with_raw_order(p: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """``(1 − ε)·p + ε·r/R``, ``r`` the dense rank of the raw score (0 … R): rows the detector ordered keep that
+    order with a gap of at least ``ε/R`` (:data:`RANK_GAP`) even where the map's output saturates (the bounded
+    log-odds put most clean-looking rows within 1e-12 of ``1 − 1/(2n)``) or float64 rounds two outputs to one
+    value; rows the detector tied stay tied. ``ε = min(RANK_GAP·R, MAX_RANK_SHARE)``, so no probability moves by
+    more than 1e-6 (2.5e-10 at 2,500 rows). Non-finite raw scores are left as they are."""
+    p = np.asarray(p, dtype=np.float64)
+    raw = np.asarray(raw, dtype=np.float64)
+    finite = np.isfinite(raw)
+    if not finite.any():
         return p
-    _, dense = np.unique(np.asarray(raw, dtype=np.float64), return_inverse=True)
-    return np.asarray(p, dtype=np.float64) + TIE_BREAK * dense / max(int(dense.max()), 1)
+    _, dense = np.unique(raw[finite], return_inverse=True)
+    top = int(dense.max())
+    if top == 0:
+        return p
+    eps = min(RANK_GAP * top, MAX_RANK_SHARE)
+    out = p.copy()
+    out[finite] = (1.0 - eps) * p[finite] + eps * (dense / top)
+    return out
 
 
 def noise_estimate(p_raw: np.ndarray, cal: Calibration, labels: np.ndarray, *, n_classes: int | None = None,

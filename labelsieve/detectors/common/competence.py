@@ -1,0 +1,122 @@
+"""How well the model reads this data, measured on every audit without ground truth.
+
+A detector can only tell a wrong label from a picture the model misreads when the model reads the data well.
+Users meet weak models for their data all the time (a new domain, medical or satellite images, a small model on a
+laptop), and then the flags and the model-based error rate are unreliable. :func:`measure_competence` says so:
+
+* ``probe_agreement`` — a linear probe on the image features, cross-validated (3 folds; at most
+  :data:`MAX_ROWS` rows), agrees with this share of the given labels. It mixes two things: wrong labels and rows
+  the features cannot place;
+* ``zero_shot_agreement`` — the zero-shot classifier ("a photo of a {}.") agrees with this share of the given
+  labels (vision-language models only);
+* ``reader_agreement`` — the probe and the zero-shot classifier agree with *each other* on this share of rows.
+  It does not involve the given labels at all, so wrong labels do not lower it: two independent readings of the
+  pictures (through the image features, through the class names) agree only where the model reads the data;
+* ``separation`` — how far apart, in shared standard deviations, the two populations of the label-free
+  calibration's mixture lie (:mod:`~labelsieve.detectors.common.calibration`): below 2 the scores of right and
+  wrong labels overlap much;
+* ``expected_precision`` / ``expected_recall`` of the flags as the model sees them: the mean of 1 − p_clean over
+  the flagged rows, and their share of the summed 1 − p_clean. Model-based: trust them only as far as the
+  verdict below says, and measure them with the check sample.
+
+The ``verdict`` is ``weak`` when the two readings agree on fewer than :data:`WEAK_READER_AGREEMENT` of the rows, or
+the mixture's separation is below :data:`WEAK_SEPARATION`, or (image-only models) the probe agrees with fewer than
+:data:`WEAK_PROBE_AGREEMENT` of the labels; otherwise ``good``. The thresholds were chosen on the benchmark sets,
+where they separate the data sets on which the default's flags are good from those on which they are not
+(docs/benchmarks.md, "How right the audit is"). ``reasons`` says which measure fell short.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from labelsieve.detectors.common.base import DetectionContext, DetectionResult
+from labelsieve.detectors.common.linear_probe import out_of_fold_probs
+from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE
+
+__all__ = ["MAX_ROWS", "WEAK_PROBE_AGREEMENT", "WEAK_READER_AGREEMENT", "WEAK_SEPARATION", "measure_competence"]
+
+#: The probe and the zero-shot reading are measured on a seeded random subset of at most this many rows.
+MAX_ROWS = 20_000
+#: Below this agreement of the two independent readings the model is weak for the data.
+WEAK_READER_AGREEMENT = 0.8
+#: Below this separation of the calibration mixture's components the scores barely tell right from wrong labels.
+WEAK_SEPARATION = 2.0
+#: For a model without a text side: below this probe agreement with the given labels the data are either very
+#: noisy or poorly read; either way the flags need checking.
+WEAK_PROBE_AGREEMENT = 0.6
+_FOLDS = 3
+_EPOCHS = 20
+
+
+def _separation(info: dict[str, Any]) -> float | None:
+    cal = (info or {}).get("calibration") or {}
+    means, sd = cal.get("means"), cal.get("sd")
+    if cal.get("status") != "fitted" or not means or not sd:
+        return None
+    return float((means[1] - means[0]) / sd)
+
+
+def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
+                       oof_probs: np.ndarray | None = None) -> dict[str, Any]:
+    """The competence record of an audit (audit.json's ``competence``; see the module docstring).
+
+    Parameters
+    ----------
+    ctx : DetectionContext
+        The rows the detector saw (features, given labels, encoder, seed).
+    result : DetectionResult
+        The calibrated result (``p_clean``, the flags, ``info["calibration"]``).
+    oof_probs : ndarray of shape (n, C), optional
+        Out-of-sample class probabilities the user brought (``--pred-probs``): used instead of the probe.
+    """
+    labels = np.asarray(ctx.labels, dtype=np.int64)
+    n = len(labels)
+    out: dict[str, Any] = {"rows_measured": 0, "basis": "model (no ground truth; the check sample measures it)"}
+    p = np.asarray(result.p_clean, dtype=np.float64)
+    flags = np.asarray(result.is_noisy, dtype=bool)
+    q = 1.0 - p
+    out["expected_precision"] = float(q[flags].mean()) if flags.any() else None
+    out["expected_recall"] = float(q[flags].sum() / q.sum()) if q.sum() > 0 else None
+    out["separation"] = _separation(result.info)
+    rng = np.random.default_rng(np.random.SeedSequence([int(ctx.seed), 0x636F6D70]))  # "comp"
+    rows = np.sort(rng.choice(n, MAX_ROWS, replace=False)) if n > MAX_ROWS else np.arange(n)
+    probe_pred = None
+    if oof_probs is not None:
+        probe_pred = np.asarray(oof_probs)[rows].argmax(axis=1)
+        out["probe"] = "the out-of-sample probabilities given"
+    elif ctx.raw_features() is not None and n >= 2 * _FOLDS and len(np.unique(labels[rows])) >= 2:
+        x = ctx.feature_rows(rows)
+        counts = np.bincount(labels[rows], minlength=ctx.n_classes)
+        if counts[counts > 0].min() >= 2:
+            probs = out_of_fold_probs(x, labels[rows], ctx.n_classes, folds=_FOLDS, seed=ctx.seed, epochs=_EPOCHS,
+                                      device=ctx.device)
+            probe_pred = probs.argmax(axis=1)
+            out["probe"] = f"linear probe on the image features, {_FOLDS}-fold cross-validated, {_EPOCHS} epochs"
+    if probe_pred is not None:
+        out["rows_measured"] = int(len(rows))
+        out["probe_agreement"] = float((probe_pred == labels[rows]).mean())
+    text = ctx.encoder is not None and ctx.encoder.has_text and ctx.raw_features() is not None
+    if text:
+        emb = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
+        zs = (ctx.feature_rows(rows) @ emb.T).argmax(axis=1)
+        out["zero_shot_agreement"] = float((zs == labels[rows]).mean())
+        if probe_pred is not None:
+            out["reader_agreement"] = float((zs == probe_pred).mean())
+    reasons = []
+    if out.get("reader_agreement") is not None and out["reader_agreement"] < WEAK_READER_AGREEMENT:
+        reasons.append(f"the image features and the class names agree on only {out['reader_agreement']:.0%} of the "
+                       f"images (< {WEAK_READER_AGREEMENT:.0%})")
+    if out["separation"] is not None and out["separation"] < WEAK_SEPARATION:
+        reasons.append(f"the scores of right and wrong labels overlap (separation {out['separation']:.1f} < "
+                       f"{WEAK_SEPARATION:.0f} standard deviations)")
+    if out["separation"] is None:
+        reasons.append("the scores show no second population (the calibration could not split them)")
+    if not text and out.get("probe_agreement") is not None and out["probe_agreement"] < WEAK_PROBE_AGREEMENT:
+        reasons.append(f"a linear probe on the features agrees with only {out['probe_agreement']:.0%} of the given "
+                       f"labels (< {WEAK_PROBE_AGREEMENT:.0%})")
+    out["verdict"] = "weak" if reasons else "good"
+    out["reasons"] = reasons
+    return out

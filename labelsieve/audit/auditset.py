@@ -30,7 +30,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +152,14 @@ def check_audit_output(out_dir: str | os.PathLike[str], *, force: bool, files: S
 
 # --------------------------------------------------------------------------- writing
 def write_audit_set(result: Audit, out_dir: str | os.PathLike[str], *, image_root: str | os.PathLike[str],
-                    html: bool = True, xlsx: bool = False, t0: float | None = None) -> dict[str, Path]:
+                    html: bool = True, xlsx: bool = False, t0: float | None = None,
+                    locate: Callable[[str], Any] | None = None) -> dict[str, Path]:
     """Write an audit's files into ``out_dir`` as one unit (see the module docstring).
 
     ``result.summary`` must hold ``audit_id`` and ``created``; ``labels_hash`` is added to it. The sheets get an
     ``audit_id`` column. A sheet holding review decisions that is replaced or removed is copied first
-    (:func:`keep_reviewed_copy`). Returns name -> path of the files written.
+    (:func:`keep_reviewed_copy`). Returns name -> path of the files written. ``locate`` finds the images of rows
+    that are not files under ``image_root`` (container members) for the page's thumbnails.
     """
     out = Path(out_dir)
     summary = result.summary
@@ -179,7 +181,8 @@ def write_audit_set(result: Audit, out_dir: str | os.PathLike[str], *, image_roo
     if xlsx:
         writers["audit.xlsx"] = lambda p: write_xlsx(table, p)
     if html:
-        writers["audit.html"] = lambda p: write_html(table, summary, image_root=Path(image_root), out_path=p)
+        writers["audit.html"] = lambda p: write_html(table, summary, image_root=Path(image_root), out_path=p,
+                                                     locate=locate)
     writers["audit.json"] = json_writer
     return replace_files(out, writers, tag=AUDIT_TAG, members=AUDIT_FILES,
                          record={"audit_id": audit_id, "created": summary.get("created")})

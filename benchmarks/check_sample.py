@@ -164,8 +164,7 @@ def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int,
         stratum = cols["stratum"].fillna(-1).to_numpy(dtype=np.int64)
         position = cols["stratum_pos"].fillna(0).to_numpy(dtype=np.int64)
         wrong = np.where(c > 0, noisy, np.nan)
-        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong),
-                                    seed=d)
+        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong))
         weight = np.array([design.strata[h].rows / design.strata[h].sampled for h in stratum[c > 0]])
         recal = fit_recalibration(p[c > 0], noisy[c > 0], weight)
         rest = member & (c == 0)

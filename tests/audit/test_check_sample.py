@@ -152,7 +152,7 @@ def test_the_interval_holds_the_truth_whatever_the_model(cifar_pair_audit):
     for d in range(100):
         check, design = draw_check_sample(table, size=60, seed=d)
         t = table.assign(check=check)
-        est = estimate_from_reviews(design, _review(t, design, truth, check.notna().to_numpy()), seed=d, draws=2000)
+        est = estimate_from_reviews(design, _review(t, design, truth, check.notna().to_numpy()))
         rates.append(est["rate"])
         cover.append(est["interval"][0] <= true_rate <= est["interval"][1])
         pcover.append(est["precision_interval"][0] <= true_prec <= est["precision_interval"][1])

@@ -47,6 +47,7 @@ from labelsieve.core.defaults import (
     default_cache_dir,
 )
 from labelsieve.core.errors import DataError, ParameterError, check_param
+from labelsieve.core.methodspec import parse_method
 from labelsieve.core.paths import check_output_dir, check_output_file
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
 from labelsieve.data import LabeledImages, load_images
@@ -603,12 +604,18 @@ def describe_detectors() -> dict[str, str]:
 def describe_detector(name: str) -> str:
     """One detector's parameters as text (``labelsieve detectors --show NAME``): for the paper-based detectors
     their recipe (value, ``paper`` or ``labelsieve``, and the section, table or authors' file each comes from),
-    for the others their parameters and defaults."""
-    cls = get_detector_class(name)
+    for an ensemble (``"ensemble"`` or a method string with several members) its members in the ``--method``
+    syntax and each member's settings that are not its paper's recipe, for the others their parameters and
+    defaults. A method string with parameters (``"deft(logit_scale=calibrated)"``) shows the recipe with them."""
+    members = parse_method(name)
+    detector = create_detector(name)
+    cls = type(detector)
+    head = f"{cls.name}: {cls.summary}"
+    if hasattr(detector, "describe"):
+        return f"{head}\n\n{detector.describe()}"
     recipe = getattr(cls, "recipe", None)
-    head = f"{name}: {cls.summary}"
     if recipe is not None:
-        return f"{head}\n{recipe.format()}"
+        return f"{head}\n{recipe.format(detector.get_params() if members[0][1] else None)}"
     sig = inspect.signature(cls.__init__)
     params = [f"  {p.name} = {p.default!r}" for p in sig.parameters.values()
               if p.name != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 load = os.getloadavg()
                 try:
                     det = create_detector(reg, **params)
+                    resolved = det.get_params()
                     for member in getattr(det, "_members", [det]):
                         memo.wrap(member)
                     memo.reused = 0.0
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 m = detection_metrics(noisy, res.p_clean, res.is_noisy)
                 rec = {"dataset": dname, "model": mname, "detector": row, "seed": args.seed, "registry": reg,
-                       "params": params, "resolved_params": det.get_params(), "logit_scale": enc.logit_scale,
+                       "params": params, "resolved_params": resolved, "logit_scale": enc.logit_scale,
                        "n": len(images), "noise_rate": float(noisy.mean()), "seconds": secs,
                        "seconds_reused": memo.reused, "loadavg_start": load, "loadavg_end": os.getloadavg(),
                        "peak_rss_mb": peak_memory_mb(), "host": host, **m,

@@ -102,10 +102,13 @@ EXTRA_DETECTORS = [
     ("codivide paper + max_steps 1000", "codivide", {"max_steps": 1000}, True),
     ("codivide paper + no lambda_u ramp", "codivide", {"lambda_u_rampup": 0}, True),
     ("deft lora (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True, _NETTE),
+    ("deft lora + rrc (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5, "augment": "rrc"},
+     True, _NETTE),
     ("turn paper recipe fine-tune 128 px", "turn", {"image_size": 128}, False, _NETTE),
     ("turn sgd (labelsieve) fine-tune 128 px", "turn",
      {"image_size": 128, "optimizer": "sgd", "lr": 1e-3, "head_lr": 1e-2, "weight_decay": 5e-4, "batch_size": 64},
      False, _NETTE),
+    ("turn paper recipe fine-tune 128 px + rrc", "turn", {"image_size": 128, "augment": "rrc"}, False, _NETTE),
     ("ensemble: codivide fast + turn probe + knn (mean)", "ensemble",
      {"members": _ENS_FAST, "combine": "mean_logit"}, True),
 ]
@@ -129,6 +132,11 @@ BEFORE_10 = list(BEFORE_10_NAMES.values())
 #: image-feature baselines (knn, confident_learning, small_loss, gmm: features and code unchanged), the Lite0 rows and
 #: the extraction timings stay.
 BEFORE_21_FILE = "detection-before21.jsonl"
+BEFORE_21_NOTE = ("**Rows measured before issue 21, kept for the record; they choose nothing.** Text-side rows "
+                  "(label_match, DEFT, co-divide, the ensembles) ran on the stand-in CLIP with its copied logit "
+                  "scale ln 100, which saturated every prompt method's softmax; TURN's rows used its earlier probe "
+                  "(weight decay 1e-4, batch 256). Row names are those of the code at the time (docs/methods.md says "
+                  "what each ran).")
 
 # --detectors is a comma-separated list of these names, so they hold no comma
 assert not any("," in d[0] for d in DETECTORS + EXTRA_DETECTORS)
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         render(out / "detection.jsonl", out / "detection.md")
         if (out / BEFORE_21_FILE).exists():
-            render(out / BEFORE_21_FILE, out / "detection-before21.md")
+            render(out / BEFORE_21_FILE, out / "detection-before21.md", note=BEFORE_21_NOTE)
         return 0
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -364,8 +372,8 @@ def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
     return float((res.suggested[hit] == true[hit]).mean()) if hit.any() else None
 
 
-def render(jsonl: Path, md: Path) -> None:
-    """Markdown tables from the JSONL results."""
+def render(jsonl: Path, md: Path, *, note: str = "") -> None:
+    """Markdown tables from the JSONL results (``note``: a paragraph put first)."""
     rows = read_jsonl(jsonl)
     raw = [r for r in rows if r["detector"] != "feature extraction"]
     det = _mean_over_seeds(raw)
@@ -374,7 +382,7 @@ def render(jsonl: Path, md: Path) -> None:
     f1 = lambda r: f"{r['f1']:.3f}" + (f" ± {r['f1_sd']:.3f}" if r["n_seeds"] > 1 else "")
     hosts = list({json.dumps(r["host"], sort_keys=True): r["host"] for r in rows}.values())
     loads = [v for r in raw for v in (r.get("loadavg_start", [None])[0], r.get("loadavg_end", [None])[0]) if v]
-    lines = [f"Host{'s' if len(hosts) > 1 else ''}: " + "; ".join(map(str, hosts)), ""]
+    lines = ([note, ""] if note else []) + [f"Host{'s' if len(hosts) > 1 else ''}: " + "; ".join(map(str, hosts)), ""]
     if loads:
         lines += [f"1-minute load average at the start and end of the rows: {min(loads):.1f}–{max(loads):.1f} "
                   "(2 cores shared with other jobs: seconds are upper bounds).", ""]

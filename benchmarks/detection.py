@@ -43,7 +43,7 @@ from labelsieve.data import load_images  # noqa: E402
 from labelsieve.data.noise import make_noisy_labels  # noqa: E402
 from labelsieve.detectors import create_detector  # noqa: E402
 from labelsieve.detectors.common.base import DetectionContext  # noqa: E402
-from labelsieve.detectors.ensemble import CODIVIDE_FAST, TURN_PROBE  # noqa: E402
+from labelsieve.detectors.ensemble import CODIVIDE_FAST, CODIVIDE_MEMBER, DEFAULT_MEMBERS, TURN_PROBE  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
 
@@ -54,7 +54,10 @@ _CIFAR, _NETTE = ("cifar10n",), ("imagenette",)
 #: per network, i.e. 320 steps at 10 classes whatever the number of rows (the batch and the learning rate grow k-fold
 #: instead: k = 10 on the 10,000-row CIFAR-10N sets, 3 on the 2,500-row Imagenette sets).
 CODIVIDE_BUDGET = {**CODIVIDE_FAST, "text_budget": 3200}
+assert CODIVIDE_BUDGET == CODIVIDE_MEMBER
 _ENS_FAST = [["codivide", CODIVIDE_FAST], ["turn", TURN_PROBE], "knn"]
+#: TURN's probe as labelsieve ran it before issue 21 (weight decay 1e-4, batch 256; Table 8 gives 1e-6 and 128).
+TURN_PROBE_EARLIER = {**TURN_PROBE, "lp_weight_decay": 1e-4, "lp_batch_size": 256}
 # (row name, registry name, params, needs text[, dataset prefixes the row runs on])
 # Issue 21: every row runs on the re-tempered stand-in (logit scale 35); the paper recipes (the detectors' defaults;
 # on this CPU and the mini CLIP's CNN tower DEFT and co-divide fall back to their frozen-tower paths, TURN runs its
@@ -67,6 +70,7 @@ DETECTORS = [
     ("gmm", "gmm", {}, False),
     ("turn paper recipe (no fine-tune)", "turn", {"finetune": False}, False),
     ("turn probe + monotone (labelsieve)", "turn", TURN_PROBE, False),
+    ("turn probe + monotone + LP wd 1e-4 batch 256 (labelsieve)", "turn", TURN_PROBE_EARLIER, False),
     ("deft paper recipe", "deft", {}, True),
     ("deft + severe noise", "deft", {"severe_noise": True}, True),
     ("codivide paper recipe", "codivide", {}, True),
@@ -77,6 +81,8 @@ DETECTORS = [
     ("ensemble: codivide fast + turn probe + knn (stacked)", "ensemble", {"members": _ENS_FAST}, True),
     ("ensemble: codivide budget + turn probe + knn (stacked)", "ensemble",
      {"members": [["codivide", CODIVIDE_BUDGET], ["turn", TURN_PROBE], "knn"]}, True),
+    ("ensemble: codivide budget + turn probe LP 1e-4 + knn (stacked)", "ensemble",
+     {"members": [["codivide", CODIVIDE_BUDGET], ["turn", TURN_PROBE_EARLIER], "knn"]}, True),
     ("ensemble: label_match + turn probe + knn (stacked)", "ensemble",
      {"members": ["label_match", ["turn", TURN_PROBE], "knn"]}, True),
     ("ensemble: deft paper + turn probe + knn (stacked)", "ensemble",
@@ -143,8 +149,10 @@ assert not any("," in d[0] for d in DETECTORS + EXTRA_DETECTORS)
 ROW_ORDER = list(dict.fromkeys(d[0] for d in DETECTORS + EXTRA_DETECTORS)) + BEFORE_10
 #: Deterministic rows (no seed changes their result): they run once.
 ONCE = {"label_match", "knn", "confident_learning", "small_loss", "gmm"}
-#: The grid's row that runs the default ensemble's members (``ensemble.DEFAULT_MEMBERS``; a test checks it).
-DEFAULT_ROW = "ensemble: codivide fast + turn probe + knn (stacked)"
+#: The grid's row that runs the default ensemble's members (``ensemble.DEFAULT_MEMBERS``; checked below).
+DEFAULT_ROW = "ensemble: codivide budget + turn probe + knn (stacked)"
+assert [m if isinstance(m, str) else list(m) for m in DEFAULT_MEMBERS] == next(
+    d[2]["members"] for d in DETECTORS if d[0] == DEFAULT_ROW), "DEFAULT_ROW must run the default members"
 
 
 #: Sets outside the grid, for held-out checks (issues 18 and 21): CIFAR-10 with 30 % pair noise on 3,000 train

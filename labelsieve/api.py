@@ -105,7 +105,9 @@ def detect(
         The text a vision-language model reads per class (index order), or raw label -> text. Needed only
         by text-guided detectors; default the label values.
     method : str, optional
-        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list. Default: the audit's
+        A registered detector (``labelsieve.list_detectors()``), with its parameters in place if wanted
+        (``"deft(logit_scale=calibrated)"``), or several separated by commas for an ensemble, each with its own
+        (``"turn(finetune=false),knn(k=10)"``; :mod:`labelsieve.core.methodspec`). Default: the audit's
         default (:data:`~labelsieve.core.defaults.DEFAULT_METHOD`) when a vision-language ``encoder``/``model``
         is given (its text side must be the one the features came from), else
         :data:`~labelsieve.core.defaults.DEFAULT_FEATURES_METHOD` (TURN's linear probe and GMM, which needs
@@ -321,7 +323,9 @@ def audit(
     labels_csv : path, optional
         ``path,label`` CSV (column names: ``path_column``, ``label_column``).
     method : str, default="ensemble"
-        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
+        A registered detector (``labelsieve.list_detectors()``), ``NAME(KEY=VALUE, ...)``, or several separated
+        by commas for an ensemble whose members carry their own parameters (``"turn(finetune=false),knn"``;
+        :mod:`labelsieve.core.methodspec`); ``params`` then holds the ensemble's own (``combine``, ``weights``).
     model, pretrained : str
         open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name
         (:mod:`labelsieve.models.loader`; ``pretrained=None`` is the model's default weights).

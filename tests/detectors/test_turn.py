@@ -158,9 +158,8 @@ def small_imagenette(imagenette_small, imagenette_feats):
 
 def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, mini_clip, tmp_path):
     """Two TURN epochs of full fine-tuning at 96 px: the tower trains on the selected subsamples only, the
-    encoder is untouched, and the fine-tuned model detects the noise better than the step-1 model seen
-    at the same image size (measured: loss AUROC .939 -> .956, accuracy .785 -> .845, F1 of the
-    per-class GMM flag .70 -> .77)."""
+    encoder is untouched, and the fine-tuned model detects the noise no worse than the step-1 model seen
+    at the same image size (the margins below; the numbers in the comments were measured)."""
     sub, xs, noisy, truth = small_imagenette
     ctx = dataclasses.replace(make_context(sub, xs, mini_clip, noisy), cache_dir=tmp_path)
     before = {k: v.clone() for k, v in mini_clip.model.visual.state_dict().items()}
@@ -192,7 +191,9 @@ def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, 
     acc0, acc1 = (logits0.argmax(1) == sub.labels).mean(), (res.suggested == sub.labels).mean()
     assert auc1 >= auc0 - 0.02 and acc1 >= acc0 - 0.02, (auc0, auc1, acc0, acc1)
     f1, auroc = scores(res, truth)
-    assert f1 > 0.68 and auroc > 0.8, (f1, auroc)  # measured: .77, .86
+    # measured: .686 / .788 with the paper's probe (Table 8) and A.2.2's view for photos (issue 21); .77 / .86 before,
+    # with labelsieve's earlier probe (weight decay 1e-4, batch 256) and random resized crops
+    assert f1 > 0.62 and auroc > 0.74, (f1, auroc)
 
     again = create_detector("turn", fft_epochs=2, image_size=96, batch_size=16).detect(ctx)
     np.testing.assert_allclose(res.p_clean, again.p_clean, atol=1e-6)

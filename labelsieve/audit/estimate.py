@@ -36,7 +36,7 @@ its known count. Precision and recall of the flags come from the same band estim
 unflagged rows; recall by the delta method). It is closed-form, so audit.html computes the very same numbers as
 labelsieve (review.js ports it). Chosen by measurement against a Monte Carlo interval from the bands' Jeffreys
 posteriors with modified ends (Brown, Cai & DasGupta 2001), which held the truth about as often and was wider on
-every set tried; coverage and widths on eight data sets: docs/benchmarks.md §13.
+every set tried; coverage and widths on eight data sets: docs/benchmarks.md §14.
 """
 
 from __future__ import annotations

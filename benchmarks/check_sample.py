@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ from labelsieve.api import run_detector  # noqa: E402
 from labelsieve.audit.checksample import design_columns, draw_check_sample  # noqa: E402
 from labelsieve.audit.estimate import ReviewedSample, estimate_from_reviews, fit_recalibration  # noqa: E402
 from labelsieve.audit.evaluate import calibration_error  # noqa: E402
-from labelsieve.audit.html import write_html  # noqa: E402
+from labelsieve.audit.html import page_data, write_html  # noqa: E402
 from labelsieve.audit.schema import read_audit  # noqa: E402
 from labelsieve.audit.writers import write_csv, write_json, write_xlsx  # noqa: E402
 from labelsieve.core.defaults import DEFAULT_METHOD  # noqa: E402
@@ -129,8 +128,7 @@ def written_ranks(table: pd.DataFrame, noisy_by_path: dict[str, bool], work: Pat
     cols = [c for c in table.columns if c == "p_clean" or (c.startswith("p_clean_") and c != "p_clean_raw")]
     back_csv = read_audit(csv, required=("path",), optional=cols)
     back_xlsx = read_audit(xlsx, required=("path",), optional=cols)
-    page = json.loads(re.search(r'<script type="application/json" id="ls-data">(.*?)</script>',
-                                html.read_text(encoding="utf-8"), re.S).group(1).replace("\\u003c", "<"))
+    page = page_data(html.read_text(encoding="utf-8"))
     page_p = dict(zip(page["rows"]["path"], page["rows"]["p"], strict=True))
     pos = {p: i for i, p in enumerate(paths)}
     at = np.array([pos[p] for p in t["path"]])

@@ -5,7 +5,6 @@ opens."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 
@@ -21,6 +20,7 @@ from labelsieve.audit.checksample import CheckDesign, design_columns, draw_check
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.estimate import ReviewedSample, estimate_audit, estimate_from_reviews, fit_recalibration
 from labelsieve.audit.evaluate import calibration_error
+from labelsieve.audit.html import page_data
 from labelsieve.audit.schema import read_audit
 from labelsieve.audit.writers import write_csv
 from labelsieve.data.noise import make_noisy_labels
@@ -39,9 +39,7 @@ def _features_audit(tmp_path, images, x, labels, **kw):
 
 
 def _page_rows(html_path) -> dict:
-    raw = re.search(r'<script type="application/json" id="ls-data">(.*?)</script>',
-                    html_path.read_text(encoding="utf-8"), re.S).group(1)
-    return json.loads(raw.replace("\\u003c", "<"))
+    return page_data(html_path.read_text(encoding="utf-8"))
 
 
 def test_written_scores_rank_rows_exactly_as_the_raw_score(noisy_imagenette, tmp_path):

@@ -139,7 +139,7 @@ def _review(table, design, truth, decided: np.ndarray) -> ReviewedSample:
 
 
 def test_the_interval_holds_the_truth_whatever_the_model(cifar_pair_audit):
-    """100 check samples of 60 rows, each reviewed by the truth: the 95 % interval holds the true error rate in at
+    """300 check samples of 60 rows, each reviewed by the truth: the 95 % interval holds the true error rate in at
     least 90 % of them, the estimate is unbiased, and so are the precision and recall of the flags; the model
     alone is off by more than its own interval claims."""
     table, truth = cifar_pair_audit
@@ -147,7 +147,7 @@ def test_the_interval_holds_the_truth_whatever_the_model(cifar_pair_audit):
     flagged = table["is_noisy"].to_numpy(dtype=bool)
     true_prec, true_rec = truth[flagged].mean(), truth[flagged].sum() / truth.sum()
     rates, cover, pcover, rcover = [], [], [], []
-    for d in range(100):
+    for d in range(300):  # the rate held in 94 % of 1,000 draws: 300 keep a chance miss under 1 %
         check, design = draw_check_sample(table, size=60, seed=d)
         t = table.assign(check=check)
         est = estimate_from_reviews(design, _review(t, design, truth, check.notna().to_numpy()))

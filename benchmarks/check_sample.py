@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -47,12 +46,14 @@ from detection import HELD_OUT, load_dataset  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import labelsieve.api  # noqa: E402
+import labelsieve.audit.checksample as checksample  # noqa: E402
+import labelsieve.audit.estimate as est_mod  # noqa: E402
 from labelsieve import testing  # noqa: E402
 from labelsieve.api import run_detector  # noqa: E402
 from labelsieve.audit.checksample import design_columns, draw_check_sample  # noqa: E402
 from labelsieve.audit.estimate import ReviewedSample, estimate_from_reviews, fit_recalibration  # noqa: E402
 from labelsieve.audit.evaluate import calibration_error  # noqa: E402
-from labelsieve.audit.html import write_html  # noqa: E402
+from labelsieve.audit.html import page_data, write_html  # noqa: E402
 from labelsieve.audit.schema import read_audit  # noqa: E402
 from labelsieve.audit.writers import write_csv, write_json, write_xlsx  # noqa: E402
 from labelsieve.core.defaults import DEFAULT_METHOD  # noqa: E402
@@ -127,8 +128,7 @@ def written_ranks(table: pd.DataFrame, noisy_by_path: dict[str, bool], work: Pat
     cols = [c for c in table.columns if c == "p_clean" or (c.startswith("p_clean_") and c != "p_clean_raw")]
     back_csv = read_audit(csv, required=("path",), optional=cols)
     back_xlsx = read_audit(xlsx, required=("path",), optional=cols)
-    page = json.loads(re.search(r'<script type="application/json" id="ls-data">(.*?)</script>',
-                                html.read_text(encoding="utf-8"), re.S).group(1).replace("\\u003c", "<"))
+    page = page_data(html.read_text(encoding="utf-8"))
     page_p = dict(zip(page["rows"]["path"], page["rows"]["p"], strict=True))
     pos = {p: i for i, p in enumerate(paths)}
     at = np.array([pos[p] for p in t["path"]])
@@ -145,6 +145,27 @@ def written_ranks(table: pd.DataFrame, noisy_by_path: dict[str, bool], work: Pat
             rec["html_distinct"] = int(len(np.unique(v)))
         out[c] = rec
     return out
+
+
+def mc_interval(design, sample: ReviewedSample, *, seed: int, draws: int = 4000) -> list[float]:
+    """The alternative measured against labelsieve's closed-form interval: 95 % of joint Monte Carlo draws of the
+    total, each band's wrong share from its Jeffreys posterior Beta(x + ½, m − x + ½) with the ends modified
+    (share 0 for the lower end when x = 0, 1 for the upper end when x = m; Brown, Cai & DasGupta 2001), the rows
+    nobody saw drawn binomially (labelsieve's interval before it was replaced; benchmark-only code)."""
+    rng = np.random.default_rng(seed)
+    cells, _ = est_mod._bands(design, sample)
+    low, high = np.zeros(draws), np.zeros(draws)
+    for g in est_mod._collapse(cells):
+        left, m, x = sum(c.left for c in g), sum(c.m for c in g), sum(c.x for c in g)
+        exact = sum(c.exact_wrong for c in g)
+        for side, acc in (("low", low), ("high", high)):
+            if m == 0:
+                continue
+            share = (np.zeros(draws) if side == "low" and x == 0 else np.ones(draws) if side == "high" and x == m
+                     else rng.beta(x + 0.5, m - x + 0.5, draws))
+            acc += exact + x + rng.binomial(max(left - m, 0), share)
+    rows = sum(c.rows for c in cells)
+    return [float(np.quantile(low, 0.025)) / rows, float(np.quantile(high, 0.975)) / rows]
 
 
 def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int, size: int) -> dict:
@@ -164,14 +185,15 @@ def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int,
         stratum = cols["stratum"].fillna(-1).to_numpy(dtype=np.int64)
         position = cols["stratum_pos"].fillna(0).to_numpy(dtype=np.int64)
         wrong = np.where(c > 0, noisy, np.nan)
-        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong),
-                                    seed=d)
+        est = estimate_from_reviews(design, ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong))
         weight = np.array([design.strata[h].rows / design.strata[h].sampled for h in stratum[c > 0]])
         recal = fit_recalibration(p[c > 0], noisy[c > 0], weight)
         rest = member & (c == 0)
         ece_before = calibration_error(noisy[rest].astype(bool), p[rest])
         ece_after = calibration_error(noisy[rest].astype(bool), recal(p[rest])) if recal else None
-        r = {"rate": est["rate"], "iv": est["interval"], "ece_before": ece_before, "ece_after": ece_after,
+        sample = ReviewedSample(stratum=stratum, position=position, check=c, wrong=wrong)
+        r = {"rate": est["rate"], "iv": est["interval"], "mc_iv": mc_interval(design, sample, seed=d),
+             "ece_before": ece_before, "ece_after": ece_after,
              "prec": est["precision"], "prec_iv": est["precision_interval"], "rec": est["recall"],
              "rec_iv": est["recall_interval"], "collapsed": est["collapsed"]}
         recs.append(r)
@@ -184,6 +206,7 @@ def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int,
                 float(np.mean([hi - lo for lo, hi in ivs])))
 
     cov, width = cover("iv", truth_rate)
+    mc_cov, mc_width = cover("mc_iv", truth_rate)
     pcov, pwidth = cover("prec_iv", truth_prec)
     rcov, rwidth = cover("rec_iv", truth_rec)
     rates = np.array([r["rate"] for r in recs])
@@ -191,6 +214,7 @@ def simulate(table: pd.DataFrame, noisy_by_path: dict[str, bool], *, draws: int,
     return {"truth_rate": truth_rate, "truth_precision": truth_prec, "truth_recall": truth_rec,
             "estimate_mean": float(rates.mean()), "estimate_sd": float(rates.std()),
             "estimate_max": float(rates.max()), "coverage": cov, "width": width,
+            "mc_coverage": mc_cov, "mc_width": mc_width,
             "precision_coverage": pcov, "precision_width": pwidth, "recall_coverage": rcov, "recall_width": rwidth,
             "ece_before": float(np.mean([r["ece_before"] for r in recs])),
             "ece_after": float(np.mean(after)) if after else None,
@@ -210,17 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--reuse", action="store_true", help="read the audits a previous run kept in --work")
+    ap.add_argument("--rows-per-band", type=int, default=checksample.ROWS_PER_STRATUM,
+                    help="the design's sampled rows per band (labelsieve's is ROWS_PER_STRATUM; others to compare)")
     args = ap.parse_args(argv)
+    checksample.ROWS_PER_STRATUM = args.rows_per_band
     torch.set_num_threads(args.threads)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     jsonl = out / "check_sample.jsonl"
-    done = {(r["dataset"], r["method"], r["seed"], r["draws"], r["size"]) for r in read_jsonl(jsonl)}
+    done = {(r["dataset"], r["method"], r["seed"], r["draws"], r["size"], r.get("rows_per_band"))
+            for r in read_jsonl(jsonl)}
     enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
     host = host_info(args.threads)
     for dname in args.datasets.split(","):
-        if (dname, args.method, args.seed, args.draws, args.size) in done and not args.reuse:
+        if (dname, args.method, args.seed, args.draws, args.size, args.rows_per_band) in done:
             continue
         images, true = load_dataset(dname)
         noisy_by_path = dict(zip(images.paths, (images.labels != true).tolist(), strict=True))
@@ -234,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         member = table["issue"] != "unreadable"
         model_iv = summary.get("noise_rate_interval") or [None, None]
         rec = {"dataset": dname, "method": args.method, "seed": args.seed, "draws": args.draws, "size": args.size,
+               "rows_per_band": args.rows_per_band, "bands": len(draw_check_sample(table, size=args.size)[1].strata),
                "n": len(images), "noise_rate": float((images.labels != true).mean()),
                "model_rate": summary["noise_rate"], "model_interval": model_iv,
                "model_covers": bool(model_iv[0] is not None and model_iv[0] <= sim["truth_rate"] <= model_iv[1]),
@@ -258,8 +287,9 @@ def render(jsonl: Path, md: Path) -> None:
     """The Markdown tables docs/benchmarks.md quotes (the latest row per dataset, method, size and draws)."""
     latest: dict = {}
     for r in read_jsonl(jsonl):
-        latest[(r["dataset"], r["method"], r["size"], r["draws"], r["seed"])] = r
-    rows = list(latest.values())
+        latest[(r["dataset"], r["method"], r["size"], r["draws"], r["seed"], r.get("rows_per_band"))] = r
+    every = list(latest.values())
+    rows = [r for r in every if r.get("rows_per_band") in (None, checksample.ROWS_PER_STRATUM)]
     lines = ["| data set (n, true error rate) | method | model alone: estimate [95 % interval] | check sample of "
              "K: mean estimate ± sd | coverage of the 95 % interval | mean width | precision of the flags: truth, "
              "coverage, width | recall: truth, coverage, width | ECE of p_clean on unreviewed rows: before → after "
@@ -272,6 +302,16 @@ def render(jsonl: Path, md: Path) -> None:
             f"{_f(r['width'])} | {_f(r['truth_precision'])}, {_f(r['precision_coverage'], '.0%')}, "
             f"{_f(r['precision_width'])} | {_f(r['truth_recall'])}, {_f(r['recall_coverage'], '.0%')}, "
             f"{_f(r['recall_width'])} | {r['ece_before']:.3f} → {_f(r['ece_after'])} ({_f(r['ece_after_max'])}) |")
+    lines += ["", "Design and interval alternatives (same audits, same draws): bands, then coverage / mean width of "
+              "labelsieve's closed-form interval and of the Monte Carlo interval from the bands' Jeffreys posteriors "
+              "with modified ends.", "",
+              "| data set | sampled rows per band | bands | closed form: coverage / width | Monte Carlo: coverage / "
+              "width |", "|---|---|---|---|---|"]
+    for r in sorted(every, key=lambda r: (r["dataset"], r.get("rows_per_band") or 0)):
+        if r.get("mc_coverage") is None:
+            continue
+        lines.append(f"| {r['dataset']} | {r.get('rows_per_band')} | {r.get('bands')} | {_f(r['coverage'], '.1%')} / "
+                     f"{_f(r['width'])} | {_f(r['mc_coverage'], '.1%')} / {_f(r['mc_width'])} |")
     lines += ["", "Written scores: AUROC of 1 − p_clean by the detector's raw score and by the value read back from "
               "each file (distinct values in brackets).", "",
               "| data set | column | raw | audit.csv | audit.xlsx | audit.html |", "|---|---|---|---|---|---|"]

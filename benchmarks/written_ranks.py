@@ -16,9 +16,7 @@ Results: ``OUT/written_ranks.jsonl`` (a rerun skips finished rows) and ``OUT/wri
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ from detection import load_dataset  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from labelsieve import testing  # noqa: E402
-from labelsieve.audit.html import write_html  # noqa: E402
+from labelsieve.audit.html import page_data, write_html  # noqa: E402
 from labelsieve.audit.table import build_table  # noqa: E402
 from labelsieve.audit.writers import write_csv, write_xlsx  # noqa: E402
 from labelsieve.core.runtime import seed_everything  # noqa: E402
@@ -63,9 +61,7 @@ def read_back(table: pd.DataFrame, work: Path, cols: list[str]) -> dict[str, dic
     write_html(table, {"method": "benchmark"}, image_root=work, out_path=work / "audit.html", max_gallery=0)
     csv = pd.read_csv(work / "audit.csv").set_index("path").loc[table["path"]]
     xlsx = pd.read_excel(work / "audit.xlsx").set_index("path").loc[table["path"]]
-    embedded = re.search(r'<script type="application/json" id="ls-data">(.*?)</script>',
-                         (work / "audit.html").read_text(encoding="utf-8"), re.S).group(1)
-    page = json.loads(embedded.replace("\\u003c", "<"))
+    page = page_data((work / "audit.html").read_text(encoding="utf-8"))
     html_p = dict(zip(page["rows"]["path"], page["rows"]["p"], strict=True))
     out = {c: {"csv": csv[c].to_numpy(dtype=np.float64), "xlsx": xlsx[c].to_numpy(dtype=np.float64)} for c in cols}
     out["p_clean"]["html"] = np.array([html_p[p] for p in table["path"]], dtype=np.float64)

@@ -50,6 +50,7 @@ from labelsieve.core.defaults import (
     default_cache_dir,
 )
 from labelsieve.core.errors import DataError, ParameterError, check_param
+from labelsieve.core.methodspec import parse_method
 from labelsieve.core.paths import check_output_dir, check_output_file, listed
 from labelsieve.core.progress import warn
 from labelsieve.core.runtime import peak_memory_mb, resolve_device, seed_everything, versions
@@ -123,7 +124,9 @@ def detect(
         The text a vision-language model reads per class (index order), or raw label -> text. Needed only
         by text-guided detectors; default the label values.
     method : str, optional
-        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list. Default: the audit's
+        A registered detector (``labelsieve.list_detectors()``), with its parameters in place if wanted
+        (``"deft(logit_scale=calibrated)"``), or several separated by commas for an ensemble, each with its own
+        (``"turn(finetune=false),knn(k=10)"``; :mod:`labelsieve.core.methodspec`). Default: the audit's
         default (:data:`~labelsieve.core.defaults.DEFAULT_METHOD`) when a vision-language ``encoder``/``model``
         is given (its text side must be the one the features came from), else
         :data:`~labelsieve.core.defaults.DEFAULT_FEATURES_METHOD` (TURN's linear probe and GMM, which needs
@@ -406,7 +409,9 @@ def audit(
         ``path,label`` CSV (column names: ``path_column``, ``label_column``); with containers, optional (their
         labels are read from them otherwise) and keyed by sample name, or by WebDataset KEY.
     method : str, default="ensemble"
-        A registered detector (``labelsieve.list_detectors()``) or a comma-separated list (ensemble).
+        A registered detector (``labelsieve.list_detectors()``), ``NAME(KEY=VALUE, ...)``, or several separated
+        by commas for an ensemble whose members carry their own parameters (``"turn(finetune=false),knn"``;
+        :mod:`labelsieve.core.methodspec`); ``params`` then holds the ensemble's own (``combine``, ``weights``).
     model, pretrained : str
         open_clip architecture and weight tag/file, a local open_clip folder, or a timm model name
         (:mod:`labelsieve.models.loader`; ``pretrained=None`` is the model's default weights).
@@ -910,12 +915,18 @@ def describe_detectors() -> dict[str, str]:
 def describe_detector(name: str) -> str:
     """One detector's parameters as text (``labelsieve detectors --show NAME``): for the paper-based detectors
     their recipe (value, ``paper`` or ``labelsieve``, and the section, table or authors' file each comes from),
-    for the others their parameters and defaults."""
-    cls = get_detector_class(name)
+    for an ensemble (``"ensemble"`` or a method string with several members) its members in the ``--method``
+    syntax and each member's settings that are not its paper's recipe, for the others their parameters and
+    defaults. A method string with parameters (``"deft(logit_scale=calibrated)"``) shows the recipe with them."""
+    members = parse_method(name)
+    detector = create_detector(name)
+    cls = type(detector)
+    head = f"{cls.name}: {cls.summary}"
+    if hasattr(detector, "describe"):
+        return f"{head}\n\n{detector.describe()}"
     recipe = getattr(cls, "recipe", None)
-    head = f"{name}: {cls.summary}"
     if recipe is not None:
-        return f"{head}\n{recipe.format()}"
+        return f"{head}\n{recipe.format(detector.get_params() if members[0][1] else None)}"
     sig = inspect.signature(cls.__init__)
     params = [f"  {p.name} = {p.default!r}" for p in sig.parameters.values()
               if p.name != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY]

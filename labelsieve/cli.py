@@ -33,10 +33,12 @@ from labelsieve.core.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CHECK_SIZE,
     DEFAULT_DUPLICATE_THRESHOLD,
+    DEFAULT_ENSEMBLE_SUMMARY,
     DEFAULT_METHOD,
     DEFAULT_MODEL,
 )
 from labelsieve.core.errors import NO_SPACE, LabelsieveError, no_space_error
+from labelsieve.core.methodspec import METHOD_SYNTAX
 
 #: What Ctrl-C prints: what is kept, and how to go on.
 INTERRUPTED = ("interrupted: finished work is kept (extracted features in the cache, training checkpoints after "
@@ -75,7 +77,9 @@ def cli() -> None:
 @click.argument("root", type=click.Path(path_type=Path))
 @click.argument("labels", required=False, type=click.Path(path_type=Path))
 @click.option("--method", "-m", default=DEFAULT_METHOD, show_default=True,
-              help="Detector name, or a comma-separated list for an ensemble (see `labelsieve detectors`).")
+              help=f"Detector: {METHOD_SYNTAX}, e.g. 'turn(finetune=false),knn(k=10)' (see `labelsieve detectors`). "
+                   f"The default, '{DEFAULT_METHOD}', stacks {DEFAULT_ENSEMBLE_SUMMARY}; `labelsieve detectors --show "
+                   f"{DEFAULT_METHOD}` prints its members' settings.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="open_clip architecture, local open_clip model folder, or timm model name.")
 @click.option("--pretrained", default=None,
@@ -85,7 +89,9 @@ def cli() -> None:
 @click.option("--classnames", type=click.Path(path_type=Path), help="CSV 'label,text': what the model reads.")
 @click.option("--path-column", default="path", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="Detector parameter (repeatable).")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+              help="Detector parameter (repeatable); for an ensemble its own (combine, weights, trusted_weight): a "
+                   "member's go in --method, NAME(KEY=VALUE, ...).")
 @click.option("--peft", help="deft: image-tower tuning (auto, vpt_deep, vpt_shallow, lora, adaptformer, bitfit, "
                              "none, feature_adapter).")
 @click.option("--epochs", type=int, help="Detector training epochs (deft, turn, codivide).")
@@ -180,10 +186,12 @@ def audit(cctx: click.Context, root: Path, labels: Path | None, method: str, mod
 
 
 @cli.command("detectors")
-@click.option("--show", "show", metavar="NAME",
-              help="Print one detector's parameters: value, 'paper' or 'labelsieve', and where each comes from.")
+@click.option("--show", "show", metavar="METHOD",
+              help="Print one detector's parameters: value, 'paper' or 'labelsieve', and where each comes from; for "
+                   "an ensemble ('ensemble', or members as in --method) its members and their settings that are not "
+                   "their paper's recipe.")
 def detectors_cmd(show: str | None) -> None:
-    """List the registered detectors (or, with --show NAME, one detector's recipe)."""
+    """List the registered detectors (or, with --show METHOD, one detector's recipe or an ensemble's members)."""
     if show:
         click.echo(_api().describe_detector(show))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,8 @@ import pytest
 
 from labelsieve.audit.schema import COLUMNS
 from labelsieve.cli import main
+from labelsieve.core.defaults import DEFAULT_ENSEMBLE_SUMMARY
+from labelsieve.detectors.ensemble import DEFAULT_MEMBERS
 
 
 @pytest.fixture()
@@ -172,3 +175,46 @@ def test_detectors_show_prints_the_recipe(capsys):
     assert main(["detectors", "--show", "knn"]) == 0
     assert "k = 10" in capsys.readouterr().out
     assert main(["detectors", "--show", "nope"]) == 2
+
+
+def _recipe_lines(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+
+
+def test_detectors_show_prints_the_paper_values_of_turn_and_codivide(capsys):
+    """Issue 21: TURN's Table 8 probe and its 20 + 4 epochs, co-divide's DivideMix lambda_u and its fine-tuned
+    encoders, each with `paper` beside it."""
+    assert main(["detectors", "--show", "turn"]) == 0
+    lines = _recipe_lines(capsys.readouterr().out)
+    for name, value in {"lp_lr": "0.001", "lp_weight_decay": "1e-06", "lp_batch_size": "128", "lp_epochs": "20",
+                        "fft_epochs": "4", "optimizer": "'adamw'", "lr": "1e-05", "weight_decay": "1e-05",
+                        "batch_size": "128", "augment": "'auto'"}.items():
+        assert lines[name].split()[1:3] == [value, "paper"], lines[name]
+    assert main(["detectors", "--show", "codivide"]) == 0
+    lines = _recipe_lines(capsys.readouterr().out)
+    for name, value in {"lambda_u": "25.0", "lambda_u_rampup": "16", "finetune_encoders": "True", "lr": "0.02",
+                        "epochs": "60", "batch_size": "64"}.items():
+        assert lines[name].split()[1:3] == [value, "paper"], lines[name]
+    assert lines["batch_mode"].split()[1:3] == ["'split'", "labelsieve"]
+
+
+def test_ensemble_members_and_their_parameters_on_the_command_line(capsys, tmp_path, mini_clip_dir):
+    """`detectors --show ensemble` prints the members and their non-paper settings; the help of --method names the
+    default's members; `--method turn,knn --no-finetune` is refused with the method string that means it."""
+    assert main(["detectors", "--show", "ensemble"]) == 0
+    out = capsys.readouterr().out
+    assert 'members: --method "codivide(' in out and "finetune = false  (user; paper: true)" in out
+    assert main(["detectors", "--show", "turn(finetune=false),knn"]) == 0
+    assert 'members: --method "turn(finetune=false),knn"' in capsys.readouterr().out
+    assert main(["audit", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # click breaks lines at hyphens
+    assert DEFAULT_ENSEMBLE_SUMMARY in help_text
+    # the summary names the default members, in order
+    names = [m if isinstance(m, str) else m[0] for m in DEFAULT_MEMBERS]
+    assert [w for w in DEFAULT_ENSEMBLE_SUMMARY.replace(",", " ").split() if w in names] == names
+    assert "NAME(KEY=VALUE, ...)" in help_text
+    demo = Path(__file__).resolve().parents[1] / "labelsieve" / "demo" / "data"
+    rc = main(["audit", str(demo), str(demo / "labels.csv"), "--method", "turn,knn", "--no-finetune", "--model",
+               str(mini_clip_dir), "-o", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no parameter 'finetune'" in err and '--method "turn(finetune=false),knn"' in err

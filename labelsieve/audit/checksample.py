@@ -41,8 +41,10 @@ MIN_PER_STRATUM = 2
 #: Added to each row's expected variance ``q(1 − q)`` when the bands are cut and allocated: rows the model is
 #: sure of still get some share, since the model may be wrong about them.
 SPREAD_FLOOR = 0.01
-#: Bands per this many sampled rows (at most :data:`MAX_STRATA`).
-ROWS_PER_STRATUM = 10
+#: Bands per this many sampled rows (at most :data:`MAX_STRATA`): 6 bands at K = 100. More bands lower the
+#: estimate's spread a little but widen the interval (each band's share is uncertain on its own); measured on the
+#: benchmark sets (docs/benchmarks.md §14).
+ROWS_PER_STRATUM = 16
 MAX_STRATA = 12
 #: The ``issue`` of a row a reviewer decided on, in an audit made with ``--reviewed`` (labelsieve.audit.reviewed).
 REVIEWED_ISSUE = "reviewed"

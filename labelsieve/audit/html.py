@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from html import escape
 from pathlib import Path
@@ -617,6 +618,17 @@ def _pick_gallery(table: pd.DataFrame, flagged: np.ndarray, k: int) -> np.ndarra
         pos, key = pos[part], key[part]
     order = np.lexsort((pos, key))
     return pos[order]
+
+
+_PAYLOAD = re.compile(r'<script type="application/json" id="ls-data">(.*?)</script>', re.S)
+
+
+def page_data(html: str) -> dict[str, Any]:
+    """The rows, thumbnails and check-sample design a page embeds for its review tool (the inverse of what
+    :func:`write_html` writes; its ``rows["p"]`` is p_clean at full precision). Tests and benchmarks read pages
+    back with it."""
+    (payload,) = _PAYLOAD.findall(html)
+    return json.loads(payload)
 
 
 def write_html(

@@ -16,9 +16,13 @@ DEFAULT_MODEL = "ViT-B-16"
 #: architectures take the first tag open_clip lists for them.
 DEFAULT_PRETRAINED_TAGS = {"ViT-B-16": "openai", "ViT-B-32": "openai", "ViT-L-14": "openai", "RN50": "openai"}
 
-#: What ``labelsieve audit`` runs without ``--method``: the detector the benchmark measured best
-#: (docs/benchmarks.md): the ensemble of co-divide, TURN's probe and kNN, stacked.
+#: What ``labelsieve audit`` runs without ``--method``: chosen on the benchmark's grid (docs/benchmarks.md §1) for
+#: its quality and its speed: the ensemble of co-divide (budgeted), TURN's probe and kNN, stacked.
 DEFAULT_METHOD = "ensemble"
+#: The default ensemble's members in words, for help texts (``labelsieve.detectors.ensemble.DEFAULT_MEMBERS`` holds
+#: them with their parameters; a test checks that the two agree).
+DEFAULT_ENSEMBLE_SUMMARY = ("codivide (labelsieve's fast settings on a text budget), turn (its probe, no fine-tuning) "
+                            "and knn")
 
 #: What :func:`labelsieve.detect` and ``labelsieve audit --features`` run on features without a text model:
 #: TURN's GCE linear probe and per-class GMM without fine-tuning (nothing but the features needed), the best

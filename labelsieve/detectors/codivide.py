@@ -6,7 +6,8 @@ tokens, depth 9, "a photo of a" init, a linear text→vision coupling per layer)
 model, built from different seeds. Logits are ``s · cos(image, class text)`` with s = CLIP's logit scale.
 
 Training (SGD lr 0.02, momentum 0.9, wd 5e-4, batch 64, 60 epochs on CIFAR, no warm-up: the paper's
-values as issue 10 reads them; every parameter and its origin is in :data:`RECIPE`,
+values as issue 10 reads them; λ_u 25 with DivideMix's 16-epoch ramp; every parameter and its origin is in
+:data:`RECIPE`,
 ``labelsieve detectors --show codivide``):
 
 * **warm-up** (``warmup_epochs``, default 0): both networks, cross-entropy with the given label on all
@@ -17,17 +18,23 @@ values as issue 10 reads them; every parameter and its origin is in :data:`RECIP
   labelsieve's tail correction) is fitted; the posterior of the low-loss component is the clean
   probability. Samples with posterior > ``tau`` (0.5) under network A are the *labelled* set of network
   B and the rest its *unlabelled* set, and vice versa — each network trains on the other's split. Then
-  network 1 trains one epoch, then network 2, each batch with::
+  network 1 trains one epoch, then network 2. ``batch_mode`` says how a step draws its rows: ``"split"``
+  (default) iterates all rows and splits each batch into its labelled and unlabelled rows;
+  ``"dividemix"`` iterates the labelled rows and draws a separate batch of unlabelled rows each step, as
+  DivideMix's ``train()`` does. Each step's loss::
 
       loss = CE(weak view, given label)                       over the labelled samples
-           + lambda_u · FixMatch(unlabelled)                  pseudo-label = argmax of the network's own
+           + lambda_u(t) · FixMatch(unlabelled)               pseudo-label = argmax of the network's own
                                                               weak-view prediction when its probability
                                                               >= confidence (0.95); CE of the strong
                                                               (RandAugment) view to it, averaged over the
                                                               unlabelled samples of the batch
            + lambda_r · KL(uniform || mean weak-view prediction over the batch)   (DivideMix's prior)
 
-  An empty part (no labelled, no unlabelled or no confident sample in a batch) contributes zero, never NaN.
+  ``lambda_u(t)`` rises linearly from 0 to ``lambda_u`` = 25 over ``lambda_u_rampup`` = 16 epochs after the
+  warm-up (DivideMix's value and ramp; the paper sets λ_u "as used in DivideMix"); FixMatch's weight 1 is an
+  option. An empty part (no labelled, no unlabelled or no confident sample in a batch) contributes zero, never
+  NaN.
 * **decision**: one final evaluation pass and GMM per network; ``p_clean`` is the mean of the two
   networks' clean posteriors, ``probs`` the mean of their softmax outputs, flagged iff
   ``p_clean < tau``.
@@ -39,15 +46,18 @@ The image side (``frozen``):
   say which ran and why.
 * ``False`` — image-level MaPLe: the coupled vision prompts run through the ViT image tower on images
   decoded once into a uint8 cache (:mod:`labelsieve.data.imagecache`); weak view = ``weak`` (the papers'
-  flip-and-shift by default), strong view = the same + RandAugment. Only the prompts and coupling layers
-  train unless ``finetune_encoders=True``, which also fine-tunes both encoders of a per-network copy of
-  the CLIP model at ``encoder_lr``. Needs an open_clip ViT image tower; any other raises
+  flip-and-shift by default), strong view = the same + RandAugment. Both encoders of a per-network copy of
+  the CLIP model train with the prompts and coupling layers (``finetune_encoders``, the paper's "We fine-tune
+  the V-L encoders along with learning the context prompts"), at ``encoder_lr`` (default: lr);
+  ``finetune_encoders=False`` trains the prompts alone. Needs an open_clip ViT image tower; any other raises
   :class:`~labelsieve.core.errors.ModelError`.
 * ``True`` (CLI ``--frozen``) — text-side MaPLe prompts (``text_only``) on cached image features of the
   frozen tower: works with any tower (the mini CLIP's CNN) and is the fast path. There are no image views
   here, so labelsieve adapts FixMatch to feature space: the weak view is the cached feature itself, the
   strong view is the feature with dropout (``feature_dropout``) and Gaussian noise of norm about
-  ``feature_noise`` added, then re-normalised. This adaptation is labelsieve's, not the paper's.
+  ``feature_noise`` added, then re-normalised. This adaptation is labelsieve's, not the paper's, and so is
+  the frozen tower itself: there is no encoder to fine-tune here (audit.json's recipe records
+  ``finetune_encoders`` resolved to False with the reason).
 
 ``max_steps`` (labelsieve's option for large datasets) caps the optimisation steps of each network over
 the whole run: each epoch trains on a random subset of ``ceil(max_steps / epochs) · batch_size`` rows
@@ -79,7 +89,7 @@ from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
 from labelsieve.core.errors import ModelError, check_param
-from labelsieve.core.optim import cosine_schedule, make_optimizer
+from labelsieve.core.optim import make_optimizer
 from labelsieve.data.imagecache import CachedImageDataset, CachedTwoViewDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
 from labelsieve.detectors.common.base import (
@@ -111,13 +121,17 @@ __all__ = ["RECIPE", "CoDivideDetector", "CoDivideNet", "codivide_loss", "strong
 
 PATH_IMAGES = "maple_images"
 PATH_FEATURES = "text_only_features"
+#: How a co-divide step draws its labelled and unlabelled rows (``batch_mode``).
+BATCH_MODES = ("split", "dividemix")
 _ISSUE = "issue 10's reading of the paper (not verifiable in our stored sources)"
+_ISSUE21 = "issue 21 quotes the full text; not in our stored sources"
 _DM = "DivideMix (LiJunnan1992/DivideMix Train_CIFAR.py)"
 _MAPLE = "MaPLe defaults (muzairkhattak/multimodal-prompt-learning), the prompts AVL-Prompter builds on"
 
 #: Co-divide's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
 RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompter, J. Visual Communication and "
-                "Image Representation 111 (2025) 104550 (only the abstract is in our sources; no code released)", [
+                "Image Representation 111 (2025) 104550 (the full text as issues 10 and 21 quote it; only the "
+                "abstract is in our stored sources; no code released)", [
     Param("frozen", "auto", "labelsieve", "AVL-Prompter (image-level MaPLe prompts)",
           "auto: the paper's image-level path on a ViT tower with a GPU, the text-side fast path on a CPU or a CNN "
           "tower (where the vision prompts cannot run)", paper=False, check=one_of(True, False, "auto"),
@@ -143,10 +157,17 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           check=is_float(0, 1, lo_open=True, hi_open=True), expected="a float in (0, 1)", convert=float),
     Param("confidence", 0.95, "paper", "FixMatch (kekmodel/FixMatch-pytorch) threshold",
           check=is_float(0, 1, lo_open=True), expected="a float in (0, 1]", convert=float),
-    Param("lambda_u", 1.0, "labelsieve", "FixMatch's λ_u",
-          "the paper sets λ_u 'as in DivideMix', whose values (0-150 by noise level) weigh an L2 loss on "
-          "probabilities, not FixMatch's CE; FixMatch's 1 is used", paper="as in DivideMix",
+    Param("lambda_u", 25.0, "paper", f"{_DM} --lambda_u (default 25); the paper sets lambda_u 'as used in DivideMix'",
+          "weight of the FixMatch term; 1 (FixMatch's own weight, labelsieve's default before issue 21) is the option",
           check=is_float(0), expected="a float >= 0", convert=float),
+    Param("lambda_u_rampup", 16, "paper", f"{_DM} linear_rampup(rampup_length=16)",
+          "epochs over which the weight rises linearly from 0 to lambda_u after the warm-up, as DivideMix uses it; "
+          "0: the full weight from the first co-divide step", check=is_int(0), expected="an int >= 0"),
+    Param("batch_mode", "split", "labelsieve", _DM,
+          "'split': one loader over all rows, each batch split into its labelled and unlabelled rows; 'dividemix': "
+          "each step a batch of the labelled rows (the epoch iterates the labelled set) and a separate batch of "
+          "unlabelled rows (DivideMix's train()); the paper is silent, chosen by measurement (docs/methods.md)",
+          paper=UNKNOWN, check=one_of(*BATCH_MODES), expected=f"one of {', '.join(map(repr, BATCH_MODES))}"),
     Param("lambda_r", 1.0, "paper", f"{_DM} (uniform-prior penalty, weight 1)", check=is_float(0),
           expected="a float >= 0", convert=float),
     Param("gmm_max_iter", 10, "paper", _DM, check=is_int(1), expected="an int >= 1"),
@@ -158,12 +179,14 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
     Param("weak", "flip_shift", "paper", f"{_ISSUE}; {_DM} (RandomCrop(32, 4) + flip)",
           "image path: the weak view; 'rrc' = random resized crop 0.08-1 + flip (labelsieve's earlier view)",
           check=one_of(*WEAK_VIEWS), expected=f"one of {', '.join(WEAK_VIEWS)}"),
-    Param("finetune_encoders", False, "labelsieve", _ISSUE,
-          "image path: also fine-tune both encoders (a copy per network); the encoder learning rate is not in "
-          "our sources and the abstract speaks of prompts only, so off by default", paper=True,
+    Param("finetune_encoders", True, "paper", "AVL-Prompter, training details ('We fine-tune the V-L encoders along "
+          f"with learning the context prompts'; {_ISSUE21})",
+          "image path: both encoders of a per-network copy of the CLIP model train with the prompts; on the frozen "
+          "path (cached features: a CPU or a CNN tower) there is no encoder to train, a departure audit.json records",
           check=one_of(True, False), expected="True or False"),
-    Param("encoder_lr", None, "labelsieve", note="finetune_encoders: the encoders' learning rate (None: lr)",
-          paper=UNKNOWN, check=is_float(0, lo_open=True, none=True), expected="None or a float > 0"),
+    Param("encoder_lr", None, "labelsieve", note="finetune_encoders: the encoders' learning rate (None: lr, the one "
+          "learning rate the paper gives)", paper=UNKNOWN, check=is_float(0, lo_open=True, none=True),
+          expected="None or a float > 0"),
     Param("max_steps", None, "labelsieve", note="cap on each network's optimisation steps over the run (each "
           "epoch trains on a random subset of rows); None: every row every epoch",
           check=is_int(1, none=True), expected="None or an int >= 1"),
@@ -180,7 +203,7 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
     amp_param(),
     workers_param("image path: DataLoader workers"),
 ], fixed=[
-    Param("lr_schedule", "cosine, per step", "labelsieve", paper=UNKNOWN,
+    Param("lr_schedule", "cosine over the run, set every step from the fractional epoch", "labelsieve", paper=UNKNOWN,
           note="DivideMix divides by 10 at epoch 150 of 300; MaPLe steps a cosine per epoch"),
     Param("strong_view", "weak view + RandAugment(2 ops, magnitude 10)", "paper", "FixMatch"),
     Param("fixmatch_loss", "CE to confident weak-view pseudo-labels, averaged over all unlabelled samples", "paper",
@@ -368,6 +391,12 @@ class _CoDivideRun:
     path : str
         :data:`PATH_IMAGES` or :data:`PATH_FEATURES`.
     nets : list of two CoDivideNet
+
+    The learning rate follows a cosine over the run, set before every step from the fractional epoch
+    ``epoch + i / steps_in_epoch`` (the same per-step cosine for a fixed number of steps per epoch; with
+    ``batch_mode="dividemix"`` an epoch's steps follow the size of the labelled set, so the schedule goes by
+    epochs, not by a step count fixed in advance). ``lambda_u`` rises linearly over ``lambda_u_rampup`` epochs
+    after the warm-up, on the same fractional epoch (DivideMix's ``linear_rampup``).
     """
 
     def __init__(self, det: CoDivideDetector, ctx: DetectionContext, path: str, nets: list[CoDivideNet]) -> None:
@@ -380,16 +409,16 @@ class _CoDivideRun:
                                             epochs=det.epochs, n_classes=int(ctx.n_classes), budget=det.text_budget)
         self.batch_size = det.batch_size * self.text_scale
         self.lr = det.lr * self.text_scale
-        steps = max(1, math.ceil(per_epoch / self.batch_size))
         self.trainers = []
+        self.base_lrs: list[list[float]] = []
         for k, net in enumerate(nets):
             groups: list[dict[str, Any]] = [{"params": list(net.prompts.parameters())}]
             if net.encoders is not None:
                 groups.append({"params": list(net.encoders.parameters()),
                                "lr": (det.encoder_lr or det.lr) * self.text_scale})
             opt = make_optimizer(groups, name="sgd", lr=self.lr, weight_decay=det.weight_decay, momentum=det.momentum)
-            sched = cosine_schedule(opt, epochs=det.epochs, steps_per_epoch=steps)
-            self.trainers.append(Trainer(net, optimizer=opt, scheduler=sched, device=ctx.device, amp=det.amp,
+            self.base_lrs.append([float(g["lr"]) for g in opt.param_groups])
+            self.trainers.append(Trainer(net, optimizer=opt, scheduler=None, device=ctx.device, amp=det.amp,
                                          progress=ctx.progress, desc=f"codivide net {k + 1} ({path})"))
         self.eval_loader = make_loader(eval_ds, batch_size=max(256, self.batch_size), num_workers=self.workers)
         self.gen = torch.Generator(device=ctx.device)
@@ -439,10 +468,45 @@ class _CoDivideRun:
                 "rule": split.rule, "means": split.means, "weights": split.weights}
 
     def _loader(self, k: int, epoch: int, warm: bool) -> torch.utils.data.DataLoader:
+        """Warm-up and ``batch_mode="split"``: one loader over all rows (or the ``max_steps`` share)."""
         ds = self.warm_ds if warm else self.two_ds
         ds = epoch_subset(ds, self.n, self.rows_per_epoch(), seed=derived_seed(self.ctx.seed, k, epoch, 7))
         return make_loader(ds, batch_size=self.batch_size, shuffle=True, seed=derived_seed(self.ctx.seed, k, epoch),
                            num_workers=self.workers)
+
+    def _dividemix_loaders(self, k: int, epoch: int,
+                           labelled: np.ndarray) -> tuple[torch.utils.data.DataLoader, Callable[[], Any] | None, str]:
+        """``batch_mode="dividemix"``: (the loader the epoch iterates, a function giving the next batch of the other
+        part or None, which part the loader holds). DivideMix iterates the labelled rows and draws a separate batch
+        of unlabelled rows each step, cycling through them; with no labelled row the epoch iterates the unlabelled
+        rows alone, with no unlabelled row the labelled rows alone. Under ``max_steps`` the iterated part is a seeded
+        random share of at most ``rows_per_epoch`` rows."""
+        seed = self.ctx.seed
+        lab, unl = np.flatnonzero(labelled), np.flatnonzero(~labelled)
+        main, other, part = (lab, unl, "labelled") if len(lab) else (unl, lab, "unlabelled")
+        budget = self.rows_per_epoch()
+        if len(main) > budget:
+            main = np.sort(np.random.default_rng(derived_seed(seed, k, epoch, 7)).choice(main, budget, replace=False))
+        loader = make_loader(torch.utils.data.Subset(self.two_ds, main.tolist()), batch_size=self.batch_size,
+                             shuffle=True, seed=derived_seed(seed, k, epoch), num_workers=self.workers)
+        if not len(other) or not len(lab):
+            return loader, None, part
+        other_ds = torch.utils.data.Subset(self.two_ds, other.tolist())
+        state: dict[str, Any] = {"pass": 0, "it": None}
+
+        def next_other() -> Any:
+            while True:
+                if state["it"] is None:
+                    state["it"] = iter(make_loader(other_ds, batch_size=self.batch_size, shuffle=True,
+                                                   seed=derived_seed(seed, k, epoch, 11, state["pass"]),
+                                                   num_workers=self.workers))
+                    state["pass"] += 1
+                try:
+                    return next(state["it"])
+                except StopIteration:
+                    state["it"] = None
+
+        return loader, next_other, part
 
     def run(self) -> list[dict[str, Any]]:
         """Train both networks for ``epochs``; the per-epoch history for audit.json."""
@@ -465,32 +529,58 @@ class _CoDivideRun:
                                                 == (evals[1]["posterior"] > det.tau)).mean())
             for k in range(2):
                 stats: dict[str, float] = {}
-                step = self._make_step(self.nets[k], None if warm else labelled[k], stats)
-                r = self.trainers[k].train_epoch(self._loader(k, epoch, warm), epoch=epoch, step_fn=step,
-                                                 epochs=det.epochs)
+                other, part = None, "all"
+                if warm or det.batch_mode == "split":
+                    loader = self._loader(k, epoch, warm)
+                else:
+                    loader, other, part = self._dividemix_loaders(k, epoch, labelled[k].cpu().numpy())
+                step = self._make_step(k, epoch, len(loader), None if warm else labelled[k], stats, other, part)
+                r = self.trainers[k].train_epoch(loader, epoch=epoch, step_fn=step, epochs=det.epochs)
                 entry: dict[str, Any] = {"loss": r["loss"], "acc": r["acc"], "lr": r["lr"], "seconds": r["seconds"],
-                                         "skipped": r["skipped"], "n": r["n"]}
+                                         "skipped": r["skipped"], "n": r["n"], "steps": len(loader)}
                 if not warm:
                     ev = evals[1 - k]
                     batches = max(1, int(stats.pop("batches", 0)))
-                    entry.update({key: v / batches if key in ("l_x", "l_u", "penalty") else int(v)
+                    entry.update({key: v / batches if key in ("l_x", "l_u", "penalty", "lambda_u") else int(v)
                                   for key, v in stats.items()})
                     # n_labelled: this network's labelled set (the other's split); n_selected: its own split,
                     # which became the other network's labelled set
                     entry.update(n_labelled=int(labelled[k].sum()), gmm_rule=ev["rule"], gmm_means=ev["means"],
                                  n_selected=int((evals[k]["posterior"] > det.tau).sum()),
-                                 eval_loss=evals[k]["loss"], eval_acc=evals[k]["acc"])
+                                 eval_loss=evals[k]["loss"], eval_acc=evals[k]["acc"], iterated=part)
                 rec[f"net{k + 1}"] = entry
             rec["seconds"] = time.perf_counter() - t0
             history.append(rec)
         return history
 
-    def _make_step(self, net: CoDivideNet, labelled: torch.Tensor | None,
-                   stats: dict[str, float]) -> Callable[[Any, Sequence[Any]], tuple[torch.Tensor | None, int, int]]:
-        """The engine's ``step_fn`` for one network and epoch (``labelled=None``: warm-up)."""
-        det, gen = self.det, self.gen
+    def lambda_u_at(self, progress: float) -> float:
+        """``lambda_u`` at fractional epoch ``progress``: DivideMix's linear ramp from the end of the warm-up."""
+        det = self.det
+        if det.lambda_u_rampup <= 0:
+            return det.lambda_u
+        return det.lambda_u * float(np.clip((progress - det.warmup_epochs) / det.lambda_u_rampup, 0.0, 1.0))
+
+    def _set_lr(self, k: int, progress: float) -> None:
+        """Cosine decay over the run at fractional epoch ``progress`` (0 .. epochs)."""
+        f = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress / self.det.epochs)))
+        for g, base in zip(self.trainers[k].optimizer.param_groups, self.base_lrs[k], strict=True):
+            g["lr"] = base * f
+
+    def _make_step(self, k: int, epoch: int, n_steps: int, labelled: torch.Tensor | None, stats: dict[str, float],
+                   other: Callable[[], Any] | None = None,
+                   part: str = "all") -> Callable[[Any, Sequence[Any]], tuple[torch.Tensor | None, int, int]]:
+        """The engine's ``step_fn`` for network ``k`` in ``epoch`` (``labelled=None``: warm-up). ``other`` gives the
+        separate batch of the other part of the split (``batch_mode="dividemix"``); ``part`` says which part the
+        loader iterates (``"all"``: both, split by ``labelled``)."""
+        det, gen, net = self.det, self.gen, self.nets[k]
+        i_step = [0]
 
         def step(trainer: Any, batch: Sequence[Any]) -> tuple[torch.Tensor | None, int, int]:
+            progress = epoch + i_step[0] / max(1, n_steps)
+            i_step[0] += 1
+            self._set_lr(k, progress)
+            if other is not None:  # DivideMix: a labelled batch and a separate unlabelled batch, one step
+                batch = [torch.cat([a, b]) for a, b in zip(batch, trainer.to_device(other()), strict=True)]
             if len(batch) == 5:
                 weak, strong, y, idx, ok = batch
             else:
@@ -515,8 +605,10 @@ class _CoDivideRun:
                     assert strong is not None
                     strong_u = strong[unl]
                 lw, ls = net.views(weak, strong_u)
-                loss, parts = codivide_loss(lw, ls, y, lab, confidence=det.confidence, lambda_u=det.lambda_u,
+                lam = self.lambda_u_at(progress)
+                loss, parts = codivide_loss(lw, ls, y, lab, confidence=det.confidence, lambda_u=lam,
                                             lambda_r=det.lambda_r)
+                parts["lambda_u"] = lam
                 for key, v in parts.items():
                     stats[key] = stats.get(key, 0) + v
                 stats["batches"] = stats.get("batches", 0) + 1
@@ -584,6 +676,15 @@ class CoDivideDetector(Detector):
                                    "frozen=False forces the image-level path")
         return PATH_IMAGES, "a ViT image tower on a GPU: the paper's image-level MaPLe"
 
+    def _resolved(self, path: str, reason: str) -> dict[str, tuple[Any, str]]:
+        """The settings decided at run time, for audit.json's recipe: the path, and on the frozen path that no
+        encoder is fine-tuned (the paper fine-tunes both encoders with the prompts)."""
+        out: dict[str, tuple[Any, str]] = {"frozen": (path == PATH_FEATURES, reason)}
+        if path == PATH_FEATURES and self.finetune_encoders:
+            out["finetune_encoders"] = (False, "the frozen path trains text-side prompts on cached image features: "
+                                               "there is no image encoder to fine-tune (labelsieve's CPU fallback)")
+        return out
+
     def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
         """The image-level path trains both networks under DDP on every rank (torchrun); the frozen path reads
         the cached features, which are on rank 0, and runs there alone."""
@@ -613,8 +714,6 @@ class CoDivideDetector(Detector):
     def detect(self, ctx: DetectionContext) -> DetectionResult:
         ctx.encoder.require_text("co-divide")
         path, reason = self.resolve_path(ctx)
-        if self.finetune_encoders and path == PATH_FEATURES:
-            reason += "; finetune_encoders does not apply to cached features"
         model = ctx.encoder.model
         grad_flags = [p.requires_grad for p in model.parameters()]  # MaPLePrompts freezes the CLIP model
         try:
@@ -661,7 +760,8 @@ class CoDivideDetector(Detector):
                             if path == PATH_IMAGES else
                             f"feature dropout {self.feature_dropout:g} + Gaussian noise of norm "
                             f"{self.feature_noise:g}, re-normalised (labelsieve's feature-space adaptation)"),
-            "recipe": RECIPE.rows(self.get_params(), {"frozen": (path == PATH_FEATURES, reason)}),
+            "finetune_encoders": bool(self.finetune_encoders and path == PATH_IMAGES),
+            "recipe": RECIPE.rows(self.get_params(), self._resolved(path, reason)),
             "history": history,
             "final": {f"net{k + 1}": {"gmm_rule": f["rule"], "gmm_means": f["means"], "gmm_weights": f["weights"],
                                       "n_clean": int((f["posterior"] > self.tau).sum()), "eval_acc": f["acc"]}

@@ -21,7 +21,8 @@ Training, per epoch (SGD 0.03, momentum 0.9, wd 5e-4, batch 64, 10 epochs, cosin
   detached, so it trains the negative context only. "yes" target: the given label in warm-up, after it
   the given label if selected clean, else the positive-prompt prediction (real-world variant: pseudo-labels
   from the second epoch on). "no": a class drawn uniformly from those other than the given label, redrawn
-  every epoch. ``positive_weight`` weights the "yes" term (the paper's severe-noise setting: 0.25).
+  every epoch. ``positive_weight`` weights the "yes" term; ``severe_noise`` is the paper's setting for severe
+  noise: weight 0.25 together with learning rate 0.01 instead of 0.03.
 * Selection (``selection``): ``"eval_pass"`` (default, labelsieve's): the clean set an epoch trains on
   comes from an evaluation pass over all samples before it, and the decision from one after training;
   ``"batch"`` (the authors'): each training batch selects on its own forward pass, and the decision is
@@ -66,6 +67,7 @@ from torch import nn
 from labelsieve.core import distributed
 from labelsieve.core.defaults import default_num_workers
 from labelsieve.core.engine import Trainer, make_loader
+from labelsieve.core.errors import check_param
 from labelsieve.core.optim import cosine_schedule, make_optimizer
 from labelsieve.data.imagecache import CachedImageDataset, DecodedImageCache
 from labelsieve.data.transforms import eval_transform
@@ -93,6 +95,10 @@ SELECTIONS = ("eval_pass", "batch")
 SCHEDULES = ("cosine_epoch", "cosine_step", "constant")
 _CODE = "HotanLee/DeFT"
 _YAML = f"{_CODE} config/PEFT/*.yaml"
+_SEVERE = ("the paper's severe-noise setting (appendix A.1 as issues 10 and 21 read it; not in the authors' released "
+           "code or our stored sources)")
+#: The severe-noise setting (``severe_noise=True``): learning rate and weight of the "yes" term.
+SEVERE_LR, SEVERE_WEIGHT = 0.01, 0.25
 
 
 def _is_scale(v: Any) -> bool:
@@ -131,8 +137,12 @@ RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLe
     Param("consistency", False, "paper", f"{_CODE} main_real_phase1.py (real-world noise)",
           "True: the real-world variant (argmax of p_clean over classes, SCE warm-up, pseudo-labels after "
           "epoch 1)", check=one_of(True, False), expected="True or False"),
+    Param("severe_noise", False, "paper", _SEVERE,
+          f"True: the paper's setting for severe noise, lr {SEVERE_LR:g} (instead of 0.03) together with weight "
+          f"{SEVERE_WEIGHT:g} on the 'yes' term; the two are one option",
+          check=one_of(True, False), expected="True or False"),
     Param("positive_weight", 1.0, "paper", f"{_CODE} main_phase1.py L69/L74 (weight 1)",
-          "0.25: the paper's severe-noise setting (appendix A.1 per issue 10; not in the authors' released code)",
+          f"weight of the 'yes' term; severe_noise sets it to {SEVERE_WEIGHT:g} with the lower learning rate",
           check=is_float(0), expected="a float >= 0", convert=float),
     Param("augment", "flip_shift", "paper", f"{_CODE} dataloader/dataloader_cifar.py (RandomCrop(32, 4) + flip)",
           "PEFT paths only; 'rrc' = random resized crop 0.08-1 + flip (labelsieve's earlier view)",
@@ -409,6 +419,20 @@ class DeftDetector(Detector):
                             "on cached features; peft='vpt_deep' forces VPT")
         return "vpt_deep", "a ViT image tower on a GPU: the paper's VPT-deep"
 
+    def _check_params(self) -> None:
+        if self.severe_noise:
+            paper = RECIPE.defaults
+            for name in ("lr", "positive_weight"):
+                check_param(type(self).__name__, name, getattr(self, name), getattr(self, name) == paper[name],
+                            f"left at its default ({paper[name]:g}) with severe_noise=True, which sets it "
+                            f"(lr {SEVERE_LR:g}, positive_weight {SEVERE_WEIGHT:g}); give severe_noise or the values")
+
+    def effective_lr_and_weight(self) -> tuple[float, float]:
+        """(learning rate, weight of the "yes" term) that run: the severe-noise pair, or the parameters."""
+        if self.severe_noise:
+            return SEVERE_LR, SEVERE_WEIGHT
+        return self.lr, self.positive_weight
+
     def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
         """PEFT through the image tower trains under DDP on every rank (torchrun); the feature paths read the
         cached features, which are on rank 0, and run there alone."""
@@ -467,9 +491,10 @@ class DeftDetector(Detector):
         k = text_budget_scale(steps_per_epoch=math.ceil(per_epoch / self.batch_size), epochs=self.epochs,
                               n_classes=C, budget=self.text_budget)
         batch_size = self.batch_size * k
+        lr, positive_weight = self.effective_lr_and_weight()
         for g in groups:  # the linear scaling rule: k times the batch, k times the learning rate
-            g["lr"] = g.get("lr", self.lr) * k
-        opt = make_optimizer(groups, name="sgd", lr=self.lr * k, weight_decay=self.weight_decay,
+            g["lr"] = g.get("lr", lr) * k
+        opt = make_optimizer(groups, name="sgd", lr=lr * k, weight_decay=self.weight_decay,
                              momentum=self.momentum)
         steps = max(1, math.ceil(per_epoch / batch_size))
         sched, interval = _schedule(opt, self.lr_schedule, self.epochs, steps)
@@ -480,7 +505,7 @@ class DeftDetector(Detector):
         state = _State(clean=torch.ones(n, dtype=torch.bool, device=device),
                        comp=torch.zeros(n, dtype=torch.long, device=device),
                        batch_select=self.selection == "batch", consistency=self.consistency,
-                       positive_weight=self.positive_weight)
+                       positive_weight=positive_weight)
         eval_loader = make_loader(eval_ds, batch_size=max(256, batch_size), num_workers=workers)
 
         def step(tr: Trainer, batch) -> tuple[torch.Tensor, int, int]:
@@ -505,6 +530,10 @@ class DeftDetector(Detector):
             loader = make_loader(rows, batch_size=batch_size, shuffle=True, seed=ctx.seed + epoch,
                                  num_workers=workers)
             rec = trainer.train_epoch(loader, epoch=epoch, step_fn=step)
+            # which loss ran: L_sim on every sample (CE, or SCE in the real-world variant) or on the selected ones,
+            # and L_dp's "yes" target (the given label, or pseudo-labels)
+            rec["sim_loss"] = ("sce_all" if self.consistency else "ce_all") if state.warmup else "ce_selected"
+            rec["dp_target"] = "pseudo" if state.pseudo else "given"
             if not state.batch_select:
                 rec["n_clean_selected"] = n if state.warmup else int(state.clean.sum())
             history.append({k: v for k, v in rec.items() if isinstance(v, (int, float, str))})
@@ -529,7 +558,8 @@ class DeftDetector(Detector):
             p_clean=p_clean, probs=probs, threshold=0.5, flags=~clean if self.consistency else None, rule=rule,
             info={"path": peft, "path_reason": reason, "peft": peft, "peft_requested": self.peft, **peft_info,
                   "ranks": distributed.world_size() if distributed.sharding() else 1,
-                  "rows_per_epoch": per_epoch, "text_scale": k, "batch_size": batch_size, "lr": self.lr * k,
+                  "rows_per_epoch": per_epoch, "text_scale": k, "batch_size": batch_size, "lr": lr * k,
+                  "positive_weight": positive_weight,
                   "history": history, "logit_scale": model.scale, "recipe": RECIPE.rows(self.get_params(), resolved),
                   **text_info},
         )

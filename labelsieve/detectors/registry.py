@@ -15,6 +15,7 @@ import pkgutil
 from typing import Any
 
 from labelsieve.core.errors import ParameterError
+from labelsieve.core.methodspec import format_method, parse_method
 from labelsieve.detectors.common.base import Detector
 
 __all__ = ["create_detector", "get_detector_class", "list_detectors", "register_detector"]
@@ -77,15 +78,63 @@ def get_detector_class(name: str) -> type[Detector]:
 
 
 def create_detector(name: str, **params: Any) -> Detector:
-    """Build a detector by name. A comma-separated list builds an ensemble of those detectors."""
-    if "," in name:
-        members = [n.strip() for n in name.split(",") if n.strip()]
-        cls = get_detector_class("ensemble")
-        _check_params(cls, "ensemble", params)
-        return cls(members=members, **params)
-    cls = get_detector_class(name)
-    _check_params(cls, name, params)
-    return cls(**params)
+    """Build a detector from a method string (:mod:`labelsieve.core.methodspec`) and keyword parameters.
+
+    ``"knn"`` with ``k=20`` is one detector; ``"deft(logit_scale=calibrated)"`` one detector with a parameter
+    written in place; ``"turn(finetune=false),knn"`` an ensemble whose members carry their own parameters, with
+    ``params`` the ensemble's own (``combine``, ``weights``, ``clip``, ``trusted_weight``).
+
+    Raises
+    ------
+    ParameterError
+        For an unknown detector or parameter (listing the known ones), a parameter given both in the string and
+        as a keyword, or a member's parameter given to an ensemble as a keyword (the message shows the method
+        string that sets it on the member).
+    """
+    members = parse_method(name)
+    if len(members) == 1:
+        member, inline = members[0]
+        both = sorted(set(inline) & set(params))
+        if both:
+            raise ParameterError(f"The parameter {', '.join(map(repr, both))} of {member!r} is given twice: in the "
+                                 f"method {name!r} and as a separate parameter. Give it once.")
+        cls = get_detector_class(member)
+        given = {**inline, **params}
+        _check_params(cls, member, given)
+        return cls(**given)
+    cls = get_detector_class("ensemble")
+    for member, _ in members:
+        get_detector_class(member)  # unknown names first, with the list of known ones
+    _check_ensemble_params(cls, members, params)
+    return cls(members=members, **params)
+
+
+def _check_ensemble_params(cls: type[Detector], members: list[tuple[str, dict[str, Any]]],
+                           params: dict[str, Any]) -> None:
+    """An ensemble's keyword parameters must be its own; a member's parameter is refused with the method string
+    that sets it on that member (``--method turn,knn --no-finetune`` -> ``--method "turn(finetune=false),knn"``)."""
+    own = _known(cls)
+    unknown = sorted(set(params) - set(own))
+    if not unknown:
+        return
+    fixed = []
+    for member, inline in members:
+        mine = {k: params[k] for k in unknown if k in _known(get_detector_class(member))}
+        fixed.append((member, {**inline, **mine}))
+    takers = {k for k in unknown for m, _ in members if k in _known(get_detector_class(m))}
+    hint = ""
+    if takers:
+        hint = (f" A member's parameters go in the method string, NAME(KEY=VALUE, ...): "
+                f"--method \"{format_method(fixed)}\" (API: method=\"{format_method(fixed)}\").")
+    raise ParameterError(f"The 'ensemble' detector has no parameter {', '.join(map(repr, unknown))}. Its own "
+                         f"parameters are: {', '.join(own)}.{hint}"
+                         + ("" if takers == set(unknown) else
+                            f" No member takes {', '.join(repr(k) for k in unknown if k not in takers)}."))
+
+
+def _known(cls: type[Detector]) -> list[str]:
+    sig = inspect.signature(cls.__init__)
+    return [p for p in sig.parameters if p != "self"]
 
 
 def _check_params(cls: type[Detector], name: str, params: dict[str, Any]) -> None:
@@ -93,7 +142,7 @@ def _check_params(cls: type[Detector], name: str, params: dict[str, Any]) -> Non
     sig = inspect.signature(cls.__init__)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
         return
-    known = [p for p in sig.parameters if p != "self"]
+    known = _known(cls)
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise ParameterError(f"The {name!r} detector has no parameter {', '.join(map(repr, unknown))}. Its "

@@ -13,7 +13,9 @@ Two steps:
    count (:func:`~labelsieve.detectors.common.selection.class_balanced_subsample`) → one epoch of training of
    the whole image tower and the linear head (initialised from step 1) on that subsample, through
    the shared :class:`~labelsieve.core.engine.Trainer`, on decoded images
-   (:class:`~labelsieve.data.imagecache.DecodedImageCache`) with random-resized-crop + flip augmentation.
+   (:class:`~labelsieve.data.imagecache.DecodedImageCache`) with the augmentation of the dataset's kind
+   (A.2.2; ``augment``): a flip and a shift of up to 1/8 of the side, by padding for small CIFAR-like
+   images, by a random 224 crop of the image resized to 256 for photos.
 
 Output: ``p_clean`` is the per-class GMM posterior of the final model's cross-entropy (one more
 evaluation pass after the last epoch), flagged iff ``p_clean < tau``; ``probs`` is the final model's
@@ -39,6 +41,8 @@ Choices that are labelsieve's, not the paper's (recorded in audit.json):
   centre-crop evaluation pass through the fine-tuned model.
 * BatchNorm statistics of a CNN tower stay frozen while fine-tuning (``freeze_bn``): small batches
   otherwise overwrite the pre-trained statistics and the model gets worse, not better.
+* Linear probe: Table 8's CLIP column (AdamW, lr 1e-3, weight decay 1e-6, batch 128), 20 epochs; fine-tuning
+  4 epochs ("20 epochs of LP with 4 epochs for FFT").
 * Optimiser: the paper's CLIP setting (Table 8 as issue 10 reads it: AdamW, lr 1e-5, weight decay
   1e-5, batch 128) for every tower, one learning rate for tower and head; cosine decay over the
   fine-tuning epochs stepped once per epoch (the subsample size, hence the number of steps, changes
@@ -92,29 +96,39 @@ from labelsieve.detectors.common.tower import (
     n_params,
     prepare_finetune,
 )
+from labelsieve.detectors.common.views import TRAIN_VIEWS, image_kind, train_view
 from labelsieve.detectors.registry import register_detector
 
-__all__ = ["RECIPE", "TurnDetector"]
+__all__ = ["AUGMENTS", "RECIPE", "TurnDetector"]
 
-_T8 = "Table 8, CLIP row, as issue 10 reads the paper (not verifiable in our stored sources)"
+_T8 = "Table 8, CLIP column, as issues 10 and 21 read the paper (not verifiable in our stored sources)"
 _DESIGN = "§3 as DESIGN.md reads the paper (not verifiable in our stored sources)"
-_LP = "the paper's Table 8 gives the linear probe's settings; they are not in our sources"
+_003 = ("'20 epochs of LP with 4 epochs for FFT' (the paper's implementation details, 003, as issue 21 quotes it; "
+        "not in our stored sources)")
+_A22 = ("A.2.2: the augmentation per dataset kind (issue 21; A.2.2's text is not in our stored sources, so each "
+        "kind's transforms are the noisy-label benchmarks' standard loaders', as in DivideMix and DEFT)")
+#: TURN's ``augment`` choices: ``auto`` = per dataset kind (A.2.2), or one view for every dataset.
+AUGMENTS = ("auto", *TRAIN_VIEWS)
 
 #: TURN's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
 RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for Robust Generalization under Noisy "
-                "Labels', IJCAI 2024 (arXiv 2310.17668; only the abstract is in our sources; no authors' code)", [
+                "Labels', IJCAI 2024 (arXiv 2310.17668; only the abstract is in our stored sources; no authors' code)",
+                [
     Param("finetune", True, "paper", "§3 step 2 (full fine-tuning on the selected samples)",
           "False: the GCE probe and one selection on cached features only (cheap; a default-ensemble member)",
           check=one_of(True, False), expected="True or False"),
-    Param("lp_epochs", 20, "labelsieve", note=_LP, paper=UNKNOWN, check=is_int(1), expected="an int >= 1"),
-    Param("fft_epochs", 4, "labelsieve", note="the paper's fine-tuning epochs are not in our sources", paper=UNKNOWN,
-          check=is_int(1), expected="an int >= 1"),
+    Param("lp_epochs", 20, "paper", _003, check=is_int(1), expected="an int >= 1"),
+    Param("fft_epochs", 4, "paper", _003, check=is_int(1), expected="an int >= 1"),
     Param("tau", 0.6, "paper", _DESIGN, "clean iff the per-class GMM posterior > tau; also the flag threshold",
           check=is_float(0, 1, lo_open=True, hi_open=True), expected="a float in (0, 1)", convert=float),
     Param("q", 0.7, "paper", _DESIGN, "GCE exponent of the linear probe", check=is_float(0, 1, lo_open=True),
           expected="a float in (0, 1]", convert=float),
-    Param("lp_lr", 1e-3, "labelsieve", note=f"AdamW, cosine, batch 256; {_LP}", paper=UNKNOWN,
-          check=is_float(0, lo_open=True), expected="a float > 0", convert=float),
+    Param("lp_lr", 1e-3, "paper", f"{_T8}: linear probing, AdamW", check=is_float(0, lo_open=True),
+          expected="a float > 0", convert=float),
+    Param("lp_weight_decay", 1e-6, "paper", f"{_T8}: linear probing", "labelsieve used 1e-4 before issue 21",
+          check=is_float(0), expected="a float >= 0", convert=float),
+    Param("lp_batch_size", 128, "paper", f"{_T8}: linear probing", "labelsieve used 256 before issue 21",
+          check=is_int(1), expected="an int >= 1"),
     Param("optimizer", "adamw", "paper", _T8, "'sgd': labelsieve's earlier setting", check=one_of("adamw", "sgd"),
           expected="'adamw' or 'sgd'"),
     Param("lr", 1e-5, "paper", _T8, "learning rate of the image tower", check=is_float(0, lo_open=True),
@@ -125,6 +139,11 @@ RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for
           expected="a float in [0, 1)", convert=float),
     Param("weight_decay", 1e-5, "paper", _T8, check=is_float(0), expected="a float >= 0", convert=float),
     Param("batch_size", 128, "paper", _T8, check=is_int(2), expected="an int >= 2"),
+    Param("augment", "auto", "paper", _A22,
+          "auto: 'flip_shift' (RandomCrop(32, padding 4) + flip, scaled) for small CIFAR-like images, 'resize_crop' "
+          "(resize 256, random crop 224, flip, scaled) for photos; or one of them for every dataset, or 'rrc' "
+          "(random resized crop 0.08-1 + flip, labelsieve's view before issue 21)",
+          check=one_of(*AUGMENTS), expected=f"one of {', '.join(map(repr, AUGMENTS))}"),
     Param("monotone", False, "paper", "DivideMix's GMM (LiJunnan1992/DivideMix eval_train), which TURN follows",
           "True: labelsieve's non-increasing tails of the GMM posterior", check=one_of(True, False),
           expected="True or False"),
@@ -140,10 +159,10 @@ RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for
           check=is_int(1, none=True), expected="None or an int >= 1"),
 ], fixed=[
     Param("lp_loss", "GCE", "paper", _DESIGN),
+    Param("lp_schedule", "cosine per step from zero-initialised weights, logits 100 · x @ Wᵀ + b", "labelsieve",
+          paper=UNKNOWN),
     Param("gmm", "2 components per given class on the CE losses, DivideMix settings", "paper", _DESIGN),
     Param("subsample", "uniform, class-balanced to the smallest class's clean count", "paper", _DESIGN),
-    Param("augmentation", "random resized crop (0.08-1) + flip", "labelsieve",
-          note="the paper's A.2.2 augmentations are not in our sources", paper=UNKNOWN),
     Param("lr_schedule", "cosine over the fine-tuning epochs, stepped per epoch", "labelsieve", paper=UNKNOWN),
 ])
 
@@ -214,6 +233,16 @@ class TurnDetector(Detector):
         return (f"p_clean = posterior of the low-loss component of a 2-component GMM fitted per given class to the "
                 f"cross-entropy of {model}; flagged if p_clean < tau = {self.tau} (TURN's clean-selection rule).")
 
+    def resolve_augment(self, ctx: DetectionContext) -> tuple[str, str]:
+        """(the training view that runs, why): ``augment="auto"`` picks A.2.2's view for the dataset's kind."""
+        if self.augment != "auto":
+            return self.augment, "requested"
+        kind, side = image_kind(ctx.images)
+        size = f"median shorter side {side} px" if side is not None else "image sizes unreadable"
+        if kind == "small":
+            return "flip_shift", f"small images ({size}): the CIFAR kind's view"
+        return "resize_crop", f"photos ({size}): the full-size kind's view"
+
     def trains_on_every_rank(self, ctx: DetectionContext) -> bool:
         """Fine-tuning trains the tower under DDP on every rank (torchrun); the probe alone runs on rank 0."""
         return bool(self.finetune)
@@ -225,10 +254,12 @@ class TurnDetector(Detector):
         x = Rows.of(ctx)  # the float32 matrix when it fits in memory, else read a batch at a time
         t = time.perf_counter()
         probe = fit_linear_probe(x, labels, ctx.n_classes, loss=lambda lg, y: _gce(lg, y, self.q),
-                                 epochs=self.lp_epochs, lr=self.lp_lr, seed=ctx.seed, device=ctx.device)
+                                 epochs=self.lp_epochs, lr=self.lp_lr, weight_decay=self.lp_weight_decay,
+                                 batch_size=self.lp_batch_size, seed=ctx.seed, device=ctx.device)
         probe_logits = probe.logits(x)  # float32 (n, C); losses and probabilities are taken from it by blocks
         losses = ce_losses(probe_logits, labels)
-        lp_info = {"epochs": self.lp_epochs, "loss": f"gce(q={self.q})", "lr": self.lp_lr,
+        lp_info = {"epochs": self.lp_epochs, "loss": f"gce(q={self.q})", "optimizer": "adamw", "lr": self.lp_lr,
+                   "weight_decay": self.lp_weight_decay, "batch_size": self.lp_batch_size,
                    "train_acc": float((probe_logits.argmax(1) == labels).mean()) if len(labels) else 0.0,
                    "seconds": time.perf_counter() - t}
         return probe, losses, None if self.finetune else probe_logits, lp_info
@@ -255,8 +286,12 @@ class TurnDetector(Detector):
         labels = np.asarray(ctx.labels, dtype=np.int64)
         C = ctx.n_classes
         t = time.perf_counter()
+        view, why = self.resolve_augment(ctx)
         setup = prepare_finetune(ctx, image_size=self.image_size, batch_size=self.batch_size,
-                                 num_workers=self.num_workers)
+                                 num_workers=self.num_workers,
+                                 view=lambda size, **norm: train_view(view, size, **norm))
+        info["augment"] = {"view": view, "reason": why}
+        info["recipe"] = RECIPE.rows(self.get_params(), {"augment": (view, why)})
         info["image_cache"] = {"size": setup.image_size, "n_decoded": setup.cache.n_decoded,
                                "seconds": time.perf_counter() - t, "root": str(setup.cache.root)}
         tower = copy.deepcopy(image_tower(ctx.encoder))

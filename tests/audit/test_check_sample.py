@@ -5,7 +5,6 @@ opens."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 
@@ -21,6 +20,7 @@ from labelsieve.audit.checksample import CheckDesign, design_columns, draw_check
 from labelsieve.audit.decisions import read_reviews
 from labelsieve.audit.estimate import ReviewedSample, estimate_audit, estimate_from_reviews, fit_recalibration
 from labelsieve.audit.evaluate import calibration_error
+from labelsieve.audit.html import page_data
 from labelsieve.audit.schema import read_audit
 from labelsieve.audit.writers import write_csv
 from labelsieve.data.noise import make_noisy_labels
@@ -39,9 +39,7 @@ def _features_audit(tmp_path, images, x, labels, **kw):
 
 
 def _page_rows(html_path) -> dict:
-    raw = re.search(r'<script type="application/json" id="ls-data">(.*?)</script>',
-                    html_path.read_text(encoding="utf-8"), re.S).group(1)
-    return json.loads(raw.replace("\\u003c", "<"))
+    return page_data(html_path.read_text(encoding="utf-8"))
 
 
 def test_written_scores_rank_rows_exactly_as_the_raw_score(noisy_imagenette, tmp_path):
@@ -141,7 +139,7 @@ def _review(table, design, truth, decided: np.ndarray) -> ReviewedSample:
 
 
 def test_the_interval_holds_the_truth_whatever_the_model(cifar_pair_audit):
-    """100 check samples of 60 rows, each reviewed by the truth: the 95 % interval holds the true error rate in at
+    """300 check samples of 60 rows, each reviewed by the truth: the 95 % interval holds the true error rate in at
     least 90 % of them, the estimate is unbiased, and so are the precision and recall of the flags; the model
     alone is off by more than its own interval claims."""
     table, truth = cifar_pair_audit
@@ -149,10 +147,10 @@ def test_the_interval_holds_the_truth_whatever_the_model(cifar_pair_audit):
     flagged = table["is_noisy"].to_numpy(dtype=bool)
     true_prec, true_rec = truth[flagged].mean(), truth[flagged].sum() / truth.sum()
     rates, cover, pcover, rcover = [], [], [], []
-    for d in range(100):
+    for d in range(300):  # the rate held in 94 % of 1,000 draws: 300 keep a chance miss under 1 %
         check, design = draw_check_sample(table, size=60, seed=d)
         t = table.assign(check=check)
-        est = estimate_from_reviews(design, _review(t, design, truth, check.notna().to_numpy()), seed=d, draws=2000)
+        est = estimate_from_reviews(design, _review(t, design, truth, check.notna().to_numpy()))
         rates.append(est["rate"])
         cover.append(est["interval"][0] <= true_rate <= est["interval"][1])
         pcover.append(est["precision_interval"][0] <= true_prec <= est["precision_interval"][1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import shutil
 import time
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from labelsieve.audit import html as report_html
+from labelsieve.audit.html import page_data as read_page_data
 from labelsieve.audit.html import write_html
 from labelsieve.core.errors import DataError, ParameterError
 
@@ -122,8 +122,7 @@ def cells_of(text: str) -> dict[tuple[str, str], int]:
 
 def page_data(text: str) -> dict:
     """The rows and thumbnails the page embeds for its review tool."""
-    (payload,) = PAYLOAD.findall(text)
-    return json.loads(payload)
+    return read_page_data(text)
 
 
 def thumbs_of(text: str) -> list[tuple[str, str | None]]:

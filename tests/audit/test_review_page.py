@@ -371,8 +371,9 @@ def test_the_check_sample_is_reviewed_by_keyboard_and_the_estimate_follows(brows
                                    for p, c in zip(table["path"], table["check"].astype(float), strict=True)])
     py = estimate_audit(decided, design)
     shown = [float(v) for v in m.groups()]
-    assert abs(shown[0] - 100 * py["rate"]) < 0.05
-    assert abs(shown[1] - 100 * py["interval"][0]) < 1.5 and abs(shown[2] - 100 * py["interval"][1]) < 1.5
+    # the page computes labelsieve's own closed-form estimate: equal up to the display's 0.1 %
+    assert abs(shown[0] - 100 * py["rate"]) < 0.051
+    assert abs(shown[1] - 100 * py["interval"][0]) < 0.051 and abs(shown[2] - 100 * py["interval"][1]) < 0.051
     driver.find_element("id", "ls-download").click()
     got = read_reviews(wait_for_download(downloads / "reviews.csv"))
     assert len(got) == 30 and got.attrs["check_design"]["strata"]

@@ -17,6 +17,7 @@ from labelsieve.core.errors import ModelError, ParameterError
 from labelsieve.detectors import create_detector, list_detectors
 from labelsieve.detectors.codivide import RECIPE, CoDivideDetector, codivide_loss, strong_feature_view
 from labelsieve.detectors.common.budget import text_budget_scale
+from labelsieve.detectors.common.recipe import UNKNOWN
 from labelsieve.detectors.common.views import strong_view, weak_view
 from labelsieve.detectors.ensemble import CODIVIDE_FAST
 
@@ -82,13 +83,9 @@ def test_registry_recipe_and_parameter_checks():
     assert isinstance(det, CoDivideDetector) and det.needs_text
     assert det.get_params()["frozen"] is True and det.get_params()["warmup_epochs"] == 0
     rows = {r["name"]: r for r in RECIPE.rows(create_detector("codivide").get_params())}
-    paper = {"epochs": 60, "warmup_epochs": 0, "lr": 0.02, "batch_size": 64, "tau": 0.5, "monotone": False,
-             "weak": "flip_shift", "gmm_max_iter": 10, "confidence": 0.95}
-    for name, value in paper.items():
-        assert rows[name]["value"] == value and rows[name]["origin"] == "paper", name
-    for name in ("frozen", "lambda_u", "finetune_encoders", "max_steps", "text_budget", "feature_dropout"):
+    for name in ("frozen", "batch_mode", "max_steps", "text_budget", "feature_dropout", "encoder_lr"):
         assert rows[name]["origin"] == "labelsieve" and (rows[name]["note"] or rows[name]["source"]), name
-    assert rows["finetune_encoders"]["paper"] is True and rows["frozen"]["paper"] is False
+    assert rows["frozen"]["paper"] is False
     assert "J. Visual Communication and Image Representation" in RECIPE.reference
     bad = [({"frozen": "yes"}, "'frozen'"), ({"epochs": 2, "warmup_epochs": 2}, "'warmup_epochs'"),
            ({"tau": 1.5}, "'tau'"), ({"lr": 0}, "'lr'"), ({"batch_size": 1}, "'batch_size'"),
@@ -98,6 +95,67 @@ def test_registry_recipe_and_parameter_checks():
     for kw, msg in bad:
         with pytest.raises(ParameterError, match=msg):
             create_detector("codivide", **kw)
+
+
+def test_the_paper_recipe_cannot_drift():
+    """Co-divide's recipe (issue 21): DivideMix's lambda_u 25 with its 16-epoch linear ramp, the encoders fine-tuned
+    with the prompts, and the values issue 10 read; a departure coming back as a default fails here."""
+    rows = {r["name"]: r for r in RECIPE.rows(create_detector("codivide").get_params())}
+    paper = {"epochs": 60, "warmup_epochs": 0, "lr": 0.02, "batch_size": 64, "tau": 0.5, "monotone": False,
+             "weak": "flip_shift", "gmm_max_iter": 10, "gmm_reg_covar": 5e-4, "confidence": 0.95, "lambda_u": 25.0,
+             "lambda_u_rampup": 16, "lambda_r": 1.0, "finetune_encoders": True, "n_ctx": 2, "depth": 9,
+             "ctx_init": "a photo of a"}
+    for name, value in paper.items():
+        assert rows[name]["value"] == value and rows[name]["origin"] == "paper", name
+    assert "DivideMix" in rows["lambda_u"]["source"] and "linear_rampup" in rows["lambda_u_rampup"]["source"]
+    assert "fine-tune the V-L encoders" in rows["finetune_encoders"]["source"]
+    assert rows["batch_mode"]["value"] == "split" and rows["batch_mode"]["paper"] == UNKNOWN
+    # the default ensemble's member keeps the settings it was measured with, whatever the recipe says
+    fast = {r["name"]: r for r in RECIPE.rows(create_detector("codivide", **CODIVIDE_FAST).get_params())}
+    assert (fast["lambda_u"]["value"], fast["lambda_u_rampup"]["value"], fast["batch_mode"]["value"]) == (
+        1.0, 0, "split")
+    assert fast["lambda_u"]["origin"] == "user"
+
+
+def test_lambda_u_ramps_up_as_in_dividemix(imagenette_feats, mini_clip):
+    """lambda_u(t) = 25 · clip((t - warm-up) / 16, 0, 1) at fractional epoch t, per step (DivideMix's linear_rampup)."""
+    images, x = imagenette_feats
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=5)
+    ctx = make_context(images, x, mini_clip, noisy, seed=2)
+    res = create_detector("codivide", epochs=3, batch_size=100).detect(ctx)
+    steps = 4  # 400 rows in batches of 100
+    hist = res.info["history"]
+    for h in hist:  # the mean over an epoch's steps of 25 · (epoch + i / 4) / 16
+        expect = np.mean([25 * (h["epoch"] + i / steps) / 16 for i in range(steps)])
+        assert h["net1"]["lambda_u"] == pytest.approx(expect) and h["net2"]["lambda_u"] == pytest.approx(expect)
+    flat = create_detector("codivide", epochs=2, batch_size=100, lambda_u=1.0, lambda_u_rampup=0).detect(ctx)
+    assert all(h[k]["lambda_u"] == 1.0 for h in flat.info["history"] for k in ("net1", "net2"))
+    # the learning rate follows the cosine over fractional epochs: the first step of epoch 1 of 3 at 0.02 · 0.75
+    assert hist[0]["net1"]["lr"] == pytest.approx(0.02 * 0.5 * (1 + np.cos(np.pi * (3 / 4) / 3)))
+
+
+def test_dividemix_batches_iterate_the_labelled_rows_with_a_separate_unlabelled_batch(imagenette_feats, mini_clip):
+    """batch_mode='dividemix': an epoch is ceil(|labelled| / B) steps, each with a batch of labelled rows and a batch
+    of unlabelled rows drawn separately (cycling through them); 'split' runs ceil(n / B) steps over all rows."""
+    images, x = imagenette_feats
+    noisy = inject_symmetric(images.labels, images.n_classes, 0.4, seed=5)
+    ctx = make_context(images, x, mini_clip, noisy, seed=2)
+    res = create_detector("codivide", epochs=2, batch_size=64, batch_mode="dividemix").detect(ctx)
+    for h in res.info["history"]:
+        for k in ("net1", "net2"):
+            e = h[k]
+            n_lab = e["n_labelled"]
+            assert e["iterated"] == "labelled" and e["steps"] == -(-n_lab // 64)
+            # one unlabelled batch per step, from a loader over the unlabelled rows (re-shuffled when spent; its last
+            # batch of a pass is short, as DivideMix's): every unlabelled row at least once when the steps allow
+            assert min(400 - n_lab, 64 * e["steps"]) <= e["n_unlabelled"] <= 64 * e["steps"]
+            assert e["n"] == n_lab + e["n_unlabelled"]  # every labelled row once, plus the unlabelled batches
+    split = create_detector("codivide", epochs=2, batch_size=64).detect(ctx)
+    assert all(h[k]["steps"] == -(-400 // 64) and h[k]["iterated"] == "all" and h[k]["n"] == 400
+               for h in split.info["history"] for k in ("net1", "net2"))
+    for r in (res, split):
+        f1, auroc = scores(r, noisy != images.labels)
+        assert auroc > 0.95 and f1 > 0.85, (auroc, f1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,6 +284,11 @@ def test_paper_recipe_falls_back_to_the_frozen_path_on_a_cnn_and_max_steps_caps_
     assert all(h[k]["n"] == 256 for h in info["history"] for k in ("net1", "net2"))
     rows = {r["name"]: r for r in info["recipe"]}
     assert rows["frozen"]["resolved"] is True and rows["frozen"]["origin"] == "labelsieve"
+    # the paper fine-tunes the encoders; the frozen fallback has none to fine-tune, and says so
+    assert rows["finetune_encoders"]["value"] is True and rows["finetune_encoders"]["resolved"] is False
+    ft = rows["finetune_encoders"]
+    assert ft["origin"] == "labelsieve" and "no image encoder" in ft["reason"]
+    assert info["finetune_encoders"] is False
     assert rows["max_steps"]["origin"] == "user" and rows["lr"]["origin"] == "paper"
     f1, auroc = scores(res, noisy != images.labels)
     assert auroc > 0.95 and f1 > 0.85, (auroc, f1)
@@ -305,7 +368,7 @@ def test_image_level_maple_runs_end_to_end_and_trains_both_networks(imagenette_s
     ctx = make_context(sub, None, enc, noisy)
     ctx.cache_dir = tmp_path
     det = create_detector("codivide", frozen=False, epochs=2, warmup_epochs=1, batch_size=16, lr=0.05,
-                          num_workers=0)
+                          num_workers=0, finetune_encoders=False)  # the prompts alone (the next test: the encoders)
     assert det.resolve_path(ctx) == ("maple_images", "requested (frozen=False)")
     path, why = create_detector("codivide").resolve_path(ctx)  # the default, auto: a ViT, but no GPU
     assert path == "text_only_features" and "no GPU" in why
@@ -345,9 +408,11 @@ def test_finetune_encoders_trains_a_copy_of_both_towers_per_network(imagenette_s
     ctx = make_context(sub, None, enc, sub.labels)
     ctx.cache_dir = tmp_path
     before = {k: v.clone() for k, v in enc.model.state_dict().items()}
-    det = create_detector("codivide", frozen=False, epochs=1, batch_size=10, finetune_encoders=True, encoder_lr=0.01,
-                          num_workers=0)
-    det.detect(ctx)
+    det = create_detector("codivide", frozen=False, epochs=1, batch_size=10, encoder_lr=0.01, num_workers=0)
+    assert det.finetune_encoders is True  # the paper recipe on the image path
+    res = det.detect(ctx)
+    assert res.info["finetune_encoders"] is True
+    assert {r["name"]: r for r in res.info["recipe"]}["finetune_encoders"]["origin"] == "paper"
     for k, v in enc.model.state_dict().items():
         assert torch.equal(before[k], v), k  # the caller's model is untouched
     n1, n2 = det.networks_

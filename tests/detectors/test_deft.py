@@ -292,10 +292,43 @@ def test_consistency_and_batch_selection_on_features(noisy_cifar, mini_clip):
     assert all(h["n_clean_selected"] == len(images) for h in cons.info["history"])
     # flagged = p_clean < 0.5 OR the given label is not the class of highest p_clean: more than p_clean alone
     assert cons.is_noisy.sum() >= (cons.p_clean < 0.5).sum() and (cons.is_noisy[cons.p_clean < 0.5]).all()
+    # the authors' real-world script switches L_dp's "yes" target to pseudo-labels from the second epoch
+    # (main_real_phase1.py: `if epoch <= 1` with 1-based epochs), whatever the 5 warm-up epochs of L_sim say
+    assert [h["dp_target"] for h in cons.info["history"]] == ["given", "pseudo", "pseudo"]
+    assert [h["sim_loss"] for h in cons.info["history"]] == ["sce_all"] * 3
     batch = create_detector("deft", epochs=3, logit_scale="calibrated", selection="batch").detect(ctx)
     assert "training batches" in batch.rule and np.isfinite(batch.p_clean).all()
     assert scores(batch, truth)[1] > 0.8
     assert "n_clean_selected" not in batch.info["history"][-1]
+
+
+def test_synthetic_noise_switches_to_pseudo_labels_after_the_warm_up(noisy_cifar, mini_clip):
+    """The synthetic-noise recipe (main_phase1.py): L_dp's "yes" target becomes the pseudo-label when the warm-up
+    ends, together with L_sim on the selected samples; only the real-world variant switches at the second epoch."""
+    images, x, noisy, _ = noisy_cifar
+    ctx = make_context(images, x, mini_clip, noisy)
+    res = create_detector("deft", epochs=3, warmup_epochs=2).detect(ctx)
+    assert [h["dp_target"] for h in res.info["history"]] == ["given", "given", "pseudo"]
+    assert [h["sim_loss"] for h in res.info["history"]] == ["ce_all", "ce_all", "ce_selected"]
+
+
+def test_severe_noise_is_one_option(noisy_cifar, mini_clip):
+    """The paper's severe-noise setting lowers the learning rate 0.03 -> 0.01 together with weight 0.25 on the "yes"
+    term: one option, severe_noise=True (issue 21); giving it with a learning rate or weight of one's own is refused."""
+    rows = {r["name"]: r for r in RECIPE.rows()}
+    assert rows["severe_noise"]["value"] is False and rows["severe_noise"]["origin"] == "paper"
+    assert "severe-noise" in rows["severe_noise"]["source"]
+    assert create_detector("deft").effective_lr_and_weight() == (0.03, 1.0)
+    det = create_detector("deft", severe_noise=True, epochs=2)
+    assert det.effective_lr_and_weight() == (0.01, 0.25)
+    images, x, noisy, _ = noisy_cifar
+    res = det.detect(make_context(images, x, mini_clip, noisy))
+    assert res.info["lr"] == pytest.approx(0.01) and res.info["positive_weight"] == 0.25
+    assert res.info["history"][0]["lr"] == pytest.approx(0.01 * 0.5)  # cosine per epoch: 0.01, 0.005, 0
+    assert {r["name"]: r for r in res.info["recipe"]}["severe_noise"]["origin"] == "user"
+    for kw in ({"lr": 0.05}, {"positive_weight": 0.5}):
+        with pytest.raises(ParameterError, match="severe_noise"):
+            create_detector("deft", severe_noise=True, **kw)
 
 
 def test_empty_clean_selection_gives_finite_loss(cifar_feats, mini_clip):

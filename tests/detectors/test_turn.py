@@ -26,6 +26,8 @@ from labelsieve.detectors.common.tower import (
     image_tower,
     prepare_finetune,
 )
+from labelsieve.detectors.common.views import image_kind, train_view
+from labelsieve.detectors.turn import RECIPE
 
 
 def test_no_finetune_finds_noise_and_is_deterministic(noisy_imagenette, cifar_feats, mini_clip):
@@ -33,8 +35,10 @@ def test_no_finetune_finds_noise_and_is_deterministic(noisy_imagenette, cifar_fe
     ctx = make_context(images, x, mini_clip, noisy)
     res = create_detector("turn", finetune=False).detect(ctx)
     f1, auroc = scores(res, truth)
-    # measured: F1 .94, AUROC .97 (the GMM posterior saturates near 0 and 1, so AUROC < loss AUROC .995)
-    assert f1 > 0.85 and auroc > 0.92, (f1, auroc)
+    # measured with the paper's probe (Table 8: weight decay 1e-6, batch 128; issue 21): F1 .879, AUROC .909; the
+    # earlier labelsieve probe (1e-4, 256) gives .914 / .933 here. The GMM posterior saturates near 0 and 1, so AUROC
+    # stays below the loss's own AUROC.
+    assert f1 > 0.85 and auroc > 0.88, (f1, auroc)
     assert res.threshold == 0.6 and "GMM" in res.rule
     assert res.probs.shape == (400, 10) and np.allclose(res.probs.sum(1), 1.0)
     json.dumps(res.info)
@@ -45,7 +49,7 @@ def test_no_finetune_finds_noise_and_is_deterministic(noisy_imagenette, cifar_fe
     cnoisy = inject_symmetric(cimages.labels, cimages.n_classes, 0.3, seed=2)
     cres = create_detector("turn", finetune=False).detect(make_context(cimages, cx, mini_clip, cnoisy))
     f1, auroc = scores(cres, cnoisy != cimages.labels)
-    assert f1 > 0.65 and auroc > 0.8, (f1, auroc)  # measured: F1 .75, AUROC .86
+    assert f1 > 0.65 and auroc > 0.8, (f1, auroc)  # measured: F1 .768, AUROC .883 (issue 21's probe)
 
 
 def test_per_class_split_names_its_rules(noisy_imagenette):
@@ -83,6 +87,52 @@ def test_degenerate_inputs_stay_finite(imagenette_feats, mini_clip):
     assert not flat.is_noisy.any()
 
 
+def test_the_paper_recipe_cannot_drift(noisy_imagenette, mini_clip):
+    """TURN's recipe (Table 8's CLIP column, "20 epochs of LP with 4 epochs for FFT", DivideMix's raw GMM posterior,
+    A.2.2's augmentation per dataset kind): a labelsieve value coming back as a default fails here, and the probe
+    really trains with the recipe's values."""
+    rows = {r["name"]: r for r in RECIPE.rows(create_detector("turn").get_params())}
+    paper = {"finetune": True, "lp_epochs": 20, "fft_epochs": 4, "lp_lr": 1e-3, "lp_weight_decay": 1e-6,
+             "lp_batch_size": 128, "optimizer": "adamw", "lr": 1e-5, "head_lr": None, "weight_decay": 1e-5,
+             "batch_size": 128, "tau": 0.6, "q": 0.7, "monotone": False, "augment": "auto"}
+    for name, value in paper.items():
+        assert rows[name]["value"] == value and rows[name]["origin"] == "paper", name
+    for name in ("lp_lr", "lp_weight_decay", "lp_batch_size", "optimizer", "lr", "weight_decay", "batch_size"):
+        assert "Table 8" in rows[name]["source"], name
+    assert "20 epochs of LP with 4 epochs for FFT" in rows["lp_epochs"]["source"] == rows["fft_epochs"]["source"]
+    assert "A.2.2" in rows["augment"]["source"] and "DivideMix" in rows["monotone"]["source"]
+    assert not RECIPE.departures(create_detector("turn").get_params())  # every setting with a paper value is it
+    images, x, noisy, _ = noisy_imagenette
+    lp = create_detector("turn", finetune=False).detect(make_context(images, x, mini_clip, noisy)).info["linear_probe"]
+    assert (lp["optimizer"], lp["lr"], lp["weight_decay"], lp["batch_size"], lp["epochs"]) == (
+        "adamw", 1e-3, 1e-6, 128, 20)
+
+
+def test_augmentation_per_dataset_kind(nette, cifar_small, cache40):
+    """A.2.2: small CIFAR-like images get the padded shift + flip, photos a random 224 crop of the image resized to
+    256 + flip (scaled to the training size)."""
+    det = create_detector("turn")
+    assert image_kind(nette)[0] == "photo"
+    assert det.resolve_augment(make_context(nette, None, None))[0] == "resize_crop"
+    cifar = load_images(*cifar_small)
+    assert image_kind(cifar) == ("small", 32)
+    view, why = det.resolve_augment(make_context(cifar, None, None))
+    assert view == "flip_shift" and "32 px" in why
+    assert create_detector("turn", augment="rrc").resolve_augment(make_context(cifar, None, None))[0] == "rrc"
+    torch.manual_seed(0)
+    img = cache40[3]
+    out = train_view("resize_crop", 40, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(img)
+    assert out.shape == (3, 40, 40)
+    # a crop of the image resized to 46 px: it matches some 40 px window of that resize, maybe flipped
+    big = torch.nn.functional.interpolate(img[None].float() / 255, size=(46, 46), mode="bilinear",
+                                          antialias=True, align_corners=False)[0]
+    best = min(float((out - c[:, dy:dy + 40, dx:dx + 40]).abs().mean())
+               for c in (big, big.flip(-1)) for dy in range(7) for dx in range(7))
+    assert best < 0.01, best
+    with pytest.raises(ParameterError, match="'augment'"):
+        create_detector("turn", augment="crop")
+
+
 def test_parameters_are_validated():
     with pytest.raises(ParameterError, match="'tau' parameter of TurnDetector must be a float in"):
         create_detector("turn", tau=1.5)
@@ -108,9 +158,8 @@ def small_imagenette(imagenette_small, imagenette_feats):
 
 def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, mini_clip, tmp_path):
     """Two TURN epochs of full fine-tuning at 96 px: the tower trains on the selected subsamples only, the
-    encoder is untouched, and the fine-tuned model detects the noise better than the step-1 model seen
-    at the same image size (measured: loss AUROC .939 -> .956, accuracy .785 -> .845, F1 of the
-    per-class GMM flag .70 -> .77)."""
+    encoder is untouched, and the fine-tuned model detects the noise no worse than the step-1 model seen
+    at the same image size (the margins below; the numbers in the comments were measured)."""
     sub, xs, noisy, truth = small_imagenette
     ctx = dataclasses.replace(make_context(sub, xs, mini_clip, noisy), cache_dir=tmp_path)
     before = {k: v.clone() for k, v in mini_clip.model.visual.state_dict().items()}
@@ -119,6 +168,7 @@ def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, 
     info = res.info
     json.dumps(info)
     assert len(info["history"]) == 2 and info["model"]["tower"] == "open_clip visual"
+    assert info["augment"]["view"] == "resize_crop" and "photos" in info["augment"]["reason"]  # A.2.2, photos
     for h in info["history"]:
         assert 0 < h["n_subsample"] <= h["n_clean"] + h["n_borrowed"]
         assert h["n"] in (h["n_subsample"], h["n_subsample"] - 1)  # a last batch of one is dropped
@@ -130,7 +180,7 @@ def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, 
         assert torch.equal(before[k], v), k
 
     # the step-1 model (GCE probe on the frozen tower) evaluated at the same 96 px
-    probe = fit_linear_probe(xs, noisy, 10, loss="gce", epochs=20)  # GCE q = 0.7, as TURN's default
+    probe = fit_linear_probe(xs, noisy, 10, loss="gce", epochs=20, weight_decay=1e-6, batch_size=128)  # TURN's
     setup = prepare_finetune(ctx, image_size=96, batch_size=16, num_workers=0)
     start = TowerClassifier.from_probe(copy.deepcopy(image_tower(mini_clip)), probe)
     trainer = finetune_trainer(start, lr=1e-3, head_lr=1e-2, momentum=0.9, weight_decay=5e-4, epochs=1,
@@ -141,7 +191,9 @@ def test_full_finetuning_runs_through_the_engine_and_improves(small_imagenette, 
     acc0, acc1 = (logits0.argmax(1) == sub.labels).mean(), (res.suggested == sub.labels).mean()
     assert auc1 >= auc0 - 0.02 and acc1 >= acc0 - 0.02, (auc0, auc1, acc0, acc1)
     f1, auroc = scores(res, truth)
-    assert f1 > 0.68 and auroc > 0.8, (f1, auroc)  # measured: .77, .86
+    # measured: .686 / .788 with the paper's probe (Table 8) and A.2.2's view for photos (issue 21); .77 / .86 before,
+    # with labelsieve's earlier probe (weight decay 1e-4, batch 256) and random resized crops
+    assert f1 > 0.62 and auroc > 0.74, (f1, auroc)
 
     again = create_detector("turn", fft_epochs=2, image_size=96, batch_size=16).detect(ctx)
     np.testing.assert_allclose(res.p_clean, again.p_clean, atol=1e-6)

@@ -375,77 +375,59 @@
     }
     return groups;
   }
-  function rng(seed) {                // mulberry32: the same decisions show the same interval
-    return function () {
-      seed |= 0; seed = seed + 0x6D2B79F5 | 0;
-      var t = Math.imul(seed ^ seed >>> 15, 1 | seed);
-      t = t + Math.imul(t ^ t >>> 7, 61 | t) ^ t;
-      return ((t ^ t >>> 14) >>> 0) / 4294967296;
-    };
+  function bandVariance(left, m, x) {   // estimate._band_variance
+    if (!m || left <= m) return 0;
+    var p = x > 0 && x < m ? x / m : (x + 0.5) / (m + 1);
+    return left * left * (1 - m / left) * p * (1 - p) / m;
   }
-  function normal(u) { var a = u(), b = u(); return Math.sqrt(-2 * Math.log(a || 1e-300)) * Math.cos(2 * Math.PI * b); }
-  function gamma(u, a) {              // Marsaglia-Tsang
-    if (a < 1) return gamma(u, a + 1) * Math.pow(u() || 1e-300, 1 / a);
-    var d = a - 1 / 3, c = 1 / Math.sqrt(9 * d);
-    for (;;) {
-      var x = normal(u), v = 1 + c * x;
-      if (v <= 0) continue;
-      v = v * v * v;
-      var w = u();
-      if (w < 1 - 0.0331 * x * x * x * x || Math.log(w || 1e-300) < 0.5 * x * x + d * (1 - v + Math.log(v))) return d * v;
-    }
-  }
-  function binom(u, n, p) {
-    if (n <= 0 || p <= 0) return 0;
-    if (p >= 1) return n;
-    if (n <= 200) { var k = 0; for (var j = 0; j < n; j++) if (u() < p) k++; return k; }
-    return Math.max(0, Math.min(n, Math.round(n * p + Math.sqrt(n * p * (1 - p)) * normal(u))));
-  }
-  function quantile(a, q) { var s = a.slice().sort(function (x, y) { return x - y; }); return s[Math.min(s.length - 1, Math.max(0, Math.floor(q * (s.length - 1) + 0.5)))]; }
-  function estimate() {
+  function estimate() {               // estimate.estimate_from_reviews, closed form: the CLI's very numbers
     if (!DES) return null;
     var cells = checkCells(), m = cells.reduce(function (a, c) { return a + c.m; }, 0);
-    if (!m) return {reviewed: 0};
+    if (!m && cells.some(function (c) { return c.rows > c.exact; })) return {reviewed: 0};
     var groups = collapse(cells);
     if (!groups) return {reviewed: m};
-    var T = 2000, u = rng(12345);
-    var lo = {true: new Float64Array(T), false: new Float64Array(T)}, hi = {true: new Float64Array(T), false: new Float64Array(T)};
-    var point = {true: 0, false: 0};
+    var point = {true: 0, false: 0}, vari = {true: 0, false: 0}, ok = true;
     groups.forEach(function (g) {
       var left = 0, gm = 0, gx = 0;
       g.forEach(function (c) { left += c.rows - c.exact; gm += c.m; gx += c.x; });
-      var parts = [true, false].map(function (f) {
-        return [f, g.filter(function (c) { return c.flagged === f; })];
-      }).filter(function (p) { return p[1].length; });
-      var dl = new Float64Array(T), dh = new Float64Array(T);
-      for (var t = 0; t < T; t++) {
-        if (!gm) continue;
-        var pl = gx === 0 ? 0 : gamma(u, gx + 0.5), ql = gx === 0 ? 1 : gamma(u, gm - gx + 0.5);
-        var ph = gx === gm ? 1 : gamma(u, gx + 0.5), qh = gx === gm ? 0 : gamma(u, gm - gx + 0.5);
-        dl[t] = gx + binom(u, Math.max(left - gm, 0), gx === 0 ? 0 : pl / (pl + ql));
-        dh[t] = gx + binom(u, Math.max(left - gm, 0), gx === gm ? 1 : ph / (ph + qh));
-      }
-      parts.forEach(function (p) {
-        var f = p[0], rowsF = p[1].reduce(function (a, c) { return a + c.rows - c.exact; }, 0);
-        var share = left ? rowsF / left : 0, exact = p[1].reduce(function (a, c) { return a + c.exactWrong; }, 0);
-        point[f] += exact + (gm ? left * gx / gm * share : 0);
-        for (var t = 0; t < T; t++) { lo[f][t] += exact + dl[t] * share; hi[f][t] += exact + dh[t] * share; }
+      if (left && !gm) { ok = false; return; }
+      var v = bandVariance(left, gm, gx);
+      [true, false].forEach(function (f) {
+        var part = g.filter(function (c) { return c.flagged === f; });
+        if (!part.length) return;
+        var share = left ? part.reduce(function (a, c) { return a + c.rows - c.exact; }, 0) / left : 0;
+        point[f] += part.reduce(function (a, c) { return a + c.exactWrong; }, 0) + (gm ? left * gx / gm * share : 0);
+        vari[f] += v * share * share;
       });
     });
-    var rows = cells.reduce(function (a, c) { return a + c.rows; }, 0) + DES.known_rows;
-    var tl = [], th = [], pl = [], ph = [], rl = [], rh = [];
+    if (!ok) return {reviewed: m};
+    var z = 1.959963984540054, rows = cells.reduce(function (a, c) { return a + c.rows; }, 0) + DES.known_rows;
+    var seenW = {true: 0, false: 0}, seenR = {true: 0, false: 0};
+    cells.forEach(function (c) { seenW[c.flagged] += c.exactWrong + c.x; seenR[c.flagged] += c.exact - c.exactWrong + c.m - c.x; });
+    var wrong = point.true + point.false + DES.known_wrong, sd = Math.sqrt(vari.true + vari.false);
+    var lo = Math.max(wrong - z * sd, seenW.true + seenW.false + DES.known_wrong);
+    var hi = Math.min(wrong + z * sd, rows - seenR.true - seenR.false - (DES.known_rows - DES.known_wrong));
     var nF = cells.reduce(function (a, c) { return a + (c.flagged ? c.rows : 0); }, 0);
-    for (var t = 0; t < T; t++) {
-      tl.push(lo.true[t] + lo.false[t] + DES.known_wrong); th.push(hi.true[t] + hi.false[t] + DES.known_wrong);
-      if (nF) { pl.push(lo.true[t] / nF); ph.push(hi.true[t] / nF); }
-      rl.push(lo.true[t] + hi.false[t] > 0 ? lo.true[t] / (lo.true[t] + hi.false[t]) : 1);
-      rh.push(hi.true[t] + lo.false[t] > 0 ? hi.true[t] / (hi.true[t] + lo.false[t]) : 1);
+    var found = point.true, missed = point.false, out = {reviewed: m, rows: rows, wrong: wrong,
+      rate: rows ? wrong / rows : 0, interval: [lo / rows, hi / rows], precision: null, recall: null};
+    var mF = cells.reduce(function (a, c) { return a + (c.flagged ? c.m : 0); }, 0);
+    if (nF) {
+      var pw = wilson(found / nF, vari.true / (nF * nF), mF, z);
+      out.precision = found / nF;
+      out.precisionInterval = [Math.max(pw[0], seenW.true / nF), Math.min(pw[1], (nF - seenR.true) / nF)];
     }
-    var wrong = point.true + point.false + DES.known_wrong, total = point.true + point.false;
-    return {reviewed: m, rows: rows, wrong: wrong, rate: rows ? wrong / rows : 0,
-            interval: [quantile(tl, 0.025) / rows, quantile(th, 0.975) / rows],
-            precision: nF ? point.true / nF : null, precisionInterval: nF ? [quantile(pl, 0.025), quantile(ph, 0.975)] : null,
-            recall: total > 0 ? point.true / total : null, recallInterval: [quantile(rl, 0.025), quantile(rh, 0.975)]};
+    if (found + missed > 0) {
+      var rec = found / (found + missed);
+      var vr = (missed * missed * vari.true + found * found * vari.false) / Math.pow(found + missed, 4);
+      out.recall = rec; out.recallInterval = wilson(rec, vr, m, z);
+    }
+    return out;
+  }
+  function wilson(p, v, m, z) {       // estimate._wilson: Wilson's interval on the design's effective sample size
+    if (v <= 0) return [p, p];
+    var q = Math.min(Math.max(p, 0.5 / (m + 1)), 1 - 0.5 / (m + 1)), n = q * (1 - q) / v, k = z * z / n;
+    var centre = (p + k / 2) / (1 + k), half = z / (1 + k) * Math.sqrt(p * (1 - p) / n + k / (4 * n));
+    return [Math.max(centre - half, 0), Math.min(centre + half, 1)];
   }
   function pct(x) { return (100 * x).toFixed(1) + "%"; }
   function checkPanel() {

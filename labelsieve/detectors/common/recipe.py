@@ -288,6 +288,12 @@ class Recipe:
             out.append(row)
         return out
 
+    def departures(self, values: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The parameter rows of :meth:`rows` that are not the paper's recipe: set by the caller away from the
+        default (``user``), or labelsieve's default where the paper has a value (known or not)."""
+        return [r for r in self.rows(values) if not r["fixed"] and r["origin"] != "paper"
+                and (r["origin"] == "user" or r["paper"] is not None)]
+
     def format(self, values: Mapping[str, Any] | None = None, *, width: int = 110) -> str:
         """The table of :meth:`rows` as plain text (``labelsieve detectors --show``)."""
         rows = self.rows(values)

@@ -146,7 +146,7 @@ class FineTuneSetup:
     batch_size : int
     num_workers : int
     train_transform : callable
-        Random resized crop + horizontal flip + the model's normalisation.
+        The training view (random resized crop + horizontal flip by default) + the model's normalisation.
     eval_loader : DataLoader
         Every sample once, centre crop, in order.
     """
@@ -172,7 +172,8 @@ class FineTuneSetup:
 
 
 def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_size: int,
-                     num_workers: int | None) -> FineTuneSetup:
+                     num_workers: int | None,
+                     view: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None) -> FineTuneSetup:
     """Decode ``ctx.images`` once (or reopen the cache) and build the loaders for fine-tuning.
 
     Parameters
@@ -185,6 +186,9 @@ def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_siz
     num_workers : int or None
         DataLoader workers; None: 0 on CPU (the transforms are cheap next to the model), else
         ``min(8, cpu_count)``.
+    view : callable, optional
+        ``view(size, mean=..., std=...)`` builds the training transform; default random resized crop + flip
+        (:func:`~labelsieve.data.transforms.train_transform`).
     """
     enc = ctx.encoder
     size = int(image_size or enc.image_size)
@@ -196,7 +200,8 @@ def prepare_finetune(ctx: DetectionContext, *, image_size: int | None, batch_siz
     eval_ds = CachedImageDataset(cache, labels=labels, transform=eval_transform(size, mean=enc.mean, std=enc.std))
     eval_loader = make_loader(eval_ds, batch_size=max(128, 2 * batch_size), num_workers=workers)
     return FineTuneSetup(cache=cache, labels=labels, image_size=size, batch_size=batch_size, num_workers=workers,
-                         train_transform=train_transform(size, mean=enc.mean, std=enc.std), eval_loader=eval_loader)
+                         train_transform=(view or train_transform)(size, mean=enc.mean, std=enc.std),
+                         eval_loader=eval_loader)
 
 
 def finetune_trainer(model: TowerClassifier, *, lr: float, head_lr: float, momentum: float, weight_decay: float,

@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--reuse", action="store_true", help="read the audits a previous run kept in --work")
+    ap.add_argument("--redo", action="store_true", help="simulate again the sets OUT already holds (the table keeps "
+                    "the latest row of each)")
     ap.add_argument("--rows-per-band", type=int, default=checksample.ROWS_PER_STRATUM,
                     help="the design's sampled rows per band (labelsieve's is ROWS_PER_STRATUM; others to compare)")
     args = ap.parse_args(argv)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
     host = host_info(args.threads)
     for dname in args.datasets.split(","):
-        if (dname, args.method, args.seed, args.draws, args.size, args.rows_per_band) in done:
+        if not args.redo and (dname, args.method, args.seed, args.draws, args.size, args.rows_per_band) in done:
             continue
         images, true = load_dataset(dname)
         noisy_by_path = dict(zip(images.paths, (images.labels != true).tolist(), strict=True))
@@ -305,17 +307,19 @@ def render(jsonl: Path, md: Path) -> None:
     lines += ["", "Design and interval alternatives (same audits, same draws): bands, then coverage / mean width of "
               "labelsieve's closed-form interval and of the Monte Carlo interval from the bands' Jeffreys posteriors "
               "with modified ends.", "",
-              "| data set | sampled rows per band | bands | closed form: coverage / width | Monte Carlo: coverage / "
-              "width |", "|---|---|---|---|---|"]
-    for r in sorted(every, key=lambda r: (r["dataset"], r.get("rows_per_band") or 0)):
+              "| data set | K | sampled rows per band | bands | closed form: coverage / width | Monte Carlo: "
+              "coverage / width |", "|---|---|---|---|---|---|"]
+    for r in sorted(every, key=lambda r: (r["dataset"], r["size"], r.get("rows_per_band") or 0)):
         if r.get("mc_coverage") is None:
             continue
-        lines.append(f"| {r['dataset']} | {r.get('rows_per_band')} | {r.get('bands')} | {_f(r['coverage'], '.1%')} / "
+        lines.append(f"| {r['dataset']} | {r['size']} | {r.get('rows_per_band')} | {r.get('bands')} | "
+                     f"{_f(r['coverage'], '.1%')} / "
                      f"{_f(r['width'])} | {_f(r['mc_coverage'], '.1%')} / {_f(r['mc_width'])} |")
     lines += ["", "Written scores: AUROC of 1 − p_clean by the detector's raw score and by the value read back from "
               "each file (distinct values in brackets).", "",
               "| data set | column | raw | audit.csv | audit.xlsx | audit.html |", "|---|---|---|---|---|---|"]
-    for r in rows:
+    written = {r["dataset"]: r for r in rows}  # one audit per data set: its files do not depend on K
+    for r in written.values():
         for c, w in r["written"].items():
             lines.append(f"| {r['dataset']} | {c} | {_f(w['raw_auroc'], '.4f')} ({w['raw_distinct']:,}) | "
                          f"{_f(w['csv_auroc'], '.4f')} ({w['csv_distinct']:,}) | {_f(w['xlsx_auroc'], '.4f')} "

@@ -248,37 +248,37 @@ def estimate_from_reviews(design: CheckDesign, sample: ReviewedSample, *, known_
                     "sampled": c.m, "sampled_wrong": c.x} for c in cells],
     }
     found, missed = point[True], point[False]
-    m_flag = sum(c.m for c in cells if c.flagged)
     out["precision"], out["precision_interval"] = None, None
     if n_flagged:
         prec = found / n_flagged
-        plo, phi = _wilson(prec, var[True] / n_flagged ** 2, m_flag, z)
+        plo, phi = _agresti_coull(prec, var[True] / n_flagged ** 2, sum(c.m for c in cells if c.flagged), z)
         out["precision"] = float(prec)
         out["precision_interval"] = [max(plo, seen_wrong[True] / n_flagged),
                                      min(phi, (n_flagged - seen_right[True]) / n_flagged)]
     out["recall"], out["recall_interval"] = None, None
     if found + missed > 0:
         rec = found / (found + missed)
-        var_r = (missed ** 2 * var[True] + found ** 2 * var[False]) / (found + missed) ** 4
+        sd_r = np.sqrt(missed ** 2 * var[True] + found ** 2 * var[False]) / (found + missed) ** 2
         out["recall"] = float(rec)
-        out["recall_interval"] = list(_wilson(rec, var_r, sum(c.m for c in cells), z))
+        out["recall_interval"] = [float(max(rec - z * sd_r, 0.0)), float(min(rec + z * sd_r, 1.0))]
     return out
 
 
-def _wilson(p: float, var: float, m: int, z: float) -> tuple[float, float]:
-    """Wilson's score interval for a proportion ``p`` estimated with variance ``var`` from a stratified sample of
-    ``m`` rows, on the design's effective sample size ``p(1 − p)/var`` (Kish): unlike ``p ± z·sd`` it stays in
-    [0, 1] and widens on the short side when few rows were sampled (a flagged band of a dozen rows, where the
-    normal interval held the precision in 87 % of draws on a 600-row CIFAR-10 audit). A pure sample takes the
-    Jeffreys share ``½/(m + 1)`` for ``p(1 − p)``'s ``p``; no variance (every row counted exactly): ``[p, p]``."""
+def _agresti_coull(p: float, var: float, m: int, z: float) -> tuple[float, float]:
+    """Agresti and Coull's interval for a proportion ``p`` estimated with variance ``var`` from a stratified sample
+    of ``m`` rows, on the design's effective sample size ``n = p(1 − p)/var`` (Kish): ``z²/2`` successes and failures
+    added, ``p̃ ± z·√(p̃(1 − p̃)/(n + z²))``. The flags' precision is often one band's share from a dozen or two sampled
+    rows, where ``p ± z·sd`` held it in 87 % of draws (a 600-row CIFAR-10 audit, 12 flagged rows sampled) and
+    Wilson's interval in 92 % near 1 (Imagenette, 20 rows, precision .97). A pure sample takes the Jeffreys share
+    ``½/(m + 1)`` for ``p(1 − p)``'s ``p``; no variance (every row counted exactly): ``[p, p]``."""
     if var <= 0.0:
         return float(p), float(p)
     q = min(max(p, 0.5 / (m + 1.0)), 1.0 - 0.5 / (m + 1.0))
     n = q * (1.0 - q) / var
-    k = z * z / n
-    centre = (p + k / 2.0) / (1.0 + k)
-    half = z / (1.0 + k) * np.sqrt(p * (1.0 - p) / n + k / (4.0 * n))
-    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+    nt = n + z * z
+    pt = (p * n + z * z / 2.0) / nt
+    half = z * np.sqrt(pt * (1.0 - pt) / nt)
+    return float(max(pt - half, 0.0)), float(min(pt + half, 1.0))
 
 
 @dataclass

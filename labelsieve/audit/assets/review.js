@@ -412,22 +412,22 @@
       rate: rows ? wrong / rows : 0, interval: [lo / rows, hi / rows], precision: null, recall: null};
     var mF = cells.reduce(function (a, c) { return a + (c.flagged ? c.m : 0); }, 0);
     if (nF) {
-      var pw = wilson(found / nF, vari.true / (nF * nF), mF, z);
+      var pw = agrestiCoull(found / nF, vari.true / (nF * nF), mF, z);
       out.precision = found / nF;
       out.precisionInterval = [Math.max(pw[0], seenW.true / nF), Math.min(pw[1], (nF - seenR.true) / nF)];
     }
     if (found + missed > 0) {
       var rec = found / (found + missed);
-      var vr = (missed * missed * vari.true + found * found * vari.false) / Math.pow(found + missed, 4);
-      out.recall = rec; out.recallInterval = wilson(rec, vr, m, z);
+      var sr = Math.sqrt(missed * missed * vari.true + found * found * vari.false) / Math.pow(found + missed, 2);
+      out.recall = rec; out.recallInterval = [Math.max(rec - z * sr, 0), Math.min(rec + z * sr, 1)];
     }
     return out;
   }
-  function wilson(p, v, m, z) {       // estimate._wilson: Wilson's interval on the design's effective sample size
+  function agrestiCoull(p, v, m, z) { // estimate._agresti_coull: on the design's effective sample size
     if (v <= 0) return [p, p];
-    var q = Math.min(Math.max(p, 0.5 / (m + 1)), 1 - 0.5 / (m + 1)), n = q * (1 - q) / v, k = z * z / n;
-    var centre = (p + k / 2) / (1 + k), half = z / (1 + k) * Math.sqrt(p * (1 - p) / n + k / (4 * n));
-    return [Math.max(centre - half, 0), Math.min(centre + half, 1)];
+    var q = Math.min(Math.max(p, 0.5 / (m + 1)), 1 - 0.5 / (m + 1)), n = q * (1 - q) / v, nt = n + z * z;
+    var pt = (p * n + z * z / 2) / nt, half = z * Math.sqrt(pt * (1 - pt) / nt);
+    return [Math.max(pt - half, 0), Math.min(pt + half, 1)];
   }
   function pct(x) { return (100 * x).toFixed(1) + "%"; }
   function checkPanel() {

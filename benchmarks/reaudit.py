@@ -9,13 +9,13 @@ over the rows nobody reviewed, for both audits.
 
 Variants of the re-audit (``--variants``):
 
-* ``reviewed`` — what ``labelsieve audit --reviewed`` does: corrected labels for every detector and the
-  trusted rows as ground truth in the ensemble's stacking (``trusted_weight`` 5, the default);
-* ``labels only`` — corrected labels, but the stacking ignores the trusted rows (``trusted_weight`` 0);
-* ``trusted_weight 20`` — the stacking weighs each trusted row 20×.
+* ``reviewed`` — what ``labelsieve audit --reviewed`` does: corrected labels for every detector, the reviewed
+  rows ranked last; the ensemble's stacking leaves them out (``trusted_weight`` 0, the default since issue 18);
+* ``trusted_weight 5`` — the reviewed rows also join the stacking fit as clean, each weighing 5 unanimous rows
+  (the default before issue 18); ``trusted_weight 1`` and ``trusted_weight 20`` likewise.
 
     python benchmarks/reaudit.py --cache /path/to/a/copy/of/bench-before --threads 1 \
-        --datasets imagenette-sym40 --variants reviewed                      # what docs/benchmarks.md quotes
+        --datasets cifar10n-aggre,cifar10n-worst,imagenette-pair30,imagenette-sym40   # what docs/benchmarks.md quotes
     python benchmarks/reaudit.py --cache ... --threads 1 --datasets cifar10n-worst --first 2500 --variants reviewed
 
 Each audit is one default-ensemble run (about 30 s for 2,500 cached images on 2 idle cores; 5 min
@@ -48,7 +48,7 @@ from labelsieve.audit.evaluate import detection_metrics  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 DATASETS = ["cifar10n-worst", "imagenette-sym40", "imagenette-pair30"]
-VARIANTS = {"reviewed": {}, "labels only": {"trusted_weight": 0.0}, "trusted_weight 1": {"trusted_weight": 1.0},
+VARIANTS = {"reviewed": {}, "trusted_weight 5": {"trusted_weight": 5.0}, "trusted_weight 1": {"trusted_weight": 1.0},
             "trusted_weight 20": {"trusted_weight": 20.0}}
 
 
@@ -78,7 +78,7 @@ def unreviewed_stats(table, noisy_by_path: dict[str, bool], ranks: slice) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(DATASETS))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="reviewed,trusted_weight 5")
     ap.add_argument("--cache", required=True, help="feature cache (a copy of bench-before; never a shared one)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--top", type=int, default=200)

@@ -222,6 +222,10 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
     prec = comp.get("expected_precision")
     implied = (f" As the model sees it, {_fmt_pct(prec)} of the flagged rows are wrong labels (expected precision)."
                if prec is not None else "")
+    if comp.get("confirmed_precision") is not None:
+        implied += (f" The pictures confirm {_fmt_pct(comp['confirmed_precision'])} of the flags (read as another "
+                    "class by the image features" + (" and by the class names" if comp.get("zero_shot_agreement")
+                                                      is not None else "") + ").")
     measured = "; ".join(parts)
     if comp.get("verdict") == "weak":
         reasons = "; ".join(str(r) for r in comp.get("reasons") or [])
@@ -230,6 +234,12 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
                 f"{escape(implied)} Review the check sample below to measure them; a stronger model, better class "
                 "names or an image-feature detector may do better. "
                 f"<span class=\"sub\">Measured: {escape(measured)}.</span></div>")
+    caution = comp.get("flags_caution")
+    if caution:
+        return ('<div class="banner err" id="ls-competence"><b>Many flags may be right labels</b> '
+                f"({escape(str(caution))}). The model reads this data well ({escape(measured)}), but its flags and "
+                f"its estimate of the error rate are not confirmed by the pictures.{escape(implied)} Review the "
+                "check sample below to measure them.</div>")
     return (f'<p class="note" id="ls-competence">The model reads this data well: {escape(measured)}.'
             f"{escape(implied)} (model-based; the check sample measures it).</p>")
 

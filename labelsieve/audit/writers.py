@@ -147,6 +147,13 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
                       f"{comp.get('expected_recall') or 0:.2f} (model-based"
                       + ("; unreliable here: measure them with the check sample)" if comp["verdict"] == "weak"
                          else ")"))
+        if comp.get("confirmed_precision") is not None:
+            t.add_row("flags (pictures)", f"{comp['confirmed_precision']:.0%} of the flagged rows read as another "
+                      "class by " + ("both readings" if comp.get("zero_shot_agreement") is not None else "the probe")
+                      + (f"; they hold {comp['confirmed_recall']:.0%} of all rows read so"
+                         if comp.get("confirmed_recall") is not None else "")
+                      + (f" — [bold red]{escape(comp['flags_caution'])}[/bold red]" if comp.get("flags_caution")
+                         else ""))
     if summary.get("noise_rate_basis") == "reviewed sample":
         est = summary.get("reviewed_estimate") or {}
         t.add_row("wrong labels", f"{summary['noise_rate']:.1%}{_interval(summary.get('noise_rate_interval'), summary)}"

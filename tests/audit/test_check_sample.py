@@ -288,3 +288,20 @@ def test_competence_says_when_the_model_reads_the_data_weakly(imagenette_feats, 
     assert page.index("The model reads this data weakly") < page.index('class="stats"')
     assert "The model reads this data weakly" not in (out_good / "audit.html").read_text(encoding="utf-8")
     assert json.loads((out_weak / "audit.json").read_text())["competence"]["verdict"] == "weak"
+    # the Imagenette labels here are the dataset's own (right): the model's scores vouch for their flags, the
+    # pictures do not, and the page says so above the numbers
+    assert g["confirmed_precision"] < 0.5 and g["flags_caution"] and g["expected_precision"] > 0.9
+    page = (out_good / "audit.html").read_text(encoding="utf-8")
+    assert page.index("Many flags may be right labels") < page.index('class="stats"')
+    # with 30 % symmetric noise the pictures confirm most flags, and no caution is raised
+    images, x = imagenette_feats
+    noisy_labels = make_noisy_labels(images, kind="symmetric", rate=0.3, seed=0)
+    (tmp_path / "s").mkdir()
+    noisy, out_noisy = _features_audit(tmp_path / "s", images, x, noisy_labels, method="knn",
+                                       model=str(mini_clip_dir))
+    c = noisy.summary["competence"]
+    truth = noisy_labels != images.labels
+    flagged = noisy.table.set_index("path").loc[images.paths, "is_noisy"].to_numpy(dtype=bool)
+    assert c["confirmed_precision"] > 0.8 and not c["flags_caution"]
+    assert abs(c["confirmed_precision"] - truth[flagged].mean()) < 0.1
+    assert "Many flags may be right labels" not in (out_noisy / "audit.html").read_text(encoding="utf-8")

@@ -18,12 +18,17 @@ laptop), and then the flags and the model-based error rate are unreliable. :func
   wrong labels overlap much. (A stacked ensemble's scores are bimodal on every benchmark set, 14–30 standard
   deviations apart even where its flags are poor, so this rarely decides; the reader agreement does.);
 * ``expected_precision`` / ``expected_recall`` of the flags as the model sees them: the mean of 1 − p_clean over
-  the flagged rows, and their share of the summed 1 − p_clean. Model-based: trust them only as far as the
-  verdict below says, and measure them with the check sample.
+  the flagged rows, and their share of the summed 1 − p_clean. Model-based: the scores vouch for themselves (1.0
+  on a clean validation set whose 10 % flags were all wrong), so trust them only as far as the verdict says;
+* ``confirmed_precision`` / ``confirmed_recall`` — the share of the flagged rows that both readings (probe and
+  zero-shot) read as a class other than the given label, and the flags' share of all rows read so: an
+  independent check of the flags (:func:`_confirmed`). The check sample measures the truth.
 
 The ``verdict`` is ``weak`` when the two readings agree on fewer than :data:`WEAK_READER_AGREEMENT` of the rows, or
 the mixture's separation is below :data:`WEAK_SEPARATION`, or (image-only models) the probe agrees with fewer than
-:data:`WEAK_PROBE_AGREEMENT` of the labels; otherwise ``good``. The thresholds were chosen on the benchmark sets,
+:data:`WEAK_PROBE_AGREEMENT` of the labels; otherwise ``good``. Apart from the verdict (a model may read the data well
+and still flag right labels), ``flags_caution`` says so when the pictures confirm fewer than :data:`WEAK_CONFIRMED`
+of at least :data:`MIN_FLAGS_CONFIRMED` flags. The thresholds were chosen on the benchmark sets,
 where they separate the data sets on which the default's flags are good from those on which they are not
 (docs/benchmarks.md, "How right the audit is"). ``reasons`` says which measure fell short.
 """
@@ -38,7 +43,8 @@ from labelsieve.detectors.common.base import DetectionContext, DetectionResult
 from labelsieve.detectors.common.linear_probe import fit_linear_probe, out_of_fold_probs
 from labelsieve.detectors.common.text_side import SINGLE_TEMPLATE
 
-__all__ = ["MAX_ROWS", "WEAK_PROBE_AGREEMENT", "WEAK_READER_AGREEMENT", "WEAK_SEPARATION", "measure_competence"]
+__all__ = ["MAX_ROWS", "MIN_FLAGS_CONFIRMED", "WEAK_CONFIRMED", "WEAK_PROBE_AGREEMENT", "WEAK_READER_AGREEMENT",
+           "WEAK_SEPARATION", "measure_competence"]
 
 #: The probe and the zero-shot reading are measured on a seeded random subset of at most this many rows.
 MAX_ROWS = 20_000
@@ -49,6 +55,10 @@ WEAK_SEPARATION = 2.0
 #: For a model without a text side: below this probe agreement with the given labels the data are either very
 #: noisy or poorly read; either way the flags need checking.
 WEAK_PROBE_AGREEMENT = 0.6
+#: Below this share of flags that the pictures confirm (:func:`_confirmed`) the flags need checking ...
+WEAK_CONFIRMED = 0.5
+#: ... when at least this many rows are flagged (a handful of flags says little either way).
+MIN_FLAGS_CONFIRMED = 10
 _FOLDS = 3
 _EPOCHS = 20
 
@@ -83,6 +93,20 @@ def _kept_probe(ctx: DetectionContext, rows: np.ndarray, labels: np.ndarray, fla
                                  device=ctx.device)
         pred[rest] = probe.probs(x[rest]).argmax(axis=1)
     return pred
+
+
+def _confirmed(labels: np.ndarray, flags: np.ndarray, probe_pred: np.ndarray,
+               zs: np.ndarray | None) -> dict[str, Any]:
+    """The flags the pictures confirm: a row is *read as another class* when the probe (and, with a text side, the
+    zero-shot classifier too) reads it as a class other than its given label. ``confirmed_precision`` is that share
+    among the flagged rows, ``confirmed_recall`` the flagged rows' share of all rows read so. Label-free like the
+    rest, but not the detector's own view: the flags' scores cannot vouch for themselves, two readings of the
+    pictures can contradict them (a clean set whose flags no reading confirms)."""
+    other = probe_pred != labels
+    if zs is not None:
+        other &= zs != labels
+    return {"confirmed_precision": float(other[flags].mean()) if flags.any() else None,
+            "confirmed_recall": float(other[flags].sum() / other.sum()) if other.any() else None}
 
 
 def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
@@ -122,12 +146,15 @@ def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
         out["rows_measured"] = int(len(rows))
         out["probe_agreement"] = float((probe_pred == labels[rows]).mean())
     text = ctx.encoder is not None and ctx.encoder.has_text and ctx.raw_features() is not None
+    zs = None
     if text:
         emb = ctx.encoder.class_text_embeddings(ctx.classnames, SINGLE_TEMPLATE)
         zs = (ctx.feature_rows(rows) @ emb.T).argmax(axis=1)
         out["zero_shot_agreement"] = float((zs == labels[rows]).mean())
         if probe_pred is not None:
             out["reader_agreement"] = float((zs == probe_pred).mean())
+    if probe_pred is not None:
+        out.update(_confirmed(labels[rows], flags[rows], probe_pred, zs))
     reasons = []
     if out.get("reader_agreement") is not None and out["reader_agreement"] < WEAK_READER_AGREEMENT:
         reasons.append(f"the image features and the class names agree on only {out['reader_agreement']:.0%} of the "
@@ -142,4 +169,8 @@ def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
                        f"labels (< {WEAK_PROBE_AGREEMENT:.0%})")
     out["verdict"] = "weak" if reasons else "good"
     out["reasons"] = reasons
+    confirmed = out.get("confirmed_precision")
+    out["flags_caution"] = (f"the pictures confirm only {confirmed:.0%} of the flags (< {WEAK_CONFIRMED:.0%}): many "
+                            "flagged labels may be right" if confirmed is not None and confirmed < WEAK_CONFIRMED
+                            and flags[rows].sum() >= MIN_FLAGS_CONFIRMED else None)
     return out

@@ -225,7 +225,8 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
     if comp.get("confirmed_precision") is not None:
         implied += (f" The pictures confirm {_fmt_pct(comp['confirmed_precision'])} of the flags (read as another "
                     "class by the image features" + (" and by the class names" if comp.get("zero_shot_agreement")
-                                                      is not None else "") + ").")
+                                                      is not None else "") + ")"
+                    + (", a check as weak as the readings." if comp.get("verdict") == "weak" else "."))
     measured = "; ".join(parts)
     if comp.get("verdict") == "weak":
         reasons = "; ".join(str(r) for r in comp.get("reasons") or [])

@@ -152,6 +152,7 @@ def print_summary(summary: dict[str, Any], files: dict[str, Path], *, top: int =
                       "class by " + ("both readings" if comp.get("zero_shot_agreement") is not None else "the probe")
                       + (f"; they hold {comp['confirmed_recall']:.0%} of all rows read so"
                          if comp.get("confirmed_recall") is not None else "")
+                      + (" (unreliable here: the readings are weak)" if comp["verdict"] == "weak" else "")
                       + (f" — [bold red]{escape(comp['flags_caution'])}[/bold red]" if comp.get("flags_caution")
                          else ""))
     if summary.get("noise_rate_basis") == "reviewed sample":

@@ -1,4 +1,5 @@
-"""Issue 20's "done when": the same 2,000 CIFAR-10 images audited as a folder, as 4 WebDataset shards, as 2 Parquet
+"""Issue 20's "done when": the same CIFAR-10 images (2,000 with LABELSIEVE_TEST_SOURCES_N=2000, as the issue asks;
+1,000 in the default run, to keep the suite under 10 minutes on 2 cores) audited as a folder, as 4 WebDataset shards, as 2 Parquet
 files and as a Hugging Face hub snapshot folder of symbolic links give the same flags and p_clean; apply writes the
 same labels from each (and cleaned copies in the input's format); train --clean and predict run from the shard
 audit; re-packed shards re-extract nothing; audit --pred-probs and detect(pred_probs=) audit a model's
@@ -22,8 +23,8 @@ from labelsieve.core.errors import DataError
 from labelsieve.data import load_images
 from labelsieve.detectors.confident_learning import prune_by_noise_rate
 
-N = 2000
-pytestmark = pytest.mark.slow  # 2,000 images through the mini CLIP once (about 3 minutes on 2 cores), then cached
+N = int(os.environ.get("LABELSIEVE_TEST_SOURCES_N", "1000"))  # a multiple of 4; 2,000 passed on 2026-12-05
+pytestmark = pytest.mark.slow  # N images through the mini CLIP once (2,000: about 2 minutes on 2 cores), then cached
 #: A cheap detector on the cached features: kNN's vote (the flags), calibrated p_clean, near-duplicates on.
 AUDIT = {"method": "knn", "num_workers": 2, "progress": False, "quiet": True}
 
@@ -36,7 +37,7 @@ def _key(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory, mini_clip_dir):
-    """The first 2,000 CIFAR-10 training images as a folder + CSV, 4 shards, 2 Parquet files and a hub snapshot,
+    """The first N CIFAR-10 training images as a folder + CSV, 4 shards, 2 Parquet files and a hub snapshot,
     each audited into one shared feature store (the folder first)."""
     tmp = tmp_path_factory.mktemp("sources")
     root, csv = testing.extract_subset("cifar10", N, first=True)
@@ -142,14 +143,14 @@ def test_train_clean_and_predict_run_from_the_shard_audit(sources, tmp_path, lit
     kept = pd.read_csv(tmp / "a-shards" / "audit.csv")
     assert report.n_train + report.n_val == int((~kept["is_noisy"].astype(bool)).sum())
     assert (tmp_path / "model" / "model.safetensors").is_file()
-    names = [f"train-00001-of-00002.parquet#{r}" for r in range(0, 1000, 5)]  # 200 rows of the second file
+    names = [f"train-00001-of-00002.parquet#{r}" for r in range(0, N // 2, 5)]  # rows of the second file
     listing = tmp_path / "some.csv"
     listing.write_text("path\n" + "\n".join(names) + "\n")
     out = api.predict(tmp_path / "model", tmp / "parquet", labels_csv=listing, out_dir=tmp_path / "pred",
                       progress=False, cache_dir=sources["cache"])
     pred = pd.read_csv(out)
     assert pred["path"].tolist() == names and pred["error"].isna().all()
-    truth = [sources["ref"].label_names()[N // 2 + r] for r in range(0, 1000, 5)]
+    truth = [sources["ref"].label_names()[N // 2 + r] for r in range(0, N // 2, 5)]
     assert np.mean(pred["predicted_label"].to_numpy() == np.array(truth)) > 0.15  # one epoch at 32 px; chance 0.1
     # a folder of symbolic links into a blob store (a hub snapshot), which predict used to refuse
     links = tmp_path / "links"
@@ -191,9 +192,9 @@ def test_pred_probs_audit_and_detect(sources, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda p: p[:-1], r"1999 rows of probabilities for the 2000 rows of the labels CSV"),
+    (lambda p: p[:-1], rf"{N - 1} rows of probabilities for the {N} rows of the labels CSV"),
     (lambda p: p[:, :-1], r"9 columns of probabilities for the 10 classes .*sorted order: airplane, automobile"),
-    (lambda p: p * 2, r"2000 row\(s\) do not sum to 1 \(row 0 sums to 2"),
+    (lambda p: p * 2, rf"{N} row\(s\) do not sum to 1 \(row 0 sums to 2"),
     (lambda p: np.log(p), r"hold values that are not probabilities"),
     (lambda p: p[:, 0], r"must be a float array of shape \(n, C\)"),
 ])

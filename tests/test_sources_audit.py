@@ -1,9 +1,9 @@
 """Issue 20's "done when": the same CIFAR-10 images (2,000 with LABELSIEVE_TEST_SOURCES_N=2000, as the issue asks;
-1,000 in the default run, to keep the suite under 10 minutes on 2 cores) audited as a folder, as 4 WebDataset shards, as 2 Parquet
-files and as a Hugging Face hub snapshot folder of symbolic links give the same flags and p_clean; apply writes the
-same labels from each (and cleaned copies in the input's format); train --clean and predict run from the shard
-audit; re-packed shards re-extract nothing; audit --pred-probs and detect(pred_probs=) audit a model's
-probabilities, with clear errors for probabilities of the wrong shape or rows that do not sum to 1."""
+1,000 in the default run, to keep the suite under 10 minutes on 2 cores) audited as a folder, as 4 WebDataset
+shards, as 2 Parquet files and as a Hugging Face hub snapshot folder of symbolic links give the same flags and
+p_clean; apply writes the same labels from each (and cleaned copies in the input's format); train --clean and
+predict run from the shard audit; re-packed shards re-extract nothing; audit --pred-probs and detect(pred_probs=)
+audit a model's probabilities, with clear errors for probabilities of the wrong shape or rows that do not sum to 1."""
 
 from __future__ import annotations
 

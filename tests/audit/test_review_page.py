@@ -374,6 +374,11 @@ def test_the_check_sample_is_reviewed_by_keyboard_and_the_estimate_follows(brows
     # the page computes labelsieve's own closed-form estimate: equal up to the display's 0.1 %
     assert abs(shown[0] - 100 * py["rate"]) < 0.051
     assert abs(shown[1] - 100 * py["interval"][0]) < 0.051 and abs(shown[2] - 100 * py["interval"][1]) < 0.051
+    # and the flags' precision with its Agresti-Coull interval, to the display's two decimals
+    pm = re.search(r"precision ([\d.]+) \(([\d.]+)–([\d.]+)\)", text(driver, "ls-check-sub"))
+    assert pm, text(driver, "ls-check-sub")
+    for got_v, want in zip(map(float, pm.groups()), [py["precision"], *py["precision_interval"]], strict=True):
+        assert abs(got_v - want) < 0.0051, (pm.groups(), py["precision"], py["precision_interval"])
     driver.find_element("id", "ls-download").click()
     got = read_reviews(wait_for_download(downloads / "reviews.csv"))
     assert len(got) == 30 and got.attrs["check_design"]["strata"]

@@ -62,9 +62,11 @@ __all__ = ["CLIP", "MAP_CLIP", "MAX_RANK_SHARE", "MIN_SEPARATION", "MIN_WEIGHT",
 #: Raw scores are clipped to ``[CLIP, 1 − CLIP]`` before the mixture is fitted (saturated scores of 1.0 or 0.0
 #: would otherwise be infinitely far out on the logit scale) ...
 CLIP = 1e-4
-#: ... but not when the fitted map is applied (only to the open interval float64 can hold), so scores that
-#: differ keep their order.
-MAP_CLIP = float(np.nextafter(0.0, 1.0))
+#: ... but not when the fitted map is applied (only to the open interval of normal float64 numbers), so scores
+#: that differ keep their order (the written p_clean's rank term orders any that the clip joins). The smallest
+#: *normal* number, not the smallest subnormal: the training engine flushes subnormals to zero on a CPU
+#: (``torch.set_flush_denormal``), and log(0) warned "divide by zero".
+MAP_CLIP = float(np.finfo(np.float64).tiny)
 #: Components closer than this many shared standard deviations are one population (no calibration).
 MIN_SEPARATION = 1.0
 #: A component weighing less than this is not a population (no calibration).

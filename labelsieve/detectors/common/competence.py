@@ -153,7 +153,7 @@ def measure_competence(ctx: DetectionContext, result: DetectionResult, *,
         out["zero_shot_agreement"] = float((zs == labels[rows]).mean())
         if probe_pred is not None:
             out["reader_agreement"] = float((zs == probe_pred).mean())
-    if probe_pred is not None:
+    if probe_pred is not None and oof_probs is None:  # the given probabilities made the flags: no independent check
         out.update(_confirmed(labels[rows], flags[rows], probe_pred, zs))
     reasons = []
     if out.get("reader_agreement") is not None and out["reader_agreement"] < WEAK_READER_AGREEMENT:

@@ -30,6 +30,7 @@ that holds review decisions, and checks that it can write its output before it r
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -516,4 +517,14 @@ def describe_estimate(est: dict[str, Any] | None, check_size: int) -> str:
     if est.get("recall") is not None:
         rlo, rhi = est["recall_interval"]
         line += f", recall {est['recall']:.2f} ({rlo:.2f}-{rhi:.2f})"
-    return line + "."
+    line += "."
+    width = hi - lo
+    if est["check_reviewed"] >= check_size > 0 and width > TARGET_WIDTH:
+        more = int(math.ceil(check_size * (width / TARGET_WIDTH) ** 2 / 25.0) * 25)
+        line += (f" The interval is {width:.1%} wide; for about {TARGET_WIDTH / 2:.0%} either way, re-audit with "
+                 f"--reviewed and --check-size {more} and review that sample (its width shrinks as 1/sqrt(rows)).")
+    return line
+
+
+#: The interval width :func:`describe_estimate` suggests a larger check sample above (±6 points).
+TARGET_WIDTH = 0.12

@@ -305,3 +305,16 @@ def test_competence_says_when_the_model_reads_the_data_weakly(imagenette_feats, 
     assert c["confirmed_precision"] > 0.8 and not c["flags_caution"]
     assert abs(c["confirmed_precision"] - truth[flagged].mean()) < 0.1
     assert "Many flags may be right labels" not in (out_noisy / "audit.html").read_text(encoding="utf-8")
+
+
+def test_a_wide_reviewed_interval_says_how_many_rows_would_narrow_it():
+    """CIFAR-10N worst at K = 100 gave intervals 0.133 wide (docs/benchmarks.md §14); the summary line then names the
+    check size that brings them to about ±6 points (0.118 measured at 125), and says nothing when they are narrower or
+    the sample is not yet fully reviewed."""
+    from labelsieve.audit.review import describe_estimate
+
+    est = {"interval": [0.343, 0.476], "check_reviewed": 100, "exact_rows": 0, "rate": 0.41, "wrong": 4100.0,
+           "rows": 10_000, "precision": None, "recall": None}
+    assert "--check-size 125" in describe_estimate(est, 100)
+    assert "--check-size" not in describe_estimate({**est, "interval": [0.36, 0.46]}, 100)
+    assert "--check-size" not in describe_estimate({**est, "check_reviewed": 60}, 100)

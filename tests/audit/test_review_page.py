@@ -379,6 +379,11 @@ def test_the_check_sample_is_reviewed_by_keyboard_and_the_estimate_follows(brows
     assert pm, text(driver, "ls-check-sub")
     for got_v, want in zip(map(float, pm.groups()), [py["precision"], *py["precision_interval"]], strict=True):
         assert abs(got_v - want) < 0.0051, (pm.groups(), py["precision"], py["precision_interval"])
+    # all 30 decided and the interval wider than 0.12: the page names the check size the CLI names
+    from labelsieve.audit.review import describe_estimate
+    hint = re.search(r"--check-size \d+", describe_estimate(py, 30))
+    assert hint and py["interval"][1] - py["interval"][0] > 0.12
+    assert hint.group(0) in text(driver, "ls-check-sub")
     driver.find_element("id", "ls-download").click()
     got = read_reviews(wait_for_download(downloads / "reviews.csv"))
     assert len(got) == 30 and got.attrs["check_design"]["strata"]

@@ -455,7 +455,14 @@
       e.precisionInterval[0].toFixed(2) + "–" + e.precisionInterval[1].toFixed(2) + ")" : "Flags: none") +
       (e.recall !== null ? ", recall " + e.recall.toFixed(2) + " (" + e.recallInterval[0].toFixed(2) + "–" +
       e.recallInterval[1].toFixed(2) + ")." : ".") + model +
-      " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided.";
+      " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided." +
+      widerHint(e, decided, k);
+  }
+  function widerHint(e, decided, k) {  // review.describe_estimate's hint, for the same numbers
+    var width = e.interval[1] - e.interval[0];
+    if (decided < k || !k || width <= 0.12) return "";
+    var more = Math.ceil(k * Math.pow(width / 0.12, 2) / 25) * 25;
+    return " For about ±6 points, re-audit with --reviewed and --check-size " + more + " and review that sample.";
   }
 
   /* ---- CSV in and out: one dialect (see the header of this file) ---- */

@@ -235,12 +235,14 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
                 f"{escape(implied)} Review the check sample below to measure them; a stronger model, better class "
                 "names or an image-feature detector may do better. "
                 f"<span class=\"sub\">Measured: {escape(measured)}.</span></div>")
-    caution = comp.get("flags_caution")
-    if caution:
-        return ('<div class="banner err" id="ls-competence"><b>Many flags may be right labels</b> '
-                f"({escape(str(caution))}). The model reads this data well ({escape(measured)}), but its flags and "
-                f"its estimate of the error rate are not confirmed by the pictures.{escape(implied)} Review the "
-                "check sample below to measure them.</div>")
+    if comp.get("flags_caution"):
+        model_view = (f" As the model sees it, {_fmt_pct(prec)} of them are wrong labels." if prec is not None
+                      else "")
+        return ('<div class="banner err" id="ls-competence"><b>Many flags may be right labels.</b> The pictures '
+                f"confirm only {escape(_fmt_pct(comp['confirmed_precision']))} of the flags (read as another class "
+                "by the image features and by the class names), though the model reads this data well."
+                f"{escape(model_view)} Its flags and its estimate of the error rate need the check sample below. "
+                f"<span class=\"sub\">Measured: {escape(measured)}.</span></div>")
     return (f'<p class="note" id="ls-competence">The model reads this data well: {escape(measured)}.'
             f"{escape(implied)} (model-based; the check sample measures it).</p>")
 

@@ -19,7 +19,7 @@ laptop), and then the flags and the model-based error rate are unreliable. :func
   deviations apart even where its flags are poor, so this rarely decides; the reader agreement does.);
 * ``expected_precision`` / ``expected_recall`` of the flags as the model sees them: the mean of 1 − p_clean over
   the flagged rows, and their share of the summed 1 − p_clean. Model-based: the scores vouch for themselves (1.0
-  on a clean validation set whose 10 % flags were all wrong), so trust them only as far as the verdict says;
+  on a clean validation set whose 4 % flags were all wrong), so trust them only as far as the verdict says;
 * ``confirmed_precision`` / ``confirmed_recall`` — the share of the flagged rows that both readings (probe and
   zero-shot) read as a class other than the given label, and the flags' share of all rows read so: an
   independent check of the flags (:func:`_confirmed`). The check sample measures the truth.

@@ -41,6 +41,7 @@ every set tried; coverage and widths on eight data sets: docs/benchmarks.md §14
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,6 +280,20 @@ def _agresti_coull(p: float, var: float, m: int, z: float) -> tuple[float, float
     pt = (p * n + z * z / 2.0) / nt
     half = z * np.sqrt(pt * (1.0 - pt) / nt)
     return float(max(pt - half, 0.0)), float(min(pt + half, 1.0))
+
+
+#: An interval wider than this (±6 points) makes :func:`suggested_check_size` name a larger check sample.
+TARGET_WIDTH = 0.12
+
+
+def suggested_check_size(est: dict[str, Any], check_size: int) -> int | None:
+    """The check size that would bring a fully reviewed sample's interval to about :data:`TARGET_WIDTH`
+    (``K·(width/TARGET_WIDTH)²``, the width shrinking as 1/√rows, rounded up to 25), or None when the interval is
+    narrower already or the sample is not fully reviewed. review.js's ``widerHint`` computes the same."""
+    width = est["interval"][1] - est["interval"][0]
+    if est["check_reviewed"] < check_size or check_size <= 0 or width <= TARGET_WIDTH:
+        return None
+    return int(math.ceil(check_size * (width / TARGET_WIDTH) ** 2 / 25.0) * 25)
 
 
 @dataclass

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from labelsieve.audit.checksample import REVIEWED_ISSUE, CheckDesign, design_columns
-from labelsieve.audit.estimate import is_wrong
+from labelsieve.audit.estimate import TARGET_WIDTH, is_wrong
 from labelsieve.audit.schema import flagged_mask
 from labelsieve.core.errors import DataError, check_param
 from labelsieve.core.io import FORMULA_PREFIXES, atomic_open
@@ -222,11 +222,11 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
     prec = comp.get("expected_precision")
     implied = (f" As the model sees it, {_fmt_pct(prec)} of the flagged rows are wrong labels (expected precision)."
                if prec is not None else "")
+    readers = "the image features" + (" and by the class names" if comp.get("zero_shot_agreement") is not None else "")
     if comp.get("confirmed_precision") is not None:
         implied += (f" The pictures confirm {_fmt_pct(comp['confirmed_precision'])} of the flags (read as another "
-                    "class by the image features" + (" and by the class names" if comp.get("zero_shot_agreement")
-                                                      is not None else "") + ")"
-                    + (", a check as weak as the readings." if comp.get("verdict") == "weak" else "."))
+                    f"class by {readers})" + (", a check as weak as the readings." if comp.get("verdict") == "weak"
+                                              else "."))
     measured = "; ".join(parts)
     if comp.get("verdict") == "weak":
         reasons = "; ".join(str(r) for r in comp.get("reasons") or [])
@@ -240,7 +240,7 @@ def _competence_html(summary: Mapping[str, Any]) -> str:
                       else "")
         return ('<div class="banner err" id="ls-competence"><b>Many flags may be right labels.</b> The pictures '
                 f"confirm only {escape(_fmt_pct(comp['confirmed_precision']))} of the flags (read as another class "
-                "by the image features and by the class names), though the model reads this data well."
+                f"by {escape(readers)}), though the model reads this data well."
                 f"{escape(model_view)} Its flags and its estimate of the error rate need the check sample below. "
                 f"<span class=\"sub\">Measured: {escape(measured)}.</span></div>")
     return (f'<p class="note" id="ls-competence">The model reads this data well: {escape(measured)}.'
@@ -527,6 +527,7 @@ def _design_data(table: pd.DataFrame, summary: Mapping[str, Any]) -> dict[str, A
                          if summary.get("noise_rate_basis") == "reviewed sample" else None),
             "model_rate": summary.get("model_noise_rate", summary.get("noise_rate")),
             "model_interval": summary.get("model_noise_rate_interval", summary.get("noise_rate_interval")),
+            "target_width": TARGET_WIDTH,
             "stratum": cols["stratum"].fillna(-1).to_numpy(dtype=np.int64),
             "spos": cols["stratum_pos"].fillna(0).to_numpy(dtype=np.int64)}
 

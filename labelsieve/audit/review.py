@@ -30,7 +30,6 @@ that holds review decisions, and checks that it can write its output before it r
 from __future__ import annotations
 
 import difflib
-import math
 import os
 import unicodedata
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ import pandas as pd
 from labelsieve.audit.auditset import check_audit_output, keep_reviewed_copy, open_audit, recorded_input
 from labelsieve.audit.checksample import CheckDesign
 from labelsieve.audit.decisions import merge_reviews
-from labelsieve.audit.estimate import estimate_audit
+from labelsieve.audit.estimate import TARGET_WIDTH, estimate_audit, suggested_check_size
 from labelsieve.audit.schema import (
     REVIEW_OPTIONAL,
     REVIEW_REQUIRED,
@@ -518,13 +517,8 @@ def describe_estimate(est: dict[str, Any] | None, check_size: int) -> str:
         rlo, rhi = est["recall_interval"]
         line += f", recall {est['recall']:.2f} ({rlo:.2f}-{rhi:.2f})"
     line += "."
-    width = hi - lo
-    if est["check_reviewed"] >= check_size > 0 and width > TARGET_WIDTH:
-        more = int(math.ceil(check_size * (width / TARGET_WIDTH) ** 2 / 25.0) * 25)
-        line += (f" The interval is {width:.1%} wide; for about {TARGET_WIDTH / 2:.0%} either way, re-audit with "
+    more = suggested_check_size(est, check_size)
+    if more is not None:
+        line += (f" The interval is {hi - lo:.1%} wide; for about {TARGET_WIDTH / 2:.0%} either way, re-audit with "
                  f"--reviewed and --check-size {more} and review that sample (its width shrinks as 1/sqrt(rows)).")
     return line
-
-
-#: The interval width :func:`describe_estimate` suggests a larger check sample above (±6 points).
-TARGET_WIDTH = 0.12

@@ -458,11 +458,12 @@
       " The interval is design-based: it holds whatever the model, and narrows as more check rows are decided." +
       widerHint(e, decided, k);
   }
-  function widerHint(e, decided, k) {  // review.describe_estimate's hint, for the same numbers
-    var width = e.interval[1] - e.interval[0];
-    if (decided < k || !k || width <= 0.12) return "";
-    var more = Math.ceil(k * Math.pow(width / 0.12, 2) / 25) * 25;
-    return " For about ±6 points, re-audit with --reviewed and --check-size " + more + " and review that sample.";
+  function widerHint(e, decided, k) {  // estimate.suggested_check_size, on the target width Python passes in
+    var width = e.interval[1] - e.interval[0], target = DES.target_width;
+    if (decided < k || !k || width <= target) return "";
+    var more = Math.ceil(k * Math.pow(width / target, 2) / 25) * 25;
+    return " For about ±" + Math.round(50 * target) + " points, re-audit with --reviewed and --check-size " + more +
+      " and review that sample.";
   }
 
   /* ---- CSV in and out: one dialect (see the header of this file) ---- */

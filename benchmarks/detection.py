@@ -73,10 +73,13 @@ DETECTORS = [
     ("turn probe + monotone + LP wd 1e-4 batch 256 (labelsieve)", "turn", TURN_PROBE_EARLIER, False),
     ("deft paper recipe", "deft", {}, True),
     ("deft + severe noise", "deft", {"severe_noise": True}, True),
+    # co-divide's batch make-up is not in the paper; the grid chose DivideMix's (batch_mode "dividemix", the recipe's
+    # value since this grid). The rows measured with "split" while it was the recipe's value carry its name below
+    # (RENAMED_ROWS renamed them in detection.jsonl).
     ("codivide paper recipe", "codivide", {}, True),
-    ("codivide paper + batch dividemix", "codivide", {"batch_mode": "dividemix"}, True),
+    ("codivide paper + batch split", "codivide", {"batch_mode": "split"}, True),
     ("codivide paper + lambda_u 1", "codivide", {"lambda_u": 1.0}, True),
-    ("codivide paper + batch dividemix + lambda_u 1", "codivide", {"batch_mode": "dividemix", "lambda_u": 1.0}, True),
+    ("codivide paper + batch split + lambda_u 1", "codivide", {"batch_mode": "split", "lambda_u": 1.0}, True),
     ("codivide fast (labelsieve)", "codivide", CODIVIDE_FAST, True),
     ("codivide fast + text budget 3200 (labelsieve)", "codivide", CODIVIDE_BUDGET, True),
     ("ensemble: codivide fast + turn probe + knn (stacked)", "ensemble", {"members": _ENS_FAST}, True),
@@ -88,8 +91,8 @@ DETECTORS = [
      {"members": ["label_match", ["turn", TURN_PROBE], "knn"]}, True),
     ("ensemble: deft paper + turn probe + knn (stacked)", "ensemble",
      {"members": ["deft", ["turn", TURN_PROBE], "knn"]}, True),
-    ("ensemble: codivide paper + turn probe + knn (stacked)", "ensemble",
-     {"members": ["codivide", ["turn", TURN_PROBE], "knn"]}, True),
+    ("ensemble: codivide paper (batch split) + turn probe + knn (stacked)", "ensemble",
+     {"members": [["codivide", {"batch_mode": "split"}], ["turn", TURN_PROBE], "knn"]}, True),
 ]
 # Option rows (named in --detectors), each one labelsieve option on top of a paper recipe (docs/methods.md), and
 # rows that train through the image tower (DEFT with LoRA, TURN's fine-tuning: about 0.05 s per image-epoch at 128 px
@@ -108,9 +111,6 @@ EXTRA_DETECTORS = [
     ("codivide paper + monotone", "codivide", {"monotone": True}, True),
     ("codivide paper + max_steps 1000", "codivide", {"max_steps": 1000}, True),
     ("codivide paper + no lambda_u ramp", "codivide", {"lambda_u_rampup": 0}, True),
-    ("codivide paper + batch dividemix + no lambda_u ramp", "codivide", {"batch_mode": "dividemix",
-                                                                         "lambda_u_rampup": 0}, True),
-    ("codivide paper + batch dividemix + monotone", "codivide", {"batch_mode": "dividemix", "monotone": True}, True),
     ("deft lora (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5}, True, _NETTE),
     ("deft lora + rrc (128 px 5 epochs)", "deft", {"peft": "lora", "image_size": 128, "epochs": 5, "augment": "rrc"},
      True, _NETTE),
@@ -136,6 +136,17 @@ BEFORE_10_NAMES = {
     "ensemble (codivide+turn+knn mean)": "ensemble (codivide+turn+knn mean) [before #10]",
 }
 BEFORE_10 = list(BEFORE_10_NAMES.values())
+#: Co-divide's batch make-up became DivideMix's ("dividemix") after the issue-21 grid chose it; the rows measured
+#: before under the names on the left ran what the names on the right run now (see rename_rows).
+RENAMED_ROWS = {
+    "codivide paper recipe": ("codivide paper + batch split", {"batch_mode": "split"}),
+    "codivide paper + batch dividemix": ("codivide paper recipe", {}),
+    "codivide paper + lambda_u 1": ("codivide paper + batch split + lambda_u 1",
+                                    {"batch_mode": "split", "lambda_u": 1.0}),
+    "ensemble: codivide paper + turn probe + knn (stacked)": (
+        "ensemble: codivide paper (batch split) + turn probe + knn (stacked)",
+        {"members": [["codivide", {"batch_mode": "split"}], ["turn", TURN_PROBE], "knn"]}),
+}
 #: Issue 21 moved every mini-CLIP row measured before it whose detector reads the text side (the stand-in's logit
 #: scale was then ln 100) or whose recipe changed (TURN's probe: weight decay 1e-4, batch 256) out of detection.jsonl
 #: into this file, rendered to detection-before21.md: they do not enter the tables that choose the default. The
@@ -248,8 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
                     help="empty the feature cache first so extraction is timed cold (--no-cold resumes it)")
     ap.add_argument("--render", action="store_true", help="only render the Markdown tables from the JSONL files")
+    ap.add_argument("--rename-rows", action="store_true",
+                    help="rename the rows measured under co-divide's earlier batch make-up (RENAMED_ROWS), then exit")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.rename_rows:
+        print(f"renamed {rename_rows(out / 'detection.jsonl')} rows")
+        return 0
     if args.render:
         render(out / "detection.jsonl", out / "detection.md")
         if (out / BEFORE_21_FILE).exists():
@@ -382,6 +398,40 @@ def _epoch_speed(res) -> dict:
 def _sugg(res, noisy: np.ndarray, true: np.ndarray) -> float | None:
     hit = res.is_noisy & noisy
     return float((res.suggested[hit] == true[hit]).mean()) if hit.any() else None
+
+
+def _codivide_batch_mode(row: dict) -> str | None:
+    """The batch make-up co-divide ran with in a result row (itself or as an ensemble member), from its resolved
+    parameters."""
+    rp = row.get("resolved_params") or {}
+    if "batch_mode" in rp:
+        return rp["batch_mode"]
+    for m in rp.get("members", []):
+        if isinstance(m, list) and m[0] == "codivide":
+            return m[1].get("batch_mode")
+    return None
+
+
+def rename_rows(jsonl: Path) -> int:
+    """Rename the rows of :data:`RENAMED_ROWS` in ``jsonl`` (rewritten in place through a temporary file), each only
+    if its resolved parameters show the batch make-up its new name says; returns how many were renamed. A row keeps
+    its measured values; ``renamed_from`` records its old name and ``params`` become the new name's."""
+    rows = read_jsonl(jsonl)
+    n = 0
+    for r in rows:
+        new = RENAMED_ROWS.get(r["detector"])
+        if new is None or r.get("model") != "mini-clip":
+            continue
+        ran = _codivide_batch_mode(r)
+        want = "dividemix" if new[0] == "codivide paper recipe" else "split"
+        if ran != want:
+            continue  # measured under the current names already
+        r["renamed_from"], r["detector"], r["params"] = r["detector"], new[0], new[1]
+        n += 1
+    tmp = jsonl.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(jsonl)
+    return n
 
 
 def render(jsonl: Path, md: Path, *, note: str = "") -> None:

@@ -180,6 +180,7 @@ def tower_detector(key: str, cache_dir: Path) -> dict | None:
            "probs_sum": res.probs.sum(1).tolist()}
     if name == "codivide":
         out.update(n=[[h[k]["n"] for k in ("net1", "net2")] for h in hist],
+                   steps=[[h[k]["steps"] for k in ("net1", "net2")] for h in hist],
                    n_labelled=[h[k].get("n_labelled") for h in hist for k in ("net1", "net2")],
                    p_net1=res.columns["p_clean_net1"].tolist(), p_net2=res.columns["p_clean_net2"].tolist())
     elif name == "turn":

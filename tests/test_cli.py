@@ -195,7 +195,7 @@ def test_detectors_show_prints_the_paper_values_of_turn_and_codivide(capsys):
     for name, value in {"lambda_u": "25.0", "lambda_u_rampup": "16", "finetune_encoders": "True", "lr": "0.02",
                         "epochs": "60", "batch_size": "64"}.items():
         assert lines[name].split()[1:3] == [value, "paper"], lines[name]
-    assert lines["batch_mode"].split()[1:3] == ["'split'", "labelsieve"]
+    assert lines["batch_mode"].split()[1:3] == ["'dividemix'", "labelsieve"]
 
 
 def test_ensemble_members_and_their_parameters_on_the_command_line(capsys, tmp_path, mini_clip_dir):

@@ -110,8 +110,17 @@ def test_detectors_that_train_through_the_tower_train_under_ddp(tmp_path):
         if key == "turn":  # the same step-1 selection (rank 0's probe); then each epoch's selection, once
             assert one["n_subsample"][0] == two["n_subsample"][0] and one["n"] == one["n_subsample"], key
             assert two["n"] == two["n_subsample"] and all(0 < n < 50 for n in two["n"]), key
+        elif key == "codivide":
+            # the warm-up epoch: every row once between the ranks; the co-divide epoch (DivideMix's batches): the
+            # labelled rows once between the ranks (not once per rank), each step beside a batch of unlabelled rows
+            assert one["n"][0] == two["n"][0] == [50, 50], key
+            for res, world in ((one, 1), (two, 2)):
+                for k in range(2):
+                    n, n_lab, steps = res["n"][1][k], res["n_labelled"][2 + k], res["steps"][1][k]
+                    assert abs(steps - -(-n_lab // 10)) <= 1 and 0 < n_lab < 50, (key, world, k, n_lab, steps)
+                    assert n_lab - world <= n <= n_lab + world + 10 * steps, (key, world, k, n, n_lab, steps)
         else:
-            assert one["n"] == two["n"] == ([[50, 50], [50, 50]] if key == "codivide" else [50, 50]), key
+            assert one["n"] == two["n"] == [50, 50], key
         r0, r1 = (json.loads((tmp_path / f"{key}-params-{r}.json").read_text()) for r in (0, 1))
         assert r0.keys() == r1.keys() and len(r0) >= 2, key
         for name in r0:

@@ -41,14 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
+from common import append_jsonl, default_threads, host_info, mini_clip_cache, mini_clip_encoder, read_jsonl  # noqa: E402
 from detection import HELD_OUT, load_dataset  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 import labelsieve.api  # noqa: E402
 import labelsieve.audit.checksample as checksample  # noqa: E402
 import labelsieve.audit.estimate as est_mod  # noqa: E402
-from labelsieve import testing  # noqa: E402
 from labelsieve.api import run_detector  # noqa: E402
 from labelsieve.audit.checksample import design_columns, draw_check_sample  # noqa: E402
 from labelsieve.audit.estimate import ReviewedSample, estimate_from_reviews, fit_recalibration  # noqa: E402
@@ -57,7 +56,6 @@ from labelsieve.audit.html import page_data, write_html  # noqa: E402
 from labelsieve.audit.schema import read_audit  # noqa: E402
 from labelsieve.audit.writers import write_csv, write_json, write_xlsx  # noqa: E402
 from labelsieve.core.defaults import DEFAULT_METHOD  # noqa: E402
-from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 GRID = ["cifar10n-aggre", "cifar10n-worst", "imagenette-sym20", "imagenette-sym40", "imagenette-pair30",
         "imagenette-inst30"]
@@ -88,7 +86,7 @@ def load_or_run(dname: str, images, enc, args, d: Path) -> tuple[pd.DataFrame, d
         return t, summary, raws, float(summary.get("benchmark_seconds", 0.0))
     t0 = time.perf_counter()
     audit = run_detector(images, enc, method=args.method, seed=args.seed,
-                         cache_dir=Path(args.cache) / "mini-clip" / dname.split("-")[0], progress=False)
+                         cache_dir=mini_clip_cache(args.cache, dname), progress=False)
     secs = time.perf_counter() - t0
     d.mkdir(parents=True, exist_ok=True)
     write_csv(audit.table, csv)
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = out / "check_sample.jsonl"
     done = {(r["dataset"], r["method"], r["seed"], r["draws"], r["size"], r.get("rows_per_band"))
             for r in read_jsonl(jsonl)}
-    enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
+    enc = mini_clip_encoder()
     host = host_info(args.threads)
     for dname in args.datasets.split(","):
         if not args.redo and (dname, args.method, args.seed, args.draws, args.size, args.rows_per_band) in done:

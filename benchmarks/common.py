@@ -41,3 +41,18 @@ def prepare_run(out: str, work: str, threads: int, results: str) -> tuple[Path, 
     work_p.mkdir(parents=True, exist_ok=True)
     jsonl = out_p / results
     return out_p, work_p, jsonl, {r["run"] for r in read_jsonl(jsonl)}
+
+
+def mini_clip_encoder() -> Any:
+    """The stand-in CLIP of ../shared/models/mini-clip, as the grid's benchmarks read it."""
+    from labelsieve import testing
+    from labelsieve.models.encoders import create_encoder
+
+    return create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
+
+
+def mini_clip_cache(root: str | Path, dataset: str) -> Path:
+    """The mini-CLIP feature cache of a grid data set under ``root``: one per family (``cifar10n-aggre`` and
+    ``cifar10n-worst`` share ``cifar10n``), as benchmarks/detection.py fills it."""
+    return Path(root) / "mini-clip" / dataset.split("-")[0]
+

@@ -24,15 +24,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from check_sample import DATASETS  # noqa: E402
-from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
+from common import append_jsonl, default_threads, host_info, mini_clip_cache, mini_clip_encoder, read_jsonl  # noqa: E402
 from detection import load_dataset  # noqa: E402
 
-from labelsieve import testing  # noqa: E402
 from labelsieve.core.defaults import DEFAULT_METHOD  # noqa: E402
 from labelsieve.detectors.common.base import DetectionContext, DetectionResult  # noqa: E402
 from labelsieve.detectors.common.competence import measure_competence  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
-from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "confirmed_flags.jsonl"
-    enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
+    enc = mini_clip_encoder()
     for dname in args.datasets.split(","):
         images, true = load_dataset(dname)
         audit_csv = Path(args.work) / f"{dname}-{args.method.replace(',', '+')}-s0" / "audit.csv"
         if not audit_csv.is_file():
             print(f"{dname}: no audit at {audit_csv} (run benchmarks/check_sample.py first)", file=sys.stderr)
             continue
-        feats = extract_features(images, enc, cache_dir=Path(args.cache) / "mini-clip" / dname.split("-")[0],
+        feats = extract_features(images, enc, cache_dir=mini_clip_cache(args.cache, dname),
                                  progress=False)
         x = np.asarray(feats.vectors, dtype=np.float32)
         table = pd.read_csv(audit_csv, keep_default_na=False).set_index("path").loc[images.paths]

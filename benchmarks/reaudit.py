@@ -38,14 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
+from common import append_jsonl, default_threads, host_info, mini_clip_cache, mini_clip_encoder, read_jsonl  # noqa: E402
 from detection import load_dataset  # noqa: E402
 
-from labelsieve import testing  # noqa: E402
 from labelsieve.api import run_detector  # noqa: E402
 from labelsieve.audit.decisions import reviews_frame  # noqa: E402
 from labelsieve.audit.evaluate import detection_metrics  # noqa: E402
-from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 DATASETS = ["cifar10n-worst", "imagenette-sym40", "imagenette-pair30"]
 VARIANTS = {"reviewed": {}, "trusted_weight 5": {"trusted_weight": 5.0}, "trusted_weight 1": {"trusted_weight": 1.0},
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = out / "reaudit.jsonl"
     done = {(r["dataset"], r["variant"], r["seed"], r["top"]) for r in read_jsonl(jsonl)}
     suffix = f"-first{args.first}" if args.first else ""
-    enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
+    enc = mini_clip_encoder()
     host = host_info(args.threads)
     k = args.top
     for dname in args.datasets.split(","):
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         images, true = load_dataset(dname)
         if args.first:
             images, true = images.subset(np.arange(args.first)), true[: args.first]
-        cache = Path(args.cache) / "mini-clip" / dname.split("-")[0]
+        cache = mini_clip_cache(args.cache, dname)
         noisy_by_path = dict(zip(images.paths, (images.labels != true).tolist(), strict=True))
         t = time.perf_counter()
         first = run_detector(images, enc, seed=args.seed, cache_dir=cache, progress=False)

@@ -27,11 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from common import append_jsonl, default_threads, host_info, read_jsonl  # noqa: E402
+from common import append_jsonl, default_threads, host_info, mini_clip_cache, mini_clip_encoder, read_jsonl  # noqa: E402
 from detection import load_dataset  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from labelsieve import testing  # noqa: E402
 from labelsieve.audit.html import page_data, write_html  # noqa: E402
 from labelsieve.audit.table import build_table  # noqa: E402
 from labelsieve.audit.writers import write_csv, write_xlsx  # noqa: E402
@@ -40,7 +39,6 @@ from labelsieve.detectors import create_detector  # noqa: E402
 from labelsieve.detectors.common.base import DetectionContext  # noqa: E402
 from labelsieve.detectors.common.calibration import calibrate  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
-from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 GRID = ["cifar10n-aggre", "cifar10n-worst", "imagenette-sym20", "imagenette-sym40", "imagenette-pair30",
         "imagenette-inst30"]
@@ -85,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "written_ranks.jsonl"
     done = {(r["dataset"], r["detector"]) for r in read_jsonl(jsonl)}
-    enc = create_encoder(str(testing.shared_dir() / "models" / "mini-clip"))
+    enc = mini_clip_encoder()
     host = host_info(args.threads)
     for dname in args.datasets.split(","):
         todo = [d for d in args.detectors.split(",") if (dname, d) not in done]
         if not todo:
             continue
         images, true = load_dataset(dname)
-        feats = extract_features(images, enc, cache_dir=Path(args.cache) / "mini-clip" / dname.split("-")[0],
+        feats = extract_features(images, enc, cache_dir=mini_clip_cache(args.cache, dname),
                                  progress=False)
         x = np.asarray(feats.vectors, dtype=np.float32)
         noisy = images.labels != true

@@ -22,7 +22,7 @@ values as issue 10 reads them; λ_u 25 with DivideMix's 16-epoch ramp; every par
   ``"dividemix"`` (default) iterates the labelled rows and draws a separate batch of unlabelled rows each step, as
   DivideMix's ``train()`` does; ``"split"`` iterates all rows and splits each batch into its labelled and
   unlabelled rows. The paper is silent; the grid chose ``"dividemix"`` (docs/methods.md: the same F1 within the
-  seeds' spread, in 50–85 % of the time). Each step's loss::
+  seeds' spread, in 51–85 % of the time). Each step's loss::
 
       loss = CE(weak view, given label)                       over the labelled samples
            + lambda_u(t) · FixMatch(unlabelled)               pseudo-label = argmax of the network's own
@@ -160,8 +160,8 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           check=is_float(0, 1, lo_open=True), expected="a float in (0, 1]", convert=float),
     Param("lambda_u", 25.0, "paper", f"{_DM} --lambda_u (default 25); the paper sets lambda_u 'as used in DivideMix'",
           "weight of the FixMatch term; 1 (FixMatch's own weight, labelsieve's default before issue 21) is the option, "
-          "measured far better where the text side reads the classes poorly (CIFAR-10N on the stand-in: F1 .45 / .75 "
-          "against .24 / .62 on aggre / worst) and the same elsewhere (docs/methods.md)",
+          "measured far better where the text side reads the classes poorly (CIFAR-10N on the stand-in: F1 .44 / .75 "
+          "against .24 / .63 on aggre / worst) and the same elsewhere (docs/methods.md)",
           check=is_float(0), expected="a float >= 0", convert=float),
     Param("lambda_u_rampup", 16, "paper", f"{_DM} linear_rampup(rampup_length=16)",
           "epochs over which the weight rises linearly from 0 to lambda_u after the warm-up, as DivideMix uses it; "
@@ -170,7 +170,7 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           "'dividemix': each step a batch of the labelled rows (the epoch iterates the labelled set) and a separate "
           "batch of unlabelled rows (DivideMix's train()); 'split': one loader over all rows, each batch split into "
           "its labelled and unlabelled rows; the paper is silent, chosen by measurement (the same F1 as 'split' over "
-          "seeds 0-2 of the grid, in 50-85 % of the time: docs/methods.md)",
+          "seeds 0-2 of the grid, in 51-85 % of the time: docs/methods.md)",
           paper=UNKNOWN, check=one_of(*BATCH_MODES), expected=f"one of {', '.join(map(repr, BATCH_MODES))}"),
     Param("lambda_r", 1.0, "paper", f"{_DM} (uniform-prior penalty, weight 1)", check=is_float(0),
           expected="a float >= 0", convert=float),

@@ -138,15 +138,14 @@ BEFORE_10_NAMES = {
 BEFORE_10 = list(BEFORE_10_NAMES.values())
 #: Co-divide's batch make-up became DivideMix's ("dividemix") after the issue-21 grid chose it; the rows measured
 #: before under the names on the left ran what the names on the right run now (see rename_rows).
-RENAMED_ROWS = {
-    "codivide paper recipe": ("codivide paper + batch split", {"batch_mode": "split"}),
-    "codivide paper + batch dividemix": ("codivide paper recipe", {}),
-    "codivide paper + lambda_u 1": ("codivide paper + batch split + lambda_u 1",
-                                    {"batch_mode": "split", "lambda_u": 1.0}),
-    "ensemble: codivide paper + turn probe + knn (stacked)": (
+RENAMED_ROWS = {old: (new, next(d[2] for d in DETECTORS if d[0] == new)) for old, new in {
+    "codivide paper recipe": "codivide paper + batch split",
+    "codivide paper + batch dividemix": "codivide paper recipe",
+    "codivide paper + lambda_u 1": "codivide paper + batch split + lambda_u 1",
+    "ensemble: codivide paper + turn probe + knn (stacked)":
         "ensemble: codivide paper (batch split) + turn probe + knn (stacked)",
-        {"members": [["codivide", {"batch_mode": "split"}], ["turn", TURN_PROBE], "knn"]}),
-}
+}.items()}
+
 #: Issue 21 moved every mini-CLIP row measured before it whose detector reads the text side (the stand-in's logit
 #: scale was then ln 100) or whose recipe changed (TURN's probe: weight decay 1e-4, batch 256) out of detection.jsonl
 #: into this file, rendered to detection-before21.md: they do not enter the tables that choose the default. The

@@ -88,16 +88,29 @@ def test_audit_records_and_prints_which_path_ran(noisy_copy, tmp_path, mini_clip
     printed summary and audit.json say so, and audit.json holds the resolved recipe."""
     root, labels, _, _ = noisy_copy
     out = tmp_path / "deft"
-    rc = main(["audit", str(root), str(labels), "--method", "deft", "--epochs", "1", "--model", str(mini_clip_dir),
-               "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress", "--no-html"])
+    # text_budget=1 forces k = 2 (81 rows, 2 steps of 64): at the model's scale it warns, in audit.json and printed
+    rc = main(["audit", str(root), str(labels), "--method", "deft", "--epochs", "1", "-p", "text_budget=1",
+               "--model", str(mini_clip_dir), "-o", str(out), "--cache-dir", str(feature_cache), "--no-progress",
+               "--no-html"])
     assert rc == 0
     printed = " ".join(capsys.readouterr().err.split())  # the summary goes to stderr (rich console)
     assert "path" in printed and "not a ViT" in printed
-    info = json.loads((out / "audit.json").read_text())["detector_info"]
+    summary = json.loads((out / "audit.json").read_text())
+    info = summary["detector_info"]
     assert info["path"] == "none" and "TimmModel" in info["path_reason"]
     rows = {r["name"]: r for r in info["recipe"]}
     assert rows["epochs"]["value"] == 1 and rows["epochs"]["origin"] == "user"
     assert rows["lr"]["origin"] == "paper" and rows["peft"]["resolved"] == "none"
+    assert info["text_scale"] == 2 and len(summary["warnings"]) == 1
+    assert "text_budget" in summary["warnings"][0] and "logit_scale=calibrated" in summary["warnings"][0]
+    assert "text_budget trains DEFT in 2-fold fewer steps" in printed
+    # with the calibrated scale the same budget is what the grid measured as safe: no warning
+    out2 = tmp_path / "deft-calibrated"
+    assert main(["audit", str(root), str(labels), "--method", "deft(logit_scale=calibrated, text_budget=1)",
+                 "--epochs", "1", "--model", str(mini_clip_dir), "-o", str(out2), "--cache-dir", str(feature_cache),
+                 "--no-progress", "--no-html"]) == 0
+    summary = json.loads((out2 / "audit.json").read_text())
+    assert summary["detector_info"]["text_scale"] == 2 and summary["warnings"] == []
 
 
 def test_detectors_command_lists_registry(capsys):

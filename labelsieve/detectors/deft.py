@@ -87,7 +87,8 @@ from labelsieve.detectors.registry import register_detector
 from labelsieve.models.peft import apply_peft, is_vit_tower, resolve_peft, set_peft_train_mode
 from labelsieve.models.prompts import DualPromptLearner
 
-__all__ = ["RECIPE", "DeftDetector", "DeftModel", "calibrated_scale", "complementary_labels", "deft_step"]
+__all__ = ["RECIPE", "DeftDetector", "DeftModel", "budget_warning", "calibrated_scale", "complementary_labels",
+           "deft_step"]
 
 PEFT_CHOICES = ("auto", "none", "feature_adapter", "vpt_deep", "vpt_shallow", "lora", "adaptformer", "bitfit")
 FEATURE_PATHS = ("none", "feature_adapter")
@@ -156,7 +157,8 @@ RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLe
           check=is_int(1, none=True), expected="None or an int >= 1"),
     Param("text_budget", None, "labelsieve", note="cap on steps × classes (each step runs all 2C prompts through "
           "the text tower); above it the batch and the learning rates grow by k and the steps shrink by k (rows "
-          "seen unchanged; linear scaling rule). None: no cap",
+          "seen unchanged; linear scaling rule). None: no cap. Measured (issue 21): keeps DEFT's ranking with "
+          "logit_scale=calibrated, loses most of it at the model's scale (a warning says so)",
           check=is_int(1, none=True), expected="None or an int >= 1"),
     amp_param(source=f"{_CODE} utils/config.py prec fp16", paper="fp16 parameters",
               note="fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with "
@@ -361,6 +363,16 @@ def deft_step(model: DeftModel, x: torch.Tensor, y: torch.Tensor, idx: torch.Ten
     return sim + dual, int((pred == y).sum()), int(len(y))
 
 
+def budget_warning(k: int, scale: float) -> str:
+    """The warning for ``text_budget`` at a scale that was not calibrated (measured in issue 21's grid)."""
+    return (f"text_budget trains DEFT in {k}-fold fewer steps of {k}-fold larger batches at {k}x the learning "
+            f"rate, here at the logit scale s = {scale:.0f}. On labelsieve's benchmark grid (a stand-in CLIP at "
+            "its learned s = 35, 10 classes, k = 10) that lost most of DEFT's ranking (mean AUROC 0.74 against 0.91 "
+            "without the budget, and unstable across seeds), while with the calibrated scale the same budget kept "
+            "it (0.93 against 0.94; docs/methods.md, 'step and text budgets'). Use "
+            "--method \"deft(logit_scale=calibrated, text_budget=...)\", or no text budget.")
+
+
 def _merge_records(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The last epoch's batch scores of every row: under torchrun each rank scored its share of the rows, so
     each row's scores come from the rank that saw it (on every rank); in one process, ``record``."""
@@ -491,6 +503,8 @@ class DeftDetector(Detector):
         k = text_budget_scale(steps_per_epoch=math.ceil(per_epoch / self.batch_size), epochs=self.epochs,
                               n_classes=C, budget=self.text_budget)
         batch_size = self.batch_size * k
+        if k > 1 and self.logit_scale != "calibrated":
+            text_info = {**text_info, "warnings": [*text_info.get("warnings", []), budget_warning(k, scale)]}
         lr, positive_weight = self.effective_lr_and_weight()
         for g in groups:  # the linear scaling rule: k times the batch, k times the learning rate
             g["lr"] = g.get("lr", lr) * k

@@ -367,7 +367,7 @@ def budget_warning(k: int, scale: float) -> str:
     """The warning for ``text_budget`` at a scale that was not calibrated (measured in issue 21's grid)."""
     return (f"text_budget trains DEFT in {k}-fold fewer steps of {k}-fold larger batches at {k}x the learning "
             f"rate, here at the logit scale s = {scale:.0f}. On labelsieve's benchmark grid (a stand-in CLIP at "
-            "its learned s = 35, 10 classes, k = 10) that lost most of DEFT's ranking (mean AUROC 0.74 against 0.91 "
+            "its learned s = 35, 10 classes, k = 10) that lost most of DEFT's ranking (mean AUROC 0.78 against 0.91 "
             "without the budget, and unstable across seeds), while with the calibrated scale the same budget kept "
             "it (0.93 against 0.94; docs/methods.md, 'step and text budgets'). Use "
             "--method \"deft(logit_scale=calibrated, text_budget=...)\", or no text budget.")

@@ -158,7 +158,7 @@ RECIPE = Recipe("DeftDetector", "Wei et al., NeurIPS 2024; authors' code HotanLe
     Param("text_budget", None, "labelsieve", note="cap on steps × classes (each step runs all 2C prompts through "
           "the text tower); above it the batch and the learning rates grow by k and the steps shrink by k (rows "
           "seen unchanged; linear scaling rule). None: no cap. Measured (issue 21): keeps DEFT's ranking with "
-          "logit_scale=calibrated, loses most of it at the model's scale (a warning says so)",
+          "logit_scale=calibrated, costs much of it at the model's scale (a warning says so)",
           check=is_int(1, none=True), expected="None or an int >= 1"),
     amp_param(source=f"{_CODE} utils/config.py prec fp16", paper="fp16 parameters",
               note="fp32 master weights with bf16/fp16 autocast on CUDA; the authors train fp16 parameters with "
@@ -367,10 +367,10 @@ def budget_warning(k: int, scale: float) -> str:
     """The warning for ``text_budget`` at a scale that was not calibrated (measured in issue 21's grid)."""
     return (f"text_budget trains DEFT in {k}-fold fewer steps of {k}-fold larger batches at {k}x the learning "
             f"rate, here at the logit scale s = {scale:.0f}. On labelsieve's benchmark grid (a stand-in CLIP at "
-            "its learned s = 35, 10 classes, k = 10) that lost most of DEFT's ranking (mean AUROC 0.78 against 0.91 "
-            "without the budget, and unstable across seeds), while with the calibrated scale the same budget kept "
-            "it (0.93 against 0.94; docs/methods.md, 'step and text budgets'). Use "
-            "--method \"deft(logit_scale=calibrated, text_budget=...)\", or no text budget.")
+            "its learned s = 35, 10 classes, k = 10) that cost much of DEFT's ranking (mean AUROC 0.78 against "
+            "0.91, F1 0.60 against 0.72 without the budget, and unstable across seeds), while with the calibrated "
+            "scale the same budget kept it (AUROC 0.93 against 0.94; docs/methods.md, 'step and text budgets'). "
+            "Use --method \"deft(logit_scale=calibrated, text_budget=...)\", or no text budget.")
 
 
 def _merge_records(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

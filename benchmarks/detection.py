@@ -459,8 +459,9 @@ def render(jsonl: Path, md: Path, *, note: str = "") -> None:
                       else len(DATASETS) + (HELD_OUT.index(d) if d in HELD_OUT else 9))
     grid_sets = [d for d in datasets if d in DATASETS]
     held = [d for d in datasets if d not in DATASETS]
-    for model in sorted({r["model"] for r in det}, key=lambda m: model_order.get(m, 9)):
-        names = sorted({r["detector"] for r in det if r["model"] == model}, key=lambda d: order.get(d, 99))
+    for model in sorted(dict.fromkeys(r["model"] for r in det), key=lambda m: model_order.get(m, 9)):
+        # rows outside ROW_ORDER keep the order they first appear in the file (a set's order changes between runs)
+        names = sorted(dict.fromkeys(r["detector"] for r in det if r["model"] == model), key=lambda d: order.get(d, 99))
         means = {n: _grid_means(raw, model, n) for n in names}
         lines += [f"### The grid, {model} features: mean over the six sets (F1 and AUROC: mean ± sd over the seeds "
                   "that ran all six)", "",

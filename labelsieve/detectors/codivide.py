@@ -160,8 +160,8 @@ RECIPE = Recipe("CoDivideDetector", "Hu, Nagarajan, Marques & Radeva, AVL-Prompt
           check=is_float(0, 1, lo_open=True), expected="a float in (0, 1]", convert=float),
     Param("lambda_u", 25.0, "paper", f"{_DM} --lambda_u (default 25); the paper sets lambda_u 'as used in DivideMix'",
           "weight of the FixMatch term; 1 (FixMatch's own weight, labelsieve's default before issue 21) is the option, "
-          "measured far better where the text side reads the classes poorly (CIFAR-10N on the stand-in: F1 .44 / .75 "
-          "against .24 / .63 on aggre / worst) and the same elsewhere (docs/methods.md)",
+          "measured far better where the text side reads the classes poorly (CIFAR-10N on the stand-in, seeds 0-2: F1 "
+          ".44 / .75 against .23 / .63 on aggre / worst) and the same elsewhere (docs/methods.md)",
           check=is_float(0), expected="a float >= 0", convert=float),
     Param("lambda_u_rampup", 16, "paper", f"{_DM} linear_rampup(rampup_length=16)",
           "epochs over which the weight rises linearly from 0 to lambda_u after the warm-up, as DivideMix uses it; "

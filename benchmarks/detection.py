@@ -102,6 +102,8 @@ EXTRA_DETECTORS = [
     ("deft + batch selection", "deft", {"selection": "batch"}, True),
     ("deft + cosine per step", "deft", {"lr_schedule": "cosine_step"}, True),
     ("deft + feature adapter", "deft", {"peft": "feature_adapter"}, True),
+    ("deft + constant LR", "deft", {"lr_schedule": "constant"}, True),
+    ("deft + phrase init", "deft", {"ctx_init": "a photo of a"}, True),
     # the authors' real-world variant: for real noise (CIFAR-10N)
     ("deft real-world variant", "deft", {"consistency": True}, True, _CIFAR),
     # DEFT's budgets (labelsieve's options, issue 13): max_steps 3,200 leaves these sets' 10 epochs whole; the text

@@ -116,6 +116,10 @@ EXTRA_DETECTORS = [
      {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": 1570}, True, _CIFAR),
     ("deft + calibrated scale + text budget k 10", "deft",
      {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": 400}, True, _NETTE),
+    # the text budget on the paper recipe (lr 0.02), forced to k = 10: 157 steps x 60 epochs x 10 classes / 10 on
+    # CIFAR-10N (10,000 rows, batch 64), 40 x 60 x 10 / 10 on Imagenette (2,500); DEFT's budget failed at s = 35
+    ("codivide paper + text budget k 10", "codivide", {"text_budget": 9420}, True, _CIFAR),
+    ("codivide paper + text budget k 10", "codivide", {"text_budget": 2400}, True, _NETTE),
     ("codivide paper + monotone", "codivide", {"monotone": True}, True),
     ("codivide paper + max_steps 1000", "codivide", {"max_steps": 1000}, True),
     ("codivide paper + no lambda_u ramp", "codivide", {"lambda_u_rampup": 0}, True),

@@ -55,4 +55,3 @@ def mini_clip_cache(root: str | Path, dataset: str) -> Path:
     """The mini-CLIP feature cache of a grid data set under ``root``: one per family (``cifar10n-aggre`` and
     ``cifar10n-worst`` share ``cifar10n``), as benchmarks/detection.py fills it."""
     return Path(root) / "mini-clip" / dataset.split("-")[0]
-

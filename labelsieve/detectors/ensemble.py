@@ -77,9 +77,9 @@ CODIVIDE_FAST: dict[str, Any] = {"frozen": True, "epochs": 10, "warmup_epochs": 
 #: The default ensemble's co-divide (issue 21): the fast settings on a text budget of 3,200 steps × classes per
 #: network, i.e. 320 steps at 10 classes whatever the number of rows: the batch and the learning rate grow k-fold
 #: instead (k = 10 on 10,000 rows, 3 on 2,500), so every row is still seen every epoch. On the grid it matched the
-#: fast settings' ensemble (mean F1 .868 both, seed 0); on the 10,000-row sets the member takes a quarter of the
-#: fast settings' time at load 1-3 and a seventh at load 7-10 (docs/benchmarks.md §1), so that a 10,000-image
-#: audit on a CPU spends less in detection than in extraction.
+#: fast settings' ensemble (mean F1 .868 ± .001 against .869 ± .001, seeds 0-2); on the 10,000-row sets the
+#: member takes a quarter of the fast settings' time at load 1-3 and a seventh at load 7-10 (docs/benchmarks.md
+#: §1), so that a 10,000-image audit on a CPU spends less in detection than in extraction.
 CODIVIDE_MEMBER: dict[str, Any] = {**CODIVIDE_FAST, "text_budget": 3_200}
 #: TURN's step 1 only: the GCE probe and one per-class GMM selection on cached features, monotone tails.
 TURN_PROBE: dict[str, Any] = {"finetune": False, "monotone": True}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,12 +45,21 @@ from labelsieve.data.noise import make_noisy_labels  # noqa: E402
 from labelsieve.detectors import create_detector  # noqa: E402
 from labelsieve.detectors.common.base import DetectionContext  # noqa: E402
 from labelsieve.detectors.ensemble import CODIVIDE_FAST, CODIVIDE_MEMBER, DEFAULT_MEMBERS, TURN_PROBE  # noqa: E402
+from labelsieve.detectors.turn import EARLIER_SGD  # noqa: E402
 from labelsieve.features import extract_features  # noqa: E402
 from labelsieve.models.encoders import create_encoder  # noqa: E402
 
 DATASETS = ["cifar10n-aggre", "cifar10n-worst", "imagenette-sym20", "imagenette-sym40", "imagenette-pair30",
             "imagenette-inst30"]
 _CIFAR, _NETTE = ("cifar10n",), ("imagenette",)
+
+
+def _text_budget_for(k: int, *, rows: int, epochs: int, batch: int = 64, classes: int = 10) -> int:
+    """The ``text_budget`` that makes a detector scale by ``k`` (budget.text_budget_scale): the run's steps × classes
+    at the requested batch, divided by ``k``."""
+    return math.ceil(rows / batch) * epochs * classes // k
+
+
 #: labelsieve's budgeted co-divide member (issue 21): the fast settings with a text budget of 3,200 steps x classes
 #: per network, i.e. 320 steps at 10 classes whatever the number of rows (the batch and the learning rate grow k-fold
 #: instead: k = 10 on the 10,000-row CIFAR-10N sets, 3 on the 2,500-row Imagenette sets).
@@ -107,19 +117,25 @@ EXTRA_DETECTORS = [
     # the authors' real-world variant: for real noise (CIFAR-10N)
     ("deft real-world variant", "deft", {"consistency": True}, True, _CIFAR),
     # DEFT's budgets (labelsieve's options, issue 13): max_steps 3,200 leaves these sets' 10 epochs whole; the text
-    # budget forces k = 10: 1,570 = 10 x 157 x 10 / 10 (CIFAR-10N, 10,000 rows, batch 64), 400 (Imagenette, 2,500)
-    ("deft + text budget k 10", "deft", {"max_steps": 3200, "text_budget": 1570}, True, _CIFAR),
-    ("deft + text budget k 10", "deft", {"max_steps": 3200, "text_budget": 400}, True, _NETTE),
+    # budget forces k = 10 (1,570 on CIFAR-10N's 10,000 rows, 400 on Imagenette's 2,500)
+    ("deft + text budget k 10", "deft",
+     {"max_steps": 3200, "text_budget": _text_budget_for(10, rows=10_000, epochs=10)}, True, _CIFAR),
+    ("deft + text budget k 10", "deft",
+     {"max_steps": 3200, "text_budget": _text_budget_for(10, rows=2_500, epochs=10)}, True, _NETTE),
     # the text budget at the paper's scale (35 on the re-tempered stand-in) cost much of DEFT's F1 and AUROC; with
     # the calibrated scale (6.5-14.6 on these sets) it did not (issue 21)
     ("deft + calibrated scale + text budget k 10", "deft",
-     {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": 1570}, True, _CIFAR),
+     {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": _text_budget_for(10, rows=10_000, epochs=10)},
+     True, _CIFAR),
     ("deft + calibrated scale + text budget k 10", "deft",
-     {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": 400}, True, _NETTE),
-    # the text budget on the paper recipe (lr 0.02), forced to k = 10: 157 steps x 60 epochs x 10 classes / 10 on
-    # CIFAR-10N (10,000 rows, batch 64), 40 x 60 x 10 / 10 on Imagenette (2,500); DEFT's budget failed at s = 35
-    ("codivide paper + text budget k 10", "codivide", {"text_budget": 9420}, True, _CIFAR),
-    ("codivide paper + text budget k 10", "codivide", {"text_budget": 2400}, True, _NETTE),
+     {"logit_scale": "calibrated", "max_steps": 3200, "text_budget": _text_budget_for(10, rows=2_500, epochs=10)},
+     True, _NETTE),
+    # the text budget on the paper recipe (lr 0.02, 60 epochs), forced to k = 10 (9,420 on CIFAR-10N, 2,400 on
+    # Imagenette); DEFT's budget failed at s = 35
+    ("codivide paper + text budget k 10", "codivide", {"text_budget": _text_budget_for(10, rows=10_000, epochs=60)},
+     True, _CIFAR),
+    ("codivide paper + text budget k 10", "codivide", {"text_budget": _text_budget_for(10, rows=2_500, epochs=60)},
+     True, _NETTE),
     ("codivide paper + monotone", "codivide", {"monotone": True}, True),
     ("codivide paper + max_steps 1000", "codivide", {"max_steps": 1000}, True),
     ("codivide paper + no lambda_u ramp", "codivide", {"lambda_u_rampup": 0}, True),
@@ -128,8 +144,7 @@ EXTRA_DETECTORS = [
      True, _NETTE),
     ("turn paper recipe fine-tune 128 px", "turn", {"image_size": 128}, False, _NETTE),
     ("turn sgd (labelsieve) fine-tune 128 px", "turn",
-     {"image_size": 128, "optimizer": "sgd", "lr": 1e-3, "head_lr": 1e-2, "weight_decay": 5e-4, "batch_size": 64},
-     False, _NETTE),
+     {"image_size": 128, **EARLIER_SGD}, False, _NETTE),
     ("turn paper recipe fine-tune 128 px + rrc", "turn", {"image_size": 128, "augment": "rrc"}, False, _NETTE),
     ("ensemble: codivide fast + turn probe + knn (mean)", "ensemble",
      {"members": _ENS_FAST, "combine": "mean_logit"}, True),

@@ -88,6 +88,7 @@ from labelsieve.detectors.common.recipe import (
 )
 from labelsieve.detectors.common.selection import MIN_GMM_SAMPLES, class_balanced_subsample, per_class_gmm_posterior
 from labelsieve.detectors.common.tower import (
+    FINETUNE_DEFAULTS,
     TowerClassifier,
     ce_losses,
     evaluate_losses,
@@ -99,7 +100,7 @@ from labelsieve.detectors.common.tower import (
 from labelsieve.detectors.common.views import TRAIN_VIEWS, image_kind, train_view
 from labelsieve.detectors.registry import register_detector
 
-__all__ = ["AUGMENTS", "RECIPE", "TurnDetector"]
+__all__ = ["AUGMENTS", "EARLIER_SGD", "RECIPE", "TurnDetector"]
 
 _T8 = "Table 8, CLIP column, as issues 10 and 21 read the paper (not verifiable in our stored sources)"
 _DESIGN = "§3 as DESIGN.md reads the paper (not verifiable in our stored sources)"
@@ -109,6 +110,10 @@ _A22 = ("A.2.2: the augmentation per dataset kind (issue 21; A.2.2's text is not
         "kind's transforms are the noisy-label benchmarks' standard loaders', as in DivideMix and DEFT)")
 #: TURN's ``augment`` choices: ``auto`` = per dataset kind (A.2.2), or one view for every dataset.
 AUGMENTS = ("auto", *TRAIN_VIEWS)
+#: labelsieve's earlier fine-tuning optimiser (the default before issue 10, and still ``gmm(source="finetune")``'s):
+#: SGD with :data:`FINETUNE_DEFAULTS`' learning rates, weight decay and batch; momentum keeps its own parameter.
+EARLIER_SGD: dict[str, Any] = {"optimizer": "sgd", **{k: FINETUNE_DEFAULTS[k]
+                                                     for k in ("lr", "head_lr", "weight_decay", "batch_size")}}
 
 #: TURN's recipe: every hyperparameter, its default, and whether that is the paper's or labelsieve's.
 RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for Robust Generalization under Noisy "
@@ -130,8 +135,9 @@ RECIPE = Recipe("TurnDetector", "Ahn et al., 'Fine-tuning Pre-trained Models for
     Param("lp_batch_size", 128, "paper", f"{_T8}: linear probing", "labelsieve used 256 before issue 21",
           check=is_int(1), expected="an int >= 1"),
     Param("optimizer", "adamw", "paper", _T8,
-          "'sgd' (with lr=1e-3, head_lr=1e-2, weight_decay=5e-4, batch_size=64): labelsieve's earlier setting; "
-          "Imagenette pair30, seeds 0-2: F1 .792 against .707 (docs/methods.md)", check=one_of("adamw", "sgd"),
+          f"'sgd' (with {', '.join(f'{k}={v:g}' for k, v in EARLIER_SGD.items() if k != 'optimizer')}): "
+          "labelsieve's earlier setting; Imagenette pair30, seeds 0-2: F1 .792 against .707 (docs/methods.md)",
+          check=one_of("adamw", "sgd"),
           expected="'adamw' or 'sgd'"),
     Param("lr", 1e-5, "paper", _T8, "learning rate of the image tower", check=is_float(0, lo_open=True),
           expected="a float > 0", convert=float),

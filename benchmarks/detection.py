@@ -199,6 +199,9 @@ assert [m if isinstance(m, str) else list(m) for m in DEFAULT_MEMBERS] == next(
 #: Sets outside the grid, for held-out checks (issues 18 and 21): CIFAR-10 with 30 % pair noise on 3,000 train
 #: images that share none with the CIFAR-10N sets (a seeded sample of rows 10,000-49,999), and two sets with their
 #: original labels (truth = the given labels): Imagenette val (1,000) and CIFAR-10 test (10,000).
+# A run's seconds are comparable with another's only at a like load: the lanes run two or three one-thread processes on
+# the two cores (1-minute load average 1-3); a run that started or ended above this shared them with more (CI, tests).
+QUIET_LOAD = 3.2
 HELD_OUT = ["cifar10-pair30", "imagenette-val", "cifar10-test"]
 
 
@@ -404,11 +407,25 @@ def _grid_means(rows: list[dict], model: str, name: str) -> dict | None:
         return None
     f1 = [np.mean([d[k]["f1"] for k in DATASETS]) for d in full.values()]
     au = [np.mean([d[k]["auroc"] for k in DATASETS]) for d in full.values()]
-    cif = [d[k]["seconds"] for d in full.values() for k in DATASETS if k.startswith("cifar10n")]
-    net = [d[k]["seconds"] for d in full.values() for k in DATASETS if k.startswith("imagenette")]
+    runs = [(k, d[k]) for d in full.values() for k in DATASETS]
+    cif = [r["seconds"] for k, r in runs if k.startswith("cifar10n")]
+    net = [r["seconds"] for k, r in runs if k.startswith("imagenette")]
+    quiet = {kind: [r["seconds"] for k, r in runs if k.startswith(kind) and _quiet(r)] for kind in _CIFAR + _NETTE}
     return {"seeds": sorted(full), "f1": float(np.mean(f1)), "f1_sd": float(np.std(f1)), "auroc": float(np.mean(au)),
             "auroc_sd": float(np.std(au)), "s_cifar": float(np.mean(cif)), "s_nette": float(np.mean(net)),
+            "quiet": {kind: (float(np.mean(v)) if v else None, len(v)) for kind, v in quiet.items()},
             "worst": min(((k, np.mean([d[k]["f1"] for d in full.values()])) for k in DATASETS), key=lambda t: t[1])}
+
+
+def _quiet(row: dict) -> bool:
+    """Whether a result row ran at the lanes' own load (the 1-minute load average at its start and end at most
+    :data:`QUIET_LOAD`); rows written before the load was recorded count as not."""
+    loads = [(row.get(k) or [None])[0] for k in ("loadavg_start", "loadavg_end")]
+    return all(v is not None and v <= QUIET_LOAD for v in loads)
+
+
+def _quiet_cell(q: tuple[float | None, int]) -> str:
+    return "–" if q[0] is None else f"{q[0]:.0f} ({q[1]})"
 
 
 def _epoch_speed(res) -> dict:
@@ -486,13 +503,19 @@ def render(jsonl: Path, md: Path, *, note: str = "") -> None:
         means = {n: _grid_means(raw, model, n) for n in names}
         lines += [f"### The grid, {model} features: mean over the six sets (F1 and AUROC: mean ± sd over the seeds "
                   "that ran all six)", "",
+                  f"Seconds per set: the mean over every run, and over the runs at the lanes' own load (1-minute load "
+                  f"average ≤ {QUIET_LOAD} at start and end: at most three one-thread processes on the two cores; how "
+                  "many runs in brackets), the ones to compare between rows.", "",
                   "| detector | seeds | mean F1 | mean AUROC | worst set (F1) | s per CIFAR-10N set (10,000) | "
-                  "s per Imagenette set (2,500) |", "|---|---|---|---|---|---|---|"]
+                  f"s per Imagenette set (2,500) | s per CIFAR-10N set, load ≤ {QUIET_LOAD} | "
+                  f"s per Imagenette set, load ≤ {QUIET_LOAD} |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for n in sorted((n for n in names if means[n]), key=lambda n: -means[n]["f1"]):
             g = means[n]
             lines.append(f"| {n} | {','.join(map(str, g['seeds']))} | {g['f1']:.3f} ± {g['f1_sd']:.3f} | "
                          f"{g['auroc']:.3f} ± {g['auroc_sd']:.3f} | {g['worst'][0]} {g['worst'][1]:.3f} | "
-                         f"{g['s_cifar']:.0f} | {g['s_nette']:.0f} |")
+                         f"{g['s_cifar']:.0f} | {g['s_nette']:.0f} | {_quiet_cell(g['quiet']['cifar10n'])} | "
+                         f"{_quiet_cell(g['quiet']['imagenette'])} |")
         lines.append("")
         for title, sets in (("the grid", grid_sets), ("held-out sets (not used to choose anything)", held)):
             dsets = [d for d in sets if any(r["dataset"] == d and r["model"] == model for r in det)]

@@ -196,12 +196,12 @@ assert [m if isinstance(m, str) else list(m) for m in DEFAULT_MEMBERS] == next(
     d[2]["members"] for d in DETECTORS if d[0] == DEFAULT_ROW), "DEFAULT_ROW must run the default members"
 
 
-#: Sets outside the grid, for held-out checks (issues 18 and 21): CIFAR-10 with 30 % pair noise on 3,000 train
-#: images that share none with the CIFAR-10N sets (a seeded sample of rows 10,000-49,999), and two sets with their
-#: original labels (truth = the given labels): Imagenette val (1,000) and CIFAR-10 test (10,000).
 # A run's seconds are comparable with another's only at a like load: the lanes run two or three one-thread processes on
 # the two cores (1-minute load average 1-3); a run that started or ended above this shared them with more (CI, tests).
 QUIET_LOAD = 3.2
+#: Sets outside the grid, for held-out checks (issues 18 and 21): CIFAR-10 with 30 % pair noise on 3,000 train
+#: images that share none with the CIFAR-10N sets (a seeded sample of rows 10,000-49,999), and two sets with their
+#: original labels (truth = the given labels): Imagenette val (1,000) and CIFAR-10 test (10,000).
 HELD_OUT = ["cifar10-pair30", "imagenette-val", "cifar10-test"]
 
 
